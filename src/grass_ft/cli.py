@@ -1,0 +1,136 @@
+"""``grass-ft train | eval | validate | prepare-model`` — every key is ``key=value`` or from ``--config FILE``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .config import ConfigError, TrainConfig, build_config, parse_overrides, validate
+from .data import DataError
+from .models import ModelError
+
+USAGE = """grass-ft COMMAND [--config FILE] [key=value ...]
+
+commands:
+  train          fine-tune (default: GRASS on SmolLM2-135M-Instruct, GSM-style data, offline)
+  eval           evaluate a model or adapter directory: model=PATH data=FILE|DIR|GENERATOR task=NAME
+  validate       check a configuration and report every error at once
+  prepare-model  convert the packaged SmolLM2-135M-Instruct GGUF file to a safetensors cache (once)
+
+`grass-ft train --help` lists every key with its help line."""
+
+
+def _parser(prog: str) -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=prog, add_help=False)
+    ap.add_argument("--config", default=None, help="YAML file of key: value pairs")
+    ap.add_argument("-h", "--help", action="store_true")
+    ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    ap.add_argument("overrides", nargs="*", help="key=value pairs")
+    return ap
+
+
+def _keys_help() -> str:
+    return "keys (YAML or key=value):\n" + "\n".join(TrainConfig.help_lines())
+
+
+def _config(args) -> TrainConfig:
+    """Build and validate the config; ``gamma`` is checked against the model's block count when its
+    config.json is at hand (a local directory or the prepared packaged model)."""
+    from .methods import method_names
+    from .models import num_blocks_hint
+
+    cfg = build_config(args.config, parse_overrides(args.overrides), known_methods=method_names())
+    n = num_blocks_hint(cfg.model) if cfg.method in ("grass", "grass-static", "lisa") else None
+    errors = validate(cfg, num_blocks=n, known_methods=method_names()) if n is not None else []
+    if errors:
+        raise ConfigError(errors)
+    return cfg
+
+
+def cmd_train(argv: list[str]) -> int:
+    from .train import print_summary, run_train
+
+    args = _parser("grass-ft train").parse_args(argv)
+    if args.help:
+        print("usage: grass-ft train [--config FILE] [--quiet] [key=value ...]\n\n" + _keys_help())
+        return 0
+    cfg = _config(args)
+    summary = run_train(cfg, progress=not args.quiet)
+    print_summary(summary)
+    return 0
+
+
+def cmd_validate(argv: list[str]) -> int:
+    args = _parser("grass-ft validate").parse_args(argv)
+    if args.help:
+        print("usage: grass-ft validate [--config FILE] [key=value ...]\n\n" + _keys_help())
+        return 0
+    cfg = _config(args)
+    print(f"configuration OK (method {cfg.method}, model {cfg.model}, data {cfg.data})")
+    return 0
+
+
+def cmd_eval(argv: list[str]) -> int:
+    from .evaluate import run_eval
+
+    args = _parser("grass-ft eval").parse_args(argv)
+    allowed = {"model": None, "data": None, "task": "gsm8k", "eval_samples": "100", "output_dir": "runs/eval",
+               "mode": "generate", "max_new_tokens": "160", "batch_size": "16", "max_seq_len": "256"}
+    if args.help:
+        print("usage: grass-ft eval model=PATH data=FILE|DIR|GENERATOR [task=NAME] [eval_samples=N] "
+              "[output_dir=DIR] [mode=generate|loglik] [max_new_tokens=N] [batch_size=N]")
+        return 0
+    kv = parse_overrides(args.overrides)
+    errors = [f"unknown key `{k}`; known keys: {', '.join(allowed)}" for k in kv if k not in allowed]
+    errors += [f"`{k}` is required" for k in ("model", "data") if k not in kv]
+    vals = {**{k: v for k, v in allowed.items() if v is not None}, **kv}
+    for k in ("eval_samples", "max_new_tokens", "batch_size", "max_seq_len"):
+        if k in vals and not str(vals[k]).lstrip("-").isdigit():
+            errors.append(f"`{k}` must be an integer, got {vals[k]!r}")
+    if vals.get("mode") not in ("generate", "loglik"):
+        errors.append(f"`mode` must be generate or loglik, got {vals.get('mode')!r}")
+    if errors:
+        raise ConfigError(errors)
+    res = run_eval(vals["model"], vals["data"], vals["task"], int(vals["eval_samples"]), vals["output_dir"],
+                   mode=vals["mode"], max_new_tokens=int(vals["max_new_tokens"]),
+                   batch_size=int(vals["batch_size"]), max_seq_len=int(vals["max_seq_len"]))
+    print(f"accuracy {res['accuracy']:.1%} on n={res['n']}" +
+          "".join(f"\n  {t}: {r['accuracy']:.1%} (n={r['n']})" for t, r in res.get("per_task", {}).items()) +
+          f"\nwrote {vals['output_dir']}/eval.json and predictions.jsonl")
+    return 0
+
+
+def cmd_prepare_model(argv: list[str]) -> int:
+    from .models import PACKAGED, packaged_model_dir
+
+    for name in argv or list(PACKAGED):
+        if name not in PACKAGED:
+            raise ModelError(f"unknown packaged model {name!r}; known: {', '.join(PACKAGED)}")
+        print(f"{name}: {packaged_model_dir(name)}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "validate": cmd_validate, "prepare-model": cmd_prepare_model}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0
+    cmd, rest = argv[0], argv[1:]
+    if cmd not in COMMANDS:
+        print(f"grass-ft: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
+        return 2
+    from .step import NonFiniteError
+    from .train import RunError
+
+    try:
+        return COMMANDS[cmd](rest)
+    except (ConfigError, DataError, ModelError, RunError, NonFiniteError) as e:
+        print(f"grass-ft {cmd}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

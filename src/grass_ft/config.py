@@ -1,0 +1,260 @@
+"""Typed run configuration: flat YAML plus ``key=value`` overrides, validated with every error reported at once.
+
+Each field carries a one-line help (``metadata["help"]``) that ``grass-ft train --help`` prints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def _f(default: Any, help: str) -> Any:  # noqa: A002 - "help" is the natural name here
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    """Everything one ``grass-ft train`` run needs. Names follow the GRASS paper where it has one."""
+
+    # what to train
+    model: str = _f("smollm2-135m", "packaged model name, hub id or local directory of a causal LM")
+    data: str = _f("gsm-mix", "a generator name (gsm-mix, gsm_symbolic, chain_sum, basic_arithmetic) or a "
+                               "JSON/JSONL file in the LLM-Adapters schema (instruction, input, output, answer)")
+    eval_data: str | None = _f(None, "held-out data (file or generator); default: a held-out split of `data`")
+    task: str = _f("gsm8k", "answer rule that scores the evaluation (gsm8k = last number within 0.001)")
+    method: str = _f("grass", "fine-tuning method: grass, grass-static, lisa, fft")
+    # GRASS
+    gamma: int = _f(4, "γ: number of decoder blocks trainable at a time")
+    tau: float = _f(1.0, "τ: softmax temperature over the normalised MGN (large = uniform, small = top-γ)")
+    alpha: float = _f(0.5, "α: EMA weight of the newest MGN window at each refresh, in (0, 1]")
+    probe_steps: int = _f(4, "T_p: probe steps at the start (gradients read, nothing updated); count toward max_steps")
+    sample_interval: int = _f(10, "T_s: steps between re-draws of the active blocks")
+    update_interval: int = _f(20, "T_u: steps between refreshes of the sampling probabilities (adaptive grass only)")
+    train_embeddings: bool = _f(False, "also train the input embeddings (LISA always does)")
+    train_head: bool = _f(False, "also train the final norm and LM head (LISA always does); tied embeddings count once")
+    reset_state_on_switch: bool = _f(False, "restart a block's Adam moments when it is re-drawn (BAdam) instead of resuming them")
+    offload: bool | None = _f(None, "keep the optimizer state of blocks on the host, on the device only while they "
+                                    "update (unset: on for grass/grass-static, off for lisa as shipped and fft)")
+    gradient_checkpointing: bool = _f(False, "recompute activations in backward (non-reentrant, works with frozen "
+                                             "lower blocks)")
+    layers_attribute: str | None = _f(None, "dotted path of the decoder-block list (e.g. model.layers) for models not auto-detected")
+    # optimisation
+    lr: float = _f(1e-4, "peak learning rate (AdamW)")
+    weight_decay: float = _f(0.0, "AdamW decoupled weight decay")
+    warmup_steps: int = _f(0, "linear warm-up steps after the probe")
+    lr_schedule: str = _f("constant", "learning-rate shape after warm-up: constant, linear, cosine")
+    max_grad_norm: float = _f(1.0, "global gradient-norm clipping (0 turns it off)")
+    batch_size: int = _f(8, "examples per micro-batch (global batch = batch_size x grad_accum)")
+    grad_accum: int = _f(1, "micro-batches accumulated per optimizer step")
+    max_seq_len: int = _f(256, "tokens per example after truncation")
+    max_steps: int = _f(40, "optimizer steps in all, probe steps included")
+    train_samples: int = _f(2000, "examples to generate when `data` is a generator")
+    train_on_inputs: bool = _f(False, "compute the loss on the prompt tokens too")
+    max_bad_steps: int = _f(5, "stop after this many consecutive steps with a non-finite loss or gradient")
+    seed: int = _f(42, "seed for data order, block draws and initialisation")
+    dtype: str = _f("float32", "parameter dtype: float32, bfloat16, float16 (fp32 is fastest on CPU)")
+    # evaluation and output
+    eval_samples: int = _f(32, "held-out examples to evaluate before and after training (0 turns evaluation off)")
+    eval_batch_size: int = _f(16, "examples per evaluation batch")
+    max_new_tokens: int = _f(128, "generation budget per evaluated example")
+    output_dir: str = _f("runs/grass-ft", "where config.yaml, metrics.jsonl, layers.jsonl, summary.json and final/ go")
+    logging_steps: int = _f(1, "write a metrics.jsonl line every N steps")
+
+    @classmethod
+    def help_lines(cls) -> list[str]:
+        return [f"  {f.name:<24} {f.metadata['help']} (default: {f.default!r})" for f in dataclasses.fields(cls)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+METHODS_WITH_SAMPLING = ("grass", "grass-static", "lisa")
+LR_SCHEDULES = ("constant", "linear", "cosine")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """One or more configuration errors; ``errors`` holds each message, ``str()`` lists them all."""
+
+    def __init__(self, errors: list[str]):
+        self.errors = list(errors)
+        super().__init__("invalid configuration:\n" + "\n".join(f"  - {e}" for e in self.errors))
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(key: str, value: Any, typ: Any) -> Any:
+    """Convert a YAML/CLI value to the field's type, or raise ValueError naming what is allowed."""
+    origin = typing.get_origin(typ)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(typ) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+            return None
+        return _coerce(key, value, args[0])
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        raise ValueError(f"`{key}` must be true or false, got {value!r}")
+    if typ is int:
+        if isinstance(value, bool):
+            raise ValueError(f"`{key}` must be an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ValueError(f"`{key}` must be an integer, got {value!r}")
+    if typ is float:
+        if isinstance(value, bool):
+            raise ValueError(f"`{key}` must be a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"`{key}` must be a number, got {value!r}") from None
+    if typ is str:
+        if isinstance(value, (dict, list)):
+            raise ValueError(f"`{key}` must be a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def parse_overrides(args: list[str]) -> dict[str, str]:
+    """``["gamma=4", "tau=0.5"]`` -> ``{"gamma": "4", "tau": "0.5"}``; a bare word is an error."""
+    out: dict[str, str] = {}
+    errors = []
+    for a in args:
+        if "=" not in a:
+            errors.append(f"argument {a!r} is not key=value")
+            continue
+        k, v = a.split("=", 1)
+        out[k.strip()] = v
+    if errors:
+        raise ConfigError(errors)
+    return out
+
+
+def build_config(config_file: str | None = None, overrides: dict[str, Any] | None = None,
+                 num_blocks: int | None = None, known_methods: typing.Sequence[str] = ()) -> TrainConfig:
+    """Merge a YAML file and ``key=value`` overrides into a validated :class:`TrainConfig`.
+
+    Raises:
+        ConfigError: listing every unknown key, wrong type and out-of-range value at once.
+    """
+    raw: dict[str, Any] = {}
+    errors: list[str] = []
+    if config_file is not None:
+        path = Path(config_file)
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except OSError as e:
+            raise ConfigError([f"config file {path}: {e.strerror}"]) from None
+        except yaml.YAMLError as e:
+            raise ConfigError([f"config file {path}: not valid YAML ({e})"]) from None
+        if not isinstance(loaded, dict):
+            raise ConfigError([f"config file {path}: expected a mapping of key: value, got {type(loaded).__name__}"])
+        raw.update(loaded)
+    raw.update(overrides or {})
+
+    hints = _field_types(TrainConfig)
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in known:
+            close = [k for k in known if k.replace("_", "") == str(key).replace("_", "").replace("-", "")]
+            hint = f" (did you mean `{close[0]}`?)" if close else ""
+            errors.append(f"unknown key `{key}`{hint}; known keys: {', '.join(sorted(known))}")
+            continue
+        try:
+            values[key] = _coerce(key, value, hints[key])
+        except ValueError as e:
+            errors.append(str(e))
+    cfg = TrainConfig(**values)
+    errors.extend(validate(cfg, num_blocks, known_methods, skip=set(raw) - set(values)))
+    if errors:
+        raise ConfigError(errors)
+    return cfg
+
+
+def validate(cfg: TrainConfig, num_blocks: int | None = None, known_methods: typing.Sequence[str] = (),
+             skip: set[str] | None = None) -> list[str]:
+    """Every range and consistency error of ``cfg``.
+
+    ``num_blocks`` (once the model is known) bounds gamma; ``known_methods`` comes from the method registry,
+    which sits above this module, so the caller passes it in.
+    """
+    skip = skip or set()
+    errs: list[str] = []
+
+    def check(key: str, ok: bool, msg: str) -> None:
+        if key not in skip and not ok:
+            errs.append(f"`{key}` {msg}, got {getattr(cfg, key)!r}")
+
+    if known_methods:
+        check("method", cfg.method in known_methods, f"must be one of {', '.join(known_methods)}")
+    if num_blocks is not None:
+        check("gamma", 1 <= cfg.gamma <= num_blocks,
+              f"must be between 1 and {num_blocks} (the model has {num_blocks} decoder blocks)")
+    else:
+        check("gamma", cfg.gamma >= 1, "must be at least 1")
+    check("tau", math.isfinite(cfg.tau) and cfg.tau > 0, "must be > 0")
+    check("alpha", 0 < cfg.alpha <= 1, "must be in (0, 1]")
+    check("probe_steps", cfg.probe_steps >= 0, "must be >= 0")
+    if cfg.method == "grass-static":
+        check("probe_steps", cfg.probe_steps >= 1, "must be >= 1 for method grass-static (its probabilities come "
+                                                   "from the probe alone)")
+    if cfg.method in ("grass", "grass-static"):
+        check("probe_steps", cfg.probe_steps < cfg.max_steps, f"must be below max_steps={cfg.max_steps} "
+                                                              f"(probe steps count toward max_steps)")
+    check("sample_interval", cfg.sample_interval >= 1, "must be >= 1")
+    check("update_interval", cfg.update_interval >= 1, "must be >= 1")
+    check("lr", math.isfinite(cfg.lr) and cfg.lr > 0, "must be > 0")
+    check("weight_decay", cfg.weight_decay >= 0, "must be >= 0")
+    check("warmup_steps", cfg.warmup_steps >= 0, "must be >= 0")
+    check("lr_schedule", cfg.lr_schedule in LR_SCHEDULES, f"must be one of {', '.join(LR_SCHEDULES)}")
+    check("max_grad_norm", cfg.max_grad_norm >= 0, "must be >= 0 (0 turns clipping off)")
+    check("batch_size", cfg.batch_size >= 1, "must be >= 1")
+    check("grad_accum", cfg.grad_accum >= 1, "must be >= 1")
+    check("max_seq_len", cfg.max_seq_len >= 8, "must be >= 8")
+    check("max_steps", cfg.max_steps >= 1, "must be >= 1")
+    check("train_samples", cfg.train_samples >= 1, "must be >= 1")
+    check("max_bad_steps", cfg.max_bad_steps >= 1, "must be >= 1")
+    check("dtype", cfg.dtype in DTYPES, f"must be one of {', '.join(DTYPES)}")
+    check("eval_samples", cfg.eval_samples >= 0, "must be >= 0 (0 turns evaluation off)")
+    check("eval_batch_size", cfg.eval_batch_size >= 1, "must be >= 1")
+    check("max_new_tokens", cfg.max_new_tokens >= 1, "must be >= 1")
+    check("logging_steps", cfg.logging_steps >= 1, "must be >= 1")
+    check("data", bool(cfg.data), "must name a generator or a file")
+    if "data" not in skip and cfg.data and (cfg.data.endswith((".json", ".jsonl"))) and not Path(cfg.data).is_file():
+        errs.append(f"`data` file {cfg.data!r} does not exist")
+    if cfg.eval_data and cfg.eval_data.endswith((".json", ".jsonl")) and not Path(cfg.eval_data).is_file():
+        errs.append(f"`eval_data` file {cfg.eval_data!r} does not exist")
+    if "task" not in skip:
+        try:
+            from .tasks import canonical_task
+
+            canonical_task(cfg.task)
+        except ImportError:
+            pass
+        except ValueError as e:
+            errs.append(f"`task`: {e}")
+    return errs
+
+
+def save_config(cfg: TrainConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,429 @@
+"""Evaluation: greedy generation or log-likelihood choice scoring, LLM-Adapters answer rules, held-out loss.
+
+Two modes score the same examples:
+
+* ``generate``: batched greedy decoding of the Alpaca prompt (left-padded), answer read from the response by
+  the task's rule (:mod:`grass_ft.tasks`). This is LLM-Adapters' protocol, except that decoding is greedy
+  (they sample with beams=4, temperature 0.1), so that results are deterministic.
+* ``loglik``: for multiple-choice tasks, every option's target ``"the correct answer is <label>" + EOS`` is
+  scored as the sum of its token log-probabilities after the prompt; the best option is the prediction. The
+  prompt and the target are tokenised separately, exactly as :func:`grass_ft.data.tokenize_example` does for
+  training, so the score is minus the training loss of that candidate. Useful when a small model does not
+  yet follow the answer format.
+
+Files written by :func:`write_eval`: ``eval.json`` (accuracy, n, per_task and any extra keys such as
+``eval_loss``) and ``predictions.jsonl`` (one line per example); ``accuracy`` always equals the share of lines
+with ``correct: true``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from grass_ft.data import IGNORE_INDEX, collate, format_prompt, tokenize_example
+from grass_ft.tasks import answers_match, canonical_task, choice_target, choices_for, extract_answer, parse_gold
+
+MODES = ("generate", "loglik")
+HARNESSES = ("native", "lm-eval")
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _check_positive(**values: int) -> None:
+    for name, v in values.items():
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"`{name}` must be a positive integer, got {v!r}")
+
+
+def _eos_ids(model: torch.nn.Module, tokenizer) -> list[int]:
+    ids = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+    cfg = getattr(model, "generation_config", None)
+    extra = getattr(cfg, "eos_token_id", None)
+    for i in extra if isinstance(extra, (list, tuple)) else [extra]:
+        if i is not None and i not in ids:
+            ids.append(int(i))
+    return ids
+
+
+def _pad_id(tokenizer) -> int:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError("the tokenizer has neither a pad token nor an EOS token; set tokenizer.pad_token")
+    return int(pad)
+
+
+def generate(model: torch.nn.Module, tokenizer, prompts: Sequence[str], max_new_tokens: int, batch_size: int,
+             progress: bool = True) -> list[str]:
+    """Greedy continuations of ``prompts``, decoded without special tokens.
+
+    Prompts are grouped by length and left-padded within a batch (the tokenizer's padding side and pad token
+    are restored after), so every row continues from its last real token. Decoding stops at EOS or after
+    ``max_new_tokens``. The model runs in eval mode under ``torch.no_grad`` and gets its training mode back.
+
+    Args:
+        model: a causal LM with ``generate`` (transformers or peft).
+        tokenizer: its tokenizer; the EOS token stands in for a missing pad token.
+        prompts: full prompt texts.
+        max_new_tokens: most tokens generated per prompt.
+        batch_size: prompts per ``generate`` call.
+        progress: show a tqdm bar over batches.
+
+    Returns:
+        One response per prompt, in order.
+    """
+    from transformers import GenerationConfig
+
+    _check_positive(max_new_tokens=max_new_tokens, batch_size=batch_size)
+    pad_id = _pad_id(tokenizer)
+    # An explicit config replaces the model's own (which may ask for sampling); greedy, no beams.
+    gen_config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                  pad_token_id=pad_id, eos_token_id=_eos_ids(model, tokenizer) or None)
+    saved_side, saved_pad, was_training = tokenizer.padding_side, tokenizer.pad_token, model.training
+    tokenizer.padding_side = "left"  # decoder-only models must continue right after the last real token
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    device = _device(model)
+    # batches of similar length waste less compute on padding; results do not depend on the grouping
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out: list[str] = [""] * len(prompts)
+    try:
+        model.eval()
+        with torch.no_grad():
+            for start in tqdm(range(0, len(prompts), batch_size), desc="generate", unit="batch",
+                              disable=not progress):
+                idx = order[start:start + batch_size]
+                enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True,
+                                return_token_type_ids=False)
+                enc = {k: v.to(device) for k, v in enc.items()}
+                seqs = model.generate(**enc, generation_config=gen_config)
+                texts = tokenizer.batch_decode(seqs[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+                for i, text in zip(idx, texts):
+                    out[i] = text
+    finally:
+        tokenizer.padding_side = saved_side
+        if saved_pad is None:
+            tokenizer.pad_token = None
+        model.train(was_training)
+    return out
+
+
+def _example_task(example: dict[str, Any], task: str | None) -> str:
+    name = example.get("task") or task
+    if not name:
+        raise ValueError("an example has no 'task' key and no default task was given; pass task=<name>")
+    return canonical_task(name)
+
+
+def choice_logprobs(model: torch.nn.Module, tokenizer, examples: Sequence[dict[str, Any]], task: str | None,
+                    batch_size: int, progress: bool = True) -> list[dict[str, float]]:
+    """Sum of token log-probabilities of each option's target after the prompt, per example.
+
+    The target for label ``L`` is ``"the correct answer is L"`` followed by EOS (the LLM-Adapters commonsense
+    training output). Options come from :func:`grass_ft.tasks.choices_for`.
+
+    Returns:
+        For each example, ``{label: log-probability}`` in option order.
+    """
+    _check_positive(batch_size=batch_size)
+    eos = tokenizer.eos_token_id
+    rows: list[tuple[int, str, list[int], int]] = []  # (example index, label, ids, target length)
+    for i, ex in enumerate(examples):
+        t = _example_task(ex, task)
+        prompt_ids = tokenizer(format_prompt(ex), add_special_tokens=True)["input_ids"]
+        for label in choices_for(ex, t):
+            target = tokenizer(choice_target(label), add_special_tokens=False)["input_ids"]
+            target = target + ([eos] if eos is not None else [])
+            rows.append((i, label, prompt_ids + target, len(target)))
+    scores: list[dict[str, float]] = [{} for _ in examples]
+    pad_id, device, was_training = _pad_id(tokenizer), _device(model), model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            for start in tqdm(range(0, len(rows), batch_size), desc="score choices", unit="batch",
+                              disable=not progress):
+                chunk = rows[start:start + batch_size]
+                width = max(len(r[2]) for r in chunk)
+                ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+                mask = torch.zeros((len(chunk), width), dtype=torch.long)
+                for j, (_, _, seq, _) in enumerate(chunk):  # right padding: real tokens keep positions 0..n-1
+                    ids[j, :len(seq)] = torch.tensor(seq)
+                    mask[j, :len(seq)] = 1
+                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+                for j, (i, label, seq, n_target) in enumerate(chunk):
+                    end = len(seq)
+                    # logits at position p predict token p + 1
+                    lp = F.log_softmax(logits[j, end - n_target - 1:end - 1].float(), dim=-1)
+                    target = torch.tensor(seq[end - n_target:], device=lp.device)
+                    scores[i][label] = lp.gather(1, target[:, None]).sum().item()
+    finally:
+        model.train(was_training)
+    return scores
+
+
+def score_choices(model: torch.nn.Module, tokenizer, examples: Sequence[dict[str, Any]], task: str | None,
+                  batch_size: int, progress: bool = True) -> list[str]:
+    """Log-likelihood predictions for multiple-choice examples.
+
+    Args:
+        model: a causal LM.
+        tokenizer: its tokenizer.
+        examples: examples of multiple-choice tasks.
+        task: task for examples without a ``task`` key.
+        batch_size: sequences (example x option) per forward pass.
+        progress: show a tqdm bar.
+
+    Returns:
+        For each example, the target text of its best option (``"the correct answer is answer2"``), so that the
+        task's answer rule reads the label back as for a generated response. Ties go to the first option.
+    """
+    return [choice_target(max(s, key=s.get)) for s in
+            choice_logprobs(model, tokenizer, examples, task, batch_size, progress)]
+
+
+def evaluate_examples(model: torch.nn.Module, tokenizer, examples: Sequence[dict[str, Any]],
+                      task: str | None = None, *, mode: str = "generate", max_new_tokens: int = 256,
+                      batch_size: int = 8, progress: bool = True) -> dict[str, Any]:
+    """Accuracy of ``model`` on ``examples`` under LLM-Adapters' answer rules.
+
+    Args:
+        model: a causal LM.
+        tokenizer: its tokenizer.
+        examples: LLM-Adapters examples; a ``task`` key on an example overrides ``task``.
+        task: default task name or alias.
+        mode: ``generate`` (greedy decoding) or ``loglik`` (best option by log-likelihood).
+        max_new_tokens: generation budget per example (``generate`` mode).
+        batch_size: prompts per batch (``generate``) or sequences per forward pass (``loglik``).
+        progress: show a tqdm bar.
+
+    Returns:
+        ``{"accuracy", "n", "per_task": {task: {"accuracy", "n"}}, "predictions": [...]}``; each prediction has
+        ``prompt``, ``generated``, ``extracted``, ``gold``, ``correct`` and ``task``.
+
+    Raises:
+        ValueError: no examples, an unknown mode or task, a gold answer the rule cannot read, or (``loglik``) a
+            task without answer options. All are checked before the model runs.
+    """
+    if mode not in MODES:
+        raise ValueError(f"`mode` must be one of {', '.join(MODES)}, got {mode!r}")
+    if not examples:
+        raise ValueError("no examples to evaluate")
+    tasks = [_example_task(ex, task) for ex in examples]
+    golds = [parse_gold(t, ex.get("answer", "")) for t, ex in zip(tasks, examples)]
+    if mode == "loglik":
+        for t, ex in zip(tasks, examples):
+            choices_for(ex, t)  # raises for tasks without options, before any compute
+    prompts = [format_prompt(ex) for ex in examples]
+    if mode == "generate":
+        generated = generate(model, tokenizer, prompts, max_new_tokens, batch_size, progress)
+    else:
+        generated = score_choices(model, tokenizer, [dict(ex, task=t) for ex, t in zip(examples, tasks)],
+                                  None, batch_size, progress)
+    predictions = []
+    for prompt, text, t, gold in zip(prompts, generated, tasks, golds):
+        extracted = extract_answer(t, text)
+        predictions.append({"prompt": prompt, "generated": text, "extracted": extracted, "gold": gold,
+                            "correct": answers_match(t, extracted, gold), "task": t})
+    return {**summarize(predictions), "predictions": predictions}
+
+
+def summarize(predictions: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """``accuracy``, ``n`` and ``per_task`` computed from prediction records."""
+    per_task: dict[str, dict[str, Any]] = {}
+    for p in predictions:
+        d = per_task.setdefault(p["task"], {"correct": 0, "n": 0})
+        d["correct"] += bool(p["correct"])
+        d["n"] += 1
+    n = len(predictions)
+    correct = sum(d["correct"] for d in per_task.values())
+    return {"accuracy": correct / n if n else 0.0, "n": n,
+            "per_task": {t: {"accuracy": d["correct"] / d["n"], "n": d["n"]} for t, d in per_task.items()}}
+
+
+def eval_loss(model: torch.nn.Module, tokenizer, examples: Sequence[dict[str, Any]], max_seq_len: int,
+              batch_size: int, progress: bool = False) -> float:
+    """Mean cross-entropy (nats per token) over the output tokens (plus EOS) of ``examples``.
+
+    Prompt tokens are masked as in training (:func:`grass_ft.data.tokenize_example`); the mean is weighted by
+    tokens across batches, so it does not depend on ``batch_size``.
+
+    Raises:
+        ValueError: no output token survives truncation to ``max_seq_len``.
+    """
+    _check_positive(max_seq_len=max_seq_len, batch_size=batch_size)
+    features = [tokenize_example(tokenizer, ex, max_seq_len) for ex in examples]
+    pad_id, device, was_training = _pad_id(tokenizer), _device(model), model.training
+    total, count = 0.0, 0
+    try:
+        model.eval()
+        with torch.no_grad():
+            for start in tqdm(range(0, len(features), batch_size), desc="eval loss", unit="batch",
+                              disable=not progress):
+                batch = collate(features[start:start + batch_size], pad_id)
+                logits = model(input_ids=batch["input_ids"].to(device),
+                               attention_mask=batch["attention_mask"].to(device)).logits
+                labels = batch["labels"][:, 1:].to(logits.device)
+                # summed, not averaged, so that batches of different token counts weigh by their tokens
+                total += F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                         ignore_index=IGNORE_INDEX, reduction="sum").item()
+                count += int((labels != IGNORE_INDEX).sum())
+    finally:
+        model.train(was_training)
+    if count == 0:
+        raise ValueError(f"no output tokens to score: every example's prompt fills max_seq_len={max_seq_len}")
+    return total / count
+
+
+def write_eval(output_dir: str | Path, result: dict[str, Any]) -> dict[str, Path]:
+    """Write ``eval.json`` and ``predictions.jsonl`` into ``output_dir`` (created if missing).
+
+    ``accuracy``, ``n`` and ``per_task`` in ``eval.json`` are recomputed from the predictions, so they always
+    agree with ``predictions.jsonl``; other keys of ``result`` (``eval_loss``, settings) are copied as they are.
+
+    Returns:
+        ``{"eval": path, "predictions": path}``.
+
+    Raises:
+        ValueError: ``result`` has no ``predictions`` list, or its ``accuracy`` disagrees with them.
+    """
+    preds = result.get("predictions")
+    if not isinstance(preds, list):
+        raise ValueError("result has no 'predictions' list; pass the dict returned by evaluate_examples")
+    summary = summarize(preds)
+    if "accuracy" in result and not math.isclose(result["accuracy"], summary["accuracy"], abs_tol=1e-12):
+        raise ValueError(f"result accuracy {result['accuracy']} disagrees with its predictions "
+                         f"({summary['accuracy']}); was the result edited?")
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {k: v for k, v in result.items() if k != "predictions"}
+    paths = {"eval": out / "eval.json", "predictions": out / "predictions.jsonl"}
+    paths["eval"].write_text(json.dumps({**meta, **summary}, indent=1) + "\n", encoding="utf-8")
+    keys = ("prompt", "generated", "extracted", "gold", "correct", "task")
+    with paths["predictions"].open("w", encoding="utf-8") as f:
+        for p in preds:
+            f.write(json.dumps({k: p.get(k) for k in keys}, ensure_ascii=False) + "\n")
+    return paths
+
+
+# --------------------------------------------------------------------------------------------- model loading
+
+
+def load_for_eval(model_path: str | Path):
+    """``(model, tokenizer)`` for evaluation, in fp32.
+
+    A directory with ``adapter_config.json`` is a peft adapter: its base (``base_model_name_or_path``, which may
+    be a packaged name such as ``smollm2-135m``) is loaded by :func:`grass_ft.models.load_model_and_tokenizer`
+    and the adapter applied with ``peft.PeftModel.from_pretrained`` — the two steps of
+    ``AutoPeftModelForCausalLM``, which itself cannot resolve packaged names. The tokenizer is the adapter
+    directory's when it saved one, else the base's. Anything else goes to ``load_model_and_tokenizer``
+    (packaged name, model directory or hub id).
+    """
+    from grass_ft.models import load_model_and_tokenizer
+
+    path = Path(model_path)
+    if (path / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        cfg = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
+        base_spec = cfg.get("base_model_name_or_path")
+        if not base_spec:
+            raise ValueError(f"{path / 'adapter_config.json'} has no base_model_name_or_path; cannot find the "
+                             f"base model for this adapter")
+        base, tokenizer = load_model_and_tokenizer(base_spec)
+        model = PeftModel.from_pretrained(base, path)
+        if (path / "tokenizer_config.json").is_file():
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            if tokenizer.pad_token_id is None:
+                tokenizer.pad_token = tokenizer.eos_token
+        return model, tokenizer
+    return load_model_and_tokenizer(str(model_path))
+
+
+def model_note(model_path: str | Path) -> str | None:
+    """A caveat to report with results, e.g. that a packaged model's weights went through 4-bit quantisation."""
+    from grass_ft.models import PACKAGED_NOTE
+
+    spec, path = str(model_path), Path(model_path)
+    if (path / "adapter_config.json").is_file():
+        cfg = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
+        spec = str(cfg.get("base_model_name_or_path") or "")
+        path = Path(spec)
+    if spec in PACKAGED_NOTE:
+        return PACKAGED_NOTE[spec]
+    source = path / "SOURCE.json"  # written next to a converted packaged model
+    if source.is_file():
+        return json.loads(source.read_text(encoding="utf-8")).get("note")
+    return None
+
+
+def _lm_eval_available() -> bool:
+    return importlib.util.find_spec("lm_eval") is not None
+
+
+def run_eval(model_path: str | Path, data: str | Path, task: str | None = None, eval_samples: int | None = None,
+             output_dir: str | Path | None = None, *, mode: str = "generate", max_new_tokens: int = 256,
+             batch_size: int = 8, max_seq_len: int = 1024, seed: int = 0, compute_loss: bool = True,
+             device: str | None = None, harness: str = "native", progress: bool = True) -> dict[str, Any]:
+    """Load a model (or adapter), evaluate it on ``data`` and write ``eval.json`` / ``predictions.jsonl``.
+
+    Args:
+        model_path: packaged model name, model directory, hub id, or peft adapter directory.
+        data: evaluation data: JSON/JSONL file, LLM-Adapters dataset folder, BIG-bench ``task.json`` or a
+            generator name (drawn from held-out seeds); see :func:`grass_ft.evalsets.load_eval_data`.
+        task: default task (answer rule) for examples without one; for a dataset folder, the one task to load.
+        eval_samples: first N examples per task (``None``: all; required for generators).
+        output_dir: where to write the files; ``None`` writes nothing.
+        mode: ``generate`` or ``loglik``.
+        max_new_tokens: generation budget per example.
+        batch_size: evaluation batch size.
+        max_seq_len: truncation length for the held-out loss.
+        seed: generator seed (held-out problems use ``seed + data.EVAL_SEED_OFFSET``).
+        compute_loss: also report ``eval_loss`` (output-token cross-entropy, nats/token).
+        device: where to run (``None``: ``cuda`` when available, else ``cpu``).
+        harness: ``native`` (this module); ``lm-eval`` is not wired in (see the error it raises).
+        progress: show tqdm bars.
+
+    Returns:
+        The result of :func:`evaluate_examples` plus ``eval_loss`` (if computed), ``model``, ``model_note``
+        (e.g. the quantisation caveat of a packaged model), ``data``, ``mode``, ``max_new_tokens`` and
+        ``wall_time_s``.
+    """
+    from grass_ft.evalsets import load_eval_data
+
+    if harness not in HARNESSES:
+        raise ValueError(f"`harness` must be one of {', '.join(HARNESSES)}, got {harness!r}")
+    if harness == "lm-eval":
+        # lm-eval's tasks download their data from the Hugging Face hub, which these machines cannot reach, and
+        # its answer extraction differs from LLM-Adapters'; so it is refused rather than half-supported.
+        hint = ("" if _lm_eval_available() else " (and lm_eval is not installed: pip install lm-eval)")
+        raise NotImplementedError("harness='lm-eval' is not supported by grass-ft's evaluator" + hint +
+                                  "; run `lm_eval --model hf --model_args pretrained=<model dir>` on the saved "
+                                  "model instead, or use harness='native'")
+    if mode not in MODES:
+        raise ValueError(f"`mode` must be one of {', '.join(MODES)}, got {mode!r}")
+    examples = load_eval_data(data, task, eval_samples, seed)  # data errors before the slow model load
+    start = time.perf_counter()
+    model, tokenizer = load_for_eval(model_path)
+    model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    result = evaluate_examples(model, tokenizer, examples, task, mode=mode, max_new_tokens=max_new_tokens,
+                               batch_size=batch_size, progress=progress)
+    if compute_loss:
+        result["eval_loss"] = eval_loss(model, tokenizer, examples, max_seq_len, batch_size, progress)
+    result.update(model=str(model_path), model_note=model_note(model_path), data=str(data), mode=mode,
+                  max_new_tokens=max_new_tokens, wall_time_s=round(time.perf_counter() - start, 3))
+    if output_dir is not None:
+        write_eval(output_dir, result)
+    return result

@@ -1,0 +1,137 @@
+"""Method registry: a lowercase name -> a function that prepares the model, optimizer and sampler.
+
+Adding a method is one function and one ``@register_method("name")`` line. Every method returns a
+:class:`Prepared`, which :mod:`grass_ft.step` drives.
+
+The optimizer always covers every candidate parameter from the start, before anything is frozen, so a block
+drawn later is in it (the LMFlow #726 bug — "sampled layers never update" — cannot happen).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .config import TrainConfig
+from .models import BlockLayout, block_layout
+from .sampler import LayerSampler
+
+
+@dataclass
+class Prepared:
+    """A model made ready for one method.
+
+    Attributes:
+        model: the model to train (a peft model for LoRA/DoRA).
+        optimizer: covers every parameter that can ever train.
+        layout: decoder-block layout (sampling methods), else None.
+        sampler: the block sampler (sampling methods), else None.
+        always: names of parameters trained at every non-probe step besides the drawn blocks.
+        reset_state_on_switch: restart a block's moments when it is re-drawn.
+        offload: the optimizer keeps block state on the host.
+    """
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    layout: BlockLayout | None = None
+    sampler: LayerSampler | None = None
+    always: list[str] = field(default_factory=list)
+    reset_state_on_switch: bool = False
+    offload: bool = False
+
+    def trainable_names(self, active: list[int] | None = None) -> list[str]:
+        """Names of the parameters that train when ``active`` blocks are drawn (all of them without sampling)."""
+        if self.sampler is None or self.layout is None:
+            return [n for n, p in self.model.named_parameters() if p.requires_grad]
+        blocks = self.sampler.active if active is None else active
+        return [n for b in blocks for n in self.layout.blocks[b]] + list(self.always)
+
+
+MethodFn = Callable[[nn.Module, TrainConfig], Prepared]
+_REGISTRY: dict[str, MethodFn] = {}
+
+
+def register_method(name: str) -> Callable[[MethodFn], MethodFn]:
+    def deco(fn: MethodFn) -> MethodFn:
+        _REGISTRY[name] = fn
+        return fn
+
+    return deco
+
+
+def method_names() -> list[str]:
+    return list(_REGISTRY)
+
+
+def prepare(model: nn.Module, cfg: TrainConfig) -> Prepared:
+    if cfg.method not in _REGISTRY:
+        raise ValueError(f"`method` must be one of {', '.join(_REGISTRY)}, got {cfg.method!r}")
+    return _REGISTRY[cfg.method](model, cfg)
+
+
+def resolved_offload(cfg: TrainConfig) -> bool:
+    """``offload`` left unset takes the method's default: on for GRASS, off for LISA (as shipped) and FFT."""
+    if cfg.offload is not None:
+        return cfg.offload
+    return cfg.method in ("grass", "grass-static")
+
+
+def make_adamw(named: list[tuple[str, nn.Parameter]], cfg: TrainConfig, layout: BlockLayout | None,
+               offload: bool) -> torch.optim.Optimizer:
+    """``torch.optim.AdamW`` (state created lazily on the device and never freed, as today's tools do) or our
+    :class:`~grass_ft.offload.LayerwiseOffloadAdamW` keyed by parameter name and grouped by block."""
+    if not offload:
+        return torch.optim.AdamW([p for _, p in named], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    from .offload import LayerwiseOffloadAdamW
+
+    group_fn = layout.group_key if layout is not None else None
+    return LayerwiseOffloadAdamW(named, lr=cfg.lr, weight_decay=cfg.weight_decay, group_fn=group_fn, offload=True)
+
+
+def _always_names(layout: BlockLayout, embeddings: bool, head: bool) -> list[str]:
+    return (layout.embeddings if embeddings else []) + (layout.head if head else [])
+
+
+def _sampling(model: nn.Module, cfg: TrainConfig, kind: str, embeddings: bool, head: bool) -> Prepared:
+    layout = block_layout(model, cfg.layers_attribute)
+    always = _always_names(layout, embeddings, head)
+    candidates = {n for b in layout.blocks for n in b} | set(always)
+    named = [(n, p) for n, p in model.named_parameters() if n in candidates]
+    offload = resolved_offload(cfg)
+    sampler = LayerSampler(kind=kind, num_blocks=layout.num_blocks, gamma=cfg.gamma, tau=cfg.tau, alpha=cfg.alpha,
+                           probe_steps=cfg.probe_steps, sample_interval=cfg.sample_interval,
+                           update_interval=cfg.update_interval, seed=cfg.seed)
+    return Prepared(model=model, optimizer=make_adamw(named, cfg, layout, offload), layout=layout,
+                    sampler=sampler, always=always, reset_state_on_switch=cfg.reset_state_on_switch,
+                    offload=offload)
+
+
+@register_method("grass")
+def _grass(model: nn.Module, cfg: TrainConfig) -> Prepared:
+    return _sampling(model, cfg, "adaptive", cfg.train_embeddings, cfg.train_head)
+
+
+@register_method("grass-static")
+def _grass_static(model: nn.Module, cfg: TrainConfig) -> Prepared:
+    return _sampling(model, cfg, "static", cfg.train_embeddings, cfg.train_head)
+
+
+@register_method("lisa")
+def _lisa(model: nn.Module, cfg: TrainConfig) -> Prepared:
+    # As LMFlow and axolotl ship it: uniform draws, embeddings and head trained at every step.
+    return _sampling(model, cfg, "uniform", True, True)
+
+
+@register_method("fft")
+def _fft(model: nn.Module, cfg: TrainConfig) -> Prepared:
+    for p in model.parameters():
+        p.requires_grad_(True)
+    named = list(model.named_parameters())
+    layout = None
+    offload = resolved_offload(cfg)
+    if offload:
+        layout = block_layout(model, cfg.layers_attribute)
+    return Prepared(model=model, optimizer=make_adamw(named, cfg, layout, offload), offload=offload)

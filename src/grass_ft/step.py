@@ -1,0 +1,231 @@
+"""The one training step shared by the CLI, the native loop and the Hugging Face callback:
+choose blocks -> forward/backward -> record MGN -> optimizer step.
+
+Front ends that run their own forward/backward (``transformers.Trainer``) call the pieces —
+:meth:`StepRunner.begin_step`, :meth:`StepRunner.after_backward`, :meth:`StepRunner.finish_step` — and the
+native loop calls :meth:`StepRunner.train_step`, which is those pieces around a forward/backward.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .importance import ProbeRecorder, block_rms
+from .methods import Prepared
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps had a non-finite loss or gradient."""
+
+
+def lr_factor(update: int, warmup_steps: int, total_updates: int, schedule: str) -> float:
+    """Learning-rate multiplier after ``update`` optimizer updates (a pure function of the count)."""
+    if warmup_steps > 0 and update < warmup_steps:
+        return (update + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (update - warmup_steps) / max(1, total_updates - warmup_steps))
+    if schedule == "linear":
+        return 1.0 - progress
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f"`lr_schedule` must be constant, linear or cosine, got {schedule!r}")
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    """Optimizer-state bytes on the compute device and on the host.
+
+    Our offloading optimizer reports its own; for a plain torch optimizer every state tensor counts where it
+    lives (CPU tensors count as device state on a CPU-only run, since that is where compute happens).
+    """
+    if hasattr(optimizer, "memory_report"):
+        r = optimizer.memory_report()
+        return {"device": int(r["device_state_bytes"]), "host": int(r["host_state_bytes"]),
+                "peak_device": int(r.get("peak_device_state_bytes", r["device_state_bytes"]))}
+    total = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
+                if torch.is_tensor(t) and t.dim() > 0)
+    return {"device": total, "host": 0, "peak_device": total}
+
+
+@dataclass
+class StepResult:
+    step: int
+    loss: float
+    grad_norm: float | None
+    tokens: int
+    seconds: float
+    probe: bool
+    skipped: bool
+    active: list[int]
+    events: list[dict] = field(default_factory=list)
+    bookkeeping_s: float = 0.0
+
+
+class StepRunner:
+    """Applies a :class:`~grass_ft.methods.Prepared` method step by step.
+
+    Args:
+        prepared: model, optimizer, layout and sampler of the method.
+        scheduler: LR scheduler stepped once per real update (``None``: constant LR).
+        grad_accum: micro-batches per step (the loss of each is divided by it).
+        max_grad_norm: global-norm clipping over the parameters that train this step (0: no clipping,
+            the norm is still measured and reported).
+        max_bad_steps: consecutive non-finite steps tolerated before :class:`NonFiniteError`.
+        all_reduce: called with the list of trainable parameters after the last backward of a step (multi-
+            process runs average their gradients there); ``None`` in a single process.
+    """
+
+    def __init__(self, prepared: Prepared, scheduler=None, grad_accum: int = 1, max_grad_norm: float = 0.0,
+                 max_bad_steps: int = 5, all_reduce: Callable[[list[nn.Parameter]], None] | None = None):
+        self.p = prepared
+        self.scheduler = scheduler
+        self.grad_accum = grad_accum
+        self.max_grad_norm = max_grad_norm
+        self.max_bad_steps = max_bad_steps
+        self.all_reduce = all_reduce
+        self.params = dict(prepared.model.named_parameters())
+        self.bad_in_a_row = 0
+        self.skipped_steps = 0
+        self._ever_active: set[int] = set()
+        self._recorder: ProbeRecorder | None = None
+        self._block_params: list[list[nn.Parameter]] = []
+        if prepared.layout is not None and prepared.sampler is not None:
+            self._block_params = [[self.params[n] for n in names] for names in prepared.layout.blocks]
+            self._recorder = ProbeRecorder(self._block_params, prepared.layout.numel)
+
+    # ------------------------------------------------------------------------------------------ pieces
+
+    @property
+    def sampler(self):
+        return self.p.sampler
+
+    def is_probe(self, step: int) -> bool:
+        return self.sampler is not None and self.sampler.in_probe(step)
+
+    def begin_step(self, step: int) -> list[dict]:
+        """Advance the sampler and set ``requires_grad`` for this step; returns the sampler's events."""
+        if self.sampler is None:
+            return []
+        previous = set(self.sampler.active)
+        events = self.sampler.begin_step(step)
+        probe = self.sampler.in_probe(step)
+        if probe:
+            trainable = {n for names in self.p.layout.blocks for n in names}
+        else:
+            trainable = set(self.p.trainable_names())
+        for name, param in self.params.items():
+            param.requires_grad_(name in trainable)
+        if probe:
+            self._recorder.attach()
+        else:
+            self._recorder.detach()
+            new_blocks = set(self.sampler.active) - previous
+            if self.p.reset_state_on_switch and new_blocks & self._ever_active:
+                self._reset_state(sorted(new_blocks & self._ever_active))
+            self._ever_active |= set(self.sampler.active)
+        return events
+
+    def _reset_state(self, blocks: list[int]) -> None:
+        names = [n for b in blocks for n in self.p.layout.blocks[b]]
+        opt = self.p.optimizer
+        if hasattr(opt, "reset_state"):
+            opt.reset_state(names)
+        else:
+            for n in names:
+                opt.state.pop(self.params[n], None)
+
+    def trainable_params(self) -> list[nn.Parameter]:
+        return [p for p in self.params.values() if p.requires_grad]
+
+    def after_micro_backward(self, step: int) -> None:
+        """During the probe, turn the squared norms read in the hooks into one observation per micro-batch."""
+        if self.is_probe(step):
+            self.sampler.observe(self._recorder.flush(scale=float(self.grad_accum)))
+
+    def after_backward(self, step: int) -> float:
+        """After the last backward of a step: all-reduce, then record the active blocks' gradient RMS.
+
+        Returns the seconds spent on MGN bookkeeping.
+        """
+        if self.all_reduce is not None and not self.is_probe(step):
+            self.all_reduce(self.trainable_params())
+        t0 = time.perf_counter()
+        if self.sampler is not None and not self.is_probe(step) and self.sampler.records_importance:
+            self.sampler.observe(block_rms(self._block_params, self.sampler.active, self.p.layout.numel))
+        return time.perf_counter() - t0
+
+    def finish_step(self, step: int, loss_finite: bool = True) -> tuple[float | None, bool]:
+        """Clip, check finiteness and update (nothing is updated during the probe); zero the grads.
+
+        Returns ``(grad_norm, skipped)``.
+        """
+        grad_norm = None
+        skipped = False
+        if not self.is_probe(step):
+            params = [p for p in self.trainable_params() if p.grad is not None]
+            if params:
+                max_norm = self.max_grad_norm if self.max_grad_norm > 0 else float("inf")
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+            finite = loss_finite and (grad_norm is None or math.isfinite(grad_norm))
+            if finite:
+                self.p.optimizer.step()
+                if self.scheduler is not None:
+                    self.scheduler.step()
+                self.bad_in_a_row = 0
+            else:
+                skipped = True
+                self.skipped_steps += 1
+                self.bad_in_a_row += 1
+        self.p.optimizer.zero_grad(set_to_none=True)
+        if self.bad_in_a_row >= self.max_bad_steps:
+            raise NonFiniteError(f"{self.bad_in_a_row} consecutive steps had a non-finite loss or gradient norm "
+                                 f"(last at step {step}); lower `lr`, keep `max_grad_norm` > 0, or check the data "
+                                 f"for empty targets")
+        return grad_norm, skipped
+
+    # ------------------------------------------------------------------------------------- whole step
+
+    def train_step(self, step: int, micro_batches: Sequence[dict[str, torch.Tensor]],
+                   forward: Callable[[nn.Module, dict], torch.Tensor] | None = None) -> StepResult:
+        """One optimizer step over ``micro_batches`` (``grad_accum`` of them)."""
+        t0 = time.perf_counter()
+        events = self.begin_step(step)
+        model = self.p.model
+        model.train()
+        losses, tokens, loss_finite = [], 0, True
+        for mb in micro_batches:
+            loss = forward(model, mb) if forward is not None else model(**mb).loss
+            if not torch.isfinite(loss):
+                loss_finite = False
+                losses.append(float("nan"))
+                continue
+            (loss / self.grad_accum).backward()
+            losses.append(float(loss.detach()))
+            tokens += int(mb["attention_mask"].sum()) if "attention_mask" in mb else mb["input_ids"].numel()
+            self.after_micro_backward(step)
+        bookkeeping = self.after_backward(step)
+        grad_norm, skipped = self.finish_step(step, loss_finite)
+        active = [] if self.sampler is None else list(self.sampler.active)
+        return StepResult(step=step, loss=sum(losses) / len(losses), grad_norm=grad_norm, tokens=tokens,
+                          seconds=time.perf_counter() - t0, probe=self.is_probe(step), skipped=skipped,
+                          active=active, events=events, bookkeeping_s=bookkeeping)
+
+    # ------------------------------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict:
+        return {"sampler": self.sampler.state_dict() if self.sampler is not None else None,
+                "ever_active": sorted(self._ever_active), "skipped_steps": self.skipped_steps,
+                "bad_in_a_row": self.bad_in_a_row}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.sampler is not None and state.get("sampler") is not None:
+            self.sampler.load_state_dict(state["sampler"])
+        self._ever_active = set(state.get("ever_active", []))
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.bad_in_a_row = int(state.get("bad_in_a_row", 0))

@@ -1,0 +1,244 @@
+"""The native training loop around :class:`grass_ft.step.StepRunner`: load, evaluate, train, save, evaluate.
+
+Output directory contract (other tools rely on it): ``config.yaml`` (resolved), ``metrics.jsonl`` (a line per
+logged step), ``layers.jsonl`` (a line per probe/draw/refresh event), ``summary.json`` (final metrics, written
+last) and ``final/`` (``save_pretrained`` output with the tokenizer). ``final/`` and ``summary.json`` appear
+only when a run finishes; each is written to a temporary name and renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from . import data as data_mod
+from .config import ConfigError, TrainConfig, save_config, validate
+from .methods import Prepared, method_names, prepare
+from .models import PACKAGED_NOTE, block_layout, enable_checkpointing, load_model_and_tokenizer
+from .step import StepRunner, lr_factor, optimizer_state_bytes
+
+
+class RunError(RuntimeError):
+    """A run that cannot start or continue; the message says why and what to change."""
+
+
+# ------------------------------------------------------------------------------------------------- helpers
+
+
+def prepare_output_dir(path: str | Path) -> Path:
+    """Create ``path`` and check it is writable; remove a previous run's ``final/`` and ``summary.json`` so
+    that a failed run never looks finished."""
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise RunError(f"`output_dir` {str(out)!r} is not writable: {e.strerror}") from None
+    for stale in (out / "final", out / "summary.json", out / "metrics.jsonl", out / "layers.jsonl"):
+        if stale.is_dir():
+            shutil.rmtree(stale)
+        elif stale.exists():
+            stale.unlink()
+    return out
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak accelerator memory (``torch.cuda.max_memory_allocated``) or, on CPU, the process's peak RSS."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+def save_final(model, tokenizer, out: Path) -> Path:
+    """``save_pretrained`` into a temporary directory, then rename it to ``final/``."""
+    tmp = Path(tempfile.mkdtemp(prefix=".final-", dir=out))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        final = out / "final"
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        return final
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def evaluate_model(model, tokenizer, examples: list[dict], cfg: TrainConfig, desc: str) -> dict[str, Any]:
+    """Held-out eval loss and accuracy (the same code as ``grass-ft eval``)."""
+    from .evaluate import eval_loss, evaluate_examples
+
+    if not examples:
+        return {}
+    loss = eval_loss(model, tokenizer, examples, max_seq_len=cfg.max_seq_len, batch_size=cfg.eval_batch_size)
+    res = evaluate_examples(model, tokenizer, examples, cfg.task, max_new_tokens=cfg.max_new_tokens,
+                            batch_size=cfg.eval_batch_size)
+    res["eval_loss"] = loss
+    res["label"] = desc
+    return res
+
+
+def validate_for_model(cfg: TrainConfig, model) -> None:
+    """Checks that need the model: γ against the number of decoder blocks."""
+    if cfg.method in ("grass", "grass-static", "lisa"):
+        layout = block_layout(model, cfg.layers_attribute)
+        errors = validate(cfg, num_blocks=layout.num_blocks, known_methods=method_names())
+        if errors:
+            raise ConfigError(errors)
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+
+
+def run_train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
+    """Fine-tune ``cfg.model`` with ``cfg.method`` and write the output directory; returns the summary."""
+    # 1. Output directory first: an unwritable path fails before minutes of loading.
+    out = prepare_output_dir(cfg.output_dir)
+    torch.manual_seed(cfg.seed)
+
+    # 2. Data before the model, so a bad file fails fast: generated problems from disjoint seeds, or a file
+    #    with a held-out split.
+    train_ex, held_ex = data_mod.load_train_eval(cfg.data, cfg.eval_data, cfg.train_samples, cfg.eval_samples,
+                                                 cfg.seed)
+
+    # 3. Model, tokenizer, and the checks that need the model.
+    model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.dtype)
+    validate_for_model(cfg, model)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    if cfg.gradient_checkpointing:
+        enable_checkpointing(model)
+
+    features = [data_mod.tokenize_example(tokenizer, ex, cfg.max_seq_len, cfg.train_on_inputs) for ex in train_ex]
+    stream = data_mod.BatchStream(features, cfg.batch_size, tokenizer.pad_token_id, seed=cfg.seed)
+
+    # 4. Evaluation of the model as loaded.
+    before = evaluate_model(model, tokenizer, held_ex, cfg, "before") if held_ex else {}
+
+    # 5. The method: optimizer over every candidate parameter, sampler, scheduler.
+    prepared: Prepared = prepare(model, cfg)
+    total_updates = cfg.max_steps - (prepared.sampler.probe_steps if prepared.sampler else 0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        prepared.optimizer, lambda k: lr_factor(k, cfg.warmup_steps, total_updates, cfg.lr_schedule))
+    runner = StepRunner(prepared, scheduler, grad_accum=cfg.grad_accum, max_grad_norm=cfg.max_grad_norm,
+                        max_bad_steps=cfg.max_bad_steps)
+    save_config(cfg, out / "config.yaml")
+
+    # 6. Train.
+    n_trainable = sum(p.numel() for p in model.parameters())
+    metrics_f = open(out / "metrics.jsonl", "w", buffering=1)
+    layers_f = open(out / "layers.jsonl", "w", buffering=1)
+    t_start = time.perf_counter()
+    total_tokens, train_time, bookkeeping_time, losses = 0, 0.0, 0.0, []
+    bar = tqdm(range(cfg.max_steps), desc=f"{cfg.method}", disable=not progress, dynamic_ncols=True)
+    try:
+        for step in bar:
+            batches = [{k: v.to(device) for k, v in stream.next_batch().items()} for _ in range(cfg.grad_accum)]
+            res = runner.train_step(step, batches)
+            for ev in res.events:
+                layers_f.write(json.dumps(ev) + "\n")
+            total_tokens += res.tokens
+            train_time += res.seconds
+            bookkeeping_time += res.bookkeeping_s
+            losses.append(res.loss)
+            state = optimizer_state_bytes(prepared.optimizer)
+            tps = res.tokens / res.seconds if res.seconds > 0 else 0.0
+            if step % cfg.logging_steps == 0 or step == cfg.max_steps - 1:
+                metrics_f.write(json.dumps({
+                    "step": step, "loss": res.loss, "lr": scheduler.get_last_lr()[0], "grad_norm": res.grad_norm,
+                    "tokens_per_s": tps, "s_per_step": res.seconds, "probe": res.probe, "skipped": res.skipped,
+                    "active": res.active, "bookkeeping_s": res.bookkeeping_s,
+                    "optimizer_state_device_bytes": state["device"], "optimizer_state_host_bytes": state["host"],
+                    "peak_memory_bytes": peak_memory_bytes(device)}) + "\n")
+            bar.set_postfix_str(f"loss {res.loss:.3f} | {'probe' if res.probe else 'blocks ' + _fmt_blocks(res.active)}"
+                                f" | {tps:.0f} tok/s")
+    finally:
+        bar.close()
+        metrics_f.close()
+        layers_f.close()
+    wall_train = time.perf_counter() - t_start
+
+    # 7. Save, then evaluate the trained model.
+    for p in model.parameters():
+        p.requires_grad_(True)
+    final = save_final(model, tokenizer, out)
+    after = evaluate_model(model, tokenizer, held_ex, cfg, "after") if held_ex else {}
+    if after:
+        from .evaluate import write_eval
+
+        write_eval(out, after)
+
+    state = optimizer_state_bytes(prepared.optimizer)
+    tail = losses[-max(1, min(10, len(losses))):]
+    summary = {
+        "method": cfg.method, "model": cfg.model, "model_note": PACKAGED_NOTE.get(cfg.model, ""),
+        "data": cfg.data, "task": cfg.task, "steps": cfg.max_steps, "seed": cfg.seed, "world_size": 1,
+        "eval_n": len(held_ex),
+        "eval_loss_before": before.get("eval_loss"), "eval_loss": after.get("eval_loss"),
+        "accuracy_before": before.get("accuracy"), "accuracy": after.get("accuracy"),
+        "final_train_loss": sum(tail) / len(tail),
+        "peak_memory_bytes": peak_memory_bytes(device),
+        "optimizer_state_bytes": state["device"] + state["host"],
+        "optimizer_state_device_bytes": state["device"], "optimizer_state_host_bytes": state["host"],
+        "optimizer_state_peak_device_bytes": state["peak_device"],
+        "trainable_params": _trainable_count(prepared), "total_params": n_trainable,
+        "tokens_per_s": total_tokens / train_time if train_time else 0.0,
+        "s_per_step": train_time / cfg.max_steps, "train_wall_s": wall_train,
+        "mgn_bookkeeping_fraction": bookkeeping_time / train_time if train_time else 0.0,
+        "skipped_steps": runner.skipped_steps, "offload": prepared.offload, "final_dir": str(final),
+    }
+    write_json_atomic(out / "summary.json", summary)
+    return summary
+
+
+def _trainable_count(prepared: Prepared) -> int:
+    """Parameters trainable at one (non-probe) step: drawn blocks plus always-trained ones, or all."""
+    params = dict(prepared.model.named_parameters())
+    if prepared.sampler is None:
+        return sum(p.numel() for p in params.values())
+    per_block = max(prepared.layout.numel) * prepared.sampler.gamma
+    return per_block + sum(params[n].numel() for n in prepared.always)
+
+
+def _fmt_blocks(active: list[int]) -> str:
+    return ",".join(map(str, active)) if active else "all"
+
+
+def print_summary(summary: dict[str, Any], file=sys.stdout) -> None:
+    def f(x, fmt):
+        return "n/a" if x is None else format(x, fmt)
+
+    lines = [
+        f"grass-ft {summary['method']} on {summary['model']} ({summary.get('model_note') or 'as given'}), "
+        f"data {summary['data']}, {summary['steps']} steps",
+        f"  eval loss   {f(summary['eval_loss_before'], '.4f')} -> {f(summary['eval_loss'], '.4f')}"
+        f"   (held-out, n={summary['eval_n']})",
+        f"  accuracy    {f(summary['accuracy_before'], '.1%')} -> {f(summary['accuracy'], '.1%')}"
+        f"   (task {summary['task']})",
+        f"  train loss  {summary['final_train_loss']:.4f} (mean of last steps)",
+        f"  speed       {summary['s_per_step']:.2f} s/step, {summary['tokens_per_s']:.0f} tokens/s",
+        f"  memory      peak {summary['peak_memory_bytes'] / 2**30:.2f} GiB; optimizer state "
+        f"{summary['optimizer_state_device_bytes'] / 2**20:.1f} MiB on device, "
+        f"{summary['optimizer_state_host_bytes'] / 2**20:.1f} MiB on host",
+        f"  saved       {summary['final_dir']}",
+    ]
+    print("\n".join(lines), file=file)

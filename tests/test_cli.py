@@ -1,0 +1,116 @@
+"""Bad input: one clear error naming the key, value or file line; no traceback; nothing left as if finished."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from grass_ft.cli import main
+
+
+def err(capsys, *argv):
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    assert code == 2, captured.out
+    assert "Traceback" not in captured.err
+    return captured.err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["foo=1"], "unknown key `foo`"),
+    (["gama=3"], "unknown key `gama`"),
+    (["gamma=abc"], "`gamma` must be an integer, got 'abc'"),
+    (["train_head=maybe"], "`train_head` must be true or false, got 'maybe'"),
+    (["tau=0"], "`tau` must be > 0, got 0.0"),
+    (["tau=-1"], "`tau` must be > 0, got -1.0"),
+    (["alpha=0"], r"`alpha` must be in \(0, 1\], got 0.0"),
+    (["alpha=1.5"], r"`alpha` must be in \(0, 1\], got 1.5"),
+    (["method=badam"], "`method` must be one of grass, grass-static, lisa, fft"),
+    (["gamma=0"], "`gamma` must be at least 1, got 0"),
+    (["lr_schedule=step"], "`lr_schedule` must be one of constant, linear, cosine, got 'step'"),
+    (["data=/nonexistent/train.jsonl"], "`data` file '/nonexistent/train.jsonl' does not exist"),
+    (["task=nosuchtask"], "no answer rule for task 'nosuchtask'"),
+    (["method=grass-static", "probe_steps=0"], "`probe_steps` must be >= 1 for method grass-static"),
+    (["max_steps=5", "probe_steps=5"], "`probe_steps` must be below max_steps=5"),
+    (["gamma"], "argument 'gamma' is not key=value"),
+])
+def test_bad_config_single_error(capsys, args, message):
+    out = err(capsys, "validate", *args)
+    assert len(pytest.importorskip("re").findall(message, out)) == 1, out
+
+
+def test_every_error_reported_at_once(capsys):
+    out = err(capsys, "validate", "foo=1", "gamma=x", "tau=0", "alpha=3")
+    for m in ("unknown key `foo`", "`gamma` must be an integer", "`tau` must be > 0", "`alpha` must be in (0, 1]"):
+        assert m in out
+
+
+def test_yaml_errors(tmp_path, capsys):
+    bad = tmp_path / "c.yaml"
+    bad.write_text("gamma: [1, 2]\ntau: 0\nnope: 1\n")
+    out = err(capsys, "validate", "--config", str(bad))
+    assert "`gamma` must be an integer, got [1, 2]" in out and "unknown key `nope`" in out
+    bad.write_text("- a\n- b\n")
+    assert "expected a mapping" in err(capsys, "validate", "--config", str(bad))
+    ok = tmp_path / "ok.yaml"
+    ok.write_text("gamma: 2\ntau: 0.5\n")
+    assert main(["validate", "--config", str(ok), "gamma=3"]) == 0
+    assert "method grass" in capsys.readouterr().out
+
+
+def test_gamma_larger_than_block_count(tiny_model_dir, capsys):
+    out = err(capsys, "validate", f"model={tiny_model_dir}", "gamma=9")
+    assert "`gamma` must be between 1 and 4 (the model has 4 decoder blocks), got 9" in out
+
+
+def _train_args(model, out, data, **extra):
+    kv = {"model": model, "data": data, "output_dir": out, "max_steps": 3, "batch_size": 2, "eval_samples": 0,
+          "gamma": 2, "probe_steps": 1, **extra}
+    return ["train", "--quiet", *[f"{k}={v}" for k, v in kv.items()]]
+
+
+@pytest.mark.parametrize("content, message", [
+    ("", "is empty"),
+    ('{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": \n', r":2: not valid JSON"),
+    ('{"instruction": "a", "output": "b"}\n{"instruction": "a"}\n', r":2: missing or non-string key\(s\) output"),
+    ('[{"instruction": "a", "output": "b"}, 3]', r"entry 1: expected a JSON object"),
+])
+def test_bad_data_file_names_line_and_leaves_no_final(tmp_path, tiny_model_dir, capsys, content, message):
+    data = tmp_path / "train.jsonl"
+    data.write_text(content)
+    out = tmp_path / "run"
+    (out / "final").mkdir(parents=True)  # a previous run's output must not survive looking finished
+    (out / "summary.json").write_text("{}")
+    msg = err(capsys, *_train_args(tiny_model_dir, out, data))
+    assert str(data) in msg
+    assert pytest.importorskip("re").search(message, msg), msg
+    assert not (out / "final").exists() and not (out / "summary.json").exists()
+
+
+def test_unwritable_output_dir(tmp_path, tiny_model_dir, tiny_data, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    msg = err(capsys, *_train_args(tiny_model_dir, blocker / "run", tiny_data))
+    assert f"`output_dir` '{blocker / 'run'}' is not writable" in msg
+
+
+def test_missing_model_dir(tmp_path, tiny_data, capsys):
+    msg = err(capsys, *_train_args(str(tmp_path / "nomodel"), tmp_path / "run", tiny_data))
+    assert "model directory" in msg and "does not exist" in msg
+    assert not (tmp_path / "run" / "final").exists()
+
+
+def test_console_script_prints_no_traceback(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "grass_ft.cli", "validate", "tau=0", "foo=bar"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr and "`tau` must be > 0" in r.stderr and "unknown key `foo`" in r.stderr
+
+
+def test_train_help_lists_every_key(capsys):
+    assert main(["train", "--help"]) == 0
+    out = capsys.readouterr().out
+    for key in ("gamma", "tau", "alpha", "probe_steps", "sample_interval", "update_interval", "train_embeddings",
+                "train_head", "layers_attribute", "train_on_inputs", "eval_samples"):
+        assert f"  {key} " in out

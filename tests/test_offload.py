@@ -1,0 +1,357 @@
+"""LayerwiseOffloadAdamW against torch.optim.AdamW on a tiny Llama, plus memory, checkpoint and reset contracts."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import io
+import random
+
+import pytest
+import torch
+from torch import nn
+
+from grass_ft.offload import LayerwiseOffloadAdamW, block_key
+
+transformers = pytest.importorskip("transformers")
+
+N_LAYERS = 4
+BLOCKS = [f"model.layers.{i}" for i in range(N_LAYERS)]
+# (active blocks, embeddings trainable) per step: blocks drop out and come back, one step has a single block
+SWITCHING = [({0, 1}, True), ({2, 3}, False), ({1, 2}, True), ({0, 3}, False), ({3}, True)]
+ALL_ACTIVE = [(set(range(N_LAYERS)), True)] * len(SWITCHING)
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@functools.cache
+def _tiny_llama(seed: int, tie: bool) -> nn.Module:
+    torch.manual_seed(seed)
+    # eager attention: deterministic backward on CUDA too, so both arms see bit-identical gradients
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=N_LAYERS,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                                      attn_implementation="eager", tie_word_embeddings=tie)
+    return transformers.LlamaForCausalLM(config)
+
+
+def tiny_llama(seed: int = 0, tie: bool = False) -> nn.Module:
+    """A fresh copy of a cached tiny Llama (building one takes seconds; copying it, milliseconds)."""
+    return copy.deepcopy(_tiny_llama(seed, tie))
+
+
+def set_active(model: nn.Module, blocks: set[int], embeddings: bool = True) -> None:
+    for i, layer in enumerate(model.model.layers):
+        layer.requires_grad_(i in blocks)
+    model.model.embed_tokens.requires_grad_(embeddings)
+
+
+def train(model, opt, schedule, *, accum=1, clip=False, seed=1, scheduler=None):
+    """Runs the schedule; both arms of a comparison call this with the same seed, so they see the same batches."""
+    gen = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    for blocks, embeddings in schedule:
+        set_active(model, blocks, embeddings)
+        for _ in range(accum):
+            ids = torch.randint(0, 128, (2, 8), generator=gen).to(device)
+            (model(input_ids=ids, labels=ids).loss / accum).backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if scheduler is not None:
+            scheduler.step()
+
+
+def assert_same_params(model, ref):
+    for (name, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(p, q, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def assert_same_state(opt, ref_opt, ref_model):
+    names = {p: n for n, p in ref_model.named_parameters()}
+    ours = opt.state_dict()["state"]
+    theirs = {names[p]: s for p, s in ref_opt.state.items()}
+    assert ours.keys() == theirs.keys()
+    for name, s in theirs.items():
+        for k in ("step", "exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(ours[name][k], s[k].cpu(), msg=lambda m, name=name, k=k: f"{name}.{k}: {m}")
+
+
+def block_state_bytes(model) -> int:
+    """Moments (2 x fp32) plus one fp32 step per parameter of one decoder block."""
+    params = list(model.model.layers[0].parameters())
+    return sum(8 * p.numel() + 4 for p in params)
+
+
+def test_block_key():
+    assert block_key("model.layers.3.self_attn.q_proj.weight") == "model.layers.3"
+    assert block_key("0.weight") == "0"
+    assert block_key("model.norm.weight") == "model.norm.weight"
+    assert block_key("lm_head.weight") == "lm_head.weight"
+
+
+def test_one_group_per_block_with_names():
+    model = tiny_llama()
+    opt = LayerwiseOffloadAdamW(model.named_parameters())
+    assert [g["name"] for g in opt.param_groups] == ["model.embed_tokens.weight", *BLOCKS, "model.norm.weight",
+                                                     "lm_head.weight"]
+    assert opt.param_groups[1]["param_names"][0] == "model.layers.0.self_attn.q_proj.weight"
+    assert all(len(g["params"]) == len(g["param_names"]) for g in opt.param_groups)
+    one = LayerwiseOffloadAdamW(model.named_parameters(), group_fn=lambda name: "all")
+    assert [g["name"] for g in one.param_groups] == ["all"]
+    assert one.param_groups[0]["param_names"] == [n for n, _ in model.named_parameters()]
+
+
+def test_bad_hyperparameters_are_all_reported():
+    with pytest.raises(ValueError, match=r"`lr` must be >= 0, got -1.*`betas\[1\]` must be in \[0, 1\), got 1.5"):
+        LayerwiseOffloadAdamW(nn.Linear(2, 2).named_parameters(), lr=-1, betas=(0.9, 1.5))
+
+
+@pytest.mark.parametrize("offload", [True, False], ids=["offload", "no-offload"])
+@pytest.mark.parametrize("clip", [False, True], ids=["noclip", "clip"])
+@pytest.mark.parametrize("accum", [1, 2], ids=["accum1", "accum2"])
+@pytest.mark.parametrize("schedule", [ALL_ACTIVE, SWITCHING], ids=["all-active", "switching"])
+def test_matches_adamw(schedule, accum, clip, offload):
+    model = tiny_llama()
+    ref = copy.deepcopy(model)
+    opt = LayerwiseOffloadAdamW(model.named_parameters(), lr=1e-2, weight_decay=0.1, offload=offload)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.1)
+    before = copy.deepcopy(model.state_dict())
+    train(model, opt, schedule, accum=accum, clip=clip)
+    train(ref, ref_opt, schedule, accum=accum, clip=clip)
+    assert_same_params(model, ref)
+    assert_same_state(opt, ref_opt, ref)
+    # every block was active at some point, so every block moved (ANCHORS: the new block's weights move)
+    for name in BLOCKS:
+        assert not torch.equal(model.state_dict()[f"{name}.mlp.up_proj.weight"], before[f"{name}.mlp.up_proj.weight"])
+    if offload:
+        report = opt.memory_report()
+        assert report["device_state_bytes"] == 0
+        assert report["host_state_bytes"] == sum(t.nbytes for s in opt.state_dict()["state"].values()
+                                                 for t in s.values())
+    else:
+        assert opt.memory_report()["host_state_bytes"] == 0
+
+
+def test_device_state_flat_over_100_switches():
+    model = tiny_llama()
+    opt = LayerwiseOffloadAdamW(model.named_parameters(), offload=True)
+    per_block, rng = block_state_bytes(model), random.Random(0)
+    peaks = []
+    for _ in range(100):
+        active = rng.sample(range(N_LAYERS), 2)
+        for i in active:  # synthetic gradients: this test is about the optimizer, not the model
+            for p in model.model.layers[i].parameters():
+                p.grad = torch.randn_like(p)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        report = opt.memory_report()
+        assert report["device_state_bytes"] == 0
+        peaks.append(report["peak_device_state_bytes"])
+    # moments of the active blocks only (steps stay on the host), never more, never growing
+    assert max(peaks) <= 2 * (per_block - 4 * len(list(model.model.layers[0].parameters())))
+    assert min(peaks) == max(peaks)
+    assert opt.memory_report()["host_state_bytes"] == N_LAYERS * per_block
+
+
+def test_no_offload_keeps_state_on_device():
+    model = tiny_llama()
+    opt = LayerwiseOffloadAdamW(model.named_parameters(), offload=False)
+    train(model, opt, SWITCHING[:2])
+    report = opt.memory_report()
+    assert report["host_state_bytes"] == 0
+    assert report["device_state_bytes"] == sum(t.nbytes for s in opt.state_dict()["state"].values()
+                                               for t in s.values())
+
+
+@pytest.mark.parametrize("src_offload,dst_offload", [(True, True), (False, False), (True, False)])
+def test_state_dict_round_trip_resumes_exactly(src_offload, dst_offload):
+    model = tiny_llama()
+    ref = copy.deepcopy(model)
+    ref_opt = LayerwiseOffloadAdamW(ref.named_parameters(), lr=1e-2, offload=src_offload)
+    train(ref, ref_opt, SWITCHING + SWITCHING[:3])
+
+    opt = LayerwiseOffloadAdamW(model.named_parameters(), lr=1e-2, offload=src_offload)
+    train(model, opt, SWITCHING)
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optim": opt.state_dict()}, buffer)
+    buffer.seek(0)
+    checkpoint = torch.load(buffer, weights_only=True)
+    resumed = tiny_llama(seed=123)
+    resumed.load_state_dict(checkpoint["model"])
+    resumed_opt = LayerwiseOffloadAdamW(resumed.named_parameters(), lr=5.0, offload=dst_offload)
+    resumed_opt.load_state_dict(checkpoint["optim"])
+    assert resumed_opt.param_groups[0]["lr"] == 1e-2
+    # the resumed half must see the batches the uninterrupted run saw after SWITCHING
+    train_tail(resumed, resumed_opt, SWITCHING + SWITCHING[:3], start=len(SWITCHING), seed=1)
+    assert_same_params(resumed, ref)
+
+
+def train_tail(model, opt, schedule, *, start, seed):
+    """Like :func:`train` but skips the first ``start`` steps' batches, to resume a run mid-way."""
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(start):
+        torch.randint(0, 128, (2, 8), generator=gen)
+    for blocks, embeddings in schedule[start:]:
+        set_active(model, blocks, embeddings)
+        ids = torch.randint(0, 128, (2, 8), generator=gen)
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def test_load_reports_missing_name():
+    model = tiny_llama()
+    opt = LayerwiseOffloadAdamW(model.named_parameters())
+    train(model, opt, SWITCHING[:1])
+    state = opt.state_dict()
+    name = "model.layers.1.mlp.up_proj.weight"
+    state["state"].pop(name)
+    for group in state["param_groups"]:
+        if name in group["param_names"]:
+            group["param_names"].remove(name)
+    with pytest.raises(ValueError, match=r"missing names.*'model\.layers\.1\.mlp\.up_proj\.weight'"):
+        LayerwiseOffloadAdamW(tiny_llama().named_parameters()).load_state_dict(state)
+
+
+def test_load_reports_unexpected_name():
+    model = tiny_llama()
+    opt = LayerwiseOffloadAdamW(model.named_parameters())
+    state = opt.state_dict()
+    state["param_groups"][1]["param_names"].append("model.layers.9.mlp.up_proj.weight")
+    with pytest.raises(ValueError, match=r"unexpected names.*'model\.layers\.9\.mlp\.up_proj\.weight'"):
+        opt.load_state_dict(state)
+
+
+@pytest.mark.parametrize("key", ["model.layers.0", "model.layers.0.mlp.up_proj.weight"], ids=["block", "param"])
+def test_reset_state_behaves_as_fresh(key):
+    model = tiny_llama()
+    opt = LayerwiseOffloadAdamW(model.named_parameters(), lr=1e-2)
+    train(model, opt, [({0}, False)] * 3)
+    opt.reset_state(key)
+    assert key not in opt.state_dict()["state"]
+    # from here on only the reset parameters train, against a fresh AdamW that holds just them
+    ref = copy.deepcopy(model)
+    for m in (model, ref):
+        m.requires_grad_(False)
+        for name, p in m.named_parameters():
+            p.requires_grad_(name.startswith(key))
+    ref_opt = torch.optim.AdamW([p for p in ref.parameters() if p.requires_grad], lr=1e-2)
+    gen = torch.Generator().manual_seed(7)
+    for _ in range(3):
+        ids = torch.randint(0, 128, (2, 8), generator=gen)
+        for m, o in ((model, opt), (ref, ref_opt)):
+            m(input_ids=ids, labels=ids).loss.backward()
+            o.step()
+            o.zero_grad(set_to_none=True)
+    assert_same_params(model, ref)
+    state = opt.state_dict()["state"]
+    for name, _ in model.model.layers[0].named_parameters(prefix="model.layers.0"):
+        # reset parameters restarted (3 fresh steps); the rest of the block kept its 3 steps
+        assert state[name]["step"].item() == 3.0
+    with pytest.raises(ValueError, match=r"unknown group keys or parameter names: \['nope'\]"):
+        opt.reset_state(["nope"])
+
+
+def test_lr_scheduler_matches_adamw():
+    model = tiny_llama()
+    ref = copy.deepcopy(model)
+    opt = LayerwiseOffloadAdamW(model.named_parameters(), lr=1e-2)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 / (1 + step))
+    ref_schedule = torch.optim.lr_scheduler.LambdaLR(ref_opt, lambda step: 1.0 / (1 + step))
+    train(model, opt, SWITCHING, scheduler=schedule)
+    train(ref, ref_opt, SWITCHING, scheduler=ref_schedule)
+    assert opt.param_groups[1]["lr"] == pytest.approx(1e-2 / (1 + len(SWITCHING)))
+    assert_same_params(model, ref)
+
+
+def test_tied_parameters_count_once():
+    model = tiny_llama(tie=True)
+    ref = copy.deepcopy(model)
+    named = list(model.named_parameters(remove_duplicate=False))
+    opt = LayerwiseOffloadAdamW(named, lr=1e-2)
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters())) < len(named)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+    train(model, opt, SWITCHING[:3])
+    train(ref, ref_opt, SWITCHING[:3])
+    assert_same_params(model, ref)
+
+
+def test_bf16_params_keep_fp32_state():
+    torch.manual_seed(0)
+    layer = nn.Linear(16, 16).to(torch.bfloat16)
+    master = copy.deepcopy(layer).float()
+    opt = LayerwiseOffloadAdamW(layer.named_parameters(), lr=1e-2)
+    ref_opt = torch.optim.AdamW(master.parameters(), lr=1e-2)
+    for _ in range(3):
+        for p, q in zip(layer.parameters(), master.parameters()):
+            p.grad = torch.randn(p.shape).to(torch.bfloat16)
+            q.grad = p.grad.float()
+        opt.step()
+        ref_opt.step()
+        with torch.no_grad():  # the reference rounds to bf16 after each step, as the parameter does
+            for q in master.parameters():
+                q.copy_(q.bfloat16().float())
+    for p, q in zip(layer.parameters(), master.parameters()):
+        torch.testing.assert_close(p.float(), q)
+    assert all(t.dtype == torch.float32 for s in opt.state_dict()["state"].values() for t in s.values())
+
+
+@pytest.mark.parametrize("offload", [True, False], ids=["offload", "no-offload"])
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_matches_adamw(offload):
+    model = tiny_llama().cuda()
+    ref = copy.deepcopy(model)
+    opt = LayerwiseOffloadAdamW(model.named_parameters(), lr=1e-2, weight_decay=0.1, offload=offload)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.1)
+    train(model, opt, SWITCHING, accum=2, clip=True)
+    train(ref, ref_opt, SWITCHING, accum=2, clip=True)
+    assert_same_params(model, ref)
+    assert_same_state(opt, ref_opt, ref)
+    report = opt.memory_report()
+    if offload:
+        assert report["device_state_bytes"] == 0 and report["host_pinned"]
+    else:
+        assert report["host_state_bytes"] == 0
+
+
+class Stack(nn.Module):
+    """Large blocks named like decoder layers (``layers.i``), so that copies take long enough for a race to show."""
+
+    def __init__(self, n: int, width: int):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(n))
+
+
+@pytest.mark.parametrize("delay_compute", [False, True], ids=["plain", "slow-compute"])
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_large_blocks_many_steps_no_race(delay_compute):
+    torch.manual_seed(0)
+    model = Stack(8, 2048).cuda()  # 4M parameters, 32 MiB of moments per block
+    ref = copy.deepcopy(model)
+    opt = LayerwiseOffloadAdamW(model.named_parameters(), lr=1e-3)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-3)
+    gen, rng = torch.Generator(device="cuda").manual_seed(0), random.Random(0)
+    for _ in range(40):
+        active = rng.sample(range(8), rng.randint(1, 8))
+        for i in active:
+            for p, q in zip(model.layers[i].parameters(), ref.layers[i].parameters()):
+                p.grad = torch.randn(p.shape, device="cuda", generator=gen)
+                q.grad = p.grad.clone()
+        # plain: a 32 MiB H2D copy outlasts the update, so an update that did not wait for its fetch reads a
+        # partial buffer. slow-compute: a long kernel delays the updates, so a write-back that did not wait for the
+        # update copies stale moments, a released buffer without record_stream is refilled by a later fetch before
+        # its D2H copy reads it, and a step() that returned before the D2H copies finished lets the next step fetch
+        # stale host state
+        if delay_compute:
+            torch.cuda._sleep(50_000_000)
+        opt.step()
+        ref_opt.step()
+        opt.zero_grad(set_to_none=True)
+        ref_opt.zero_grad(set_to_none=True)
+        assert opt.memory_report()["device_state_bytes"] == 0
+    torch.cuda.synchronize()
+    assert_same_params(model, ref)
+    assert_same_state(opt, ref_opt, ref)

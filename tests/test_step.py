@@ -1,0 +1,162 @@
+"""The training step on a tiny Llama: probe, draws, frozen parts, reference equivalence, non-finite steps."""
+
+import copy
+
+import pytest
+import torch
+
+from grass_ft.config import TrainConfig
+from grass_ft.methods import prepare
+from grass_ft.step import NonFiniteError, StepRunner
+from tiny import tiny_llama
+
+L = 4
+
+
+def batches(n_steps, accum=1, bs=2, seq=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n_steps):
+        mbs = []
+        for _ in range(accum):
+            ids = torch.randint(3, 100, (bs, seq), generator=g)
+            mbs.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
+        out.append(mbs)
+    return out
+
+
+def run(cfg: TrainConfig, model=None, steps=None, data=None):
+    model = model if model is not None else tiny_llama(layers=L)
+    prepared = prepare(model, cfg)
+    runner = StepRunner(prepared, grad_accum=cfg.grad_accum, max_grad_norm=cfg.max_grad_norm)
+    results = [runner.train_step(t, mbs) for t, mbs in enumerate(data or batches(steps or cfg.max_steps,
+                                                                                  cfg.grad_accum))]
+    return model, runner, results
+
+
+def snapshot(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def moved(before, model):
+    return {n for n, p in model.named_parameters() if not torch.equal(before[n], p.detach())}
+
+
+def test_probe_only_leaves_every_weight_bit_identical():
+    model = tiny_llama(layers=L)
+    before = snapshot(model)
+    cfg = TrainConfig(method="grass", gamma=2, probe_steps=5, max_steps=6, lr=1e-2)
+    _, runner, res = run(cfg, model, steps=5)
+    assert all(r.probe for r in res)
+    assert moved(before, model) == set()
+    assert all(p.grad is None for p in model.parameters())
+    # every block was measured during the probe
+    assert runner.sampler.window.count.tolist() == [5] * L
+
+
+def test_only_drawn_blocks_change_and_new_blocks_move():
+    cfg = TrainConfig(method="grass", gamma=1, probe_steps=1, sample_interval=1, update_interval=2, max_steps=12,
+                      lr=1e-2, tau=10.0)
+    model = tiny_llama(layers=L)
+    prepared = prepare(model, cfg)
+    runner = StepRunner(prepared, max_grad_norm=1.0)
+    layout = prepared.layout
+    drawn = set()
+    for t, mbs in enumerate(batches(12)):
+        before = snapshot(model)
+        r = runner.train_step(t, mbs)
+        changed = moved(before, model)
+        if r.probe:
+            assert changed == set()
+            continue
+        expected = {n for b in r.active for n in layout.blocks[b]}
+        assert changed == expected, f"step {t}: active {r.active}"
+        drawn |= set(r.active)
+    assert len(drawn) >= 3  # the active set changed several times, and each newly drawn block moved
+
+
+def test_frozen_embeddings_and_head_do_not_move_but_lisa_trains_them():
+    for method, expect_emb in (("grass", False), ("lisa", True)):
+        model = tiny_llama(layers=L)
+        before = snapshot(model)
+        cfg = TrainConfig(method=method, gamma=1, probe_steps=1, max_steps=4, lr=1e-2)
+        run(cfg, model)
+        changed = moved(before, model)
+        for name in ("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"):
+            assert (name in changed) == expect_emb, (method, name)
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+@pytest.mark.parametrize("clip", [0.0, 0.05])
+@pytest.mark.parametrize("offload", [True, False])
+def test_all_blocks_no_probe_matches_plain_adamw_loop(accum, clip, offload):
+    model = tiny_llama(layers=L)
+    ref = copy.deepcopy(model)
+    data = batches(4, accum)
+    cfg = TrainConfig(method="grass", gamma=L, probe_steps=0, train_embeddings=True, train_head=True, max_steps=4,
+                      lr=1e-2, weight_decay=0.1, grad_accum=accum, max_grad_norm=clip, offload=offload)
+    run(cfg, model, data=data)
+
+    # the reference: a plain PyTorch loop
+    opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.1)
+    for mbs in data:
+        for mb in mbs:
+            (ref(**mb).loss / accum).backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(ref.parameters(), clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(p, q, msg=n)
+
+
+def test_offloaded_state_is_off_device_and_flat():
+    cfg = TrainConfig(method="grass", gamma=1, probe_steps=1, sample_interval=1, max_steps=10, lr=1e-3)
+    _, runner, _ = run(cfg)
+    rep = runner.p.optimizer.memory_report()
+    assert rep["device_state_bytes"] == 0 and rep["host_state_bytes"] > 0
+    # LISA as shipped: torch AdamW keeps every drawn block's state where the parameters live
+    lisa = TrainConfig(method="lisa", gamma=1, sample_interval=1, max_steps=10, lr=1e-3)
+    _, lrunner, _ = run(lisa)
+    assert not hasattr(lrunner.p.optimizer, "memory_report")
+    assert len(lrunner.p.optimizer.state) > 0
+
+
+def test_gradient_checkpointing_with_lowest_block_frozen(monkeypatch):
+    import grass_ft.sampler as sampler_mod
+    from grass_ft.models import enable_checkpointing
+
+    monkeypatch.setattr(sampler_mod, "draw", lambda logp, k, g: [2])  # the lowest blocks stay frozen
+    model = tiny_llama(layers=L)
+    enable_checkpointing(model)
+    before = snapshot(model)
+    cfg = TrainConfig(method="grass", gamma=1, probe_steps=2, sample_interval=100, max_steps=4, lr=1e-2)
+    prepared = prepare(model, cfg)
+    runner = StepRunner(prepared)
+    for t, mbs in enumerate(batches(4)):
+        r = runner.train_step(t, mbs)
+    assert r.active == [2]
+    assert moved(before, model) == set(prepared.layout.blocks[2])
+    assert runner.sampler.window.count.tolist() == [0, 0, 2, 0]  # only the trained block is measured after the probe
+    assert runner.sampler.mgn.gt(0).all()  # the probe measured every block under checkpointing too
+
+
+def test_non_finite_loss_is_skipped_then_stops():
+    model = tiny_llama(layers=L)
+    cfg = TrainConfig(method="grass", gamma=2, probe_steps=0, max_steps=10, lr=1e-2)
+    prepared = prepare(model, cfg)
+    runner = StepRunner(prepared, max_bad_steps=3)
+    good = batches(1)[0]
+
+    def nan_forward(m, mb):
+        return m(**mb).loss * float("nan")
+
+    before = snapshot(model)
+    r = runner.train_step(0, good, forward=nan_forward)
+    assert r.skipped and runner.skipped_steps == 1 and moved(before, model) == set()
+    r = runner.train_step(1, good)
+    assert not r.skipped and runner.bad_in_a_row == 0
+    runner.train_step(2, good, forward=nan_forward)
+    runner.train_step(3, good, forward=nan_forward)
+    with pytest.raises(NonFiniteError, match="3 consecutive steps had a non-finite loss"):
+        runner.train_step(4, good, forward=nan_forward)
