@@ -30,7 +30,7 @@ class TrainConfig:
                                "JSON/JSONL file in the LLM-Adapters schema (instruction, input, output, answer)")
     eval_data: str | None = _f(None, "held-out data (file or generator); default: a held-out split of `data`")
     task: str = _f("gsm8k", "answer rule that scores the evaluation (gsm8k = last number within 0.001)")
-    method: str = _f("grass", "fine-tuning method: grass, grass-static, lisa, fft")
+    method: str = _f("grass", "fine-tuning method: grass, grass-static, lisa, fft, lora, dora")
     # GRASS
     gamma: int = _f(4, "γ: number of decoder blocks trainable at a time")
     tau: float = _f(1.0, "τ: softmax temperature over the normalised MGN (large = uniform, small = top-γ)")
@@ -46,6 +46,13 @@ class TrainConfig:
     gradient_checkpointing: bool = _f(False, "recompute activations in backward (non-reentrant, works with frozen "
                                              "lower blocks)")
     layers_attribute: str | None = _f(None, "dotted path of the decoder-block list (e.g. model.layers) for models not auto-detected")
+    # LoRA / DoRA (peft); ignored by the other methods
+    lora_r: int = _f(32, "LoRA/DoRA rank r (32 as in the DoRA/LLM-Adapters recipes; the GRASS paper's table uses 128)")
+    lora_alpha: float | None = _f(None, "LoRA/DoRA scale numerator; the update is scaled by alpha / r (unset: 2 x lora_r)")
+    lora_dropout: float = _f(0.05, "dropout on the LoRA/DoRA input, in [0, 1)")
+    lora_target_modules: str | None = _f(None, "comma-separated module names to adapt, e.g. q_proj,v_proj (unset: "
+                                               "all-linear = every linear layer but the LM head)")
+    merge_lora: bool = _f(False, "LoRA/DoRA: also save the adapter merged into the base weights, as final/merged/")
     # optimisation
     lr: float = _f(1e-4, "peak learning rate (AdamW)")
     weight_decay: float = _f(0.0, "AdamW decoupled weight decay")
@@ -67,6 +74,9 @@ class TrainConfig:
     max_new_tokens: int = _f(128, "generation budget per evaluated example")
     output_dir: str = _f("runs/grass-ft", "where config.yaml, metrics.jsonl, layers.jsonl, summary.json and final/ go")
     logging_steps: int = _f(1, "write a metrics.jsonl line every N steps")
+    save_steps: int = _f(0, "write a checkpoint every N steps (0: none; final/ is always written)")
+    save_total_limit: int = _f(2, "keep only the newest N checkpoints (0: keep all)")
+    resume: str | None = _f(None, "resume from `auto` (the newest complete checkpoint in output_dir) or a checkpoint path")
 
     @classmethod
     def help_lines(cls) -> list[str]:
@@ -239,6 +249,14 @@ def validate(cfg: TrainConfig, num_blocks: int | None = None, known_methods: typ
     check("eval_batch_size", cfg.eval_batch_size >= 1, "must be >= 1")
     check("max_new_tokens", cfg.max_new_tokens >= 1, "must be >= 1")
     check("logging_steps", cfg.logging_steps >= 1, "must be >= 1")
+    check("lora_r", cfg.lora_r >= 1, "must be >= 1")
+    check("lora_alpha", cfg.lora_alpha is None or (math.isfinite(cfg.lora_alpha) and cfg.lora_alpha > 0),
+          "must be > 0 (unset: 2 x lora_r)")
+    check("lora_dropout", 0 <= cfg.lora_dropout < 1, "must be in [0, 1)")
+    check("lora_target_modules", cfg.lora_target_modules is None or bool(lora_targets(cfg.lora_target_modules)),
+          "must be comma-separated module names such as q_proj,v_proj, or unset for all-linear")
+    check("save_steps", cfg.save_steps >= 0, "must be >= 0 (0: no checkpoints)")
+    check("save_total_limit", cfg.save_total_limit >= 0, "must be >= 0 (0: keep all)")
     check("data", bool(cfg.data), "must name a generator or a file")
     if "data" not in skip and cfg.data and (cfg.data.endswith((".json", ".jsonl"))) and not Path(cfg.data).is_file():
         errs.append(f"`data` file {cfg.data!r} does not exist")
@@ -254,6 +272,13 @@ def validate(cfg: TrainConfig, num_blocks: int | None = None, known_methods: typ
         except ValueError as e:
             errs.append(f"`task`: {e}")
     return errs
+
+
+def lora_targets(spec: str | None) -> list[str] | str:
+    """``lora_target_modules`` as peft wants it: a list of names, or ``"all-linear"`` when unset."""
+    if spec is None or spec.strip() == "all-linear":
+        return "all-linear"
+    return [t.strip() for t in spec.split(",") if t.strip()]
 
 
 def save_config(cfg: TrainConfig, path: str | Path) -> None:

@@ -210,6 +210,9 @@ def collate(features: list[dict[str, list[int]]], pad_id: int) -> dict[str, torc
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+GROUP_BATCHES = 16
+
+
 @dataclass
 class BatchStream:
     """An endless, seeded, shuffled stream of batches over tokenised examples; its position can be saved.
@@ -228,10 +231,25 @@ class BatchStream:
     rank: int = 0
     world_size: int = 1
 
+    group_by_length: bool = True
+
     def _order(self) -> list[int]:
+        """This epoch's example order: a seeded shuffle; with ``group_by_length``, each run of
+        ``GROUP_BATCHES`` batches is sorted by length and its batches shuffled again, so a batch pads little
+        (as transformers' ``group_by_length``). Full batches only; the ragged tail is dropped."""
+        rng = random.Random(self.seed + self.epoch)
         order = list(range(len(self.features)))
-        random.Random(self.seed + self.epoch).shuffle(order)
-        return order
+        rng.shuffle(order)
+        if not self.group_by_length:
+            return order
+        span = self.batch_size * GROUP_BATCHES
+        batches = []
+        for start in range(0, len(order) - self.batch_size + 1, span):
+            chunk = sorted(order[start:start + span], key=lambda i: -len(self.features[i]["input_ids"]))
+            batches += [chunk[j:j + self.batch_size] for j in range(0, len(chunk) - self.batch_size + 1,
+                                                                     self.batch_size)]
+        rng.shuffle(batches)
+        return [i for b in batches for i in b]
 
     def next_batch(self) -> dict[str, torch.Tensor]:
         order = self._order()

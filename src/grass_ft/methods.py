@@ -135,3 +135,22 @@ def _fft(model: nn.Module, cfg: TrainConfig) -> Prepared:
     if offload:
         layout = block_layout(model, cfg.layers_attribute)
     return Prepared(model=model, optimizer=make_adamw(named, cfg, layout, offload), offload=offload)
+
+
+def _peft(model: nn.Module, cfg: TrainConfig, dora: bool) -> Prepared:
+    from .lora import wrap_peft
+
+    model = wrap_peft(model, cfg, dora)  # freezes the base; adapters (and DoRA magnitudes) require grad
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    offload = resolved_offload(cfg)  # off unless asked: torch AdamW over the adapter parameters
+    return Prepared(model=model, optimizer=make_adamw(named, cfg, None, offload), offload=offload)
+
+
+@register_method("lora")
+def _lora(model: nn.Module, cfg: TrainConfig) -> Prepared:
+    return _peft(model, cfg, dora=False)
+
+
+@register_method("dora")
+def _dora(model: nn.Module, cfg: TrainConfig) -> Prepared:
+    return _peft(model, cfg, dora=True)

@@ -2,8 +2,10 @@
 
 Output directory contract (other tools rely on it): ``config.yaml`` (resolved), ``metrics.jsonl`` (a line per
 logged step), ``layers.jsonl`` (a line per probe/draw/refresh event), ``summary.json`` (final metrics, written
-last) and ``final/`` (``save_pretrained`` output with the tokenizer). ``final/`` and ``summary.json`` appear
-only when a run finishes; each is written to a temporary name and renamed into place.
+last) and ``final/`` (``save_pretrained`` output with the tokenizer; for lora/dora the peft adapter,
+``adapter_model.safetensors``, and with ``merge_lora`` a stand-alone merged model in ``final/merged/``).
+``final/`` and ``summary.json`` appear only when a run finishes; each is written to a temporary name and renamed
+into place.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import data as data_mod
+from .checkpoint import find_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state, truncate_jsonl
 from .config import ConfigError, TrainConfig, save_config, validate
 from .methods import Prepared, method_names, prepare
 from .models import PACKAGED_NOTE, block_layout, enable_checkpointing, load_model_and_tokenizer
@@ -35,9 +38,9 @@ class RunError(RuntimeError):
 # ------------------------------------------------------------------------------------------------- helpers
 
 
-def prepare_output_dir(path: str | Path) -> Path:
+def prepare_output_dir(path: str | Path, resuming: bool = False) -> Path:
     """Create ``path`` and check it is writable; remove a previous run's ``final/`` and ``summary.json`` so
-    that a failed run never looks finished."""
+    that a failed run never looks finished (and its logs, unless this run resumes them)."""
     out = Path(path)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -46,7 +49,10 @@ def prepare_output_dir(path: str | Path) -> Path:
         probe.unlink()
     except OSError as e:
         raise RunError(f"`output_dir` {str(out)!r} is not writable: {e.strerror}") from None
-    for stale in (out / "final", out / "summary.json", out / "metrics.jsonl", out / "layers.jsonl"):
+    stale_files = [out / "final", out / "summary.json"]
+    if not resuming:
+        stale_files += [out / "metrics.jsonl", out / "layers.jsonl"]
+    for stale in stale_files:
         if stale.is_dir():
             shutil.rmtree(stale)
         elif stale.exists():
@@ -112,7 +118,8 @@ def validate_for_model(cfg: TrainConfig, model) -> None:
 def run_train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     """Fine-tune ``cfg.model`` with ``cfg.method`` and write the output directory; returns the summary."""
     # 1. Output directory first: an unwritable path fails before minutes of loading.
-    out = prepare_output_dir(cfg.output_dir)
+    out = prepare_output_dir(cfg.output_dir, resuming=bool(cfg.resume))
+    checkpoint = find_checkpoint(out, cfg.resume)
     torch.manual_seed(cfg.seed)
 
     # 2. Data before the model, so a bad file fails fast: generated problems from disjoint seeds, or a file
@@ -131,11 +138,13 @@ def run_train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     features = [data_mod.tokenize_example(tokenizer, ex, cfg.max_seq_len, cfg.train_on_inputs) for ex in train_ex]
     stream = data_mod.BatchStream(features, cfg.batch_size, tokenizer.pad_token_id, seed=cfg.seed)
 
-    # 4. Evaluation of the model as loaded.
-    before = evaluate_model(model, tokenizer, held_ex, cfg, "before") if held_ex else {}
+    # 4. Evaluation of the model as loaded (a resumed run reuses the figure its checkpoint recorded).
+    if checkpoint is None:
+        before = evaluate_model(model, tokenizer, held_ex, cfg, "before") if held_ex else {}
 
     # 5. The method: optimizer over every candidate parameter, sampler, scheduler.
     prepared: Prepared = prepare(model, cfg)
+    model = prepared.model  # lora/dora wrap the model in a peft model: train, save and evaluate that
     total_updates = cfg.max_steps - (prepared.sampler.probe_steps if prepared.sampler else 0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         prepared.optimizer, lambda k: lr_factor(k, cfg.warmup_steps, total_updates, cfg.lr_schedule))
@@ -143,13 +152,29 @@ def run_train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
                         max_bad_steps=cfg.max_bad_steps)
     save_config(cfg, out / "config.yaml")
 
-    # 6. Train.
+    # 6. Resume: weights, optimizer (by name), scheduler, sampler, RNG, data position and running totals.
+    start_step, totals = 0, {"tokens": 0, "train_time": 0.0, "bookkeeping_time": 0.0, "losses": []}
+    if checkpoint is not None:
+        trainer_state, extra = load_checkpoint(checkpoint, model, prepared.optimizer, scheduler)
+        runner.load_state_dict(extra["runner"])
+        set_rng_state(extra["rng"])
+        stream.load_state_dict(trainer_state["data"])
+        start_step, totals, before = trainer_state["step"], trainer_state["totals"], trainer_state["before"]
+        for log in ("metrics.jsonl", "layers.jsonl"):
+            truncate_jsonl(out / log, start_step)
+        tqdm.write(f"resumed from {checkpoint} at step {start_step}")
+
+    # 7. Train.
     n_trainable = sum(p.numel() for p in model.parameters())
-    metrics_f = open(out / "metrics.jsonl", "w", buffering=1)
-    layers_f = open(out / "layers.jsonl", "w", buffering=1)
+    n_step_trainable = _trainable_count(prepared)  # now: saving below sets requires_grad on everything
+    mode = "a" if checkpoint is not None else "w"
+    metrics_f = open(out / "metrics.jsonl", mode, buffering=1)
+    layers_f = open(out / "layers.jsonl", mode, buffering=1)
     t_start = time.perf_counter()
-    total_tokens, train_time, bookkeeping_time, losses = 0, 0.0, 0.0, []
-    bar = tqdm(range(cfg.max_steps), desc=f"{cfg.method}", disable=not progress, dynamic_ncols=True)
+    total_tokens, train_time = totals["tokens"], totals["train_time"]
+    bookkeeping_time, losses = totals["bookkeeping_time"], totals["losses"]
+    bar = tqdm(range(start_step, cfg.max_steps), desc=f"{cfg.method}", disable=not progress, dynamic_ncols=True,
+               initial=start_step, total=cfg.max_steps)
     try:
         for step in bar:
             batches = [{k: v.to(device) for k, v in stream.next_batch().items()} for _ in range(cfg.grad_accum)]
@@ -169,6 +194,14 @@ def run_train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
                     "active": res.active, "bookkeeping_s": res.bookkeeping_s,
                     "optimizer_state_device_bytes": state["device"], "optimizer_state_host_bytes": state["host"],
                     "peak_memory_bytes": peak_memory_bytes(device)}) + "\n")
+            if cfg.save_steps and (step + 1) % cfg.save_steps == 0 and step + 1 < cfg.max_steps:
+                totals = {"tokens": total_tokens, "train_time": train_time, "bookkeeping_time": bookkeeping_time,
+                          "losses": losses}
+                save_checkpoint(out, step + 1, model, prepared.optimizer, scheduler,
+                                {"runner": runner.state_dict(), "rng": rng_state()},
+                                {"data": stream.state_dict(), "totals": totals,
+                                 "before": {k: v for k, v in before.items() if k != "predictions"}},
+                                cfg.save_total_limit)
             bar.set_postfix_str(f"loss {res.loss:.3f} | {'probe' if res.probe else 'blocks ' + _fmt_blocks(res.active)}"
                                 f" | {tps:.0f} tok/s")
     finally:
@@ -177,7 +210,7 @@ def run_train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
         layers_f.close()
     wall_train = time.perf_counter() - t_start
 
-    # 7. Save, then evaluate the trained model.
+    # 8. Save, then evaluate the trained model.
     for p in model.parameters():
         p.requires_grad_(True)
     final = save_final(model, tokenizer, out)
@@ -186,6 +219,11 @@ def run_train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
         from .evaluate import write_eval
 
         write_eval(out, after)
+    merged = None
+    if cfg.merge_lora and cfg.method in ("lora", "dora"):
+        from .lora import save_merged
+
+        merged = save_merged(model, tokenizer, final)  # in place, so after the last use of the adapter model
 
     state = optimizer_state_bytes(prepared.optimizer)
     tail = losses[-max(1, min(10, len(losses))):]
@@ -200,21 +238,23 @@ def run_train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
         "optimizer_state_bytes": state["device"] + state["host"],
         "optimizer_state_device_bytes": state["device"], "optimizer_state_host_bytes": state["host"],
         "optimizer_state_peak_device_bytes": state["peak_device"],
-        "trainable_params": _trainable_count(prepared), "total_params": n_trainable,
+        "trainable_params": n_step_trainable, "total_params": n_trainable,
         "tokens_per_s": total_tokens / train_time if train_time else 0.0,
         "s_per_step": train_time / cfg.max_steps, "train_wall_s": wall_train,
         "mgn_bookkeeping_fraction": bookkeeping_time / train_time if train_time else 0.0,
         "skipped_steps": runner.skipped_steps, "offload": prepared.offload, "final_dir": str(final),
+        "merged_dir": str(merged) if merged is not None else None,
     }
     write_json_atomic(out / "summary.json", summary)
     return summary
 
 
 def _trainable_count(prepared: Prepared) -> int:
-    """Parameters trainable at one (non-probe) step: drawn blocks plus always-trained ones, or all."""
+    """Parameters trainable at one (non-probe) step: drawn blocks plus always-trained ones, or those that
+    require grad (all for fft; the adapters for lora/dora)."""
     params = dict(prepared.model.named_parameters())
     if prepared.sampler is None:
-        return sum(p.numel() for p in params.values())
+        return sum(p.numel() for p in params.values() if p.requires_grad)
     per_block = max(prepared.layout.numel) * prepared.sampler.gamma
     return per_block + sum(params[n].numel() for n in prepared.always)
 
