@@ -1,9 +1,12 @@
-"""``grass-ft train | eval | validate | prepare-model`` — every key is ``key=value`` or from ``--config FILE``."""
+"""``grass-ft train | eval | validate | prepare-model | compare | plot`` — every key is ``key=value`` or from
+``--config FILE``."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 from .config import ConfigError, TrainConfig, build_config, parse_overrides, validate
 from .data import DataError
@@ -16,6 +19,9 @@ commands:
   eval           evaluate a model or adapter directory: model=PATH data=FILE|DIR|GENERATOR task=NAME
   validate       check a configuration and report every error at once
   prepare-model  convert the packaged SmolLM2-135M-Instruct GGUF file to a safetensors cache (once)
+  compare        run several methods on the same data, seed and steps, one subprocess each; writes results.json,
+                 results.md and charts: methods=fft,lora,dora,lisa,grass,grass-static [key=value] [lora.lr=2e-4]
+  plot           draw the charts of a run directory (or redraw those of a compare directory): plot DIR [DIR ...]
 
 `grass-ft train --help` lists every key with its help line."""
 
@@ -56,7 +62,8 @@ def cmd_train(argv: list[str]) -> int:
         return 0
     cfg = _config(args)
     summary = run_train(cfg, progress=not args.quiet)
-    print_summary(summary)
+    if "method" in summary:  # rank 0 of a multi-process run, or the only process
+        print_summary(summary)
     return 0
 
 
@@ -110,7 +117,45 @@ def cmd_prepare_model(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "validate": cmd_validate, "prepare-model": cmd_prepare_model}
+def cmd_compare(argv: list[str]) -> int:
+    """Exit 0 when every method finished, 1 when one failed (it is in the table with its error), 2 on bad keys."""
+    from .compare import plan_compare, run_compare
+
+    args = _parser("grass-ft compare").parse_args(argv)
+    if args.help:
+        print("usage: grass-ft compare [--config FILE] [--quiet] [methods=a,b,...] [output_dir=DIR] [key=value ...] "
+              "[METHOD.key=value ...]\n\n  methods     comma-separated (default: fft,lora,dora,lisa,grass,grass-static)"
+              "\n  output_dir  where results.json, results.md, charts and one run directory per method go "
+              "(default: runs/compare)\n  METHOD.key  applies to that method only, e.g. lora.lr=2e-4\n"
+              "  --quiet     no progress bars from the runs (their summary lines still print)\n\n" + _keys_help())
+        return 0
+    plan = plan_compare(args.config, parse_overrides(args.overrides))
+    rows = run_compare(plan, quiet=args.quiet)
+    return 1 if any(r["error"] for r in rows) else 0
+
+
+def cmd_plot(argv: list[str]) -> int:
+    from .report import plot_compare, plot_run
+    from .train import RunError
+
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: grass-ft plot RUN_DIR [RUN_DIR ...]\n\n  a run directory gets loss.png, active_blocks.png "
+              "(sampling methods) and mgn.png (grass);\n  a compare directory (with results.json) gets its charts "
+              "redrawn")
+        return 0
+    for d in map(Path, argv):
+        if (d / "results.json").is_file():
+            paths = plot_compare(d, json.loads((d / "results.json").read_text()))
+        elif (d / "metrics.jsonl").is_file():
+            paths = plot_run(d)
+        else:
+            raise RunError(f"{d} is neither a run directory (metrics.jsonl) nor a compare directory (results.json)")
+        print(f"{d}: wrote {', '.join(p.name for p in paths) or 'no charts (no logged steps)'}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "validate": cmd_validate, "prepare-model": cmd_prepare_model,
+            "compare": cmd_compare, "plot": cmd_plot}
 
 
 def main(argv: list[str] | None = None) -> int:

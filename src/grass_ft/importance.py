@@ -8,7 +8,7 @@ steps of the window in which block l had a gradient (GRASS, Sec. "Importance").
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -79,8 +79,10 @@ class ProbeRecorder:
     Call :meth:`flush` after each backward to turn the accumulated squared norms into one observation.
     """
 
-    def __init__(self, block_params: Sequence[Sequence[nn.Parameter]], numel: Sequence[int]):
+    def __init__(self, block_params: Sequence[Sequence[nn.Parameter]], numel: Sequence[int],
+                 reduce: Callable[[torch.Tensor], torch.Tensor] | None = None):
         self.block_params = block_params
+        self.reduce = reduce  # multi-process: average each gradient over ranks before reading its norm
         self.numel = list(numel)
         self._sq: list[torch.Tensor | None] = [None] * len(block_params)
         self._handles: list = []
@@ -94,7 +96,8 @@ class ProbeRecorder:
 
     def _hook(self, b: int):
         def hook(p: torch.Tensor) -> None:
-            sq = p.grad.detach().float().pow(2).sum()
+            grad = p.grad.detach() if self.reduce is None else self.reduce(p.grad.detach())
+            sq = grad.float().pow(2).sum()
             self._sq[b] = sq if self._sq[b] is None else self._sq[b] + sq
             p.grad = None  # free at once: the probe updates nothing
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 from torch import nn
@@ -34,7 +35,10 @@ def wrap_peft(model: nn.Module, cfg: TrainConfig, dora: bool) -> nn.Module:
     config = LoraConfig(r=cfg.lora_r, lora_alpha=alpha, lora_dropout=cfg.lora_dropout, target_modules=targets,
                         use_dora=dora, bias="none", task_type="CAUSAL_LM")
     try:
-        peft_model = get_peft_model(model, config)
+        with warnings.catch_warnings():
+            # peft 0.21 asks transformers 5 `is_gradient_checkpointing`, deprecated there; nothing for users to do
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            peft_model = get_peft_model(model, config)
     except ValueError as e:
         if "not found in the base model" not in str(e):
             raise

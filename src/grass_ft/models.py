@@ -202,6 +202,10 @@ def enable_checkpointing(model: nn.Module) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    # transformers also registers a hook that makes the embeddings' output require grad (needed only by
+    # reentrant checkpointing); with it, backward runs through every frozen block down to the input.
+    if hasattr(model, "disable_input_require_grads"):
+        model.disable_input_require_grads()
     model.config.use_cache = False
 
 

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .importance import ProbeRecorder, block_rms
+from .distributed import Distributed
 from .methods import Prepared
 
 
@@ -77,18 +78,18 @@ class StepRunner:
         max_grad_norm: global-norm clipping over the parameters that train this step (0: no clipping,
             the norm is still measured and reported).
         max_bad_steps: consecutive non-finite steps tolerated before :class:`NonFiniteError`.
-        all_reduce: called with the list of trainable parameters after the last backward of a step (multi-
-            process runs average their gradients there); ``None`` in a single process.
+        dist: the process group of a multi-process run (gradients of the trainable parameters are averaged
+            after the last backward, the probe's per parameter; draws are checked equal); ``None``: one process.
     """
 
     def __init__(self, prepared: Prepared, scheduler=None, grad_accum: int = 1, max_grad_norm: float = 0.0,
-                 max_bad_steps: int = 5, all_reduce: Callable[[list[nn.Parameter]], None] | None = None):
+                 max_bad_steps: int = 5, dist: Distributed | None = None):
         self.p = prepared
         self.scheduler = scheduler
         self.grad_accum = grad_accum
         self.max_grad_norm = max_grad_norm
         self.max_bad_steps = max_bad_steps
-        self.all_reduce = all_reduce
+        self.dist = dist if dist is not None else Distributed()
         self.params = dict(prepared.model.named_parameters())
         self.bad_in_a_row = 0
         self.skipped_steps = 0
@@ -97,7 +98,8 @@ class StepRunner:
         self._block_params: list[list[nn.Parameter]] = []
         if prepared.layout is not None and prepared.sampler is not None:
             self._block_params = [[self.params[n] for n in names] for names in prepared.layout.blocks]
-            self._recorder = ProbeRecorder(self._block_params, prepared.layout.numel)
+            reduce = self.dist.average_ if self.dist.enabled else None
+            self._recorder = ProbeRecorder(self._block_params, prepared.layout.numel, reduce=reduce)
 
     # ------------------------------------------------------------------------------------------ pieces
 
@@ -114,6 +116,8 @@ class StepRunner:
             return []
         previous = set(self.sampler.active)
         events = self.sampler.begin_step(step)
+        if any(e["event"] == "draw" for e in events):
+            self.dist.check_same_draw(self.sampler.active, self.sampler.mgn, step)
         probe = self.sampler.in_probe(step)
         if probe:
             trainable = {n for names in self.p.layout.blocks for n in names}
@@ -153,8 +157,8 @@ class StepRunner:
 
         Returns the seconds spent on MGN bookkeeping.
         """
-        if self.all_reduce is not None and not self.is_probe(step):
-            self.all_reduce(self.trainable_params())
+        if self.dist.enabled and not self.is_probe(step):
+            self.dist.all_reduce_grads(self.trainable_params())
         t0 = time.perf_counter()
         if self.sampler is not None and not self.is_probe(step) and self.sampler.records_importance:
             self.sampler.observe(block_rms(self._block_params, self.sampler.active, self.p.layout.numel))

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from . import data as data_mod
 from .checkpoint import find_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state, truncate_jsonl
+from .distributed import Distributed, init_distributed
 from .config import ConfigError, TrainConfig, save_config, validate
 from .methods import Prepared, method_names, prepare
 from .models import PACKAGED_NOTE, block_layout, enable_checkpointing, load_model_and_tokenizer
@@ -71,7 +72,10 @@ def save_final(model, tokenizer, out: Path) -> Path:
     """``save_pretrained`` into a temporary directory, then rename it to ``final/``."""
     tmp = Path(tempfile.mkdtemp(prefix=".final-", dir=out))
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        # A peft adapter (lora/dora) saves only its adapter weights: the vocabulary is never resized, and "auto"
+        # would look base_model_name_or_path up on the hub, which a packaged name such as smollm2-135m is not.
+        extra = {"save_embedding_layers": False} if hasattr(model, "peft_config") else {}
+        model.save_pretrained(tmp, safe_serialization=True, **extra)
         tokenizer.save_pretrained(tmp)
         final = out / "final"
         if final.exists():
@@ -116,9 +120,22 @@ def validate_for_model(cfg: TrainConfig, model) -> None:
 
 
 def run_train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
-    """Fine-tune ``cfg.model`` with ``cfg.method`` and write the output directory; returns the summary."""
+    """Fine-tune ``cfg.model`` with ``cfg.method`` and write the output directory; returns the summary.
+
+    Under torchrun / accelerate launch every rank runs this; rank 0 alone writes files and evaluates.
+    """
+    dist = init_distributed()
+    try:
+        return _run_train(cfg, progress, dist)
+    finally:
+        dist.close()
+
+
+def _run_train(cfg: TrainConfig, progress: bool, dist: Distributed) -> dict[str, Any]:
+    main = dist.is_main
     # 1. Output directory first: an unwritable path fails before minutes of loading.
-    out = prepare_output_dir(cfg.output_dir, resuming=bool(cfg.resume))
+    out = prepare_output_dir(cfg.output_dir, resuming=bool(cfg.resume)) if main else Path(cfg.output_dir)
+    dist.barrier()
     checkpoint = find_checkpoint(out, cfg.resume)
     torch.manual_seed(cfg.seed)
 
@@ -130,17 +147,20 @@ def run_train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     # 3. Model, tokenizer, and the checks that need the model.
     model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.dtype)
     validate_for_model(cfg, model)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = dist.device()
     model.to(device)
     if cfg.gradient_checkpointing:
         enable_checkpointing(model)
 
     features = [data_mod.tokenize_example(tokenizer, ex, cfg.max_seq_len, cfg.train_on_inputs) for ex in train_ex]
-    stream = data_mod.BatchStream(features, cfg.batch_size, tokenizer.pad_token_id, seed=cfg.seed)
+    # batch_size is per process: each step takes batch_size x world_size examples, each rank its share
+    stream = data_mod.BatchStream(features, cfg.batch_size * dist.world_size, tokenizer.pad_token_id,
+                                  seed=cfg.seed, rank=dist.rank, world_size=dist.world_size)
 
     # 4. Evaluation of the model as loaded (a resumed run reuses the figure its checkpoint recorded).
     if checkpoint is None:
-        before = evaluate_model(model, tokenizer, held_ex, cfg, "before") if held_ex else {}
+        before = evaluate_model(model, tokenizer, held_ex, cfg, "before") if (held_ex and main) else {}
+        dist.barrier()
 
     # 5. The method: optimizer over every candidate parameter, sampler, scheduler.
     prepared: Prepared = prepare(model, cfg)
@@ -149,8 +169,9 @@ def run_train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         prepared.optimizer, lambda k: lr_factor(k, cfg.warmup_steps, total_updates, cfg.lr_schedule))
     runner = StepRunner(prepared, scheduler, grad_accum=cfg.grad_accum, max_grad_norm=cfg.max_grad_norm,
-                        max_bad_steps=cfg.max_bad_steps)
-    save_config(cfg, out / "config.yaml")
+                        max_bad_steps=cfg.max_bad_steps, dist=dist)
+    if main:
+        save_config(cfg, out / "config.yaml")
 
     # 6. Resume: weights, optimizer (by name), scheduler, sampler, RNG, data position and running totals.
     start_step, totals = 0, {"tokens": 0, "train_time": 0.0, "bookkeeping_time": 0.0, "losses": []}
@@ -160,20 +181,26 @@ def run_train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
         set_rng_state(extra["rng"])
         stream.load_state_dict(trainer_state["data"])
         start_step, totals, before = trainer_state["step"], trainer_state["totals"], trainer_state["before"]
-        for log in ("metrics.jsonl", "layers.jsonl"):
-            truncate_jsonl(out / log, start_step)
-        tqdm.write(f"resumed from {checkpoint} at step {start_step}")
+        if main:
+            for log in ("metrics.jsonl", "layers.jsonl"):
+                truncate_jsonl(out / log, start_step)
+            tqdm.write(f"resumed from {checkpoint} at step {start_step}")
 
     # 7. Train.
     n_trainable = sum(p.numel() for p in model.parameters())
     n_step_trainable = _trainable_count(prepared)  # now: saving below sets requires_grad on everything
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     mode = "a" if checkpoint is not None else "w"
-    metrics_f = open(out / "metrics.jsonl", mode, buffering=1)
-    layers_f = open(out / "layers.jsonl", mode, buffering=1)
+    metrics_f = open(out / "metrics.jsonl" if main else os.devnull, mode, buffering=1)
+    # rank 0 alone writes the trace; GRASS_FT_TRACE_ALL_RANKS=1 (a debugging aid, used by the tests) has every
+    # other rank write its own to layers.rank<r>.jsonl so traces can be compared
+    trace_all = os.environ.get("GRASS_FT_TRACE_ALL_RANKS") == "1"
+    layers_path = out / "layers.jsonl" if main else (out / f"layers.rank{dist.rank}.jsonl" if trace_all else None)
+    layers_f = open(layers_path or os.devnull, mode, buffering=1)
     t_start = time.perf_counter()
     total_tokens, train_time = totals["tokens"], totals["train_time"]
     bookkeeping_time, losses = totals["bookkeeping_time"], totals["losses"]
-    bar = tqdm(range(start_step, cfg.max_steps), desc=f"{cfg.method}", disable=not progress, dynamic_ncols=True,
+    bar = tqdm(range(start_step, cfg.max_steps), desc=f"{cfg.method}", disable=not (progress and main), dynamic_ncols=True,
                initial=start_step, total=cfg.max_steps)
     try:
         for step in bar:
@@ -181,20 +208,22 @@ def run_train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
             res = runner.train_step(step, batches)
             for ev in res.events:
                 layers_f.write(json.dumps(ev) + "\n")
-            total_tokens += res.tokens
+            tokens = dist.sum_int(res.tokens)  # all ranks' tokens of this step
+            total_tokens += tokens
             train_time += res.seconds
             bookkeeping_time += res.bookkeeping_s
             losses.append(res.loss)
             state = optimizer_state_bytes(prepared.optimizer)
-            tps = res.tokens / res.seconds if res.seconds > 0 else 0.0
+            tps = tokens / res.seconds if res.seconds > 0 else 0.0
             if step % cfg.logging_steps == 0 or step == cfg.max_steps - 1:
                 metrics_f.write(json.dumps({
                     "step": step, "loss": res.loss, "lr": scheduler.get_last_lr()[0], "grad_norm": res.grad_norm,
                     "tokens_per_s": tps, "s_per_step": res.seconds, "probe": res.probe, "skipped": res.skipped,
                     "active": res.active, "bookkeeping_s": res.bookkeeping_s,
                     "optimizer_state_device_bytes": state["device"], "optimizer_state_host_bytes": state["host"],
-                    "peak_memory_bytes": peak_memory_bytes(device)}) + "\n")
-            if cfg.save_steps and (step + 1) % cfg.save_steps == 0 and step + 1 < cfg.max_steps:
+                    "peak_memory_bytes": peak_memory_bytes(device), "allreduce_bytes": dist.allreduce_bytes,
+                    "allreduce_fraction_of_fft": dist.allreduce_bytes / param_bytes}) + "\n")
+            if main and cfg.save_steps and (step + 1) % cfg.save_steps == 0 and step + 1 < cfg.max_steps:
                 totals = {"tokens": total_tokens, "train_time": train_time, "bookkeeping_time": bookkeeping_time,
                           "losses": losses}
                 save_checkpoint(out, step + 1, model, prepared.optimizer, scheduler,
@@ -202,6 +231,8 @@ def run_train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
                                 {"data": stream.state_dict(), "totals": totals,
                                  "before": {k: v for k, v in before.items() if k != "predictions"}},
                                 cfg.save_total_limit)
+            if cfg.save_steps and (step + 1) % cfg.save_steps == 0:
+                dist.barrier()  # no rank runs ahead of a checkpoint it may be killed and resumed from
             bar.set_postfix_str(f"loss {res.loss:.3f} | {'probe' if res.probe else 'blocks ' + _fmt_blocks(res.active)}"
                                 f" | {tps:.0f} tok/s")
     finally:
@@ -213,6 +244,9 @@ def run_train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     # 8. Save, then evaluate the trained model.
     for p in model.parameters():
         p.requires_grad_(True)
+    if not main:
+        dist.barrier()  # rank 0 saves and evaluates
+        return {"rank": dist.rank, "world_size": dist.world_size}
     final = save_final(model, tokenizer, out)
     after = evaluate_model(model, tokenizer, held_ex, cfg, "after") if held_ex else {}
     if after:
@@ -229,7 +263,7 @@ def run_train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     tail = losses[-max(1, min(10, len(losses))):]
     summary = {
         "method": cfg.method, "model": cfg.model, "model_note": PACKAGED_NOTE.get(cfg.model, ""),
-        "data": cfg.data, "task": cfg.task, "steps": cfg.max_steps, "seed": cfg.seed, "world_size": 1,
+        "data": cfg.data, "task": cfg.task, "steps": cfg.max_steps, "seed": cfg.seed, "world_size": dist.world_size,
         "eval_n": len(held_ex),
         "eval_loss_before": before.get("eval_loss"), "eval_loss": after.get("eval_loss"),
         "accuracy_before": before.get("accuracy"), "accuracy": after.get("accuracy"),
@@ -246,6 +280,7 @@ def run_train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
         "merged_dir": str(merged) if merged is not None else None,
     }
     write_json_atomic(out / "summary.json", summary)
+    dist.barrier()
     return summary
 
 

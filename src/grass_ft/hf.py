@@ -1,0 +1,450 @@
+"""``GrassCallback``: GRASS, GRASS* and LISA layer sampling inside ``transformers.Trainer`` and TRL's ``SFTTrainer``.
+
+The Trainer keeps its own forward/backward, clipping, optimizer, LR schedule and checkpoints; the callback drives
+the same :class:`~grass_ft.step.StepRunner` pieces (sampler, probe recorder, ``requires_grad`` switching) as the
+native loop, at these events (all present in transformers >= 4.56, the floor; see docs/HF.md):
+
+- ``on_train_begin``: the Trainer's optimizer exists; check it covers every candidate parameter (nothing is
+  frozen before it is built, so LMFlow #726 cannot happen), build the runner, restore its state when resuming.
+- ``on_step_begin``: ``StepRunner.begin_step(state.global_step)`` (probe / refresh / draw, ``requires_grad``),
+  write the events to ``layers.jsonl``, move optimizer state of blocks that left the active set to host memory.
+- ``on_substep_end`` and ``on_pre_optimizer_step``: the probe's per-micro-batch observation.
+- ``on_pre_optimizer_step``: the active blocks' gradient RMS (adaptive GRASS), read *before* the Trainer's
+  clipping — see :class:`_FinalGradNorms`.
+- checkpoints: the runner's state travels in ``trainer_state.json`` (``ExportableState``); see :meth:`state`.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import difflib
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
+
+from .config import ConfigError, TrainConfig, build_config, validate
+from .importance import grad_rms
+from .methods import prepare
+from .models import block_layout
+from .step import StepRunner
+
+METHOD_KEYS = ("method", "gamma", "tau", "alpha", "probe_steps", "sample_interval", "update_interval",
+               "train_embeddings", "train_head", "reset_state_on_switch", "layers_attribute", "seed")
+CALLBACK_METHODS = ("grass", "grass-static", "lisa")
+# Run keys of the CLI that the Trainer owns: where to set them instead.
+_TRAINER_OWNS = {
+    "model": "Trainer(model=...)", "data": "Trainer(train_dataset=...)", "eval_data": "Trainer(eval_dataset=...)",
+    "lr": "TrainingArguments(learning_rate=...)", "weight_decay": "TrainingArguments(weight_decay=...)",
+    "warmup_steps": "TrainingArguments(warmup_steps=...)", "lr_schedule": "TrainingArguments(lr_scheduler_type=...)",
+    "max_grad_norm": "TrainingArguments(max_grad_norm=...)",
+    "batch_size": "TrainingArguments(per_device_train_batch_size=...)",
+    "grad_accum": "TrainingArguments(gradient_accumulation_steps=...)", "max_steps": "TrainingArguments(max_steps=...)",
+    "gradient_checkpointing": "TrainingArguments(gradient_checkpointing=True, "
+                              "gradient_checkpointing_kwargs={'use_reentrant': False})",
+    "output_dir": "TrainingArguments(output_dir=...)", "logging_steps": "TrainingArguments(logging_steps=...)",
+    "dtype": "the dtype the model is loaded in",
+    "offload": "nothing: the callback always moves the optimizer state of blocks that leave the active set to "
+               "host memory",
+}
+_NO_PROBE_LIMIT = 2**31  # probe_steps is checked against the Trainer's max_steps once training starts
+
+
+def callback_config(keys: dict[str, Any]) -> TrainConfig:
+    """Validate :class:`GrassCallback` keys through :func:`grass_ft.config.build_config`.
+
+    Raises:
+        ConfigError: every unknown key, key the Trainer owns, wrong type and out-of-range value at once.
+    """
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    errors: list[str] = []
+    for key in keys:
+        if key in METHOD_KEYS:
+            continue
+        if key in known:
+            errors.append(f"`{key}` is not a GrassCallback key: set it with {_TRAINER_OWNS.get(key, 'the Trainer')}")
+        else:
+            close = difflib.get_close_matches(str(key), METHOD_KEYS, n=1)
+            hint = f" (did you mean `{close[0]}`?)" if close else ""
+            errors.append(f"unknown key `{key}`{hint}; GrassCallback keys: {', '.join(METHOD_KEYS)}")
+    ours = {k: v for k, v in keys.items() if k in METHOD_KEYS}
+    try:
+        cfg = build_config(overrides={**ours, "max_steps": _NO_PROBE_LIMIT}, known_methods=CALLBACK_METHODS)
+    except ConfigError as e:
+        errors.extend(e.errors)
+    if errors:
+        raise ConfigError(errors)
+    return cfg
+
+
+# ------------------------------------------------------------------------------------- JSON-safe state
+
+
+def _to_json(obj: Any) -> Any:
+    """Tensors as base64 of their raw bytes (exact, compact); dicts and lists recursively."""
+    if torch.is_tensor(obj):
+        t = obj.detach().cpu().contiguous()
+        raw = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        return {"__tensor__": str(t.dtype).removeprefix("torch."), "shape": list(t.shape),
+                "b64": base64.b64encode(raw).decode("ascii")}
+    if isinstance(obj, dict):
+        return {k: _to_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_to_json(v) for v in obj]
+    return obj
+
+
+def _from_json(obj: Any) -> Any:
+    if isinstance(obj, dict) and "__tensor__" in obj:
+        dtype = getattr(torch, obj["__tensor__"])
+        raw = bytearray(base64.b64decode(obj["b64"]))
+        if not raw:
+            return torch.empty(obj["shape"], dtype=dtype)
+        return torch.frombuffer(raw, dtype=dtype).reshape(obj["shape"]).clone()
+    if isinstance(obj, dict):
+        return {k: _from_json(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_from_json(v) for v in obj]
+    return obj
+
+
+# ----------------------------------------------------------------------------------------------- pieces
+
+
+def _unwrap(optimizer) -> torch.optim.Optimizer:
+    """The optimizer inside accelerate's ``AcceleratedOptimizer`` (itself a ``torch.optim.Optimizer`` subclass that
+    forwards ``state`` but not our optimizer's ``memory_report`` / ``reset_state``)."""
+    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+def _refuse_untested(args) -> None:
+    """Setups the callback has not been tested with fail here, before a step, rather than mid-run (ANCHORS.md:
+    engines are claimed only once tested)."""
+    problems = []
+    if getattr(args, "deepspeed", None):
+        problems.append("DeepSpeed")
+    if getattr(args, "fsdp", None):
+        problems.append("FSDP")
+    if getattr(args, "world_size", 1) > 1:
+        problems.append(f"{args.world_size} processes (use `grass-ft train`, whose multi-process path is tested)")
+    if getattr(args, "fp16", False):
+        # GradScaler: the probe leaves no gradient to inf-check, and MGN would be read at the loss scale
+        problems.append("fp16 mixed precision (use bf16=True or fp32)")
+    if problems:
+        raise ValueError(f"GrassCallback does not support {'; '.join(problems)}")
+
+
+def _reentrant_checkpointing(args) -> bool:
+    """Whether the Trainer's activation checkpointing is reentrant (transformers < 5 defaulted to it)."""
+    import transformers
+
+    kwargs = getattr(args, "activation_checkpointing_kwargs", None) or getattr(args, "gradient_checkpointing_kwargs",
+                                                                               None) or {}
+    if isinstance(kwargs, str):
+        kwargs = json.loads(kwargs)
+    return bool(kwargs.get("use_reentrant", int(transformers.__version__.split(".")[0]) < 5))
+
+
+class _FinalGradNorms:
+    """Squared norm of each block parameter's gradient as accumulated by the step's last backward.
+
+    Why not :func:`grass_ft.importance.block_rms` at ``on_pre_optimizer_step``, as the native loop does after
+    backward: the Trainer clips between the last backward and the first event after it, and clipping rescales
+    the active blocks by a factor that changes from step to step, so post-clip RMS of blocks seen at different
+    steps would not be comparable. A post-accumulate-grad hook sees ``.grad`` before clipping; each micro-batch
+    overwrites the previous value, so after the last backward it holds the accumulated gradient's norm, also
+    when an epoch's last step has fewer micro-batches. No host sync until :meth:`flush`.
+    """
+
+    def __init__(self, block_params: list[list[nn.Parameter]], numel: list[int]):
+        self.numel = list(numel)
+        self.enabled = False
+        self._sq: dict[int, tuple[int, torch.Tensor]] = {}
+        self._handles = [p.register_post_accumulate_grad_hook(self._hook(b))
+                         for b, params in enumerate(block_params) for p in params]
+
+    def _hook(self, b: int):
+        def hook(p: torch.Tensor) -> None:
+            if self.enabled:
+                self._sq[id(p)] = (b, p.grad.detach().float().pow(2).sum())
+
+        return hook
+
+    def flush(self) -> dict[int, float]:
+        """r_l of every block that had a gradient this step, non-finite values left out; then clear."""
+        per_block: dict[int, torch.Tensor] = {}
+        for b, sq in self._sq.values():
+            per_block[b] = sq if b not in per_block else per_block[b] + sq
+        self._sq = {}
+        if not per_block:
+            return {}
+        ids = sorted(per_block)
+        values = torch.stack([per_block[b] for b in ids]).tolist()  # the one device->host sync of the step
+        rms = {b: grad_rms(v, self.numel[b]) for b, v in zip(ids, values)}
+        return {b: r for b, r in rms.items() if math.isfinite(r)}  # a NaN would poison the MGN for good
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self._sq = {}
+
+
+class _StateMover:
+    """Keeps the Trainer's torch optimizer's state of trainable parameters on their device and every other
+    parameter's state in host memory (pinned on CUDA).
+
+    Safe because torch optimizers key state by parameter and skip parameters whose ``.grad`` is None, which is
+    every frozen parameter: its state is only read again after :meth:`sync` has brought it back. Only tensors
+    with a dimension move; the 0-dim ``step`` stays where the optimizer put it (host for plain AdamW, device for
+    fused/capturable), as the optimizer requires. On a CPU-only machine host and device are the same memory;
+    the bookkeeping (``offloaded``) still says where each state would live, and :meth:`report` counts by it.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.opt = optimizer
+        self.offloaded: set[nn.Parameter] = set()
+        self.peak_device_bytes = 0
+
+    def sync(self, keep: set[nn.Parameter], drop_leaving: bool) -> None:
+        self.offloaded = {p for p in self.offloaded if self.opt.state.get(p)}  # reset_state may have dropped some
+        moved_to_host: set[torch.device] = set()
+        for p, st in list(self.opt.state.items()):
+            if not st:
+                continue
+            if p in keep:
+                if p in self.offloaded:
+                    for k, v in st.items():
+                        if torch.is_tensor(v) and v.dim() > 0 and v.device != p.device:
+                            # From pinned memory this is async and stream-ordered before the optimizer step; the
+                            # pinned host allocator keeps the source block alive until the copy has completed.
+                            st[k] = v.to(p.device, non_blocking=True)
+                    self.offloaded.discard(p)
+            elif p not in self.offloaded:
+                if drop_leaving:  # reset_state_on_switch: the moments would be reset on re-entry anyway
+                    del self.opt.state[p]
+                    continue
+                for k, v in st.items():
+                    if not (torch.is_tensor(v) and v.dim() > 0) or v.device.type == "cpu":
+                        continue
+                    if v.is_cuda:
+                        host = torch.empty(v.shape, dtype=v.dtype, device="cpu", pin_memory=True)
+                        host.copy_(v, non_blocking=True)  # async D2H; completed by the synchronize below
+                        moved_to_host.add(v.device)
+                    else:
+                        host = v.to("cpu")  # other accelerators: a plain blocking copy
+                    st[k] = host
+                self.offloaded.add(p)
+        for dev in moved_to_host:
+            # Host copies must be complete before the CPU reads them (the Trainer saves optimizer.pt from them);
+            # one wait per switch of the active set, which happens every `sample_interval` steps.
+            torch.cuda.synchronize(dev)
+        self.note_peak()
+
+    def report(self) -> dict[str, int]:
+        device = host = 0
+        for p, st in self.opt.state.items():
+            n = sum(v.numel() * v.element_size() for v in st.values() if torch.is_tensor(v) and v.dim() > 0)
+            if p in self.offloaded:
+                host += n
+            else:
+                device += n
+        return {"device_state_bytes": device, "host_state_bytes": host}
+
+    def note_peak(self) -> None:
+        self.peak_device_bytes = max(self.peak_device_bytes, self.report()["device_state_bytes"])
+
+
+# --------------------------------------------------------------------------------------------- callback
+
+
+class GrassCallback(TrainerCallback, ExportableState):
+    """Layer-wise importance sampling (GRASS, GRASS*, LISA) for ``transformers.Trainer`` and ``trl.SFTTrainer``.
+
+    ``Trainer(model, args, train_dataset=..., callbacks=[GrassCallback(method="grass", gamma=4)])`` is all it
+    takes. Every parameter must require grad when the Trainer builds its optimizer (the callback freezes
+    nothing before training starts, and checks at ``on_train_begin``). Steps are the Trainer's
+    ``state.global_step``; probe steps count toward ``max_steps`` and the Trainer's LR schedule.
+
+    Args:
+        **keys: the CLI's method keys: ``method`` (grass, grass-static, lisa), ``gamma``, ``tau``, ``alpha``,
+            ``probe_steps``, ``sample_interval``, ``update_interval``, ``train_embeddings``, ``train_head``,
+            ``reset_state_on_switch``, ``layers_attribute``, ``seed``; defaults and meaning as in
+            :class:`~grass_ft.config.TrainConfig`.
+
+    Raises:
+        ConfigError: listing every unknown key or bad value, each by name.
+    """
+
+    def __init__(self, **keys: Any):
+        self.config = callback_config(keys)
+        self._args = {k: getattr(self.config, k) for k in keys}  # JSON-safe copies for ExportableState
+        self.runner: StepRunner | None = None
+        self._mover: _StateMover | None = None
+        self._own_report = None  # an optimizer with its own memory_report (LayerwiseOffloadAdamW)
+        self._final: _FinalGradNorms | None = None
+        self._trace = None
+        self._step = -1
+        self._requires_grad: dict[str, bool] = {}
+        self._input_grads_off = False
+
+    # ------------------------------------------------------------------------------------------ checks
+
+    def _checked_layout(self, model: nn.Module, max_steps: int | None = None):
+        layout = block_layout(model, self.config.layers_attribute)
+        cfg = dataclasses.replace(self.config, max_steps=max_steps or _NO_PROBE_LIMIT)
+        errors = validate(cfg, num_blocks=layout.num_blocks, known_methods=CALLBACK_METHODS)
+        if errors:
+            # the Trainer's name for the step budget
+            raise ConfigError([e.replace(f"max_steps={max_steps}", f"the Trainer's max_steps={max_steps}")
+                               for e in errors])
+        return layout
+
+    def on_init_end(self, args, state, control, model=None, **kwargs):
+        if model is not None:  # fail at Trainer(...) rather than at train() when gamma is too large
+            self._checked_layout(model)
+
+    # ------------------------------------------------------------------------------------------- events
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        _refuse_untested(args)
+        self._checked_layout(model, state.max_steps)
+        opt = _unwrap(optimizer)
+        # The method's own preparation (sampler kind, always-trained names) from the registry; the throwaway
+        # optimizer it builds (plain AdamW, lazy state) is replaced by the Trainer's.
+        prepared = prepare(model, dataclasses.replace(self.config, offload=False))
+        prepared.optimizer = opt
+        names = dict(model.named_parameters())
+        covered = {id(p) for g in opt.param_groups for p in g["params"]}
+        candidates = [n for b in prepared.layout.blocks for n in b] + list(prepared.always)
+        missing = [n for n in candidates if id(names[n]) not in covered]
+        if missing:
+            shown = ", ".join(missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
+            raise ValueError(f"the Trainer's optimizer does not cover {len(missing)} parameter(s) GrassCallback may "
+                             f"train ({shown}): they did not require grad when it was built. Leave every parameter "
+                             f"trainable before Trainer(...); the callback freezes blocks itself (LMFlow #726)")
+        self.runner = StepRunner(prepared, grad_accum=args.gradient_accumulation_steps)
+        if state.global_step > 0:
+            self._resume(state)
+        self._requires_grad = {n: p.requires_grad for n, p in names.items()}
+        self._own_report = opt if hasattr(opt, "memory_report") else None
+        self._mover = None if self._own_report is not None else _StateMover(opt)
+        if self.runner.sampler.records_importance:
+            block_params = [[names[n] for n in block] for block in prepared.layout.blocks]
+            self._final = _FinalGradNorms(block_params, prepared.layout.numel)
+        self._step = state.global_step - 1
+        self._stop_backward_at_active_blocks(model, args)
+        if state.is_world_process_zero:
+            self._open_trace(Path(args.output_dir), state.global_step)
+
+    def _stop_backward_at_active_blocks(self, model: nn.Module, args) -> None:
+        """transformers makes the input embeddings' output require grad whenever it turns checkpointing on
+        (reentrant checkpointing and PEFT need that). Non-reentrant checkpointing does not, and with it backward
+        would run through every frozen block down to the input (ANCHORS.md, unsloth #285): switch it off."""
+        self._input_grads_off = False
+        checkpointing = getattr(model, "is_activation_checkpointing", None)  # transformers >= 5 name
+        if checkpointing is None:
+            checkpointing = getattr(model, "is_gradient_checkpointing", False)
+        if checkpointing and hasattr(model, "_require_grads_hook") and not _reentrant_checkpointing(args):
+            model.disable_input_require_grads()
+            self._input_grads_off = True
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        step = self._step = state.global_step
+        events = self.runner.begin_step(step)
+        if self._trace is not None:
+            for ev in events:
+                self._trace.write(json.dumps(ev) + "\n")
+        probe = self.runner.is_probe(step)
+        if self._mover is not None:
+            keep = set() if probe else set(self.runner.trainable_params())
+            self._mover.sync(keep, drop_leaving=self.runner.p.reset_state_on_switch)
+        if self._final is not None:
+            self._final.enabled = not probe
+
+    def on_substep_end(self, args, state, control, **kwargs):
+        self.runner.after_micro_backward(self._step)  # the probe: one observation per micro-batch
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        # After the Trainer clipped (nothing to clip in the probe: the recorder freed every gradient) and before
+        # optimizer.step(), which skips every parameter without a gradient.
+        self.runner.after_micro_backward(self._step)
+        if self._final is not None and not self.runner.is_probe(self._step):
+            self.runner.sampler.observe(self._final.flush())
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._mover is not None:
+            self._mover.note_peak()  # state created by this step's update is on the device now
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if self.runner is not None:
+            self.runner._recorder.detach()  # a run stopped inside the probe must not leave grad-freeing hooks
+            for n, p in self.runner.params.items():  # as the user had them, so a next Trainer sees every param
+                p.requires_grad_(self._requires_grad.get(n, True))
+        if self._final is not None:
+            self._final.remove()
+            self._final = None
+        if self._input_grads_off and model is not None:
+            model.enable_input_require_grads()
+            self._input_grads_off = False
+        if self._trace is not None:
+            self._trace.close()
+            self._trace = None
+
+    # ----------------------------------------------------------------------------------- trace, report
+
+    def _open_trace(self, out: Path, resume_step: int) -> None:
+        """``layers.jsonl`` as the CLI writes it; on resume, events from ``resume_step`` on are dropped first so
+        that the file reads as one uninterrupted run."""
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / "layers.jsonl"
+        kept = []
+        if resume_step > 0 and path.is_file():
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] < resume_step]
+        path.write_text("".join(line + "\n" for line in kept))
+        self._trace = open(path, "a", buffering=1)
+
+    def memory_report(self) -> dict[str, int]:
+        """Optimizer-state bytes: ``device_state_bytes`` (trainable blocks' state, on the compute device),
+        ``host_state_bytes`` (every other block's) and ``peak_device_state_bytes`` (seen at step boundaries)."""
+        if self._own_report is not None:
+            r = self._own_report.memory_report()
+            return {k: int(r[k]) for k in ("device_state_bytes", "host_state_bytes", "peak_device_state_bytes")}
+        if self._mover is None:
+            return {"device_state_bytes": 0, "host_state_bytes": 0, "peak_device_state_bytes": 0}
+        return {**self._mover.report(), "peak_device_state_bytes": self._mover.peak_device_bytes}
+
+    # ---------------------------------------------------------------------------------------- checkpoint
+
+    def state(self) -> dict:
+        """What the Trainer writes into each checkpoint's ``trainer_state.json`` (``stateful_callbacks``).
+
+        ``args`` and ``attributes`` are ``ExportableState``'s contract; ``grass`` holds the runner's state
+        (sampler with its generator, MGN window, blocks ever active) as exact base64 tensors, tagged with the
+        next step. The Trainer reads this file back on ``resume_from_checkpoint`` whatever
+        ``restore_callback_states_from_checkpoint`` says, and :meth:`on_train_begin` loads ``grass`` from it.
+        """
+        grass = None
+        if self.runner is not None:
+            grass = {"next_step": self._step + 1, "runner": _to_json(self.runner.state_dict())}
+        return {"args": dict(self._args), "attributes": {}, "grass": grass}
+
+    def _resume(self, state) -> None:
+        saved = (state.stateful_callbacks or {}).get(type(self).__name__)
+        if isinstance(saved, list):
+            raise ValueError("the checkpoint holds the state of several GrassCallbacks; use one per Trainer")
+        grass = saved.get("grass") if isinstance(saved, dict) else None
+        if not grass or grass.get("next_step") != state.global_step:
+            raise ValueError(f"resuming at step {state.global_step}, but the checkpoint has no GrassCallback state "
+                             f"for that step (it was saved without the callback); resume from a checkpoint saved "
+                             f"with GrassCallback, or start a new run")
+        self.runner.load_state_dict(_from_json(grass["runner"]))

@@ -1,0 +1,197 @@
+"""Every method on a tiny Llama: what trains, what the summary counts, LoRA/DoRA adapters that load back, and where
+the optimizer state lives (LISA keeps every drawn block's state on the device, offloaded GRASS keeps none)."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from grass_ft.config import TrainConfig
+from grass_ft.methods import method_names, prepare
+from grass_ft.step import StepRunner, optimizer_state_bytes
+from grass_ft.train import _trainable_count, run_train, save_final
+from test_step import batches
+from tiny import char_tokenizer, tiny_llama
+
+L = 4
+R = 4
+
+
+def lora_expected(model: nn.Module, r: int) -> tuple[int, int]:
+    """(LoRA parameters, DoRA magnitude parameters) for every linear layer but the LM head ("all-linear")."""
+    linears = [m for n, m in model.named_modules() if isinstance(m, nn.Linear) and not n.endswith("lm_head")]
+    return sum(r * (m.in_features + m.out_features) for m in linears), sum(m.out_features for m in linears)
+
+
+def numel(model, names):
+    params = dict(model.named_parameters())
+    return sum(params[n].numel() for n in names)
+
+
+def trainable_at(runner: StepRunner, step: int) -> set[str]:
+    for t in range(step + 1):  # the sampler draws at its schedule's steps: walk it from step 0
+        runner.begin_step(t)
+    return {n for n, p in runner.p.model.named_parameters() if p.requires_grad}
+
+
+def test_every_method_is_registered():
+    assert set(method_names()) >= {"fft", "lora", "dora", "lisa", "grass", "grass-static"}
+
+
+@pytest.mark.parametrize("method", ["fft", "lora", "dora", "lisa", "grass", "grass-static"])
+def test_trainable_parameters_per_method(method):
+    model = tiny_llama(layers=L)
+    total = sum(p.numel() for p in model.parameters())
+    lora_n, magnitudes = lora_expected(model, R)
+    cfg = TrainConfig(method=method, gamma=2, probe_steps=1, lora_r=R)
+    prepared = prepare(model, cfg)
+    runner = StepRunner(prepared)
+    names = trainable_at(runner, 1)  # a step after the probe
+    got = numel(prepared.model, names)
+    assert _trainable_count(prepared) == got  # what summary.json reports as trainable_params
+    if method == "fft":
+        assert got == total
+    elif method in ("lora", "dora"):
+        assert names and all("lora_" in n for n in names)
+        assert got == lora_n + (magnitudes if method == "dora" else 0)
+        assert {id(p) for g in prepared.optimizer.param_groups for p in g["params"]} == \
+            {id(p) for n, p in prepared.model.named_parameters() if n in names}
+    else:
+        layout = prepared.layout
+        blocks = sum(layout.numel[b] for b in prepared.sampler.active)
+        always = numel(model, layout.embeddings + layout.head) if method == "lisa" else 0
+        assert len(prepared.sampler.active) == 2
+        assert got == blocks + always
+
+
+def test_grass_trains_embeddings_and_head_when_switched_on():
+    model = tiny_llama(layers=L)
+    prepared = prepare(model, TrainConfig(method="grass", gamma=1, probe_steps=1, train_embeddings=True,
+                                          train_head=True))
+    names = trainable_at(StepRunner(prepared), 1)
+    layout = prepared.layout
+    assert set(layout.embeddings) | set(layout.head) <= names
+    assert numel(model, names) == layout.numel[prepared.sampler.active[0]] + numel(model, layout.embeddings +
+                                                                                   layout.head)
+
+
+def test_dora_has_more_trainable_parameters_than_lora():
+    counts = {}
+    for m in ("lora", "dora"):
+        p = prepare(tiny_llama(layers=L), TrainConfig(method=m, lora_r=R))
+        counts[m] = sum(x.numel() for x in p.model.parameters() if x.requires_grad)
+    assert 0 < counts["lora"] < counts["dora"]
+
+
+def test_bad_target_modules_names_the_linear_modules():
+    from grass_ft.models import ModelError
+
+    with pytest.raises(ModelError, match=r"`lora_target_modules` 'nope_proj' matches no module of "
+                                         r"LlamaForCausalLM; its linear modules are down_proj, gate_proj"):
+        prepare(tiny_llama(layers=L), TrainConfig(method="lora", lora_target_modules="nope_proj"))
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("lora_r", 0, "`lora_r` must be >= 1, got 0"),
+    ("lora_alpha", -1.0, "`lora_alpha` must be > 0"),
+    ("lora_dropout", 1.0, r"`lora_dropout` must be in \[0, 1\), got 1.0"),
+    ("lora_target_modules", ", ,", "`lora_target_modules` must be comma-separated module names"),
+])
+def test_lora_keys_are_validated(key, value, message):
+    from grass_ft.config import ConfigError, build_config
+
+    with pytest.raises(ConfigError, match=message):
+        build_config(overrides={key: value})
+
+
+# ------------------------------------------------------------------------------------------ adapters
+
+
+def _logits(model, ids):
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_saved_adapter_reproduces_the_trained_model(tmp_path, method):
+    from peft import PeftModel
+
+    tok = char_tokenizer()
+    cfg = TrainConfig(method=method, lora_r=R, lr=1e-2, lora_dropout=0.1, model="unused")
+    prepared = prepare(tiny_llama(len(tok), layers=L, seed=3), cfg)
+    runner = StepRunner(prepared, max_grad_norm=1.0)
+    for t, mbs in enumerate(batches(3)):
+        runner.train_step(t, mbs)
+    final = save_final(prepared.model, tok, tmp_path)  # what run_train calls
+    assert (final / "adapter_model.safetensors").is_file() and not (final / "model.safetensors").exists()
+    ids = torch.randint(3, 100, (2, 10), generator=torch.Generator().manual_seed(1))
+    trained = _logits(prepared.model, ids)
+    fresh = tiny_llama(len(tok), layers=L, seed=3)
+    assert not torch.allclose(_logits(fresh, ids), trained)  # training moved the adapters off their zero start
+    loaded = PeftModel.from_pretrained(fresh, final)
+    torch.testing.assert_close(_logits(loaded, ids), trained)
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_run_train_saves_adapter_and_merged_model(tmp_path, tiny_model_dir, tiny_data, method):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    cfg = TrainConfig(method=method, model=str(tiny_model_dir), data=str(tiny_data), max_steps=3, batch_size=2,
+                      eval_samples=0, lr=1e-2, lora_r=R, merge_lora=True, output_dir=str(tmp_path / "run"))
+    summary = run_train(cfg, progress=False)
+    final = tmp_path / "run" / "final"
+    lora_n, magnitudes = lora_expected(tiny_llama(layers=L), R)
+    assert summary["trainable_params"] == lora_n + (magnitudes if method == "dora" else 0)
+    assert summary["total_params"] > summary["trainable_params"]
+    assert summary["merged_dir"] == str(final / "merged")
+    adapter_cfg = json.loads((final / "adapter_config.json").read_text())
+    assert adapter_cfg["base_model_name_or_path"] == str(tiny_model_dir.resolve())
+    assert adapter_cfg["use_dora"] == (method == "dora") and adapter_cfg["r"] == R
+    assert adapter_cfg["lora_alpha"] == 2 * R
+    ids = torch.randint(3, 100, (2, 10), generator=torch.Generator().manual_seed(2))
+    adapter = _logits(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), final), ids)
+    merged = _logits(AutoModelForCausalLM.from_pretrained(final / "merged"), ids)
+    # merging sums W + (alpha/r)·B·A in fp32 before the matmul: rounding-level differences, default tolerances
+    torch.testing.assert_close(merged, adapter)
+
+
+def test_fft_summary_counts_every_parameter(tmp_path, tiny_model_dir, tiny_data):
+    cfg = TrainConfig(method="fft", model=str(tiny_model_dir), data=str(tiny_data), max_steps=2, batch_size=2,
+                      eval_samples=0, output_dir=str(tmp_path / "run"))
+    summary = run_train(cfg, progress=False)
+    assert summary["trainable_params"] == summary["total_params"] > 0
+    assert summary["merged_dir"] is None
+
+
+# ------------------------------------------------------------------------------- where the state lives
+
+
+def test_lisa_device_state_grows_with_drawn_blocks_grass_offload_stays_off_device():
+    layers, steps = 6, 10
+    data = batches(steps)
+    lisa = prepare(tiny_llama(layers=layers), TrainConfig(method="lisa", gamma=1, sample_interval=1, lr=1e-3))
+    grass = prepare(tiny_llama(layers=layers), TrainConfig(method="grass", gamma=1, sample_interval=1,
+                                                           probe_steps=1, lr=1e-3))
+    assert not lisa.offload and grass.offload
+    runners = {"lisa": StepRunner(lisa), "grass": StepRunner(grass)}
+    seen: set[int] = set()
+    lisa_device, grass_host = [], []
+    layout = lisa.layout
+    always = numel(lisa.model, lisa.always)
+    for t in range(steps):
+        r = runners["lisa"].train_step(t, data[t])
+        seen |= set(r.active)
+        state = optimizer_state_bytes(lisa.optimizer)
+        # torch AdamW as shipped: exp_avg + exp_avg_sq (2 x fp32) of every block ever drawn stay on the device
+        assert state["device"] == 8 * (always + sum(layout.numel[b] for b in seen))
+        lisa_device.append(state["device"])
+        runners["grass"].train_step(t, data[t])
+        g = optimizer_state_bytes(grass.optimizer)
+        assert g["device"] == 0  # between steps no GRASS optimizer state is on the device
+        assert g["peak_device"] <= 8 * max(grass.layout.numel) + 4 * 64  # one block's moments (+ step counts)
+        grass_host.append(g["host"])
+    assert len(seen) >= 3 and lisa_device[-1] > lisa_device[0]
+    assert grass_host[-1] > grass_host[1]  # the host store grew as new blocks were drawn
