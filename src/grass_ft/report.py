@@ -233,7 +233,8 @@ def plot_active_blocks(runs: list[Run], path: Path) -> Path | None:
 
     colors = ["#e8e8e8", "#fdbf6f", "#1f4e9c"]
     nb = max(len(m) for _, m in mats)
-    fig, axes = plt.subplots(len(mats), 2, figsize=(10, 0.9 + len(mats) * (0.8 + 0.16 * nb)), squeeze=False,
+    height = 1.1 + len(mats) * (0.8 + 0.16 * nb)
+    fig, axes = plt.subplots(len(mats), 2, figsize=(10, height), squeeze=False,
                              gridspec_kw={"width_ratios": [6, 1]})
     for (run, mat), (ax, side) in zip(mats, axes):
         steps = len(mat[0])
@@ -255,7 +256,7 @@ def plot_active_blocks(runs: list[Run], path: Path) -> Path | None:
     fig.legend(handles=[Patch(color=colors[TRAINED], label="trained"), Patch(color=colors[PROBE],
                         label="probe (gradient read, no update)"), Patch(color=colors[FROZEN], label="frozen")],
                loc="lower center", ncol=3, fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.tight_layout(rect=(0, 0.35 / height, 1, 1))  # keep ~0.35 inch at the bottom for the legend
     return _save(fig, path, tight=False)
 
 
@@ -284,8 +285,9 @@ def plot_mgn(run: Run, path: Path) -> Path | None:
     for a in (ax, axp):
         if steps[0] > 0:
             a.axvspan(0, steps[0], facecolor="#eeeeee", edgecolor="#bbbbbb", hatch="//", linewidth=0)
-            a.text(steps[0] / 2, 0.98, "probe", transform=a.get_xaxis_transform(), ha="center", va="top",
-                   fontsize=8)
+            if steps[0] >= 0.06 * end:  # a label only where the band is wide enough to hold it
+                a.text(steps[0] / 2, 0.98, "probe", transform=a.get_xaxis_transform(), ha="center", va="top",
+                       fontsize=8)
         a.set_xlim(0, end)
     ax.set_ylabel("MGN (mean gradient RMS,\n√(‖g‖² / N) per block)")
     ax.set_title(f"{run.method}: block importance (MGN) at the probe's end and each refresh")
@@ -370,7 +372,9 @@ def plot_run(run_dir: str | Path) -> list[Path]:
 def plot_compare(out_dir: str | Path, rows: list[dict]) -> list[Path]:
     """The charts of a compare directory from each method's run directory (``row["output_dir"]``)."""
     out_dir = Path(out_dir)
-    runs = [load_run(r["output_dir"], r["method"]) for r in rows if r.get("output_dir")]
+    # a relative output_dir was relative to where compare ran; the run directories also sit under out_dir
+    dirs = [(r["method"], Path(r.get("output_dir") or out_dir / r["method"])) for r in rows]
+    runs = [load_run(d if d.is_dir() else out_dir / m, m) for m, d in dirs]
     paths = [plot_loss(runs, out_dir / "loss.png", "Training loss, all methods"),
              plot_active_blocks([r for r in runs if r.method in SAMPLING_METHODS], out_dir / "active_blocks.png")]
     paths += [plot_mgn(r, out_dir / f"mgn_{r.method}.png") for r in runs if r.method == "grass"]

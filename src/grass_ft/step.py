@@ -159,9 +159,10 @@ class StepRunner:
         """
         if self.dist.enabled and not self.is_probe(step):
             self.dist.all_reduce_grads(self.trainable_params())
+        if self.sampler is None or self.is_probe(step) or not self.sampler.records_importance:
+            return 0.0
         t0 = time.perf_counter()
-        if self.sampler is not None and not self.is_probe(step) and self.sampler.records_importance:
-            self.sampler.observe(block_rms(self._block_params, self.sampler.active, self.p.layout.numel))
+        self.sampler.observe(block_rms(self._block_params, self.sampler.active, self.p.layout.numel))
         return time.perf_counter() - t0
 
     def finish_step(self, step: int, loss_finite: bool = True) -> tuple[float | None, bool]:
