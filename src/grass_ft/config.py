@@ -62,7 +62,7 @@ class TrainConfig:
     batch_size: int = _f(8, "examples per micro-batch (global batch = batch_size x grad_accum)")
     grad_accum: int = _f(1, "micro-batches accumulated per optimizer step")
     max_seq_len: int = _f(256, "tokens per example after truncation")
-    max_steps: int = _f(40, "optimizer steps in all, probe steps included")
+    max_steps: int = _f(30, "optimizer steps in all, probe steps included")
     train_samples: int = _f(2000, "examples to generate when `data` is a generator")
     train_on_inputs: bool = _f(False, "compute the loss on the prompt tokens too")
     max_bad_steps: int = _f(5, "stop after this many consecutive steps with a non-finite loss or gradient")

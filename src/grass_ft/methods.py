@@ -80,15 +80,17 @@ def resolved_offload(cfg: TrainConfig) -> bool:
 
 
 def make_adamw(named: list[tuple[str, nn.Parameter]], cfg: TrainConfig, layout: BlockLayout | None,
-               offload: bool) -> torch.optim.Optimizer:
-    """``torch.optim.AdamW`` (state created lazily on the device and never freed, as today's tools do) or our
-    :class:`~grass_ft.offload.LayerwiseOffloadAdamW` keyed by parameter name and grouped by block."""
-    if not offload:
+               offload: bool, layerwise: bool = False) -> torch.optim.Optimizer:
+    """``torch.optim.AdamW`` (state created lazily on the device and never freed, as today's tools do), or our
+    :class:`~grass_ft.offload.LayerwiseOffloadAdamW` (fp32 state keyed by parameter name, grouped by block) when
+    ``offload`` or ``layerwise``; ``layerwise`` without ``offload`` keeps its state on the device, so the two
+    GRASS arms differ only in where the state lives."""
+    if not (offload or layerwise):
         return torch.optim.AdamW([p for _, p in named], lr=cfg.lr, weight_decay=cfg.weight_decay)
     from .offload import LayerwiseOffloadAdamW
 
     group_fn = layout.group_key if layout is not None else None
-    return LayerwiseOffloadAdamW(named, lr=cfg.lr, weight_decay=cfg.weight_decay, group_fn=group_fn, offload=True)
+    return LayerwiseOffloadAdamW(named, lr=cfg.lr, weight_decay=cfg.weight_decay, group_fn=group_fn, offload=offload)
 
 
 def _always_names(layout: BlockLayout, embeddings: bool, head: bool) -> list[str]:
@@ -104,7 +106,8 @@ def _sampling(model: nn.Module, cfg: TrainConfig, kind: str, embeddings: bool, h
     sampler = LayerSampler(kind=kind, num_blocks=layout.num_blocks, gamma=cfg.gamma, tau=cfg.tau, alpha=cfg.alpha,
                            probe_steps=cfg.probe_steps, sample_interval=cfg.sample_interval,
                            update_interval=cfg.update_interval, seed=cfg.seed)
-    return Prepared(model=model, optimizer=make_adamw(named, cfg, layout, offload), layout=layout,
+    optimizer = make_adamw(named, cfg, layout, offload, layerwise=kind != "uniform")
+    return Prepared(model=model, optimizer=optimizer, layout=layout,
                     sampler=sampler, always=always, reset_state_on_switch=cfg.reset_state_on_switch,
                     offload=offload)
 

@@ -1,0 +1,90 @@
+"""benchmarks/gpu_memory.py end to end in --smoke mode (CPU, tiny Llama, peak RSS): every arm runs in its own
+process through the project's code path and lands in the markdown table; a failing arm is reported and the
+others continue. Each run starts one interpreter per arm (~8 s each on 2 CPU cores), hence ``slow``."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_memory.py"
+ARMS = ["fft", "lisa", "grass-no-offload", "grass"]
+
+
+def _run(args: list[str], extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "GPU_MEMORY_FAKE_OOM"}
+    env.update({"OMP_NUM_THREADS": "1", **(extra_env or {})})
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=env,
+                          timeout=600)
+
+
+def _rows(md: str) -> dict[str, list[str]]:
+    """Table rows by method: ``| model | method | status | peak | ratio | tokens/s | ratio | ... |``."""
+    rows = {}
+    for line in md.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| smoke-tiny |"):
+            rows[cells[1]] = cells
+    return rows
+
+
+def _is_number(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
+
+
+def test_smoke_all_arms(tmp_path):
+    out = tmp_path / "x.md"
+    proc = _run(["--smoke", "--out", str(out)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = _rows(out.read_text())
+    assert list(rows) == ARMS
+    for method, cells in rows.items():
+        assert cells[2] == "ok", (method, cells)
+        # peak, its ratio, tokens/s, its ratio
+        assert all(_is_number(c) for c in cells[3:7]), (method, cells)
+        assert float(cells[3]) > 0 and float(cells[5]) > 0
+    assert rows["fft"][4] == "1.00" and rows["fft"][6] == "1.00"
+    assert rows["grass"][7].startswith("0.00 /")  # offload: no optimizer state on the device between steps
+    assert float(rows["grass"][8]) > 0 and float(rows["lisa"][8]) == 0  # host state only with offload
+    text = out.read_text()
+    assert "command: `python benchmarks/gpu_memory.py --smoke --out" in text
+    assert "transformers" in text and "**Incomplete" not in text
+    lines = [json.loads(x) for x in proc.stdout.splitlines() if x.startswith("{")]
+    assert [r["method"] for r in lines] == ARMS
+    assert all(r["status"] == "ok" and r["tokens_per_s"] > 0 for r in lines)
+    assert lines[-1]["optimizer"] == "LayerwiseOffloadAdamW" and lines[-1]["opt_state_host_gib"] > 0
+    assert lines[1]["blocks_drawn"] >= 2  # LISA's active set switched during the run
+
+
+def test_failed_arm_is_reported_and_others_continue(tmp_path):
+    out = tmp_path / "y.md"
+    proc = _run(["--smoke", "--methods", "fft,lisa,grass", "--out", str(out)],
+                {"GPU_MEMORY_FAKE_OOM": "lisa:no-ckpt,grass:always"})
+    assert proc.returncode == 1, proc.stderr[-3000:]  # one arm failed
+    rows = _rows(out.read_text())
+    assert list(rows) == ["fft", "lisa", "grass"]
+    assert rows["fft"][2] == "ok" and rows["fft"][4] == "1.00"
+    # out of memory without checkpointing -> rerun once with it, and the table says so
+    assert rows["lisa"][2] == "ok" and rows["lisa"][11] == "on" and _is_number(rows["lisa"][4])
+    assert rows["grass"][2].startswith("oom:") and rows["grass"][3] == "–"
+
+
+def test_without_cuda_exits_with_a_message():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    proc = _run(["--models", "tinyllama", "--methods", "fft"])
+    assert proc.returncode == 2
+    assert "no CUDA device" in proc.stderr and "--smoke" in proc.stderr
