@@ -1,6 +1,5 @@
 """Bad input: one clear error naming the key, value or file line; no traceback; nothing left as if finished."""
 
-import json
 import subprocess
 import sys
 

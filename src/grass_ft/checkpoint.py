@@ -13,12 +13,13 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_model, save_model
+
+from .atomic import atomic_dir
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 REQUIRED = ("model.safetensors", "optimizer.pt", "scheduler.pt", "grass_state.pt", "trainer_state.json")
@@ -75,20 +76,13 @@ def load_optimizer_state_by_name(optimizer: torch.optim.Optimizer, model: torch.
 def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, extra_state: dict[str, Any],
                     trainer_state: dict[str, Any], save_total_limit: int) -> Path:
     """Write ``checkpoint-<step>`` atomically, then keep only the newest ``save_total_limit``."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}-", dir=out))
-    try:
+    final = out / f"checkpoint-{step}"
+    with atomic_dir(final) as tmp:
         save_model(model, str(tmp / "model.safetensors"))
         torch.save(optimizer_state_by_name(optimizer, model), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(extra_state, tmp / "grass_state.pt")
         (tmp / "trainer_state.json").write_text(json.dumps({**trainer_state, "step": step}, indent=1))
-        final = out / f"checkpoint-{step}"
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)  # atomic on one filesystem: the directory appears complete or not at all
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     if save_total_limit > 0:
         for old in list_checkpoints(out)[:-save_total_limit]:
             shutil.rmtree(old, ignore_errors=True)

@@ -11,13 +11,12 @@ which QLoRA found necessary to match full fine-tuning.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
 from torch import nn
 
+from .atomic import atomic_dir
 from .config import TrainConfig, lora_targets
 from .models import PACKAGED, ModelError
 
@@ -68,15 +67,8 @@ def save_merged(model: nn.Module, tokenizer, final_dir: Path) -> Path:
     afterwards; call this after the last evaluation. Written to a temporary name and renamed, like ``final/``.
     """
     merged = model.merge_and_unload()
-    tmp = Path(tempfile.mkdtemp(prefix=".merged-", dir=final_dir))
-    try:
+    target = final_dir / "merged"
+    with atomic_dir(target) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        target = final_dir / "merged"
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
-        return target
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    return target

@@ -8,13 +8,13 @@ import importlib.util
 import json
 import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from .atomic import atomic_dir
 
 # Packaged models: name -> (python package holding the GGUF file, file name). Converted once to safetensors.
 PACKAGED = {
@@ -70,19 +70,11 @@ def packaged_model_dir(name: str, *, convert: bool = True) -> Path:
     model.is_quantized = False
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
-    try:
+    with atomic_dir(target) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         (tmp / "SOURCE.json").write_text(json.dumps({"package": package, "file": filename,
                                                      "note": PACKAGED_NOTE[name]}, indent=1))
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

@@ -15,7 +15,6 @@ import os
 import resource
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import data as data_mod
+from .atomic import atomic_dir, write_json_atomic
 from .checkpoint import find_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state, truncate_jsonl
 from .distributed import Distributed, init_distributed
 from .config import ConfigError, TrainConfig, save_config, validate
@@ -70,27 +70,13 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 def save_final(model, tokenizer, out: Path) -> Path:
     """``save_pretrained`` into a temporary directory, then rename it to ``final/``."""
-    tmp = Path(tempfile.mkdtemp(prefix=".final-", dir=out))
-    try:
+    with atomic_dir(out / "final") as tmp:
         # A peft adapter (lora/dora) saves only its adapter weights: the vocabulary is never resized, and "auto"
         # would look base_model_name_or_path up on the hub, which a packaged name such as smollm2-135m is not.
         extra = {"save_embedding_layers": False} if hasattr(model, "peft_config") else {}
         model.save_pretrained(tmp, safe_serialization=True, **extra)
         tokenizer.save_pretrained(tmp)
-        final = out / "final"
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-        return final
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    return out / "final"
 
 
 def evaluate_model(model, tokenizer, examples: list[dict], cfg: TrainConfig, desc: str) -> dict[str, Any]:
