@@ -253,11 +253,18 @@ class BatchStream:
         rng.shuffle(batches)
         return [i for b in batches for i in b]
 
+    def _epoch_order(self) -> list[int]:
+        """:meth:`_order` computed once per (seed, epoch), not at every batch."""
+        key = (self.seed, self.epoch)
+        if getattr(self, "_cached", (None, None))[0] != key:
+            self._cached = (key, self._order())
+        return self._cached[1]
+
     def next_batch(self) -> dict[str, torch.Tensor]:
-        order = self._order()
+        order = self._epoch_order()
         if self.index + self.batch_size > len(order):  # drop the ragged tail: every batch is full-size
             self.epoch, self.index = self.epoch + 1, 0
-            order = self._order()
+            order = self._epoch_order()
         chosen = order[self.index:self.index + self.batch_size]
         self.index += self.batch_size
         mine = chosen[self.rank::self.world_size]
