@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.grass-ft-installed
 
-.PHONY: setup demo test test-fast clean
+.PHONY: setup demo test test-fast results cpu-speed clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,14 @@ test: setup
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# The measured comparison of docs/RESULTS.md (about 2 hours on 2 cores; resumes where it stopped).
+results: setup
+	$(BIN)/python benchmarks/results.py --stage all --out runs/results --docs docs/results
+
+# Step time, offload overhead and optimizer-state growth side by side (docs/cpu_speed.md; about 10 minutes).
+cpu-speed: setup
+	$(BIN)/python benchmarks/cpu_speed.py --steps 6 --rounds 2 --gamma 4 --batch 4 --seq 128 --out docs/cpu_speed.md
 
 clean:
 	rm -rf $(VENV) runs

@@ -113,3 +113,35 @@ def test_train_help_lists_every_key(capsys):
     for key in ("gamma", "tau", "alpha", "probe_steps", "sample_interval", "update_interval", "train_embeddings",
                 "train_head", "layers_attribute", "train_on_inputs", "eval_samples"):
         assert f"  {key} " in out
+
+
+def _two_task_eval(tmp_path):
+    import json
+
+    rows = [{"instruction": f"{a}+{a}=", "input": "", "output": f"Twice {a} is {2 * a}. The answer is {2 * a}",
+             "answer": str(2 * a), "task": "gsm_symbolic" if a % 2 else "basic_arithmetic"} for a in range(8)]
+    path = tmp_path / "eval.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def test_eval_loss_only_task_must_exist(tmp_path, tiny_model_dir, tiny_data, capsys):
+    args = _train_args(tiny_model_dir, tmp_path / "run", tiny_data, eval_data=_two_task_eval(tmp_path),
+                       eval_samples=8, eval_loss_only_tasks="gsm_symbolic,gsm")
+    msg = err(capsys, *args)
+    assert "`eval_loss_only_tasks`: 'gsm' is not a task of the held-out examples (their tasks: basic_arithmetic, gsm_symbolic)" in msg
+    assert not (tmp_path / "run" / "final").exists()
+
+
+def test_per_task_eval_and_loss_only_tasks(tmp_path, tiny_model_dir, tiny_data, capsys):
+    import json
+
+    args = _train_args(tiny_model_dir, tmp_path / "run", tiny_data, eval_data=_two_task_eval(tmp_path),
+                       eval_samples=8, eval_loss_only_tasks="gsm_symbolic", eval_before="false", max_new_tokens=4)
+    assert main(args) == 0, capsys.readouterr().err
+    s = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert set(s["eval_loss_per_task"]) == {"gsm_symbolic", "basic_arithmetic"} and s["eval_loss_per_task_before"] is None
+    assert s["eval_loss_before"] is None and s["accuracy_before"] is None
+    assert set(s["accuracy_per_task"]) == {"basic_arithmetic"}  # gsm_symbolic was scored by loss only, never generated
+    preds = (tmp_path / "run" / "predictions.jsonl").read_text().splitlines()
+    assert len(preds) == 4 and all(json.loads(p)["task"] == "basic_arithmetic" for p in preds)

@@ -344,3 +344,17 @@ def test_run_eval_real_smollm2(tmp_path, capsys):
     _check_files(tmp_path / "mc", mc)
     lines = [json.loads(ln) for ln in (tmp_path / "mc" / "predictions.jsonl").read_text().splitlines()]
     assert all(p["extracted"] is not None for p in lines)
+
+
+def test_eval_loss_by_task_matches_per_task_calls(model, tok):
+    gsm = load_eval_sets(DATA / "llm_adapters")["gsm8k"]
+    mc = load_eval_file(DATA / "commonsense_mc.jsonl")[:3]
+    examples = [dict(ex, task="gsm8k") for ex in gsm] + [dict(ex, task="mc") for ex in mc]
+    overall, per_task = ev.eval_loss_by_task(model, tok, examples, max_seq_len=200, batch_size=3)
+    assert set(per_task) == {"gsm8k", "mc"}
+    for name, subset in (("gsm8k", examples[:len(gsm)]), ("mc", examples[len(gsm):])):
+        torch.testing.assert_close(torch.tensor(per_task[name]),
+                                   torch.tensor(ev.eval_loss(model, tok, subset, max_seq_len=200, batch_size=1)))
+    torch.testing.assert_close(torch.tensor(overall),
+                               torch.tensor(ev.eval_loss(model, tok, examples, max_seq_len=200, batch_size=2)))
+    assert min(per_task.values()) < overall < max(per_task.values())  # token-weighted mean of the two

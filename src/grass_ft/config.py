@@ -71,6 +71,9 @@ class TrainConfig:
     # evaluation and output
     eval_samples: int = _f(32, "held-out examples to evaluate before and after training (0 turns evaluation off)")
     eval_batch_size: int = _f(16, "examples per evaluation batch")
+    eval_before: bool = _f(True, "also evaluate the model as loaded, before training (off: the baseline is known)")
+    eval_loss_only_tasks: str = _f("", "comma-separated held-out tasks scored by eval loss only, without "
+                                       "generation (e.g. long chain-of-thought whose accuracy does not move)")
     max_new_tokens: int = _f(128, "generation budget per evaluated example")
     output_dir: str = _f("runs/grass-ft", "where config.yaml, metrics.jsonl, layers.jsonl, summary.json and final/ go")
     logging_steps: int = _f(1, "write a metrics.jsonl line every N steps")

@@ -261,10 +261,22 @@ def eval_loss(model: torch.nn.Module, tokenizer, examples: Sequence[dict[str, An
     Raises:
         ValueError: no output token survives truncation to ``max_seq_len``.
     """
+    return eval_loss_by_task(model, tokenizer, examples, max_seq_len, batch_size, progress)[0]
+
+
+def eval_loss_by_task(model: torch.nn.Module, tokenizer, examples: Sequence[dict[str, Any]], max_seq_len: int,
+                      batch_size: int, progress: bool = False,
+                      task: str | None = None) -> tuple[float, dict[str, float]]:
+    """:func:`eval_loss` over all ``examples`` and over each task's examples (``{task: nats/token}``).
+
+    An example's task is its ``task`` key, else ``task``, else ``"default"``. Every mean is weighted by tokens,
+    so the overall figure is the token-weighted mean of the per-task ones.
+    """
     _check_positive(max_seq_len=max_seq_len, batch_size=batch_size)
     features = [tokenize_example(tokenizer, ex, max_seq_len) for ex in examples]
+    tasks = [str(ex.get("task") or task or "default") for ex in examples]
     pad_id, device, was_training = _pad_id(tokenizer), _device(model), model.training
-    total, count = 0.0, 0
+    sums: dict[str, list[float]] = {}  # task -> [summed loss, tokens]
     try:
         model.eval()
         with torch.no_grad():
@@ -274,15 +286,22 @@ def eval_loss(model: torch.nn.Module, tokenizer, examples: Sequence[dict[str, An
                 logits = model(input_ids=batch["input_ids"].to(device),
                                attention_mask=batch["attention_mask"].to(device)).logits
                 labels = batch["labels"][:, 1:].to(logits.device)
-                # summed, not averaged, so that batches of different token counts weigh by their tokens
-                total += F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                         ignore_index=IGNORE_INDEX, reduction="sum").item()
-                count += int((labels != IGNORE_INDEX).sum())
+                # summed per example, not averaged, so that examples weigh by their tokens
+                per_tok = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels,
+                                          ignore_index=IGNORE_INDEX, reduction="none")
+                loss_rows = per_tok.sum(dim=1).tolist()
+                count_rows = (labels != IGNORE_INDEX).sum(dim=1).tolist()
+                for t, loss_sum, n in zip(tasks[start:start + batch_size], loss_rows, count_rows):
+                    acc = sums.setdefault(t, [0.0, 0])
+                    acc[0] += loss_sum
+                    acc[1] += int(n)
     finally:
         model.train(was_training)
+    count = sum(n for _, n in sums.values())
     if count == 0:
         raise ValueError(f"no output tokens to score: every example's prompt fills max_seq_len={max_seq_len}")
-    return total / count
+    return (sum(v for v, _ in sums.values()) / count,
+            {t: v / n for t, (v, n) in sums.items() if n > 0})
 
 
 def write_eval(output_dir: str | Path, result: dict[str, Any]) -> dict[str, Path]:

@@ -79,16 +79,35 @@ def save_final(model, tokenizer, out: Path) -> Path:
     return out / "final"
 
 
+def loss_only_tasks(cfg: TrainConfig, examples: list[dict]) -> set[str]:
+    """The tasks of ``eval_loss_only_tasks``; each must be a task of the held-out examples."""
+    wanted = {t.strip() for t in cfg.eval_loss_only_tasks.split(",") if t.strip()}
+    present = {str(ex.get("task") or cfg.task) for ex in examples}
+    missing = sorted(wanted - present)
+    if missing and examples:
+        raise ConfigError([f"`eval_loss_only_tasks`: {', '.join(map(repr, missing))} is not a task of the held-out "
+                           f"examples (their tasks: {', '.join(sorted(present))})"])
+    return wanted
+
+
 def evaluate_model(model, tokenizer, examples: list[dict], cfg: TrainConfig, desc: str) -> dict[str, Any]:
-    """Held-out eval loss and accuracy (the same code as ``grass-ft eval``)."""
-    from .evaluate import eval_loss, evaluate_examples
+    """Held-out eval loss (overall and per task) and accuracy (the same code as ``grass-ft eval``).
+
+    Tasks in ``eval_loss_only_tasks`` get an eval loss and no generation; accuracy is over the others.
+    """
+    from .evaluate import eval_loss_by_task, evaluate_examples
 
     if not examples:
         return {}
-    loss = eval_loss(model, tokenizer, examples, max_seq_len=cfg.max_seq_len, batch_size=cfg.eval_batch_size)
-    res = evaluate_examples(model, tokenizer, examples, cfg.task, max_new_tokens=cfg.max_new_tokens,
-                            batch_size=cfg.eval_batch_size)
+    loss, per_task_loss = eval_loss_by_task(model, tokenizer, examples, max_seq_len=cfg.max_seq_len,
+                                            batch_size=cfg.eval_batch_size, task=cfg.task)
+    skip = loss_only_tasks(cfg, examples)
+    generated = [ex for ex in examples if str(ex.get("task") or cfg.task) not in skip]
+    res: dict[str, Any] = (evaluate_examples(model, tokenizer, generated, cfg.task, max_new_tokens=cfg.max_new_tokens,
+                                             batch_size=cfg.eval_batch_size) if generated
+                           else {"accuracy": None, "n": 0, "per_task": {}, "predictions": []})
     res["eval_loss"] = loss
+    res["eval_loss_per_task"] = per_task_loss
     res["label"] = desc
     return res
 
@@ -129,6 +148,7 @@ def _run_train(cfg: TrainConfig, progress: bool, dist: Distributed) -> dict[str,
     #    with a held-out split.
     train_ex, held_ex = data_mod.load_train_eval(cfg.data, cfg.eval_data, cfg.train_samples, cfg.eval_samples,
                                                  cfg.seed)
+    loss_only_tasks(cfg, held_ex)  # a misspelt task fails here, not after training
 
     # 3. Model, tokenizer, and the checks that need the model.
     model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.dtype)
@@ -145,7 +165,8 @@ def _run_train(cfg: TrainConfig, progress: bool, dist: Distributed) -> dict[str,
 
     # 4. Evaluation of the model as loaded (a resumed run reuses the figure its checkpoint recorded).
     if checkpoint is None:
-        before = evaluate_model(model, tokenizer, held_ex, cfg, "before") if (held_ex and main) else {}
+        before = (evaluate_model(model, tokenizer, held_ex, cfg, "before")
+                  if (held_ex and main and cfg.eval_before) else {})
         dist.barrier()
 
     # 5. The method: optimizer over every candidate parameter, sampler, scheduler.
@@ -253,6 +274,10 @@ def _run_train(cfg: TrainConfig, progress: bool, dist: Distributed) -> dict[str,
         "eval_n": len(held_ex),
         "eval_loss_before": before.get("eval_loss"), "eval_loss": after.get("eval_loss"),
         "accuracy_before": before.get("accuracy"), "accuracy": after.get("accuracy"),
+        "eval_loss_per_task_before": before.get("eval_loss_per_task"),
+        "eval_loss_per_task": after.get("eval_loss_per_task"),
+        "accuracy_per_task_before": {t: d["accuracy"] for t, d in before.get("per_task", {}).items()} or None,
+        "accuracy_per_task": {t: d["accuracy"] for t, d in after.get("per_task", {}).items()} or None,
         "final_train_loss": sum(tail) / len(tail),
         "peak_memory_bytes": peak_memory_bytes(device),
         "optimizer_state_bytes": state["device"] + state["host"],
@@ -284,7 +309,18 @@ def _fmt_blocks(active: list[int]) -> str:
     return ",".join(map(str, active)) if active else "all"
 
 
-def print_summary(summary: dict[str, Any], file=sys.stdout) -> None:
+def per_task_lines(summary: dict[str, Any], f) -> list[str]:
+    """One line per held-out task: its eval loss and accuracy before -> after (only with two or more tasks)."""
+    loss, loss0 = summary.get("eval_loss_per_task") or {}, summary.get("eval_loss_per_task_before") or {}
+    acc, acc0 = summary.get("accuracy_per_task") or {}, summary.get("accuracy_per_task_before") or {}
+    tasks = list(dict.fromkeys([*loss, *acc]))
+    if len(tasks) < 2:
+        return []
+    return [f"    {t}: eval loss {f(loss0.get(t), '.4f')} -> {f(loss.get(t), '.4f')}, "
+            f"accuracy {f(acc0.get(t), '.1%')} -> {f(acc.get(t), '.1%')}" for t in tasks]
+
+
+def print_summary(summary: dict[str, Any], file=None) -> None:
     def f(x, fmt):
         return "n/a" if x is None else format(x, fmt)
 
@@ -295,6 +331,7 @@ def print_summary(summary: dict[str, Any], file=sys.stdout) -> None:
         f"   (held-out, n={summary['eval_n']})",
         f"  accuracy    {f(summary['accuracy_before'], '.1%')} -> {f(summary['accuracy'], '.1%')}"
         f"   (task {summary['task']})",
+        *per_task_lines(summary, f),
         f"  train loss  {summary['final_train_loss']:.4f} (mean of last steps)",
         f"  speed       {summary['s_per_step']:.2f} s/step, {summary['tokens_per_s']:.0f} tokens/s",
         f"  memory      peak {summary['peak_memory_bytes'] / 2**30:.2f} GiB; optimizer state "
@@ -302,4 +339,4 @@ def print_summary(summary: dict[str, Any], file=sys.stdout) -> None:
         f"{summary['optimizer_state_host_bytes'] / 2**20:.1f} MiB on host",
         f"  saved       {summary['final_dir']}",
     ]
-    print("\n".join(lines), file=file)
+    print("\n".join(lines), file=file or sys.stdout)

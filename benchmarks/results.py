@@ -1,0 +1,396 @@
+"""The measured comparison behind docs/RESULTS.md: six methods, a learning-rate sweep, three seeds, a γ/τ sweep.
+
+Every run is one method of a ``grass-ft compare`` line (printed, and kept in each group's ``command.txt``), so
+any cell of the tables can be rerun on its own. The protocol (fixed here, the same for every method):
+
+- model ``smollm2-135m`` (SmolLM2-135M-Instruct; its weights went through 4-bit quantisation), data ``gsm-mix``
+  (2,000 generated problems per seed: a quarter GSM-style chain of thought, three quarters single-digit
+  arithmetic), 20 optimizer steps of batch 4 (probe steps included), max_seq_len 256, constant lr;
+- one held-out file for every run (``eval.jsonl``, written here from fixed seeds: 16 ``gsm_symbolic`` + 32
+  single-digit ``basic_arithmetic`` problems): eval loss on the GSM-style chain of thought (scored by loss only)
+  is the primary quality figure; accuracy is greedy generation (16 new tokens) on the arithmetic;
+- sampling methods re-draw every 5 steps (``sample_interval``), GRASS refreshes every 10 (``update_interval``).
+
+Stages (each skips groups that already finished with the same command, so an interrupted run resumes):
+  lr      every method at three learning rates, seed 42
+  seeds   every method at its best learning rate (lowest GSM eval loss at seed 42), seeds 43 and 44
+  sweep   GRASS variants (γ, τ, α, probe_steps, state reset) at its best learning rate, seed 42
+  long    LISA, GRASS and GRASS* at 60 steps (three times the budget), seed 42
+  report  tables and charts from whatever has finished -> --docs (results.md, runs.json, *.png)
+
+Usage (``make results`` runs all four):
+
+    python benchmarks/results.py --stage all --out runs/results --docs docs/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+METHODS = ("fft", "lisa", "grass", "grass-static", "lora", "dora")
+FULL_LRS = (3e-5, 1e-4, 3e-4)  # full-parameter methods (fft, lisa, grass, grass-static)
+ADAPTER_LRS = (1e-4, 3e-4, 1e-3)  # lora, dora: adapters usually want a larger step
+LR_GRID = {m: (ADAPTER_LRS if m in ("lora", "dora") else FULL_LRS) for m in METHODS}
+SEED0, EXTRA_SEEDS = 42, (43, 44)
+PROTOCOL = {
+    "model": "smollm2-135m", "data": "gsm-mix", "max_steps": 20, "batch_size": 4, "max_seq_len": 256,
+    "eval_samples": 48, "eval_loss_only_tasks": "gsm_symbolic", "eval_before": "false", "max_new_tokens": 16,
+    "sample_interval": 5, "update_interval": 10,
+}
+GSM, ARITH = "gsm_symbolic", "basic_arithmetic"
+# GRASS variants of the sweep: (name, overrides); each is compared with GRASS at its defaults.
+SWEEP = (
+    ("gamma=2", {"gamma": 2}), ("gamma=8", {"gamma": 8}),
+    ("tau=0.5", {"tau": 0.5}), ("tau=2", {"tau": 2.0}),
+    ("alpha=1", {"alpha": 1.0}), ("probe_steps=2", {"probe_steps": 2}),
+    ("reset_state_on_switch", {"reset_state_on_switch": "true"}),
+    ("train_embeddings+head", {"train_embeddings": "true", "train_head": "true"}),
+    ("sample_interval=10,update_interval=20", {"sample_interval": 10, "update_interval": 20}),
+)
+
+
+def write_eval_file(path: Path) -> Path:
+    """The fixed held-out set: the same problems for every method and seed (seeds disjoint from training's)."""
+    from grass_ft.data import generate_examples
+
+    if not path.exists():
+        rows = generate_examples("gsm_symbolic", 16, 2_026_112_8) + generate_examples("easy_arith", 32, 2_026_112_9)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def fmt_lr(lr: float) -> str:
+    return f"{lr:.0e}".replace("e-0", "e-")
+
+
+# ------------------------------------------------------------------------------------------------ running
+
+
+def compare_argv(out_dir: Path, methods: list[str], keys: dict[str, Any]) -> list[str]:
+    kv = {"methods": ",".join(methods), **keys, "output_dir": str(out_dir)}
+    return ["grass-ft", "compare", "--quiet", *[f"{k}={v}" for k, v in kv.items()]]
+
+
+def run_group(out_dir: Path, methods: list[str], keys: dict[str, Any], keep_weights: bool) -> list[dict]:
+    """One ``grass-ft compare`` (skipped when it already finished with the same command); its rows."""
+    argv = compare_argv(out_dir, methods, keys)
+    command = " ".join(argv)
+    done = out_dir / "results.json"
+    if done.exists() and (out_dir / "command.txt").exists() and (out_dir / "command.txt").read_text() == command:
+        rows = json.loads(done.read_text())
+        if len(rows) == len(methods) and all(r["status"] == "ok" for r in rows):
+            print(f"[skip] {command}", flush=True)
+            return rows
+    print(f"[run ] {command}", flush=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "command.txt").unlink(missing_ok=True)  # written only once the group finished
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "grass_ft.cli", *argv[1:]], check=False)
+    rows = json.loads(done.read_text()) if done.exists() else []
+    if not keep_weights:  # 0.5 GB per run; the tables need only the summaries and logs
+        for m in methods:
+            shutil.rmtree(out_dir / m / "final", ignore_errors=True)
+    (out_dir / "command.txt").write_text(command)
+    print(f"[done] {out_dir} in {time.perf_counter() - t0:.0f} s", flush=True)
+    return rows
+
+
+def eval_keys(eval_file: Path) -> dict[str, Any]:
+    return {**PROTOCOL, "eval_data": str(eval_file)}
+
+
+def stage_lr(out: Path, eval_file: Path, keep: bool) -> None:
+    for i in range(3):
+        keys = eval_keys(eval_file) | {"seed": SEED0} | {f"{m}.lr": LR_GRID[m][i] for m in METHODS}
+        if i == 1:
+            keys["fft.eval_before"] = "true"  # the model as loaded, once: the held-out set is the same everywhere
+        run_group(out / f"lr{i}-s{SEED0}", list(METHODS), keys, keep)
+
+
+def best_lrs(out: Path) -> dict[str, float]:
+    """Per method, the learning rate with the lowest GSM eval loss at seed 42 (ties: the smaller rate)."""
+    best: dict[str, tuple[float, float]] = {}
+    for i in range(3):
+        for r in load_group(out / f"lr{i}-s{SEED0}"):
+            loss = gsm_loss(r)
+            if loss is not None and (r["method"] not in best or loss < best[r["method"]][0]):
+                best[r["method"]] = (loss, LR_GRID[r["method"]][i])
+    return {m: lr for m, (_, lr) in best.items()}
+
+
+def stage_seeds(out: Path, eval_file: Path, keep: bool) -> None:
+    lrs = best_lrs(out)
+    missing = [m for m in METHODS if m not in lrs]
+    if missing:
+        sys.exit(f"stage seeds needs the lr stage first (no finished run for {', '.join(missing)})")
+    for seed in EXTRA_SEEDS:
+        keys = eval_keys(eval_file) | {"seed": seed} | {f"{m}.lr": lrs[m] for m in METHODS}
+        run_group(out / f"best-s{seed}", list(METHODS), keys, keep)
+
+
+def stage_sweep(out: Path, eval_file: Path, keep: bool) -> None:
+    lr = best_lrs(out).get("grass")
+    if lr is None:
+        sys.exit("stage sweep needs the lr stage first (no finished grass run)")
+    for name, over in SWEEP:
+        run_group(out / f"sweep-{name}", ["grass"], eval_keys(eval_file) | {"seed": SEED0, "lr": lr} | over, keep)
+
+
+LONG_METHODS, LONG_STEPS = ("lisa", "grass", "grass-static"), 60
+
+
+def stage_long(out: Path, eval_file: Path, keep: bool) -> None:
+    """LISA, GRASS and GRASS* over 3x the budget (more refreshes, so adaptive and static draws can part)."""
+    lrs = best_lrs(out)
+    keys = eval_keys(eval_file) | {"seed": SEED0, "max_steps": LONG_STEPS} | {f"{m}.lr": lrs[m] for m in LONG_METHODS}
+    run_group(out / f"long{LONG_STEPS}-s{SEED0}", list(LONG_METHODS), keys, keep)
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+
+def load_group(group: Path) -> list[dict]:
+    """The group's rows, each with its run's full summary.json merged in (per-task figures live only there)."""
+    if not (group / "results.json").exists():
+        return []
+    rows = []
+    for r in json.loads((group / "results.json").read_text()):
+        s = Path(r["output_dir"]) / "summary.json"
+        if r["status"] == "ok" and s.exists():
+            rows.append({**r, **json.loads(s.read_text()), "group": group.name})
+    return rows
+
+
+def gsm_loss(r: dict) -> float | None:
+    return (r.get("eval_loss_per_task") or {}).get(GSM)
+
+
+def arith_acc(r: dict) -> float | None:
+    a = (r.get("accuracy_per_task") or {}).get(ARITH)
+    return None if a is None else 100 * a
+
+
+def mean_sd(xs: list[float]) -> tuple[float, float]:
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else float("nan"))
+
+
+def cell(xs: list[float], digits: int) -> str:
+    if not xs:
+        return "–"
+    m, sd = mean_sd(xs)
+    spread = "" if math.isnan(sd) else f" ± {sd:.{digits}f}"
+    return f"{m:.{digits}f}{spread} [{min(xs):.{digits}f}, {max(xs):.{digits}f}]"
+
+
+def collect(out: Path) -> dict[str, Any]:
+    lrs = best_lrs(out)
+    sweep_lr = {i: [r for r in load_group(out / f"lr{i}-s{SEED0}")] for i in range(3)}
+    main: dict[str, list[dict]] = {m: [] for m in METHODS}
+    for m in METHODS:
+        for i in range(3):
+            main[m] += [r for r in sweep_lr[i] if r["method"] == m and LR_GRID[m][i] == lrs.get(m)]
+        for seed in EXTRA_SEEDS:
+            main[m] += [r for r in load_group(out / f"best-s{seed}") if r["method"] == m]
+    sweep = {name: load_group(out / f"sweep-{name}") for name, _ in SWEEP}
+    before = next((r for i in range(3) for r in sweep_lr[i] if r.get("eval_loss_per_task_before")), None)
+    return {"best_lr": lrs, "lr": sweep_lr, "main": main, "sweep": sweep, "before": before,
+            "long": load_group(out / f"long{LONG_STEPS}-s{SEED0}")}
+
+
+def active_sets(r: dict) -> list[list[int]]:
+    """The active blocks of every non-probe step of a run (from its metrics.jsonl)."""
+    rows = [json.loads(line) for line in (Path(r["output_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    return [d["active"] for d in rows if not d["probe"]]
+
+
+def state_curve(r: dict) -> tuple[list[int], list[float]]:
+    steps, mib = [], []
+    for line in (Path(r["output_dir"]) / "metrics.jsonl").read_text().splitlines():
+        d = json.loads(line)
+        steps.append(d["step"])
+        mib.append(d["optimizer_state_device_bytes"] / 2**20)
+    return steps, mib
+
+
+def plots(c: dict[str, Any], docs: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from grass_ft.report import METHOD_COLORS
+
+    names = []
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    ms = [m for m in METHODS if c["main"][m]]
+    for ax, fn, label in ((axes[0], gsm_loss, "GSM-style eval loss, nats/token (lower is better)"),
+                          (axes[1], arith_acc, "single-digit arithmetic accuracy, % (higher is better)")):
+        vals = [[v for v in map(fn, c["main"][m]) if v is not None] for m in ms]
+        means = [statistics.fmean(v) if v else float("nan") for v in vals]
+        sds = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in vals]
+        ax.bar(ms, means, yerr=sds, capsize=4, color=[METHOD_COLORS.get(m, "grey") for m in ms])
+        for x, v in enumerate(vals):
+            ax.scatter([x] * len(v), v, color="black", s=10, zorder=3)
+        ax.set_title(label, fontsize=9)
+        ax.tick_params(axis="x", labelrotation=30)
+        if fn is gsm_loss and c["before"]:
+            ax.axhline(c["before"]["eval_loss_per_task_before"][GSM], ls="--", color="grey", lw=1)
+            lo = min(min(v) for v in vals if v)
+            ax.set_ylim(lo - 0.05, c["before"]["eval_loss_per_task_before"][GSM] + 0.02)
+        if fn is arith_acc and c["before"]:
+            ax.axhline(100 * c["before"]["accuracy_per_task_before"][ARITH], ls="--", color="grey", lw=1)
+    fig.suptitle("Best learning rate per method, 3 seeds (bar: mean, whisker: sd, dots: seeds; dashed: before)",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(docs / "main.png", dpi=110)
+    plt.close(fig)
+    names.append("main.png")
+
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for m in METHODS:
+        pts = [(LR_GRID[m][i], gsm_loss(r)) for i in range(3) for r in c["lr"][i] if r["method"] == m]
+        if pts:
+            ax.plot(*zip(*sorted(pts)), marker="o", label=m, color=METHOD_COLORS.get(m))
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("GSM-style eval loss, nats/token")
+    ax.set_title("Learning-rate sweep, seed 42", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(docs / "lr_sweep.png", dpi=110)
+    plt.close(fig)
+    names.append("lr_sweep.png")
+
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for m in ("fft", "lisa", "grass"):
+        runs = [r for r in c["main"][m] if r["seed"] == SEED0]
+        if runs:
+            ax.plot(*state_curve(runs[0]), marker=".", label=m, color=METHOD_COLORS.get(m))
+    ax.set_xlabel("step")
+    ax.set_ylabel("optimizer state on the device, MiB")
+    ax.set_title("Optimizer state kept on the device between steps (seed 42)", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(docs / "optimizer_state.png", dpi=110)
+    plt.close(fig)
+    names.append("optimizer_state.png")
+    return names
+
+
+def results_md(c: dict[str, Any], figures: list[str]) -> str:
+    L = ["# Measured results (generated by benchmarks/results.py; do not edit by hand)", ""]
+    b = c["before"]
+    if b:
+        L += [f"Model as loaded: GSM-style eval loss {b['eval_loss_per_task_before'][GSM]:.4f} nats/token, "
+              f"arithmetic accuracy {100 * b['accuracy_per_task_before'][ARITH]:.1f} % "
+              f"(overall eval loss {b['eval_loss_before']:.4f}).", ""]
+    L += ["## Main table: best learning rate per method, seeds 42, 43, 44", "",
+          "mean ± sample sd [min, max] over the seeds; n is the number of finished seeds.", "",
+          "| method | lr | n | GSM-style eval loss | arithmetic accuracy, % | all-held-out eval loss | s/step | "
+          "tokens/s | peak RSS, GiB | optimizer state device + host, MiB | params updated per step |",
+          "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for m in METHODS:
+        rs = c["main"][m]
+        if not rs:
+            continue
+        st = rs[0]
+        L.append(f"| `{m}` | {fmt_lr(c['best_lr'][m])} | {len(rs)} | {cell([gsm_loss(r) for r in rs], 4)} | "
+                 f"{cell([arith_acc(r) for r in rs], 1)} | {cell([r['eval_loss'] for r in rs], 4)} | "
+                 f"{statistics.fmean(r['s_per_step'] for r in rs):.2f} | "
+                 f"{statistics.fmean(r['tokens_per_s'] for r in rs):.0f} | "
+                 f"{max(r['peak_memory_bytes'] for r in rs) / 2**30:.2f} | "
+                 f"{st['optimizer_state_device_bytes'] / 2**20:.0f} + {st['optimizer_state_host_bytes'] / 2**20:.0f} | "
+                 f"{st['trainable_params']:,} |")
+    L += ["", "## Every seed", "", "| method | seed | GSM-style eval loss | arithmetic accuracy, % | group |",
+          "|---|---|---|---|---|"]
+    for m in METHODS:
+        for r in sorted(c["main"][m], key=lambda r: r["seed"]):
+            L.append(f"| `{m}` | {r['seed']} | {gsm_loss(r):.4f} | {arith_acc(r):.1f} | `{r['group']}` |")
+    L += ["", "## Learning-rate sweep (seed 42)", "",
+          "| method | " + " | ".join(f"lr #{i + 1}" for i in range(3)) + " | chosen |", "|---|---|---|---|---|"]
+    for m in METHODS:
+        cells = []
+        for i in range(3):
+            r = next((r for r in c["lr"][i] if r["method"] == m), None)
+            cells.append("–" if r is None else
+                         f"{fmt_lr(LR_GRID[m][i])}: {gsm_loss(r):.4f} / {arith_acc(r):.1f} %")
+        L.append(f"| `{m}` | " + " | ".join(cells) + f" | {fmt_lr(c['best_lr'].get(m, float('nan')))} |")
+    L += ["", "Cells: GSM-style eval loss / arithmetic accuracy.", ""]
+    base = next((r for r in c["main"]["grass"] if r["seed"] == SEED0), None)
+    if base:
+        L += ["## GRASS sweep (seed 42, GRASS's best lr; one knob changed from the defaults)", "",
+              "| variant | GSM-style eval loss | arithmetic accuracy, % | s/step | MGN bookkeeping, % of step |",
+              "|---|---|---|---|---|",
+              f"| defaults (γ=4, τ=1, α=0.5, probe 4) | {gsm_loss(base):.4f} | {arith_acc(base):.1f} | "
+              f"{base['s_per_step']:.2f} | {100 * base['mgn_bookkeeping_fraction']:.2f} |"]
+        for name, rs in c["sweep"].items():
+            for r in rs:
+                L.append(f"| {name} | {gsm_loss(r):.4f} | {arith_acc(r):.1f} | {r['s_per_step']:.2f} | "
+                         f"{100 * r['mgn_bookkeeping_fraction']:.2f} |")
+        L.append("")
+    long_rows = c.get("long") or []
+    if long_rows:
+        L += [f"## Longer budget ({LONG_STEPS} steps, seed 42, best lr of the 20-step sweep)", "",
+              "| method | GSM-style eval loss | arithmetic accuracy, % | distinct blocks trained | distinct active sets |",
+              "|---|---|---|---|---|"]
+        for r in long_rows:
+            active = active_sets(r)
+            L.append(f"| `{r['method']}` | {gsm_loss(r):.4f} | {arith_acc(r):.1f} | "
+                     f"{len(set().union(*map(set, active))) if active else 0} | {len({tuple(a) for a in active})} |")
+        L.append("")
+    L += ["## Commands", "", "Each group is one `grass-ft compare` line (the eval file is written by the script):", ""]
+    out = Path(c.get("out", "runs/results"))
+    for cmd in sorted(out.glob("*/command.txt")):
+        L += [f"- `{cmd.parent.name}`: `{cmd.read_text()}`"]
+    L += [""] + [f"![{f}]({f})" for f in figures]
+    return "\n".join(L) + "\n"
+
+
+def report(out: Path, docs: Path) -> None:
+    c = collect(out)
+    c["out"] = str(out)
+    docs.mkdir(parents=True, exist_ok=True)
+    figures = plots(c, docs)
+    (docs / "results.md").write_text(results_md(c, figures))
+    keep = ("method", "group", "seed", "eval_loss", "eval_loss_per_task", "accuracy_per_task", "final_train_loss",
+            "s_per_step", "tokens_per_s", "peak_memory_bytes", "optimizer_state_device_bytes",
+            "optimizer_state_host_bytes", "trainable_params", "mgn_bookkeeping_fraction", "train_wall_s", "wall_s")
+    import yaml
+
+    runs = [{k: r.get(k) for k in keep}
+            | {"lr": yaml.safe_load((Path(r["output_dir"]) / "config.yaml").read_text()).get("lr")}
+            for group in sorted(out.glob("*/")) for r in load_group(group)]
+    (docs / "runs.json").write_text(json.dumps({"best_lr": c["best_lr"], "runs": runs}, indent=1))
+    print(f"wrote {docs / 'results.md'}, runs.json and {len(figures)} charts")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--stage", choices=("lr", "seeds", "sweep", "long", "report", "all"), default="all")
+    ap.add_argument("--out", default="runs/results", help="run directories (one per compare group)")
+    ap.add_argument("--docs", default="docs/results", help="where results.md, runs.json and the charts go")
+    ap.add_argument("--keep-weights", action="store_true", help="keep each run's final/ (0.5 GB each)")
+    args = ap.parse_args()
+    out, docs = Path(args.out), Path(args.docs)
+    eval_file = write_eval_file(out / "eval.jsonl")
+    stages = ("lr", "seeds", "sweep", "long", "report") if args.stage == "all" else (args.stage,)
+    for stage in stages:
+        if stage == "report":
+            report(out, docs)
+        else:
+            {"lr": stage_lr, "seeds": stage_seeds, "sweep": stage_sweep,
+             "long": stage_long}[stage](out, eval_file, args.keep_weights)
+
+
+if __name__ == "__main__":
+    main()
