@@ -15,7 +15,7 @@ Stages (each skips groups that already finished with the same command, so an int
   lr      every method at three learning rates, seed 42
   seeds   every method at its best learning rate (lowest GSM eval loss at seed 42), seeds 43 and 44
   sweep   GRASS variants (γ, τ, α, probe_steps, state reset) at its best learning rate, seed 42
-  long    LISA, GRASS and GRASS* at 60 steps (three times the budget), seed 42
+  long    GRASS and GRASS* at 60 steps (three times the budget), seed 42
   report  tables and charts from whatever has finished -> --docs (results.md, runs.json, *.png)
 
 Usage (``make results`` runs all four):
@@ -48,12 +48,13 @@ PROTOCOL = {
 }
 GSM, ARITH = "gsm_symbolic", "basic_arithmetic"
 # GRASS variants of the sweep: (name, overrides); each is compared with GRASS at its defaults.
-SWEEP = (
+SWEEP = (  # in order of priority: an interrupted sweep has the γ/τ rows first
     ("gamma=2", {"gamma": 2}), ("gamma=8", {"gamma": 8}),
     ("tau=0.5", {"tau": 0.5}), ("tau=2", {"tau": 2.0}),
-    ("alpha=1", {"alpha": 1.0}), ("probe_steps=2", {"probe_steps": 2}),
-    ("reset_state_on_switch", {"reset_state_on_switch": "true"}),
     ("train_embeddings+head", {"train_embeddings": "true", "train_head": "true"}),
+    ("probe_steps=2", {"probe_steps": 2}),
+    ("reset_state_on_switch", {"reset_state_on_switch": "true"}),
+    ("alpha=1", {"alpha": 1.0}),
     ("sample_interval=10,update_interval=20", {"sample_interval": 10, "update_interval": 20}),
 )
 
@@ -115,20 +116,58 @@ def stage_lr(out: Path, eval_file: Path, keep: bool) -> None:
         if i == 1:
             keys["fft.eval_before"] = "true"  # the model as loaded, once: the held-out set is the same everywhere
         run_group(out / f"lr{i}-s{SEED0}", list(METHODS), keys, keep)
+    extend_lr_grid(out, eval_file, keep)
+
+
+EXTRA = f"lr-extra-s{SEED0}"
+
+
+def next_lr(lr: float, up: bool) -> float:
+    """The neighbour of ``lr`` on the 1-3-10 ladder (3e-5 -> 1e-5 down, 3e-4 -> 1e-3 up)."""
+    exp = math.floor(math.log10(lr) + 1e-9)
+    ladder = [m * 10.0 ** e for e in (exp - 1, exp, exp + 1) for m in (1, 3)]
+    i = min(range(len(ladder)), key=lambda k: abs(math.log(ladder[k] / lr)))
+    return float(f"{ladder[i + 1 if up else i - 1]:.0e}")
+
+
+def sweep_rows(out: Path) -> list[dict]:
+    """Every seed-42 run of the learning-rate sweep (the grid and its extension), each with its ``lr``."""
+    rows = []
+    for i in range(3):
+        rows += [r | {"lr": LR_GRID[r["method"]][i]} for r in load_group(out / f"lr{i}-s{SEED0}")]
+    extra = out / EXTRA
+    lrs = json.loads((extra / "lrs.json").read_text()) if (extra / "lrs.json").exists() else {}
+    rows += [r | {"lr": lrs[r["method"]]} for r in load_group(extra)]
+    return rows
 
 
 def best_lrs(out: Path) -> dict[str, float]:
     """Per method, the learning rate with the lowest GSM eval loss at seed 42 (ties: the smaller rate)."""
     best: dict[str, tuple[float, float]] = {}
-    for i in range(3):
-        for r in load_group(out / f"lr{i}-s{SEED0}"):
-            loss = gsm_loss(r)
-            if loss is not None and (r["method"] not in best or loss < best[r["method"]][0]):
-                best[r["method"]] = (loss, LR_GRID[r["method"]][i])
+    for r in sorted(sweep_rows(out), key=lambda r: r["lr"]):
+        loss = gsm_loss(r)
+        if loss is not None and (r["method"] not in best or loss < best[r["method"]][0]):
+            best[r["method"]] = (loss, r["lr"])
     return {m: lr for m, (_, lr) in best.items()}
 
 
+def extend_lr_grid(out: Path, eval_file: Path, keep: bool) -> None:
+    """A method whose best rate is an end of its grid gets one more rate beyond that end (once)."""
+    if (out / EXTRA / "command.txt").exists():
+        return
+    lrs = best_lrs(out)
+    extra = {m: next_lr(lr, up=lr == LR_GRID[m][-1]) for m, lr in lrs.items()
+             if lr in (LR_GRID[m][0], LR_GRID[m][-1])}
+    if not extra:
+        return
+    (out / EXTRA).mkdir(parents=True, exist_ok=True)
+    (out / EXTRA / "lrs.json").write_text(json.dumps(extra))
+    keys = eval_keys(eval_file) | {"seed": SEED0} | {f"{m}.lr": lr for m, lr in extra.items()}
+    run_group(out / EXTRA, list(extra), keys, keep)
+
+
 def stage_seeds(out: Path, eval_file: Path, keep: bool) -> None:
+    extend_lr_grid(out, eval_file, keep)
     lrs = best_lrs(out)
     missing = [m for m in METHODS if m not in lrs]
     if missing:
@@ -146,11 +185,11 @@ def stage_sweep(out: Path, eval_file: Path, keep: bool) -> None:
         run_group(out / f"sweep-{name}", ["grass"], eval_keys(eval_file) | {"seed": SEED0, "lr": lr} | over, keep)
 
 
-LONG_METHODS, LONG_STEPS = ("lisa", "grass", "grass-static"), 60
+LONG_METHODS, LONG_STEPS = ("grass", "grass-static"), 60
 
 
 def stage_long(out: Path, eval_file: Path, keep: bool) -> None:
-    """LISA, GRASS and GRASS* over 3x the budget (more refreshes, so adaptive and static draws can part)."""
+    """GRASS and GRASS* over 3x the budget (more refreshes, so adaptive and static draws can part)."""
     lrs = best_lrs(out)
     keys = eval_keys(eval_file) | {"seed": SEED0, "max_steps": LONG_STEPS} | {f"{m}.lr": lrs[m] for m in LONG_METHODS}
     run_group(out / f"long{LONG_STEPS}-s{SEED0}", list(LONG_METHODS), keys, keep)
@@ -194,15 +233,14 @@ def cell(xs: list[float], digits: int) -> str:
 
 def collect(out: Path) -> dict[str, Any]:
     lrs = best_lrs(out)
-    sweep_lr = {i: [r for r in load_group(out / f"lr{i}-s{SEED0}")] for i in range(3)}
+    sweep_lr = sweep_rows(out)
     main: dict[str, list[dict]] = {m: [] for m in METHODS}
     for m in METHODS:
-        for i in range(3):
-            main[m] += [r for r in sweep_lr[i] if r["method"] == m and LR_GRID[m][i] == lrs.get(m)]
+        main[m] += [r for r in sweep_lr if r["method"] == m and r["lr"] == lrs.get(m)]
         for seed in EXTRA_SEEDS:
             main[m] += [r for r in load_group(out / f"best-s{seed}") if r["method"] == m]
     sweep = {name: load_group(out / f"sweep-{name}") for name, _ in SWEEP}
-    before = next((r for i in range(3) for r in sweep_lr[i] if r.get("eval_loss_per_task_before")), None)
+    before = next((r for r in sweep_lr if r.get("eval_loss_per_task_before")), None)
     return {"best_lr": lrs, "lr": sweep_lr, "main": main, "sweep": sweep, "before": before,
             "long": load_group(out / f"long{LONG_STEPS}-s{SEED0}")}
 
@@ -256,35 +294,64 @@ def plots(c: dict[str, Any], docs: Path) -> list[str]:
     plt.close(fig)
     names.append("main.png")
 
-    fig, ax = plt.subplots(figsize=(6, 3.8))
-    for m in METHODS:
-        pts = [(LR_GRID[m][i], gsm_loss(r)) for i in range(3) for r in c["lr"][i] if r["method"] == m]
-        if pts:
-            ax.plot(*zip(*sorted(pts)), marker="o", label=m, color=METHOD_COLORS.get(m))
-    ax.set_xscale("log")
-    ax.set_xlabel("learning rate")
-    ax.set_ylabel("GSM-style eval loss, nats/token")
-    ax.set_title("Learning-rate sweep, seed 42", fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(docs / "lr_sweep.png", dpi=110)
-    plt.close(fig)
-    names.append("lr_sweep.png")
+    def line_chart(name: str, series: dict[str, tuple], xlabel: str, ylabel: str, title: str, xlog: bool) -> None:
+        fig, ax = plt.subplots(figsize=(6, 3.8))
+        for m, (xs, ys) in series.items():
+            ax.plot(xs, ys, marker="o" if xlog else ".", label=m, color=METHOD_COLORS.get(m))
+        if xlog:
+            ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(docs / name, dpi=110)
+        plt.close(fig)
+        names.append(name)
 
-    fig, ax = plt.subplots(figsize=(6, 3.8))
-    for m in ("fft", "lisa", "grass"):
-        runs = [r for r in c["main"][m] if r["seed"] == SEED0]
-        if runs:
-            ax.plot(*state_curve(runs[0]), marker=".", label=m, color=METHOD_COLORS.get(m))
-    ax.set_xlabel("step")
-    ax.set_ylabel("optimizer state on the device, MiB")
-    ax.set_title("Optimizer state kept on the device between steps (seed 42)", fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(docs / "optimizer_state.png", dpi=110)
-    plt.close(fig)
-    names.append("optimizer_state.png")
+    lr_series = {m: tuple(zip(*sorted((r["lr"], gsm_loss(r)) for r in c["lr"] if r["method"] == m)))
+                 for m in METHODS}
+    line_chart("lr_sweep.png", {m: xy for m, xy in lr_series.items() if xy}, "learning rate",
+               "GSM-style eval loss, nats/token", "Learning-rate sweep, seed 42", xlog=True)
+    seed0 = {m: [r for r in c["main"][m] if r["seed"] == SEED0] for m in ("fft", "lisa", "grass")}
+    line_chart("optimizer_state.png", {m: state_curve(rs[0]) for m, rs in seed0.items() if rs}, "step",
+               "optimizer state on the device, MiB", "Optimizer state kept on the device between steps (seed 42)",
+               xlog=False)
     return names
+
+
+def targets_md(c: dict[str, Any]) -> list[str]:
+    """The issue's targets, checked on the seed means of the main table."""
+    main = c["main"]
+    if not all(main[m] for m in ("fft", "lisa", "grass", "grass-static", "lora")):
+        return []
+
+    def mean(m: str, fn) -> float:
+        return statistics.fmean(fn(r) for r in main[m])
+
+    g_loss, g_acc = mean("grass", gsm_loss), mean("grass", arith_acc)
+    rows = [(f"GSM eval loss below {name}'s", f"{g_loss:.4f} vs {mean(m, gsm_loss):.4f}", g_loss < mean(m, gsm_loss))
+            for m, name in (("lisa", "LISA"), ("lora", "LoRA"), ("grass-static", "GRASS*"))]
+    rel = g_loss / mean("fft", gsm_loss) - 1
+    rows.append(("GSM eval loss within 2 % of FFT's", f"{rel:+.2%} ({g_loss:.4f} vs {mean('fft', gsm_loss):.4f})",
+                 rel <= 0.02))
+    for m, name, margin in (("lisa", "LISA", 2.0), ("lora", "LoRA", 3.0), ("fft", "FFT", -0.5)):
+        d = g_acc - mean(m, arith_acc)
+        rows.append((f"accuracy ≥ {name} {margin:+.1f} points", f"{d:+.1f} points ({g_acc:.1f} vs "
+                     f"{mean(m, arith_acc):.1f} %)", d >= margin))
+    d = g_acc - mean("grass-static", arith_acc)
+    rows.append(("accuracy above GRASS*", f"{d:+.1f} points", d > 0))
+    ratio = mean("grass", lambda r: r["s_per_step"]) / mean("fft", lambda r: r["s_per_step"])
+    rows.append(("step time ≤ 0.50× FFT (these runs' mean s/step)", f"{ratio:.2f}×", ratio <= 0.5))
+    frac = max(r["mgn_bookkeeping_fraction"] for r in main["grass"])
+    rows.append(("MGN bookkeeping ≤ 3 % of step time (worst seed)", f"{100 * frac:.2f} %", frac <= 0.03))
+    g_curve = [y for r in main["grass"] for y in state_curve(r)[1]]
+    l_curve = state_curve(main["lisa"][0])[1]
+    rows.append(("GRASS device state flat while LISA's grows (seed 42)",
+                 f"GRASS {min(g_curve):.0f}–{max(g_curve):.0f} MiB; LISA {l_curve[0]:.0f} → {l_curve[-1]:.0f} MiB",
+                 max(g_curve) == min(g_curve) and l_curve[-1] > l_curve[0]))
+    return (["", "## Targets (seed means of the main table)", "", "| target | measured | met |", "|---|---|---|"]
+            + [f"| {t} | {v} | {'yes' if ok else '**no**'} |" for t, v, ok in rows])
 
 
 def results_md(c: dict[str, Any], figures: list[str]) -> str:
@@ -311,21 +378,21 @@ def results_md(c: dict[str, Any], figures: list[str]) -> str:
                  f"{max(r['peak_memory_bytes'] for r in rs) / 2**30:.2f} | "
                  f"{st['optimizer_state_device_bytes'] / 2**20:.0f} + {st['optimizer_state_host_bytes'] / 2**20:.0f} | "
                  f"{st['trainable_params']:,} |")
+    L += targets_md(c)
     L += ["", "## Every seed", "", "| method | seed | GSM-style eval loss | arithmetic accuracy, % | group |",
           "|---|---|---|---|---|"]
     for m in METHODS:
         for r in sorted(c["main"][m], key=lambda r: r["seed"]):
             L.append(f"| `{m}` | {r['seed']} | {gsm_loss(r):.4f} | {arith_acc(r):.1f} | `{r['group']}` |")
     L += ["", "## Learning-rate sweep (seed 42)", "",
-          "| method | " + " | ".join(f"lr #{i + 1}" for i in range(3)) + " | chosen |", "|---|---|---|---|---|"]
+          "| method | " + " | ".join(f"lr #{i + 1}" for i in range(4)) + " | chosen |", "|---|---|---|---|---|---|"]
     for m in METHODS:
-        cells = []
-        for i in range(3):
-            r = next((r for r in c["lr"][i] if r["method"] == m), None)
-            cells.append("–" if r is None else
-                         f"{fmt_lr(LR_GRID[m][i])}: {gsm_loss(r):.4f} / {arith_acc(r):.1f} %")
+        rs = sorted((r for r in c["lr"] if r["method"] == m), key=lambda r: r["lr"])
+        cells = [f"{fmt_lr(r['lr'])}: {gsm_loss(r):.4f} / {arith_acc(r):.1f} %" for r in rs]
+        cells += ["–"] * (4 - len(cells))
         L.append(f"| `{m}` | " + " | ".join(cells) + f" | {fmt_lr(c['best_lr'].get(m, float('nan')))} |")
-    L += ["", "Cells: GSM-style eval loss / arithmetic accuracy.", ""]
+    L += ["", "Cells: GSM-style eval loss / arithmetic accuracy. The grid is three rates per method; a method whose "
+          "best rate was an end of the grid got one more rate beyond it (group `lr-extra-s42`).", ""]
     base = next((r for r in c["main"]["grass"] if r["seed"] == SEED0), None)
     if base:
         L += ["## GRASS sweep (seed 42, GRASS's best lr; one knob changed from the defaults)", "",
