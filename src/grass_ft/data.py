@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -234,6 +234,7 @@ class BatchStream:
     world_size: int = 1
 
     group_by_length: bool = True
+    _cached: tuple = field(default=(None, None), init=False, repr=False, compare=False)  # ((seed, epoch), order)
 
     def _order(self) -> list[int]:
         """This epoch's example order: a seeded shuffle; with ``group_by_length``, each run of
@@ -256,7 +257,7 @@ class BatchStream:
     def _epoch_order(self) -> list[int]:
         """:meth:`_order` computed once per (seed, epoch), not at every batch."""
         key = (self.seed, self.epoch)
-        if getattr(self, "_cached", (None, None))[0] != key:
+        if self._cached[0] != key:
             self._cached = (key, self._order())
         return self._cached[1]
 

@@ -79,10 +79,15 @@ def save_final(model, tokenizer, out: Path) -> Path:
     return out / "final"
 
 
+def held_out_task(example: dict, cfg: TrainConfig) -> str:
+    """A held-out example's task as ``eval_loss_only_tasks`` names it: its ``task`` key, else ``cfg.task``."""
+    return str(example.get("task") or cfg.task)
+
+
 def loss_only_tasks(cfg: TrainConfig, examples: list[dict]) -> set[str]:
     """The tasks of ``eval_loss_only_tasks``; each must be a task of the held-out examples."""
     wanted = {t.strip() for t in cfg.eval_loss_only_tasks.split(",") if t.strip()}
-    present = {str(ex.get("task") or cfg.task) for ex in examples}
+    present = {held_out_task(ex, cfg) for ex in examples}
     missing = sorted(wanted - present)
     if missing and examples:
         raise ConfigError([f"`eval_loss_only_tasks`: {', '.join(map(repr, missing))} is not a task of the held-out "
@@ -102,7 +107,7 @@ def evaluate_model(model, tokenizer, examples: list[dict], cfg: TrainConfig, des
     loss, per_task_loss = eval_loss_by_task(model, tokenizer, examples, max_seq_len=cfg.max_seq_len,
                                             batch_size=cfg.eval_batch_size, task=cfg.task)
     skip = loss_only_tasks(cfg, examples)
-    generated = [ex for ex in examples if str(ex.get("task") or cfg.task) not in skip]
+    generated = [ex for ex in examples if held_out_task(ex, cfg) not in skip]
     res: dict[str, Any] = (evaluate_examples(model, tokenizer, generated, cfg.task, max_new_tokens=cfg.max_new_tokens,
                                              batch_size=cfg.eval_batch_size) if generated
                            else {"accuracy": None, "n": 0, "per_task": {}, "predictions": []})
