@@ -112,6 +112,7 @@ class StepRunner:
 
     def begin_step(self, step: int) -> list[dict]:
         """Advance the sampler and set ``requires_grad`` for this step; returns the sampler's events."""
+        self.dist.begin_step()
         if self.sampler is None:
             return []
         previous = set(self.sampler.active)
