@@ -106,35 +106,48 @@ def test_bad_hyperparameters_are_all_reported():
         LayerwiseOffloadAdamW(nn.Linear(2, 2).named_parameters(), lr=-1, betas=(0.9, 1.5))
 
 
+def state_bytes(model, masters: bool = False) -> int:
+    """Host slab of a model, computed independently: exp_avg + exp_avg_sq (+ master) in fp32 per element."""
+    return sum((12 if masters else 8) * p.numel() for p in model.parameters())
+
+
+# 1000 elements: every 64x64 projection is 5 chunks, the 128x64 embedding 9, a block 37+ (several per param, per block)
+CHUNKS = [None, 1000]
+
+
+@pytest.mark.parametrize("chunk_size", CHUNKS, ids=["one-chunk", "chunks-of-1000"])
 @pytest.mark.parametrize("offload", [True, False], ids=["offload", "no-offload"])
-@pytest.mark.parametrize("clip", [False, True], ids=["noclip", "clip"])
-@pytest.mark.parametrize("accum", [1, 2], ids=["accum1", "accum2"])
+@pytest.mark.parametrize("accum,clip", [(1, False), (2, True)], ids=["plain", "accum2-clip"])
 @pytest.mark.parametrize("schedule", [ALL_ACTIVE, SWITCHING], ids=["all-active", "switching"])
-def test_matches_adamw(schedule, accum, clip, offload):
+def test_matches_adamw(schedule, accum, clip, offload, chunk_size):
     model = tiny_llama()
     ref = copy.deepcopy(model)
-    opt = LayerwiseOffloadAdamW(model.named_parameters(), lr=1e-2, weight_decay=0.1, offload=offload)
+    extra = {} if chunk_size is None else {"chunk_size": chunk_size}
+    opt = LayerwiseOffloadAdamW(model.named_parameters(), lr=1e-2, weight_decay=0.1, offload=offload, **extra)
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.1)
     before = copy.deepcopy(model.state_dict())
     train(model, opt, schedule, accum=accum, clip=clip)
     train(ref, ref_opt, schedule, accum=accum, clip=clip)
+    # same ops in the same order as torch's single-tensor AdamW (the CPU default), elementwise: default fp32
+    # tolerances cover a possible ulp from vectorised vs scalar kernel tails at chunk boundaries
     assert_same_params(model, ref)
     assert_same_state(opt, ref_opt, ref)
     # every block was active at some point, so every block moved (ANCHORS: the new block's weights move)
     for name in BLOCKS:
         assert not torch.equal(model.state_dict()[f"{name}.mlp.up_proj.weight"], before[f"{name}.mlp.up_proj.weight"])
+    report = opt.memory_report()
     if offload:
-        report = opt.memory_report()
         assert report["device_state_bytes"] == 0
-        assert report["host_state_bytes"] == sum(t.nbytes for s in opt.state_dict()["state"].values()
-                                                 for t in s.values())
+        assert report["host_state_bytes"] == state_bytes(model)  # fp32 parameters: no masters, no extra bytes
     else:
-        assert opt.memory_report()["host_state_bytes"] == 0
+        assert report["host_state_bytes"] == 0
+        assert report["device_state_bytes"] == state_bytes(model)  # every group has stepped
 
 
 def test_device_state_flat_over_100_switches():
     model = tiny_llama()
     opt = LayerwiseOffloadAdamW(model.named_parameters(), offload=True)
+    slab = opt._slabs[0].data_ptr()
     per_block, rng = block_state_bytes(model), random.Random(0)
     peaks = []
     for _ in range(100):
@@ -147,20 +160,27 @@ def test_device_state_flat_over_100_switches():
         report = opt.memory_report()
         assert report["device_state_bytes"] == 0
         peaks.append(report["peak_device_state_bytes"])
-    # moments of the active blocks only (steps stay on the host), never more, never growing
-    assert max(peaks) <= 2 * (per_block - 4 * len(list(model.model.layers[0].parameters())))
-    assert min(peaks) == max(peaks)
-    assert opt.memory_report()["host_state_bytes"] == N_LAYERS * per_block
+    # a ring of 3 records of the largest chunk (fp32: exp_avg + exp_avg_sq) plus the denominator buffer, every
+    # step the same, and below the two active blocks' moments
+    largest = max(p.numel() for p in model.model.layers[0].parameters())
+    assert peaks == [3 * 2 * 4 * largest + 4 * largest] * 100
+    assert peaks[0] < 2 * (per_block - 4 * len(list(model.model.layers[0].parameters())))
+    # one slab, allocated in the constructor, never reallocated
+    assert len(opt._slabs) == 1 and opt._slabs[0].data_ptr() == slab
+    assert opt.memory_report()["host_state_bytes"] == state_bytes(model)
 
 
 def test_no_offload_keeps_state_on_device():
     model = tiny_llama()
     opt = LayerwiseOffloadAdamW(model.named_parameters(), offload=False)
-    train(model, opt, SWITCHING[:2])
+    train(model, opt, [({0}, False)])
     report = opt.memory_report()
     assert report["host_state_bytes"] == 0
-    assert report["device_state_bytes"] == sum(t.nbytes for s in opt.state_dict()["state"].values()
-                                               for t in s.values())
+    # created per group on its first step: block 0, the final norm and the head (embeddings frozen)
+    stepped = [*model.model.layers[0].parameters(), model.model.norm.weight, model.lm_head.weight]
+    assert report["device_state_bytes"] == sum(8 * p.numel() for p in stepped)
+    train(model, opt, [({1, 2, 3}, True)])
+    assert opt.memory_report()["device_state_bytes"] == state_bytes(model)
 
 
 @pytest.mark.parametrize("src_offload,dst_offload", [(True, True), (False, False), (True, False)])
@@ -275,26 +295,6 @@ def test_tied_parameters_count_once():
     train(model, opt, SWITCHING[:3])
     train(ref, ref_opt, SWITCHING[:3])
     assert_same_params(model, ref)
-
-
-def test_bf16_params_keep_fp32_state():
-    torch.manual_seed(0)
-    layer = nn.Linear(16, 16).to(torch.bfloat16)
-    master = copy.deepcopy(layer).float()
-    opt = LayerwiseOffloadAdamW(layer.named_parameters(), lr=1e-2)
-    ref_opt = torch.optim.AdamW(master.parameters(), lr=1e-2)
-    for _ in range(3):
-        for p, q in zip(layer.parameters(), master.parameters()):
-            p.grad = torch.randn(p.shape).to(torch.bfloat16)
-            q.grad = p.grad.float()
-        opt.step()
-        ref_opt.step()
-        with torch.no_grad():  # the reference rounds to bf16 after each step, as the parameter does
-            for q in master.parameters():
-                q.copy_(q.bfloat16().float())
-    for p, q in zip(layer.parameters(), master.parameters()):
-        torch.testing.assert_close(p.float(), q)
-    assert all(t.dtype == torch.float32 for s in opt.state_dict()["state"].values() for t in s.values())
 
 
 @pytest.mark.parametrize("offload", [True, False], ids=["offload", "no-offload"])
