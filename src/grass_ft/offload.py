@@ -107,8 +107,9 @@ def _register_pinned(t: Tensor) -> bool:
         torch.cuda.synchronize()
         torch.cuda.cudart().cudaHostUnregister(ptr)
 
-    # unpin when the storage is freed, never after the CUDA context is gone (as torch's stager does)
-    weakref.finalize(t.untyped_storage(), unregister).atexit = False
+    # unpin when the slab is freed (the optimizer holds it for its lifetime), never after the CUDA context is gone
+    # (as torch's stager does); a tensor's Python object lives as long as its TensorImpl
+    weakref.finalize(t, unregister).atexit = False
     return True
 
 
