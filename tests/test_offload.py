@@ -297,6 +297,26 @@ def test_tied_parameters_count_once():
     assert_same_params(model, ref)
 
 
+@pytest.mark.parametrize("offload", [True, False], ids=["offload", "no-offload"])
+def test_step_runs_on_fake_tensors(offload):
+    """The memory estimate runs step() under FakeTensorMode: a fake tensor has no value, so an .item(), a host
+    sync or a Python branch on a tensor value in step() would raise here."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        model = nn.Sequential(nn.Linear(64, 64, dtype=torch.bfloat16), nn.Linear(64, 64))
+        opt = LayerwiseOffloadAdamW(model.named_parameters(), lr=1e-3, chunk_size=1000, offload=offload)
+        for _ in range(2):
+            model[1](model[0](torch.randn(4, 64, dtype=torch.bfloat16)).float()).sum().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    report = opt.memory_report()
+    # offload: 3 ring slots of a bf16 record (3 x 1000) + denominator + up-cast gradient; without: the stores
+    # (4160 elements per layer: 3 floats each for the bf16 layer, 2 for the fp32 one) + the same two buffers
+    assert report["peak_device_state_bytes"] == (4 * (3 * 3000 + 1000 + 1000) if offload else
+                                                 4 * (3 * 4160 + 2 * 4160) + 4 * (1000 + 1000))
+
+
 @pytest.mark.parametrize("chunk_size", CHUNKS, ids=["one-chunk", "chunks-of-1000"])
 @pytest.mark.parametrize("offload", [True, False], ids=["offload", "no-offload"])
 @pytest.mark.gpu

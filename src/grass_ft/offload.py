@@ -16,7 +16,6 @@ apex/DeepSpeed; BAdam keeps fp32 masters of the active block only). See docs/OFF
 
 from __future__ import annotations
 
-import contextlib
 import re
 import warnings
 import weakref
