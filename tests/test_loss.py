@@ -11,6 +11,7 @@ that are sums of cancelling terms near zero (terms ~1e-1, so ~1e-7 absolute; 1e-
 """
 
 import copy
+import math
 import warnings
 
 import pytest
@@ -140,6 +141,18 @@ def test_frozen_lower_blocks_get_no_backward():
     assert all(p.grad is None for n, p in model.named_parameters() if not p.requires_grad)
 
 
+def test_with_activation_checkpointing_and_frozen_lower_blocks():
+    """The native loop's gradient_checkpointing (non-reentrant, input-require-grads hook removed) under GRASS."""
+    from grass_ft.models import enable_checkpointing
+
+    model = tiny_llama()
+    enable_checkpointing(model)
+    model.train()
+    for n, p in model.named_parameters():
+        p.requires_grad_(n.startswith("model.layers.2."))
+    assert_same(model, copy.deepcopy(model), batch(), chunk_size=9)
+
+
 def test_runs_under_fake_tensor_mode_with_memtracker():
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed._tools.mem_tracker import MemTracker
@@ -178,7 +191,7 @@ def _batches(steps, empty_at=None):
     return out, len(tok)
 
 
-@pytest.mark.parametrize("method", ["grass", "lora"])
+@pytest.mark.parametrize("method", ["grass", "lora", "dora"])
 def test_native_loop_trains_the_same_with_either_forward(method):
     data, vocab = _batches(5, empty_at=3)
     results = {}
@@ -244,3 +257,20 @@ def test_trainer_with_enable_supervised_loss(tmp_path, accum, monkeypatch):
         warnings.simplefilter("ignore")
         pred = trainer.predict(rows[:4])
     assert pred.predictions.shape[-1] == vocab and "test_loss" in pred.metrics
+
+
+def test_sft_trainer_keeps_its_own_fused_head_with_the_patch(tmp_path):
+    """TRL's SFTTrainer calls the model with ``fused_lm_head=True``; the patch must step aside for that call."""
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+
+    tok = char_tokenizer()
+    ds = Dataset.from_list([{"prompt": f"{a}+{b}=", "completion": f"{a + b}"} for a in range(4) for b in range(4)])
+    model = enable_supervised_loss(tiny_llama(len(tok)))
+    args = trl.SFTConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, learning_rate=1e-2,
+                         report_to=[], save_strategy="no", logging_steps=1, use_cpu=True, disable_tqdm=True,
+                         max_length=64, gradient_checkpointing=False)
+    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
