@@ -7,7 +7,7 @@ method run back to back, in alternating order from method to method, so slow dri
 both alike. s/step is the mean of the steps after ``--warmup`` (GRASS's probe steps are the warm-up there); peak
 RSS is ``ru_maxrss`` at the last training step (from ``metrics.jsonl``, so the final save is not in it). Usage:
 
-    python benchmarks/loss_speed.py --steps 6 --out docs/loss_speed.md
+    python benchmarks/loss_speed.py --steps 5 --out docs/loss_speed.md   # ~15 min on 2 idle cores
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def main() -> None:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
-    ap.add_argument("--steps", type=int, default=6, help="training steps per arm, warm-up included")
+    ap.add_argument("--steps", type=int, default=5, help="training steps per arm, warm-up included")
     ap.add_argument("--warmup", type=int, default=2, help="untimed first steps (GRASS: the probe)")
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--out", default=None, help="markdown file to write")

@@ -274,3 +274,12 @@ def test_sft_trainer_keeps_its_own_fused_head_with_the_patch(tmp_path):
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+
+
+def test_grass_callback_points_to_enable_supervised_loss():
+    from grass_ft.config import ConfigError
+    from grass_ft.hf import GrassCallback
+
+    with pytest.raises(ConfigError, match=r"`supervised_only_loss` is not a GrassCallback key: set it with "
+                                          r"grass_ft\.loss\.enable_supervised_loss\(model\)"):
+        GrassCallback(supervised_only_loss=True)
