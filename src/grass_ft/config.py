@@ -65,6 +65,8 @@ class TrainConfig:
     max_steps: int = _f(30, "optimizer steps in all, probe steps included")
     train_samples: int = _f(2000, "examples to generate when `data` is a generator")
     train_on_inputs: bool = _f(False, "compute the loss on the prompt tokens too")
+    supervised_only_loss: bool = _f(True, "run the LM head and cross-entropy only at positions with a label, in "
+                                          "chunks (false: full logits at every position, as model(**batch).loss)")
     max_bad_steps: int = _f(5, "stop after this many consecutive steps with a non-finite loss or gradient")
     seed: int = _f(42, "seed for data order, block draws and initialisation")
     dtype: str = _f("float32", "parameter dtype: float32 or bfloat16 (fp32 is fastest on CPU; float16 is refused: "
