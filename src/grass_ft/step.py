@@ -16,12 +16,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .errors import DivergenceError
 from .importance import ProbeRecorder, block_rms
 from .distributed import Distributed
 from .methods import Prepared
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(DivergenceError):
     """Too many consecutive steps had a non-finite loss or gradient."""
 
 
