@@ -63,6 +63,10 @@ def cmd_train(argv: list[str]) -> int:
         print("usage: grass-ft train [--config FILE] [--quiet] [key=value ...]\n\n" + _keys_help())
         return 0
     cfg = _config(args)
+    if args.quiet:  # transformers' own bars (loading and writing weights) too, so an error stays one line
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     try:
         summary = run_train(cfg, progress=not args.quiet)
     except KeyboardInterrupt:

@@ -162,6 +162,14 @@ def _check_model_dir(path: Path) -> None:
                          f"a causal language model (AutoModelForCausalLM cannot load it)")
     if not any((path / f).is_file() for f in WEIGHT_FILES):
         raise ModelError(f"model directory {path} has no weights (expected one of {', '.join(WEIGHT_FILES)})")
+    if (path / "model.safetensors").is_file():
+        from safetensors import safe_open
+
+        try:  # the header and the file size: a truncated copy fails here, not after the data is tokenised
+            with safe_open(str(path / "model.safetensors"), framework="pt") as st:
+                st.keys()
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+            raise ModelError(f"{path / 'model.safetensors'} is damaged ({_first_line(e)})") from None
     if not any((path / f).is_file() for f in TOKENIZER_FILES):
         raise ModelError(f"model directory {path} has no tokenizer (expected one of {', '.join(TOKENIZER_FILES)})")
 

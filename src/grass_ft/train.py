@@ -204,7 +204,8 @@ def _run_train(cfg: TrainConfig, progress: bool, dist: Distributed) -> dict[str,
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         prepared.optimizer, lambda k: lr_factor(k, cfg.warmup_steps, total_updates, cfg.lr_schedule))
     runner = StepRunner(prepared, scheduler, grad_accum=cfg.grad_accum, max_grad_norm=cfg.max_grad_norm,
-                        max_bad_steps=cfg.max_bad_steps, dist=dist)
+                        max_bad_steps=sys.maxsize, dist=dist)
+    # the runner would raise before the step is logged; the watch stops the run after it (same max_bad_steps)
     watch = DivergenceWatch(cfg.max_bad_steps, vocab_size(model), cfg.lr)
     if main:
         save_config(cfg, out / "config.yaml")
