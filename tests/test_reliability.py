@@ -321,8 +321,10 @@ def test_r21_overwrite_replaces_the_whole_previous_run(finished, tiny_model_dir,
     """Issue 13 case 2: the older run's checkpoints go with it, so a later resume=auto cannot pick them."""
     out = tmp_path / "run"
     shutil.copytree(finished, out)
-    runs(capsys, *train_args(tiny_model_dir, tiny_data, out, seed=7, lr=5e-5, max_steps=2, save_steps=1,
-                             overwrite_output_dir="true"))
+    err = runs(capsys, *train_args(tiny_model_dir, tiny_data, out, seed=7, lr=5e-5, max_steps=2, save_steps=1,
+                                   overwrite_output_dir="true"))
+    assert (f"warning: overwrite_output_dir: replacing the previous run in {out} (config.yaml, metrics.jsonl, "
+            f"layers.jsonl, summary.json, final, checkpoint-") in err
     assert [p.name for p in list_checkpoints(out)] == ["checkpoint-1"]
     state = json.loads((out / "checkpoint-1" / "trainer_state.json").read_text())
     assert state["run"]["seed"] == 7 and state["run"]["lr"] == 5e-5
@@ -345,6 +347,17 @@ def test_r23_resume_on_a_finished_run_is_refused(finished, tiny_model_dir, tiny_
     before = listing(out)
     msg = fails(capsys, *train_args(tiny_model_dir, tiny_data, out, save_steps=1, resume="auto"))
     assert "holds a finished run (summary.json, final); there is nothing to resume" in msg
+    assert listing(out) == before
+
+
+def test_r24_compare_refuses_a_previous_compare(tmp_path, tiny_model_dir, tiny_data, capsys):
+    out = tmp_path / "cmp"
+    (out / "fft").mkdir(parents=True)
+    (out / "fft" / "summary.json").write_text("{}")
+    before = listing(out)
+    msg = fails(capsys, "compare", "--quiet", "methods=fft,lora", f"model={tiny_model_dir}", f"data={tiny_data}",
+                f"output_dir={out}")
+    assert f"`output_dir` '{out}' already holds a compare (fft/); pass overwrite_output_dir=true" in msg
     assert listing(out) == before
 
 
@@ -527,3 +540,20 @@ def test_r40_sigint_exits_130_with_the_checkpoint_intact(tiny_model_dir, tiny_da
     assert f"{newest}, is intact: resume=auto continues from it" in err
     assert checkpoint_problem(newest) is None and not (out / "final").exists()
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_r41_only_what_a_killed_write_leaves_is_cleaned(tmp_path):
+    from grass_ft.atomic import remove_dir, remove_stale_temporaries
+
+    debris = [".trash-ab12cd34", ".final-ab12cd34", ".checkpoint-8-ab12cd34", ".summary.json.tmp"]
+    for name in debris[:3]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_text("x")
+    (tmp_path / debris[3]).write_text("{")
+    kept = [".git", ".keep", "notes.txt", "checkpoint-4", ".final"]
+    for name in kept:
+        (tmp_path / name).mkdir() if "." not in name[1:] else (tmp_path / name).write_text("x")
+    assert remove_stale_temporaries(tmp_path) == sorted(debris)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept)
+    remove_dir(tmp_path / "checkpoint-4")  # pruning: renamed away first, so never half-deleted under its name
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(set(kept) - {"checkpoint-4"})

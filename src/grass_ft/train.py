@@ -67,6 +67,9 @@ def prepare_output_dir(path: str | Path, resuming: bool = False) -> Path:
         warn(f"removed {len(removed)} unfinished temporary file(s) a killed run left in {out}: {', '.join(removed)}")
     replaced = [*FINISHED, "eval.json", "predictions.jsonl"] if resuming else list(RUN_FILES)
     stale = [out / n for n in replaced] + ([] if resuming else [p for p in out.iterdir() if CHECKPOINT_RE.match(p.name)])
+    if not resuming and any(p.exists() for p in stale):
+        warn(f"overwrite_output_dir: replacing the previous run in {out} "
+             f"({', '.join(p.name for p in stale if p.exists())})")
     for path_ in stale:
         if path_.is_dir():
             remove_dir(path_)
@@ -159,7 +162,7 @@ def _run_train(cfg: TrainConfig, progress: bool, dist: Distributed) -> dict[str,
     main = dist.is_main
     # 1. Every check that needs no model weights, before anything is written: output_dir, the checkpoint to
     #    resume from (and that it belongs to this run), the data (format, tasks, one batch), the model source.
-    pf = preflight(cfg, dist.world_size, check_dir=main)
+    pf = preflight(cfg, dist.world_size)  # every rank: on a shared filesystem all reach the same verdict
     checkpoint, train_ex, held_ex = pf.checkpoint, pf.train, pf.held
     loss_only_tasks(cfg, held_ex)  # a misspelt task fails here, not after training
     if main:
@@ -174,7 +177,9 @@ def _run_train(cfg: TrainConfig, progress: bool, dist: Distributed) -> dict[str,
     if dropped and main:
         warn(dropped)
 
-    # 3. Only now the output directory is created and a replaced run's files removed.
+    # 3. Only now, once every rank has passed its checks, the output directory is created and a replaced run's
+    #    files removed.
+    dist.barrier()
     out = prepare_output_dir(cfg.output_dir, resuming=checkpoint is not None) if main else Path(cfg.output_dir)
     dist.barrier()
     torch.manual_seed(cfg.seed)
