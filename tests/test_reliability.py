@@ -460,6 +460,27 @@ def test_r35_huge_lr_stuck_at_uniform_loss_is_stopped(tiny_model_dir, tiny_data,
     assert [m["step"] for m in jsonl(out / "metrics.jsonl")] == [0, 1, 2]
 
 
+def test_r35_stuck_rule_zero_gradient_and_what_is_not_stuck():
+    """SmolLM2 at lr=1e6 (issue 13) showed grad_norm 0, the tiny model shows NaN: both are stuck at ln(V).
+    A random model starts ~0.5% from ln(V) with a real gradient: not stuck."""
+    from grass_ft.divergence import DivergenceWatch
+    from grass_ft.errors import DivergenceError
+
+    v = 49152
+    w = DivergenceWatch(max_bad_steps=5, vocab=v, lr=1e6)
+    assert w.is_stuck(math.log(v), 0.0) and w.is_stuck(math.log(v) * (1 + 5e-5), float("nan"))
+    assert not w.is_stuck(math.log(v), 0.3) and not w.is_stuck(math.log(v) * 0.995, 0.0)
+    assert not w.is_stuck(math.log(v), None)  # a probe step has no gradient norm
+    w.observe(0, 10.9, None, probe=True, skipped=False)
+    w.observe(1, 10.2, 0.8, probe=False, skipped=False)
+    w.observe(2, math.log(v), 0.0, probe=False, skipped=False)  # one stuck step: not yet stopped ...
+    with pytest.raises(DivergenceError, match=r"at step 2: the loss is 10.8027 = ln\(vocabulary size\).* zero "
+                                              r"gradient norm for 1 step\(s\) up to step 2"):
+        w.check_end()  # ... but a run must not end on it
+    w.observe(3, 10.1, 0.5, probe=False, skipped=False)
+    w.check_end()  # recovered
+
+
 def _nan_from(monkeypatch, steps: set[int]):
     """Make the tiny Llama's loss NaN at the given forward calls (one forward per step here)."""
     from transformers import LlamaForCausalLM
