@@ -137,7 +137,8 @@ def test_r05_eval_unknown_task_and_missing_model(tmp_path, tiny_data, capsys):
 def test_r06_non_utf8_data_names_the_line(tmp_path, tiny_model_dir, capsys):
     data = tmp_path / "latin1.jsonl"
     rows = [json.dumps(r) for r in sums(4)]
-    data.write_bytes(("\n".join(rows[:2]) + "\n").encode() + '{"instruction": "caf\xe9", "output": "x"}\n'.encode("latin-1"))
+    latin1 = '{"instruction": "caf\xe9", "output": "x"}\n'.encode("latin-1")
+    data.write_bytes(("\n".join(rows[:2]) + "\n").encode() + latin1)
     out = tmp_path / "run"
     msg = fails(capsys, *train_args(tiny_model_dir, data, out))
     assert f"{data}:3: not valid UTF-8 (byte 0xe9); save the file as UTF-8" in msg

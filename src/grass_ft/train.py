@@ -66,7 +66,9 @@ def prepare_output_dir(path: str | Path, resuming: bool = False) -> Path:
     if removed:
         warn(f"removed {len(removed)} unfinished temporary file(s) a killed run left in {out}: {', '.join(removed)}")
     replaced = [*FINISHED, "eval.json", "predictions.jsonl"] if resuming else list(RUN_FILES)
-    stale = [out / n for n in replaced] + ([] if resuming else [p for p in out.iterdir() if CHECKPOINT_RE.match(p.name)])
+    stale = [out / n for n in replaced]
+    if not resuming:
+        stale += [p for p in out.iterdir() if CHECKPOINT_RE.match(p.name)]
     if not resuming and any(p.exists() for p in stale):
         warn(f"overwrite_output_dir: replacing the previous run in {out} "
              f"({', '.join(p.name for p in stale if p.exists())})")
