@@ -170,9 +170,7 @@ def run_method(plan: ComparePlan, method: str, quiet: bool = True, env: dict[str
     """Train one method in a subprocess; returns its results row (metrics from summary.json, or ``error``)."""
     run_dir = plan.run_dir(method)
     run_dir.mkdir(parents=True, exist_ok=True)
-    stale = run_dir / "summary.json"  # never read a previous compare's summary as this run's
-    if stale.exists():
-        stale.unlink()
+    stale = run_dir / "summary.json"  # read only when this run exits 0, having replaced any previous one
     t0 = time.perf_counter()
     proc = subprocess.Popen(plan.argv(method, quiet=quiet), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env=env if env is not None else os.environ.copy())
@@ -224,6 +222,21 @@ def write_results(plan: ComparePlan, rows: list[dict], plots: list[str] = ()) ->
     (plan.output_dir / "results.md").write_text(results_markdown(rows, plan.meta(), plots))
 
 
+def check_previous_compare(plan: ComparePlan) -> None:
+    """Refuse, before any method runs, an output_dir that holds a previous compare (``results.json`` or a
+    method's run), unless ``overwrite_output_dir=true``: the same rule as ``grass-ft train``."""
+    from .preflight import previous_run
+    from .train import RunError
+
+    if any(plan.configs[m].overwrite_output_dir for m in plan.methods):
+        return
+    held = [f"{m}/" for m in plan.methods if previous_run(plan.run_dir(m))]
+    held = (["results.json"] if (plan.output_dir / "results.json").exists() else []) + held
+    if held:
+        raise RunError(f"`output_dir` {str(plan.output_dir)!r} already holds a compare ({', '.join(held)}); pass "
+                       f"overwrite_output_dir=true to replace it, or choose another output_dir")
+
+
 def run_compare(plan: ComparePlan, quiet: bool = False, out: IO[str] | None = None,
                 env: dict[str, str] | None = None) -> list[dict]:
     """Run every method in turn, rewriting results.json / results.md after each; draw the charts at the end."""
@@ -232,6 +245,7 @@ def run_compare(plan: ComparePlan, quiet: bool = False, out: IO[str] | None = No
     from .train import RunError
 
     out = out or sys.stdout
+    check_previous_compare(plan)
     try:
         plan.output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:

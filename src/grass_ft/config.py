@@ -6,6 +6,7 @@ Each field carries a one-line help (``metadata["help"]``) that ``grass-ft train 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import types
 import typing
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from .errors import UserError
 
 
 def _f(default: Any, help: str) -> Any:  # noqa: A002 - "help" is the natural name here
@@ -85,6 +88,8 @@ class TrainConfig:
     save_steps: int = _f(0, "write a checkpoint every N steps (0: none; final/ is always written)")
     save_total_limit: int = _f(2, "keep only the newest N checkpoints (0: keep all)")
     resume: str | None = _f(None, "resume from `auto` (the newest complete checkpoint in output_dir) or a checkpoint path")
+    overwrite_output_dir: bool = _f(False, "replace a previous run in output_dir (without it a directory that "
+                                           "holds a run is refused, unless `resume` continues it)")
 
     @classmethod
     def help_lines(cls) -> list[str]:
@@ -99,12 +104,23 @@ LR_SCHEDULES = ("constant", "linear", "cosine")
 DTYPES = ("float32", "bfloat16")  # float16 needs a loss scaler, which the native loop does not have
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """One or more configuration errors; ``errors`` holds each message, ``str()`` lists them all."""
 
     def __init__(self, errors: list[str]):
         self.errors = list(errors)
         super().__init__("invalid configuration:\n" + "\n".join(f"  - {e}" for e in self.errors))
+
+
+def unknown_key_message(key: str, known: typing.Iterable[str]) -> str:
+    """"unknown key `gama` (did you mean `gamma`?)", or the list of known keys when nothing is close."""
+    known = sorted(known)
+    plain = {k.replace("_", ""): k for k in known}
+    close = ([plain[key.replace("_", "").replace("-", "")]] if key.replace("_", "").replace("-", "") in plain
+             else difflib.get_close_matches(key, known, n=1, cutoff=0.75))
+    if close:
+        return f"unknown key `{key}` (did you mean `{close[0]}`?)"
+    return f"unknown key `{key}`; known keys: {', '.join(known)}"
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -194,9 +210,7 @@ def build_config(config_file: str | None = None, overrides: dict[str, Any] | Non
     values: dict[str, Any] = {}
     for key, value in raw.items():
         if key not in known:
-            close = [k for k in known if k.replace("_", "") == str(key).replace("_", "").replace("-", "")]
-            hint = f" (did you mean `{close[0]}`?)" if close else ""
-            errors.append(f"unknown key `{key}`{hint}; known keys: {', '.join(sorted(known))}")
+            errors.append(unknown_key_message(str(key), known))
             continue
         try:
             values[key] = _coerce(key, value, hints[key])

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from .errors import UserError
 from .tasks import gold_answer
 
 IGNORE_INDEX = -100
@@ -34,7 +35,7 @@ PROMPT_NO_INPUT = (
 REQUIRED_KEYS = ("instruction", "output")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A data file or generator spec that cannot be used; the message names the file, line and problem."""
 
 
@@ -74,7 +75,12 @@ def load_json_examples(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not valid UTF-8 (byte 0x{raw[e.start]:02x}); save the file as UTF-8") from None
     if not text.strip():
         raise DataError(f"data file {path} is empty")
     stripped = text.lstrip()
