@@ -483,20 +483,24 @@ def test_r35_stuck_rule_zero_gradient_and_what_is_not_stuck():
 
 
 def _nan_from(monkeypatch, steps: set[int]):
-    """Make the tiny Llama's loss NaN at the given forward calls (one forward per step here)."""
-    from transformers import LlamaForCausalLM
+    """Make the tiny Llama's loss NaN at the given forward calls (one forward per step here).
 
-    original, calls = LlamaForCausalLM.forward, [0]
+    The decoder body is patched, not the causal-LM wrapper, so that both loss paths (the full forward and the
+    supervised-only loss, which calls the body directly) see the NaN.
+    """
+    from transformers import LlamaModel
+
+    original, calls = LlamaModel.forward, [0]
 
     def forward(self, *a, **k):
         out = original(self, *a, **k)
         if self.training:
             calls[0] += 1
-            if calls[0] - 1 in steps and out.loss is not None:
-                out.loss = out.loss * float("nan")
+            if calls[0] - 1 in steps:
+                out.last_hidden_state = out.last_hidden_state * float("nan")
         return out
 
-    monkeypatch.setattr(LlamaForCausalLM, "forward", forward)
+    monkeypatch.setattr(LlamaModel, "forward", forward)
 
 
 def test_r36_non_finite_steps_stop_the_run_and_log_the_last_step(tiny_model_dir, tiny_data, tmp_path, capsys,
