@@ -45,15 +45,16 @@ class CountingReduceScatter(DefaultReduceScatter):
         return super().__call__(output_tensor, input_tensor, group, op, async_op)
 
 
-def shard_model(model: nn.Module, layers_attribute: str | None = None) -> CountingReduceScatter:
+def shard_model(model: nn.Module, layers_attribute: str | None = None, mesh=None) -> CountingReduceScatter:
     """``fully_shard`` every decoder block, then the root (embeddings, final norm, head); in place.
 
-    Returns the counter every unit's reduce-scatter goes through. Needs an initialised process group.
+    Returns the counter every unit's reduce-scatter goes through. Needs an initialised process group; ``mesh``
+    defaults to FSDP2's (all ranks, on this process's device type).
     """
     _, blocks = find_blocks(model, layers_attribute)
     for block in blocks:
-        fully_shard(block)
-    fully_shard(model)
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
     counter = CountingReduceScatter()
     for module in model.modules():
         if isinstance(module, FSDPModule):
