@@ -73,7 +73,10 @@ def cmd_validate(argv: list[str]) -> int:
         print("usage: grass-ft validate [--config FILE] [key=value ...]\n\n" + _keys_help())
         return 0
     cfg = _config(args)
-    print(f"configuration OK (method {cfg.method}, model {cfg.model}, data {cfg.data})")
+    from .data import check_data_sources
+
+    notes = check_data_sources(cfg)  # reads the first rows of data / eval_data: format errors name file and row
+    print(f"configuration OK (method {cfg.method}, model {cfg.model}, data {cfg.data}{notes})")
     return 0
 
 

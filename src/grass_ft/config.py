@@ -31,6 +31,16 @@ class TrainConfig:
     eval_data: str | None = _f(None, "held-out data (file or generator); default: a held-out split of `data`")
     task: str = _f("gsm8k", "answer rule that scores the evaluation (gsm8k = last number within 0.001)")
     method: str = _f("grass", "fine-tuning method: grass, grass-static, lisa, fft, lora, dora")
+    # data sources and formats (docs/DATA.md), logging sinks
+    data_format: str = _f("auto", "format of `data` and `eval_data` rows: auto (from the columns), alpaca, "
+                                  "prompt_completion, messages, text")
+    data_split: str = _f("train", "split of a hub data set or data directory used for training")
+    eval_split: str = _f("test", "split of a hub data set or data directory given as `eval_data`")
+    data_config: str | None = _f(None, "configuration (subset) name of a hub data set, e.g. main for gsm8k")
+    chat_template: str | None = _f(None, "Jinja chat template (a .jinja file or the template text) for messages data "
+                                         "when the model's tokenizer has none, or to replace its own")
+    report_to: str = _f("none", "extra metric sinks besides metrics.jsonl: none, tensorboard, wandb (offline), "
+                                "comma-separated")
     # GRASS
     gamma: int = _f(4, "γ: number of decoder blocks trainable at a time")
     tau: float = _f(1.0, "τ: softmax temperature over the normalised MGN (large = uniform, small = top-γ)")
@@ -92,6 +102,9 @@ class TrainConfig:
 METHODS_WITH_SAMPLING = ("grass", "grass-static", "lisa")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 DTYPES = ("float32", "bfloat16", "float16")
+DATA_FORMATS = ("auto", "alpaca", "prompt_completion", "messages", "text")  # grass_ft.formats.FORMATS + auto
+DATA_FILE_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")
+REPORT_TO = ("none", "tensorboard", "wandb")
 
 
 class ConfigError(ValueError):
@@ -260,11 +273,14 @@ def validate(cfg: TrainConfig, num_blocks: int | None = None, known_methods: typ
           "must be comma-separated module names such as q_proj,v_proj, or unset for all-linear")
     check("save_steps", cfg.save_steps >= 0, "must be >= 0 (0: no checkpoints)")
     check("save_total_limit", cfg.save_total_limit >= 0, "must be >= 0 (0: keep all)")
-    check("data", bool(cfg.data), "must name a generator or a file")
-    if "data" not in skip and cfg.data and (cfg.data.endswith((".json", ".jsonl"))) and not Path(cfg.data).is_file():
+    check("data", bool(cfg.data), "must name a generator, a file, a directory or a hub data set")
+    if "data" not in skip and cfg.data and cfg.data.endswith(DATA_FILE_SUFFIXES) and not Path(cfg.data).is_file():
         errs.append(f"`data` file {cfg.data!r} does not exist")
-    if cfg.eval_data and cfg.eval_data.endswith((".json", ".jsonl")) and not Path(cfg.eval_data).is_file():
+    if cfg.eval_data and cfg.eval_data.endswith(DATA_FILE_SUFFIXES) and not Path(cfg.eval_data).is_file():
         errs.append(f"`eval_data` file {cfg.eval_data!r} does not exist")
+    check("data_format", cfg.data_format in DATA_FORMATS, f"must be one of {', '.join(DATA_FORMATS)}")
+    check("report_to", all(s.strip() in REPORT_TO for s in cfg.report_to.split(",")),
+          f"must be one or more (comma-separated) of {', '.join(REPORT_TO)}")
     if "task" not in skip:
         try:
             from .tasks import canonical_task

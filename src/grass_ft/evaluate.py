@@ -30,8 +30,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from grass_ft.data import IGNORE_INDEX, collate, format_prompt, tokenize_example
-from grass_ft.tasks import answers_match, canonical_task, choice_target, choices_for, extract_answer, parse_gold
+from grass_ft.data import IGNORE_INDEX, collate, tokenize_example
+from grass_ft.formats import has_prompt, prompt_ids, prompt_text
+from grass_ft.tasks import (answers_match, canonical_task, choice_target, choices_for, example_task, extract_answer,
+                            parse_gold)
 
 MODES = ("generate", "loglik")
 HARNESSES = ("native", "lm-eval")
@@ -64,8 +66,19 @@ def _pad_id(tokenizer) -> int:
     return int(pad)
 
 
-def generate(model: torch.nn.Module, tokenizer, prompts: Sequence[str], max_new_tokens: int, batch_size: int,
-             progress: bool = True) -> list[str]:
+def _left_pad(rows: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, width - len(r):] = torch.tensor(r)
+            mask[i, width - len(r):] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def generate(model: torch.nn.Module, tokenizer, prompts: Sequence[str | list[int]], max_new_tokens: int,
+             batch_size: int, progress: bool = True) -> list[str]:
     """Greedy continuations of ``prompts``, decoded without special tokens.
 
     Prompts are grouped by length and left-padded within a batch (the tokenizer's padding side and pad token
@@ -75,7 +88,8 @@ def generate(model: torch.nn.Module, tokenizer, prompts: Sequence[str], max_new_
     Args:
         model: a causal LM with ``generate`` (transformers or peft).
         tokenizer: its tokenizer; the EOS token stands in for a missing pad token.
-        prompts: full prompt texts.
+        prompts: full prompt texts (tokenised with the tokenizer's special tokens) or token ids
+            (:func:`grass_ft.formats.prompt_ids`, as training renders them).
         max_new_tokens: most tokens generated per prompt.
         batch_size: prompts per ``generate`` call.
         progress: show a tqdm bar over batches.
@@ -96,7 +110,7 @@ def generate(model: torch.nn.Module, tokenizer, prompts: Sequence[str], max_new_
         tokenizer.pad_token = tokenizer.eos_token
     device = _device(model)
     # batches of similar length waste less compute on padding; results do not depend on the grouping
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # characters or tokens: either groups
     out: list[str] = [""] * len(prompts)
     try:
         model.eval()
@@ -104,9 +118,8 @@ def generate(model: torch.nn.Module, tokenizer, prompts: Sequence[str], max_new_
             for start in tqdm(range(0, len(prompts), batch_size), desc="generate", unit="batch",
                               disable=not progress):
                 idx = order[start:start + batch_size]
-                enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True,
-                                return_token_type_ids=False)
-                enc = {k: v.to(device) for k, v in enc.items()}
+                rows = [p if isinstance(p, list) else tokenizer(p)["input_ids"] for p in (prompts[i] for i in idx)]
+                enc = {k: v.to(device) for k, v in _left_pad(rows, pad_id).items()}
                 seqs = model.generate(**enc, generation_config=gen_config)
                 texts = tokenizer.batch_decode(seqs[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
                 for i, text in zip(idx, texts):
@@ -120,10 +133,16 @@ def generate(model: torch.nn.Module, tokenizer, prompts: Sequence[str], max_new_
 
 
 def _example_task(example: dict[str, Any], task: str | None) -> str:
-    name = example.get("task") or task
+    """:func:`grass_ft.tasks.example_task`, which must name a task with an answer rule."""
+    name = example_task(example, task)
     if not name:
         raise ValueError("an example has no 'task' key and no default task was given; pass task=<name>")
     return canonical_task(name)
+
+
+def scorable(example: dict[str, Any]) -> bool:
+    """Whether an example can be scored by generation: it has a prompt (not ``text``) and a gold answer."""
+    return has_prompt(example) and bool(str(example.get("answer") or "").strip())
 
 
 def choice_logprobs(model: torch.nn.Module, tokenizer, examples: Sequence[dict[str, Any]], task: str | None,
@@ -141,11 +160,11 @@ def choice_logprobs(model: torch.nn.Module, tokenizer, examples: Sequence[dict[s
     rows: list[tuple[int, str, list[int], int]] = []  # (example index, label, ids, target length)
     for i, ex in enumerate(examples):
         t = _example_task(ex, task)
-        prompt_ids = tokenizer(format_prompt(ex), add_special_tokens=True)["input_ids"]
+        prompt = prompt_ids(ex, tokenizer)
         for label in choices_for(ex, t):
             target = tokenizer(choice_target(label), add_special_tokens=False)["input_ids"]
             target = target + ([eos] if eos is not None else [])
-            rows.append((i, label, prompt_ids + target, len(target)))
+            rows.append((i, label, prompt + target, len(target)))
     scores: list[dict[str, float]] = [{} for _ in examples]
     pad_id, device, was_training = _pad_id(tokenizer), _device(model), model.training
     try:
@@ -224,9 +243,10 @@ def evaluate_examples(model: torch.nn.Module, tokenizer, examples: Sequence[dict
     if mode == "loglik":
         for t, ex in zip(tasks, examples):
             choices_for(ex, t)  # raises for tasks without options, before any compute
-    prompts = [format_prompt(ex) for ex in examples]
+    prompts = [prompt_text(ex, tokenizer) for ex in examples]
     if mode == "generate":
-        generated = generate(model, tokenizer, prompts, max_new_tokens, batch_size, progress)
+        generated = generate(model, tokenizer, [prompt_ids(ex, tokenizer) for ex in examples], max_new_tokens,
+                             batch_size, progress)
     else:
         generated = score_choices(model, tokenizer, [dict(ex, task=t) for ex, t in zip(examples, tasks)],
                                   None, batch_size, progress)
@@ -274,7 +294,7 @@ def eval_loss_by_task(model: torch.nn.Module, tokenizer, examples: Sequence[dict
     """
     _check_positive(max_seq_len=max_seq_len, batch_size=batch_size)
     features = [tokenize_example(tokenizer, ex, max_seq_len) for ex in examples]
-    tasks = [str(ex.get("task") or task or "default") for ex in examples]
+    tasks = [example_task(ex, task) or "default" for ex in examples]
     pad_id, device, was_training = _pad_id(tokenizer), _device(model), model.training
     sums: dict[str, list[float]] = {}  # task -> [summed loss, tokens]
     try:

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from . import data as data_mod
 from .atomic import atomic_dir, write_json_atomic
 from .checkpoint import find_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state, truncate_jsonl
+from .export import write_loadable
 from .distributed import Distributed, init_distributed
 from .config import ConfigError, TrainConfig, save_config, validate
 from .methods import Prepared, method_names, prepare
@@ -75,18 +76,20 @@ def save_final(model, tokenizer, out: Path) -> Path:
         # would look base_model_name_or_path up on the hub, which a packaged name such as smollm2-135m is not.
         extra = {"save_embedding_layers": False} if hasattr(model, "peft_config") else {}
         model.save_pretrained(tmp, safe_serialization=True, **extra)
-        tokenizer.save_pretrained(tmp)
+        write_loadable(model, tokenizer, tmp)  # tokenizer, and the generation config a peft adapter lacks
     return out / "final"
 
 
 def held_out_task(example: dict, cfg: TrainConfig) -> str:
-    """A held-out example's task as ``eval_loss_only_tasks`` names it: its ``task`` key, else ``cfg.task``."""
-    return str(example.get("task") or cfg.task)
+    """A held-out example's task (:func:`grass_ft.tasks.example_task`: canonical name, else as written)."""
+    from .tasks import example_task
+
+    return example_task(example, cfg.task)
 
 
 def loss_only_tasks(cfg: TrainConfig, examples: list[dict]) -> set[str]:
     """The tasks of ``eval_loss_only_tasks``; each must be a task of the held-out examples."""
-    wanted = {t.strip() for t in cfg.eval_loss_only_tasks.split(",") if t.strip()}
+    wanted = {held_out_task({"task": t.strip()}, cfg) for t in cfg.eval_loss_only_tasks.split(",") if t.strip()}
     present = {held_out_task(ex, cfg) for ex in examples}
     missing = sorted(wanted - present)
     if missing and examples:
@@ -100,14 +103,14 @@ def evaluate_model(model, tokenizer, examples: list[dict], cfg: TrainConfig, des
 
     Tasks in ``eval_loss_only_tasks`` get an eval loss and no generation; accuracy is over the others.
     """
-    from .evaluate import eval_loss_by_task, evaluate_examples
+    from .evaluate import eval_loss_by_task, evaluate_examples, scorable
 
     if not examples:
         return {}
     loss, per_task_loss = eval_loss_by_task(model, tokenizer, examples, max_seq_len=cfg.max_seq_len,
                                             batch_size=cfg.eval_batch_size, task=cfg.task)
     skip = loss_only_tasks(cfg, examples)
-    generated = [ex for ex in examples if held_out_task(ex, cfg) not in skip]
+    generated = [ex for ex in examples if held_out_task(ex, cfg) not in skip and scorable(ex)]
     res: dict[str, Any] = (evaluate_examples(model, tokenizer, generated, cfg.task, max_new_tokens=cfg.max_new_tokens,
                                              batch_size=cfg.eval_batch_size) if generated
                            else {"accuracy": None, "n": 0, "per_task": {}, "predictions": []})
@@ -151,8 +154,8 @@ def _run_train(cfg: TrainConfig, progress: bool, dist: Distributed) -> dict[str,
 
     # 2. Data before the model, so a bad file fails fast: generated problems from disjoint seeds, or a file
     #    with a held-out split.
-    train_ex, held_ex = data_mod.load_train_eval(cfg.data, cfg.eval_data, cfg.train_samples, cfg.eval_samples,
-                                                 cfg.seed)
+    loaded = data_mod.load_data(cfg)
+    train_ex, held_ex = loaded.train, loaded.held
     loss_only_tasks(cfg, held_ex)  # a misspelt task fails here, not after training
 
     # 3. Model, tokenizer, and the checks that need the model.
@@ -163,7 +166,8 @@ def _run_train(cfg: TrainConfig, progress: bool, dist: Distributed) -> dict[str,
     if cfg.gradient_checkpointing:
         enable_checkpointing(model)
 
-    features = [data_mod.tokenize_example(tokenizer, ex, cfg.max_seq_len, cfg.train_on_inputs) for ex in train_ex]
+    data_mod.prepare_tokenizer(tokenizer, cfg.chat_template, loaded, cfg.model)
+    features = data_mod.tokenize_dataset(train_ex, tokenizer, loaded.format, cfg.max_seq_len, cfg.train_on_inputs)
     # batch_size is per process: each step takes batch_size x world_size examples, each rank its share
     stream = data_mod.BatchStream(features, cfg.batch_size * dist.world_size, tokenizer.pad_token_id,
                                   seed=cfg.seed, rank=dist.rank, world_size=dist.world_size)
@@ -242,7 +246,7 @@ def _run_train(cfg: TrainConfig, progress: bool, dist: Distributed) -> dict[str,
                                 {"runner": runner.state_dict(), "rng": rng_state()},
                                 {"data": stream.state_dict(), "totals": totals,
                                  "before": {k: v for k, v in before.items() if k != "predictions"}},
-                                cfg.save_total_limit)
+                                cfg.save_total_limit, tokenizer=tokenizer)
             if cfg.save_steps and (step + 1) % cfg.save_steps == 0:
                 dist.barrier()  # no rank runs ahead of a checkpoint it may be killed and resumed from
             bar.set_postfix_str(f"loss {res.loss:.3f} | {'probe' if res.probe else 'blocks ' + _fmt_blocks(res.active)}"
