@@ -6,6 +6,7 @@ Each field carries a one-line help (``metadata["help"]``) that ``grass-ft train 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import types
 import typing
@@ -281,6 +282,9 @@ def validate(cfg: TrainConfig, num_blocks: int | None = None, known_methods: typ
     check("data_format", cfg.data_format in DATA_FORMATS, f"must be one of {', '.join(DATA_FORMATS)}")
     check("report_to", all(s.strip() in REPORT_TO for s in cfg.report_to.split(",")),
           f"must be one or more (comma-separated) of {', '.join(REPORT_TO)}")
+    for sink in ("tensorboard", "wandb"):
+        if "report_to" not in skip and sink in cfg.report_to.split(",") and importlib.util.find_spec(sink) is None:
+            errs.append(f"`report_to` {sink} needs the `{sink}` package (pip install {sink})")
     if "task" not in skip:
         try:
             from .tasks import canonical_task

@@ -26,6 +26,7 @@ from . import data as data_mod
 from .atomic import atomic_dir, write_json_atomic
 from .checkpoint import find_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state, truncate_jsonl
 from .export import write_loadable
+from .logging_sinks import MetricSinks
 from .distributed import Distributed, init_distributed
 from .config import ConfigError, TrainConfig, save_config, validate
 from .methods import Prepared, method_names, prepare
@@ -213,6 +214,7 @@ def _run_train(cfg: TrainConfig, progress: bool, dist: Distributed) -> dict[str,
     trace_all = os.environ.get("GRASS_FT_TRACE_ALL_RANKS") == "1"
     layers_path = out / "layers.jsonl" if main else (out / f"layers.rank{dist.rank}.jsonl" if trace_all else None)
     layers_f = open(layers_path or os.devnull, mode, buffering=1)
+    sinks = MetricSinks(cfg.report_to, out, cfg.to_dict(), enabled=main, resume_step=start_step)  # report_to
     t_start = time.perf_counter()
     total_tokens, train_time = totals["tokens"], totals["train_time"]
     bookkeeping_time, losses = totals["bookkeeping_time"], totals["losses"]
@@ -231,14 +233,17 @@ def _run_train(cfg: TrainConfig, progress: bool, dist: Distributed) -> dict[str,
             losses.append(res.loss)
             state = optimizer_state_bytes(prepared.optimizer)
             tps = tokens / res.seconds if res.seconds > 0 else 0.0
+            record = None
             if step % cfg.logging_steps == 0 or step == cfg.max_steps - 1:
-                metrics_f.write(json.dumps({
+                record = {
                     "step": step, "loss": res.loss, "lr": scheduler.get_last_lr()[0], "grad_norm": res.grad_norm,
                     "tokens_per_s": tps, "s_per_step": res.seconds, "probe": res.probe, "skipped": res.skipped,
                     "active": res.active, "bookkeeping_s": res.bookkeeping_s,
                     "optimizer_state_device_bytes": state["device"], "optimizer_state_host_bytes": state["host"],
                     "peak_memory_bytes": peak_memory_bytes(device), "allreduce_bytes": dist.allreduce_bytes,
-                    "allreduce_fraction_of_fft": dist.allreduce_bytes / param_bytes}) + "\n")
+                    "allreduce_fraction_of_fft": dist.allreduce_bytes / param_bytes}
+                metrics_f.write(json.dumps(record) + "\n")
+            sinks.log_step(record, res.events, step)
             if main and cfg.save_steps and (step + 1) % cfg.save_steps == 0 and step + 1 < cfg.max_steps:
                 totals = {"tokens": total_tokens, "train_time": train_time, "bookkeeping_time": bookkeeping_time,
                           "losses": losses}
@@ -255,6 +260,7 @@ def _run_train(cfg: TrainConfig, progress: bool, dist: Distributed) -> dict[str,
         bar.close()
         metrics_f.close()
         layers_f.close()
+        sinks.close()
     wall_train = time.perf_counter() - t_start
 
     # 8. Save, then evaluate the trained model.
