@@ -242,3 +242,17 @@ def test_train_on_messages_end_to_end_with_chat_template_key(tmp_path, tiny_mode
     preds = [json.loads(ln) for ln in (out / "predictions.jsonl").read_text().splitlines()]
     # evaluated on the prompt rendered by the same template as training, ending in the generation prompt
     assert all(p["prompt"].startswith("<user>") and p["prompt"].endswith("<eos><assistant>") for p in preds)
+
+
+def test_validate_renders_rows_with_the_models_tokenizer(tmp_path, tiny_model_dir, capsys):
+    data = write_jsonl(tmp_path / "chat.jsonl", [MULTI_TURN] * 3)
+    # the tiny model's tokenizer has no chat template: validate says so before any training
+    assert main(["validate", f"model={tiny_model_dir}", f"data={data}", "gamma=2"]) == 2
+    assert "chat.jsonl: row 1: the data is in a chat format (messages), but the tokenizer of model" in \
+        capsys.readouterr().err
+    tpl = tmp_path / "t.jinja"
+    tpl.write_text(CHATML)
+    assert main(["validate", f"model={tiny_model_dir}", f"data={data}", "gamma=2", f"chat_template={tpl}"]) == 0
+    tpl.write_text("{{ raise_exception('no system role here') }}")
+    assert main(["validate", f"model={tiny_model_dir}", f"data={data}", "gamma=2", f"chat_template={tpl}"]) == 2
+    assert "row 1: the chat template fails on it: no system role here" in capsys.readouterr().err

@@ -17,6 +17,54 @@ from typing import Any
 import yaml
 
 
+# Names a transformers Trainer / TRL user already knows, accepted as aliases where the meaning is the same;
+# config.yaml is written with the canonical name on the right. Resolved before the unknown-key check.
+ALIASES: dict[str, str] = {
+    "learning_rate": "lr",
+    "per_device_train_batch_size": "batch_size",
+    "per_device_eval_batch_size": "eval_batch_size",
+    "gradient_accumulation_steps": "grad_accum",
+    "lr_scheduler_type": "lr_schedule",
+    "max_length": "max_seq_len",            # TRL SFTConfig
+    "max_seq_length": "max_seq_len",        # TRL before 0.20
+    "model_name_or_path": "model",          # TRL ModelConfig
+    "dataset_name": "data",                 # TRL ScriptArguments
+    "dataset_config": "data_config",
+    "dataset_train_split": "data_split",
+    "dataset_test_split": "eval_split",
+    "resume_from_checkpoint": "resume",
+    "bf16": "dtype",                        # bf16=true -> dtype=bfloat16 (see ALIAS_VALUES)
+    "fp16": "dtype",
+}
+# Aliases whose value maps to a different value of the canonical key.
+ALIAS_VALUES: dict[str, dict[bool, str]] = {"bf16": {True: "bfloat16", False: "float32"},
+                                            "fp16": {True: "float16", False: "float32"}}
+
+
+def resolve_aliases(raw: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """``raw`` with every alias of :data:`ALIASES` renamed to its canonical key, and the errors: an alias given
+    together with its canonical key (or two aliases of one key), or a bad bf16/fp16 value."""
+    out: dict[str, Any] = {}
+    source: dict[str, str] = {}
+    errors: list[str] = []
+    for key, value in raw.items():
+        canon = ALIASES.get(key, key)
+        if canon in source:
+            errors.append(f"`{key}` and `{source[canon]}` both set `{canon}`; give one (`{canon}` is the name "
+                          f"config.yaml uses)")
+            continue
+        if key in ALIAS_VALUES:
+            try:
+                flag = _coerce(key, value, bool)
+            except ValueError as e:
+                errors.append(str(e))
+                continue
+            value = ALIAS_VALUES[key][flag]
+        out[canon] = value
+        source[canon] = key
+    return out, errors
+
+
 def _f(default: Any, help: str) -> Any:  # noqa: A002 - "help" is the natural name here
     return field(default=default, metadata={"help": help})
 
@@ -78,7 +126,9 @@ class TrainConfig:
     train_on_inputs: bool = _f(False, "compute the loss on the prompt tokens too")
     max_bad_steps: int = _f(5, "stop after this many consecutive steps with a non-finite loss or gradient")
     seed: int = _f(42, "seed for data order, block draws and initialisation")
-    dtype: str = _f("float32", "parameter dtype: float32, bfloat16, float16 (fp32 is fastest on CPU)")
+    dtype: str = _f("float32", "parameter dtype: float32, bfloat16, float16 (fp32 is fastest on CPU); the Trainer's "
+                               "bf16=true / fp16=true map here, but hold the weights themselves in that dtype (no "
+                               "fp32 master copy, unlike the Trainer's mixed precision)")
     # evaluation and output
     eval_samples: int = _f(32, "held-out examples to evaluate before and after training (0 turns evaluation off)")
     eval_batch_size: int = _f(16, "examples per evaluation batch")
@@ -94,7 +144,12 @@ class TrainConfig:
 
     @classmethod
     def help_lines(cls) -> list[str]:
-        return [f"  {f.name:<24} {f.metadata['help']} (default: {f.default!r})" for f in dataclasses.fields(cls)]
+        aliases: dict[str, list[str]] = {}
+        for a, c in ALIASES.items():
+            aliases.setdefault(c, []).append(a)
+        return [f"  {f.name:<24} {f.metadata['help']} (default: {f.default!r})"
+                + (f" [alias: {', '.join(aliases[f.name])}]" if f.name in aliases else "")
+                for f in dataclasses.fields(cls)]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -184,7 +239,6 @@ def build_config(config_file: str | None = None, overrides: dict[str, Any] | Non
         ConfigError: listing every unknown key, wrong type and out-of-range value at once.
     """
     raw: dict[str, Any] = {}
-    errors: list[str] = []
     if config_file is not None:
         path = Path(config_file)
         try:
@@ -196,7 +250,11 @@ def build_config(config_file: str | None = None, overrides: dict[str, Any] | Non
         if not isinstance(loaded, dict):
             raise ConfigError([f"config file {path}: expected a mapping of key: value, got {type(loaded).__name__}"])
         raw.update(loaded)
-    raw.update(overrides or {})
+    # aliases resolve within the file and within the overrides, so that an override wins either way
+    raw, errors = resolve_aliases(raw)
+    over, over_errors = resolve_aliases(dict(overrides or {}))
+    raw.update(over)
+    errors.extend(over_errors)
 
     hints = _field_types(TrainConfig)
     known = {f.name for f in dataclasses.fields(TrainConfig)}

@@ -202,22 +202,23 @@ def load_rows(spec: str, data_format: str = "auto", split: str = "train", config
 
 
 def preview_rows(spec: str, data_format: str = "auto", split: str = "train", config: str | None = None,
-                 n: int = 100) -> tuple[str, int]:
+                 n: int = 100) -> tuple[str, list[dict[str, Any]]]:
     """Check the first ``n`` rows of ``spec`` (streamed: a hub data set is not downloaded whole), for
-    ``grass-ft validate``. Returns ``(format, rows checked)``.
+    ``grass-ft validate``. Returns ``(format, rows)``; a generator gives ``("alpaca", [])``.
 
     Raises:
         DataError: the source cannot be opened, its format cannot be told, or a row does not fit (naming it).
     """
     kind = source_kind(spec)
     if kind == "generator":
-        return "alpaca", 0
+        return "alpaca", []
     if kind == "file" and Path(spec).suffix in (".json", ".jsonl"):
         objects = read_json_objects(spec)[:n]
         first = objects[0][1]
         fmt = resolve_format(data_format, first.keys() if isinstance(first, dict) else [], spec)
-        check_rows([o for _, o in objects], fmt, spec, [w for w, _ in objects])
-        return fmt, len(objects)
+        rows = [o for _, o in objects]
+        check_rows(rows, fmt, spec, [w for w, _ in objects])
+        return fmt, rows
     stream = _load_dataset(spec, split, config, streaming=True)
     try:
         rows = list(stream.take(n))
@@ -227,20 +228,45 @@ def preview_rows(spec: str, data_format: str = "auto", split: str = "train", con
         raise DataError(f"data {spec!r} (split {split!r}) holds no examples")
     fmt = resolve_format(data_format, rows[0].keys(), spec)
     check_rows(rows, fmt, spec)
-    return fmt, len(rows)
+    return fmt, rows
+
+
+def _local_tokenizer(model: str):
+    """The tokenizer of a local model directory or a prepared packaged model, else None (nothing downloaded)."""
+    from .models import PACKAGED, cache_dir
+
+    path = cache_dir() / model if model in PACKAGED else Path(model).expanduser()
+    if not (path / "tokenizer_config.json").is_file() and not (path / "tokenizer.json").is_file():
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
 
 
 def check_data_sources(cfg, n: int = 100) -> str:
-    """``grass-ft validate``: check the first ``n`` rows of ``data`` and ``eval_data``; returns a note such as
-    ``", format messages, 100 rows checked"``.
+    """``grass-ft validate``: check the first ``n`` rows of ``data`` and ``eval_data`` against their format and,
+    when the model's tokenizer is on disk, render them as training will (chat template present and usable).
+    Returns a note such as ``", format messages, first 100 rows checked"``.
 
     Raises:
-        DataError: as :func:`preview_rows`.
+        DataError: as :func:`preview_rows`, or a row the tokenizer cannot render (naming it).
     """
-    fmt, rows = preview_rows(cfg.data, cfg.data_format, cfg.data_split, cfg.data_config, n)
-    if cfg.eval_data is not None and source_kind(cfg.eval_data) != "generator":
-        preview_rows(cfg.eval_data, cfg.data_format, cfg.eval_split, cfg.data_config, n)
-    return f", format {fmt}, first {rows} rows checked" if rows else ""
+    sources = [(cfg.data, cfg.data_split)] + ([(cfg.eval_data, cfg.eval_split)] if cfg.eval_data else [])
+    checked = [(spec, *preview_rows(spec, cfg.data_format, split, cfg.data_config, n)) for spec, split in sources]
+    tokenizer = _local_tokenizer(cfg.model) if any(rows for _, _, rows in checked) else None
+    if tokenizer is not None:
+        try:
+            formats.set_chat_template(tokenizer, cfg.chat_template)
+        except FormatError as e:
+            raise DataError(str(e)) from None
+        for spec, fmt, rows in checked:
+            for i, row in enumerate(rows):
+                try:
+                    formats.check_renders(row, fmt, tokenizer, cfg.model)
+                except FormatError as e:
+                    raise DataError(f"{spec}: row {i + 1}: {e}") from None
+    fmt, rows = checked[0][1], checked[0][2]
+    return f", format {fmt}, first {len(rows)} rows checked" if rows else ""
 
 
 def as_example(row: dict[str, Any], fmt: str) -> dict[str, Any]:

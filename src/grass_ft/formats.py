@@ -139,8 +139,20 @@ def require_chat_template(tokenizer, model: str) -> None:
                           f"data_format=text / prompt_completion with plain strings")
 
 
+def check_renders(row: dict[str, Any], fmt: str, tokenizer, model: str) -> None:
+    """Render one row as training will; :class:`FormatError` if the template is missing or fails on it."""
+    if is_chat(row, fmt):
+        require_chat_template(tokenizer, model)
+    encode(row, tokenizer, 1 << 30, False, fmt)
+
+
 def _render(tokenizer, messages: list[dict[str, Any]], generation_prompt: bool = False) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    from jinja2 import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    except TemplateError as e:  # raise_exception() in a template, or a template bug
+        raise FormatError(f"the chat template fails on it: {e}") from None
 
 
 def _chat_messages(row: dict[str, Any], fmt: str) -> tuple[list[dict[str, Any]], int]:
