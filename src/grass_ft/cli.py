@@ -105,7 +105,8 @@ def cmd_eval(argv: list[str]) -> int:
     res = run_eval(vals["model"], vals["data"], vals.get("task"), int(vals["eval_samples"]), vals["output_dir"],
                    mode=vals["mode"], max_new_tokens=int(vals["max_new_tokens"]),
                    batch_size=int(vals["batch_size"]), max_seq_len=int(vals["max_seq_len"]))
-    print(f"accuracy {res['accuracy']:.1%} on n={res['n']}" +
+    acc = "n/a (no example with a gold answer)" if res["accuracy"] is None else f"{res['accuracy']:.1%}"
+    print(f"accuracy {acc} on n={res['n']}" +
           "".join(f"\n  {t}: {r['accuracy']:.1%} (n={r['n']})" for t, r in res.get("per_task", {}).items()) +
           f"\nwrote {vals['output_dir']}/eval.json and predictions.jsonl")
     return 0

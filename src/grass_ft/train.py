@@ -81,44 +81,14 @@ def save_final(model, tokenizer, out: Path) -> Path:
     return out / "final"
 
 
-def held_out_task(example: dict, cfg: TrainConfig) -> str:
-    """A held-out example's task (:func:`grass_ft.tasks.example_task`: canonical name, else as written)."""
-    from .tasks import example_task
-
-    return example_task(example, cfg.task)
-
-
-def loss_only_tasks(cfg: TrainConfig, examples: list[dict]) -> set[str]:
-    """The tasks of ``eval_loss_only_tasks``; each must be a task of the held-out examples."""
-    wanted = {held_out_task({"task": t.strip()}, cfg) for t in cfg.eval_loss_only_tasks.split(",") if t.strip()}
-    present = {held_out_task(ex, cfg) for ex in examples}
-    missing = sorted(wanted - present)
-    if missing and examples:
-        raise ConfigError([f"`eval_loss_only_tasks`: {', '.join(map(repr, missing))} is not a task of the held-out "
-                           f"examples (their tasks: {', '.join(sorted(present))})"])
-    return wanted
-
-
 def evaluate_model(model, tokenizer, examples: list[dict], cfg: TrainConfig, desc: str) -> dict[str, Any]:
-    """Held-out eval loss (overall and per task) and accuracy (the same code as ``grass-ft eval``).
+    """Held-out eval loss (overall and per task) and accuracy through :func:`grass_ft.evaluate.evaluate`, the
+    entry point ``grass-ft eval`` uses too; tasks in ``eval_loss_only_tasks`` get an eval loss only."""
+    from .evaluate import evaluate
 
-    Tasks in ``eval_loss_only_tasks`` get an eval loss and no generation; accuracy is over the others.
-    """
-    from .evaluate import eval_loss_by_task, evaluate_examples, scorable
-
-    if not examples:
-        return {}
-    loss, per_task_loss = eval_loss_by_task(model, tokenizer, examples, max_seq_len=cfg.max_seq_len,
-                                            batch_size=cfg.eval_batch_size, task=cfg.task)
-    skip = loss_only_tasks(cfg, examples)
-    generated = [ex for ex in examples if held_out_task(ex, cfg) not in skip and scorable(ex)]
-    res: dict[str, Any] = (evaluate_examples(model, tokenizer, generated, cfg.task, max_new_tokens=cfg.max_new_tokens,
-                                             batch_size=cfg.eval_batch_size) if generated
-                           else {"accuracy": None, "n": 0, "per_task": {}, "predictions": []})
-    res["eval_loss"] = loss
-    res["eval_loss_per_task"] = per_task_loss
-    res["label"] = desc
-    return res
+    res = evaluate(model, tokenizer, examples, task=cfg.task, loss_only=cfg.eval_loss_only_tasks,
+                   max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size, max_seq_len=cfg.max_seq_len)
+    return {**res, "label": desc} if res else {}
 
 
 def validate_for_model(cfg: TrainConfig, model) -> None:
@@ -157,7 +127,9 @@ def _run_train(cfg: TrainConfig, progress: bool, dist: Distributed) -> dict[str,
     #    with a held-out split.
     loaded = data_mod.load_data(cfg)
     train_ex, held_ex = loaded.train, loaded.held
-    loss_only_tasks(cfg, held_ex)  # a misspelt task fails here, not after training
+    from .evaluate import loss_only_tasks
+
+    loss_only_tasks(cfg.eval_loss_only_tasks, held_ex, cfg.task)  # a misspelt task fails here, not after training
 
     # 3. Model, tokenizer, and the checks that need the model.
     model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.dtype)
