@@ -156,14 +156,14 @@ def test_messages_without_a_chat_template_is_a_clear_error_and_chat_template_fix
     path = write_jsonl(tmp_path / "chat.jsonl", [MULTI_TURN] * 4)
     loaded = data_mod.load_data(cfg_for(path))
     with pytest.raises(DataError, match=r"has no chat template; set chat_template=FILE\.jinja"):
-        data_mod.prepare_tokenizer(char_tok, None, loaded, "tiny")
+        data_mod.prepare_tokenizer(char_tok, None, loaded.first_rows(), "tiny")
     tpl = tmp_path / "chatml.jinja"
     tpl.write_text(CHATML)
-    data_mod.prepare_tokenizer(char_tok, str(tpl), loaded, "tiny")
+    data_mod.prepare_tokenizer(char_tok, str(tpl), loaded.first_rows(), "tiny")
     enc = data_mod.tokenize_dataset(loaded.train, char_tok, loaded.format, 256)[0]
     assert supervised_runs(enc, char_tok) == ["Hello!<eos>", "4<eos>"]
     with pytest.raises(DataError, match="`chat_template` file 'nope.jinja' does not exist"):
-        data_mod.prepare_tokenizer(char_tok, "nope.jinja", loaded, "tiny")
+        data_mod.prepare_tokenizer(char_tok, "nope.jinja", loaded.first_rows(), "tiny")
 
 
 def test_tokenisation_goes_through_a_cached_datasets_map(tmp_path, char_tok):
@@ -256,3 +256,22 @@ def test_validate_renders_rows_with_the_models_tokenizer(tmp_path, tiny_model_di
     tpl.write_text("{{ raise_exception('no system role here') }}")
     assert main(["validate", f"model={tiny_model_dir}", f"data={data}", "gamma=2", f"chat_template={tpl}"]) == 2
     assert "row 1: the chat template fails on it: no system role here" in capsys.readouterr().err
+
+
+def test_grass_ft_eval_on_a_messages_file(tmp_path, tiny_model_dir, capsys):
+    rows = [{"messages": [{"role": "user", "content": f"{a}+1="}, {"role": "assistant", "content": str(a + 1)}],
+             "answer": str(a + 1)} for a in range(4)]
+    data = write_jsonl(tmp_path / "chat.jsonl", rows)
+    out = tmp_path / "ev"
+    assert main(["eval", f"model={tiny_model_dir}", f"data={data}", f"output_dir={out}", "max_new_tokens=2"]) == 2
+    assert "examples without a `task` key need task=NAME" in capsys.readouterr().err
+    assert main(["eval", f"model={tiny_model_dir}", f"data={data}", f"output_dir={out}", "max_new_tokens=2",
+                 "task=gsm8k"]) == 2
+    assert "has no chat template; set chat_template=FILE.jinja" in capsys.readouterr().err
+    tpl = tmp_path / "t.jinja"
+    tpl.write_text(CHATML)
+    assert main(["eval", f"model={tiny_model_dir}", f"data={data}", f"output_dir={out}", "max_new_tokens=2",
+                 "task=gsm8k", f"chat_template={tpl}"]) == 0
+    preds = [json.loads(ln) for ln in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [p["prompt"] for p in preds] == [f"<user>{a}+1=<eos><assistant>" for a in range(4)]
+    assert json.loads((out / "eval.json").read_text())["eval_loss"] > 0

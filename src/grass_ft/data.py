@@ -129,10 +129,6 @@ def source_kind(spec: str) -> str:
     return "hub"
 
 
-def is_file_spec(spec: str) -> bool:
-    return source_kind(spec) in ("file", "dir")
-
-
 def _load_dataset(spec: str, split: str, config: str | None, streaming: bool = False):
     """A ``datasets`` table from a local file, directory or hub id; every failure becomes one DataError line."""
     import datasets
@@ -269,6 +265,24 @@ def check_data_sources(cfg, n: int = 100) -> str:
     return f", format {fmt}, first {len(rows)} rows checked" if rows else ""
 
 
+def load_examples(spec: str, data_format: str = "auto", split: str = "test",
+                  config: str | None = None) -> list[dict[str, Any]]:
+    """Every row of a local file or directory or hub data set as evaluation examples (:func:`as_example`).
+    JSON and JSONL files are read directly (an evaluation set needs no tokenisation cache).
+
+    Raises:
+        DataError: as :func:`load_rows`.
+    """
+    if source_kind(spec) == "file" and Path(spec).suffix in (".json", ".jsonl"):
+        objects = read_json_objects(spec)
+        first = objects[0][1]
+        fmt = resolve_format(data_format, first.keys() if isinstance(first, dict) else [], spec)
+        check_rows([o for _, o in objects], fmt, spec, [w for w, _ in objects])
+        return [as_example(o, fmt) for _, o in objects]
+    ds, fmt = load_rows(spec, data_format, split, config)
+    return [as_example(r, fmt) for r in ds]
+
+
 def as_example(row: dict[str, Any], fmt: str) -> dict[str, Any]:
     """A loaded row as an evaluation example: its format under ``_format``, the gold ``answer`` normalised."""
     ex = {k: v for k, v in row.items() if v is not None}
@@ -340,6 +354,10 @@ class LoadedData:
     held: list[dict[str, Any]]
     format: str
 
+    def first_rows(self) -> list[dict[str, Any]]:
+        """The first training row and every held-out one, as examples (for the chat-template check)."""
+        return [as_example(r, self.format) for r in self.train.select(range(min(1, len(self.train))))] + self.held
+
 
 def load_data(cfg) -> LoadedData:
     """Training and held-out data for a :class:`~grass_ft.config.TrainConfig`.
@@ -374,24 +392,23 @@ def load_data(cfg) -> LoadedData:
             held = [as_example(ex, "alpaca")
                     for ex in generate_examples(cfg.eval_data, n_eval, cfg.seed + EVAL_SEED_OFFSET)]
         else:
-            rows, efmt = load_rows(cfg.eval_data, cfg.data_format, cfg.eval_split, cfg.data_config)
-            held = [as_example(r, efmt) for r in rows.select(range(min(n_eval, len(rows))))]
+            held = load_examples(cfg.eval_data, cfg.data_format, cfg.eval_split, cfg.data_config)[:n_eval]
     return LoadedData(train, held, fmt)
 
 
 # ------------------------------------------------------------------------------------------- tokenisation
 
 
-def prepare_tokenizer(tokenizer, chat_template: str | None, loaded: LoadedData, model: str) -> None:
-    """Install ``chat_template=`` on the tokenizer and check that chat-format data has a template to render it.
+def prepare_tokenizer(tokenizer, chat_template: str | None, examples: Sequence[dict[str, Any]], model: str) -> None:
+    """Install ``chat_template=`` on the tokenizer (a Jinja file or the template text) and check that the chat
+    rows among ``examples`` (see :func:`as_example`) have a template to render them.
 
     Raises:
-        DataError: a chat-format row (training or held-out) and no chat template, or a bad template file.
+        DataError: a chat-format row and no chat template, or a missing template file.
     """
     try:
         formats.set_chat_template(tokenizer, chat_template)
-        chat = len(loaded.train) > 0 and formats.is_chat(loaded.train[0], loaded.format)
-        if chat or any(formats.is_chat(r, formats.row_format(r)) for r in loaded.held):
+        if any(formats.is_chat(r, formats.row_format(r)) for r in examples):
             formats.require_chat_template(tokenizer, model)
     except FormatError as e:
         raise DataError(str(e)) from None

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from grass_ft.config import ConfigError
+from grass_ft.data import DataError, prepare_tokenizer
 from grass_ft.scoring import (MODES, choice_logprobs, eval_loss, eval_loss_by_task, evaluate_examples, generate,
                               score_choices, scorable, summarize)
 from grass_ft.tasks import example_task
@@ -178,7 +179,8 @@ def model_note(model_path: str | Path) -> str | None:
 def run_eval(model_path: str | Path, data: str | Path, task: str | None = None, eval_samples: int | None = None,
              output_dir: str | Path | None = None, *, mode: str = "generate", max_new_tokens: int = 256,
              batch_size: int = 8, max_seq_len: int = 1024, seed: int = 0, compute_loss: bool = True,
-             device: str | None = None, progress: bool = True) -> dict[str, Any]:
+             device: str | None = None, chat_template: str | None = None,
+             progress: bool = True) -> dict[str, Any]:
     """Load a model (or adapter), evaluate it on ``data`` and write ``eval.json`` / ``predictions.jsonl``.
 
     Args:
@@ -195,6 +197,7 @@ def run_eval(model_path: str | Path, data: str | Path, task: str | None = None, 
         seed: generator seed (held-out problems use ``seed + data.EVAL_SEED_OFFSET``).
         compute_loss: also report ``eval_loss`` (output-token cross-entropy, nats/token).
         device: where to run (``None``: ``cuda`` when available, else ``cpu``).
+        chat_template: a Jinja chat template (file or text) for chat-format data, as in training.
         progress: show tqdm bars.
 
     Returns:
@@ -207,8 +210,12 @@ def run_eval(model_path: str | Path, data: str | Path, task: str | None = None, 
     if mode not in MODES:
         raise ValueError(f"`mode` must be one of {', '.join(MODES)}, got {mode!r}")
     examples = load_eval_data(data, task, eval_samples, seed)  # data errors before the slow model load
+    if task is None and any(scorable(ex) and not ex.get("task") for ex in examples):
+        raise DataError(f"evaluation data {data}: examples without a `task` key need task=NAME (the answer rule, "
+                        f"e.g. gsm8k)")
     start = time.perf_counter()
     model, tokenizer = load_for_eval(model_path)
+    prepare_tokenizer(tokenizer, chat_template, examples, str(model_path))  # chat rows need a template
     model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     result = evaluate(model, tokenizer, examples, task=task, mode=mode, max_new_tokens=max_new_tokens,
                       batch_size=batch_size, max_seq_len=max_seq_len, compute_loss=compute_loss, progress=progress)

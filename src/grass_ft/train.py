@@ -139,7 +139,7 @@ def _run_train(cfg: TrainConfig, progress: bool, dist: Distributed) -> dict[str,
     if cfg.gradient_checkpointing:
         enable_checkpointing(model)
 
-    data_mod.prepare_tokenizer(tokenizer, cfg.chat_template, loaded, cfg.model)
+    data_mod.prepare_tokenizer(tokenizer, cfg.chat_template, loaded.first_rows(), cfg.model)
     features = data_mod.tokenize_dataset(train_ex, tokenizer, loaded.format, cfg.max_seq_len, cfg.train_on_inputs)
     # batch_size is per process: each step takes batch_size x world_size examples, each rank its share
     stream = data_mod.BatchStream(features, cfg.batch_size * dist.world_size, tokenizer.pad_token_id,
