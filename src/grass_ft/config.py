@@ -338,10 +338,11 @@ def validate(cfg: TrainConfig, num_blocks: int | None = None, known_methods: typ
     if cfg.eval_data and cfg.eval_data.endswith(DATA_FILE_SUFFIXES) and not Path(cfg.eval_data).is_file():
         errs.append(f"`eval_data` file {cfg.eval_data!r} does not exist")
     check("data_format", cfg.data_format in DATA_FORMATS, f"must be one of {', '.join(DATA_FORMATS)}")
-    check("report_to", all(s.strip() in REPORT_TO for s in cfg.report_to.split(",")),
-          f"must be one or more (comma-separated) of {', '.join(REPORT_TO)}")
+    sinks = [s.strip() for s in cfg.report_to.split(",")]
+    check("report_to", all(s in REPORT_TO for s in sinks), f"must be one or more (comma-separated) of "
+                                                           f"{', '.join(REPORT_TO)}")
     for sink in ("tensorboard", "wandb"):
-        if "report_to" not in skip and sink in cfg.report_to.split(",") and importlib.util.find_spec(sink) is None:
+        if "report_to" not in skip and sink in sinks and importlib.util.find_spec(sink) is None:
             errs.append(f"`report_to` {sink} needs the `{sink}` package (pip install {sink})")
     if "task" not in skip:
         try:

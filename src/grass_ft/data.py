@@ -487,8 +487,9 @@ class BatchStream:
             return order
         span = self.batch_size * GROUP_BATCHES
         if len(self._lengths) != len(self.features):  # once: reading a Dataset row decodes it
-            self._lengths = [len(ids) for ids in (self.features["input_ids"] if hasattr(self.features, "column_names")
-                                                  else (f["input_ids"] for f in self.features))]
+            ids = (self.features["input_ids"] if hasattr(self.features, "column_names")  # a datasets.Dataset
+                   else [f["input_ids"] for f in self.features])
+            self._lengths = [len(x) for x in ids]
         batches = []
         for start in range(0, len(order) - self.batch_size + 1, span):
             chunk = sorted(order[start:start + span], key=lambda i: -self._lengths[i])

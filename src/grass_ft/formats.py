@@ -25,7 +25,9 @@ IGNORE_INDEX = -100
 FORMATS = ("alpaca", "prompt_completion", "messages", "text")
 ROLES = ("system", "user", "assistant", "tool")
 
-# PROMPT_* are imported from data at call time: data imports this module.
+REQUIRED = {"alpaca": ("instruction", "output"), "prompt_completion": ("prompt", "completion"),
+            "messages": ("messages",), "text": ("text",)}
+# The Alpaca prompt (data.format_prompt) is imported at call time: data imports this module.
 
 
 class FormatError(ValueError):
@@ -102,10 +104,6 @@ def check_row(row: dict[str, Any], fmt: str) -> None:
         raise FormatError(f"unknown data format {fmt!r}; known: {', '.join(FORMATS)}")
 
 
-REQUIRED = {"alpaca": ("instruction", "output"), "prompt_completion": ("prompt", "completion"),
-            "messages": ("messages",), "text": ("text",)}
-
-
 def row_format(row: dict[str, Any]) -> str:
     """A single row's format: its ``_format`` key (set by the loader) or the keys it holds."""
     return row.get("_format") or detect_format({k for k, v in row.items() if v is not None}, "example")
@@ -120,15 +118,20 @@ def is_chat(row: dict[str, Any], fmt: str) -> bool:
 
 
 def set_chat_template(tokenizer, spec: str | None) -> None:
-    """Install ``chat_template=`` on the tokenizer: a path to a Jinja file, or the template text itself."""
+    """Install ``chat_template=`` on the tokenizer: a path to a Jinja file, or the template text itself.
+
+    Raises:
+        FormatError: ``spec`` is neither an existing file nor template text (no ``{{`` or ``{%``).
+    """
     if not spec:
         return
-    path = Path(spec)
-    if len(spec) < 4096 and path.suffix in (".jinja", ".j2", ".txt") :
-        if not path.is_file():
-            raise FormatError(f"`chat_template` file {spec!r} does not exist")
-        spec = path.read_text(encoding="utf-8")
-    tokenizer.chat_template = spec
+    if "{{" in spec or "{%" in spec:
+        tokenizer.chat_template = spec
+        return
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise FormatError(f"`chat_template` file {spec!r} does not exist (give a Jinja file or the template text)")
+    tokenizer.chat_template = path.read_text(encoding="utf-8")
 
 
 def require_chat_template(tokenizer, model: str) -> None:
