@@ -170,6 +170,7 @@ def check_rows(rows, fmt: str, spec: str, json_where: list[str] | None = None) -
 
 
 def resolve_format(requested: str, columns, spec: str) -> str:
+    """``requested``, or for ``auto`` the format the columns name (:func:`grass_ft.formats.detect_format`)."""
     if requested != "auto":
         return requested
     try:
@@ -178,21 +179,30 @@ def resolve_format(requested: str, columns, spec: str) -> str:
         raise DataError(str(e)) from None
 
 
+def _json_rows(spec: str, data_format: str, n: int | None = None) -> tuple[str, list[Any], list[str]]:
+    """``(format, objects, where)`` of a JSON/JSONL file (the first ``n`` entries), every entry checked."""
+    objects = read_json_objects(spec)[:n]
+    first = objects[0][1]
+    fmt = resolve_format(data_format, first.keys() if isinstance(first, dict) else [], spec)
+    rows, where = [o for _, o in objects], [w for w, _ in objects]
+    check_rows(rows, fmt, spec, where)
+    return fmt, rows, where
+
+
+def _is_json(spec: str) -> bool:
+    return source_kind(spec) == "file" and Path(spec).suffix in (".json", ".jsonl")
+
+
 def load_rows(spec: str, data_format: str = "auto", split: str = "train", config: str | None = None):
     """``(dataset, format)``: every row of a local file or directory or hub data set, checked against its
     format. JSON and JSONL files are first read line by line, so that an error names the line."""
-    json_where = None
-    if source_kind(spec) == "file" and Path(spec).suffix in (".json", ".jsonl"):
-        objects = read_json_objects(spec)
-        json_where = [w for w, _ in objects]
-        first = objects[0][1]
-        fmt = resolve_format(data_format, first.keys() if isinstance(first, dict) else [], spec)
-        check_rows([o for _, o in objects], fmt, spec, json_where)
+    if _is_json(spec):
+        _json_rows(spec, data_format)  # line-precise errors before datasets reads the file
     ds = _load_dataset(spec, split, config)
     if len(ds) == 0:
         raise DataError(f"data {spec!r} (split {split!r}) holds no examples")
     fmt = resolve_format(data_format, ds.column_names, spec)
-    if json_where is None:
+    if not _is_json(spec):
         check_rows(ds, fmt, spec)
     return ds, fmt
 
@@ -208,13 +218,8 @@ def preview_rows(spec: str, data_format: str = "auto", split: str = "train", con
     kind = source_kind(spec)
     if kind == "generator":
         return "alpaca", []
-    if kind == "file" and Path(spec).suffix in (".json", ".jsonl"):
-        objects = read_json_objects(spec)[:n]
-        first = objects[0][1]
-        fmt = resolve_format(data_format, first.keys() if isinstance(first, dict) else [], spec)
-        rows = [o for _, o in objects]
-        check_rows(rows, fmt, spec, [w for w, _ in objects])
-        return fmt, rows
+    if _is_json(spec):
+        return _json_rows(spec, data_format, n)[:2]
     stream = _load_dataset(spec, split, config, streaming=True)
     try:
         rows = list(stream.take(n))
@@ -273,12 +278,9 @@ def load_examples(spec: str, data_format: str = "auto", split: str = "test",
     Raises:
         DataError: as :func:`load_rows`.
     """
-    if source_kind(spec) == "file" and Path(spec).suffix in (".json", ".jsonl"):
-        objects = read_json_objects(spec)
-        first = objects[0][1]
-        fmt = resolve_format(data_format, first.keys() if isinstance(first, dict) else [], spec)
-        check_rows([o for _, o in objects], fmt, spec, [w for w, _ in objects])
-        return [as_example(o, fmt) for _, o in objects]
+    if _is_json(spec):
+        fmt, rows, _ = _json_rows(spec, data_format)
+        return [as_example(r, fmt) for r in rows]
     ds, fmt = load_rows(spec, data_format, split, config)
     return [as_example(r, fmt) for r in ds]
 
