@@ -119,8 +119,13 @@ def test_explicit_format_and_a_row_that_does_not_fit(tmp_path):
 
 
 @needs_smol
-def test_multi_turn_messages_loss_on_every_assistant_turn_with_smollm2_template(smol_tok):
-    enc = formats.encode(MULTI_TURN, smol_tok, 512)
+def test_multi_turn_messages_loss_on_every_assistant_turn_with_smollm2_template(smol_tok, tmp_path):
+    path = write_jsonl(tmp_path / "chat.jsonl", [MULTI_TURN, {"messages": MULTI_TURN["messages"][1:3]}])
+    ds, fmt = data_mod.load_rows(str(path))
+    tokenised = data_mod.tokenize_dataset(ds, smol_tok, fmt, 512)
+    assert supervised_runs(tokenised[1], smol_tok) == ["Hello!<|im_end|>"]  # one turn, default system prompt
+    enc = tokenised[0]
+    assert enc == formats.encode(MULTI_TURN, smol_tok, 512)
     # exactly the two assistant turns, each with its end-of-turn token; the "\n" after it and every
     # system/user token (and the role headers) carry no loss
     assert supervised_runs(enc, smol_tok) == ["Hello!<|im_end|>", "4<|im_end|>"]
