@@ -35,3 +35,13 @@ def test_help_lists_the_aliases(capsys):
     assert main(["train", "--help"]) == 0
     out = capsys.readouterr().out
     assert "[alias: learning_rate]" in out and "[alias: per_device_train_batch_size]" in out
+
+
+def test_compare_resolves_aliases_per_method():
+    from grass_ft.compare import plan_compare
+
+    plan = plan_compare(None, {"methods": "fft,lora", "lr": "1e-4", "lora.learning_rate": "2e-4",
+                               "per_device_train_batch_size": "4", "lora.max_steps": "5"})
+    assert plan.configs["fft"].lr == 1e-4 and plan.configs["lora"].lr == 2e-4
+    assert plan.configs["fft"].batch_size == plan.configs["lora"].batch_size == 4
+    assert any("`lora.max_steps` differs" in w for w in plan.warnings)
