@@ -32,6 +32,7 @@ from safetensors.torch import load_model, save_model
 
 from .atomic import atomic_dir, remove_dir
 from .errors import UserError
+from .export import write_loadable
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 REQUIRED = ("model.safetensors", "optimizer.pt", "scheduler.pt", "grass_state.pt", "trainer_state.json")
@@ -126,11 +127,13 @@ def load_optimizer_state_by_name(optimizer: torch.optim.Optimizer, model: torch.
 
 
 def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, extra_state: dict[str, Any],
-                    trainer_state: dict[str, Any], save_total_limit: int) -> Path:
-    """Write ``checkpoint-<step>`` atomically, then keep only the newest ``save_total_limit``."""
+                    trainer_state: dict[str, Any], save_total_limit: int, tokenizer=None) -> Path:
+    """Write ``checkpoint-<step>`` atomically, then keep only the newest ``save_total_limit``. With the
+    config, generation config and tokenizer beside the weights, ``from_pretrained`` opens it (export.py)."""
     final = out / f"checkpoint-{step}"
     with atomic_dir(final) as tmp:
         save_model(model, str(tmp / "model.safetensors"))
+        write_loadable(model, tokenizer, tmp)
         torch.save(optimizer_state_by_name(optimizer, model), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(extra_state, tmp / "grass_state.pt")

@@ -98,7 +98,10 @@ def cmd_validate(argv: list[str]) -> int:
     pf = preflight(cfg, generate=False)
     for w in pf.warnings:
         print(f"grass-ft validate: warning: {w}", file=sys.stderr)
-    print(f"configuration OK (method {cfg.method}, model {cfg.model}, data {cfg.data})")
+    from .data import check_data_sources
+
+    notes = check_data_sources(cfg)  # reads the first rows of data / eval_data: format errors name file and row
+    print(f"configuration OK (method {cfg.method}, model {cfg.model}, data {cfg.data}{notes})")
     return 0
 
 
@@ -106,12 +109,13 @@ def cmd_eval(argv: list[str]) -> int:
     from .evaluate import run_eval
 
     args = _parser("grass-ft eval").parse_args(argv)
-    # task unset: each example's own "task" key, else the data's folder name, else gsm8k (see evaluate.run_eval)
+    # task unset: each example's own "task" key, else the data's folder name; otherwise task= is required
     allowed = {"model": None, "data": None, "task": None, "eval_samples": "100", "output_dir": "runs/eval",
-               "mode": "generate", "max_new_tokens": "160", "batch_size": "16", "max_seq_len": "256"}
+               "mode": "generate", "max_new_tokens": "160", "batch_size": "16", "max_seq_len": "256",
+               "chat_template": None}
     if args.help:
         print("usage: grass-ft eval model=PATH data=FILE|DIR|GENERATOR [task=NAME] [eval_samples=N] "
-              "[output_dir=DIR] [mode=generate|loglik] [max_new_tokens=N] [batch_size=N]")
+              "[output_dir=DIR] [mode=generate|loglik] [max_new_tokens=N] [batch_size=N] [chat_template=FILE.jinja]")
         return 0
     kv = parse_overrides(args.overrides)
     errors = [unknown_key_message(k, allowed) for k in kv if k not in allowed]
@@ -133,8 +137,10 @@ def cmd_eval(argv: list[str]) -> int:
         raise ConfigError(errors)
     res = run_eval(vals["model"], vals["data"], vals.get("task"), int(vals["eval_samples"]), vals["output_dir"],
                    mode=vals["mode"], max_new_tokens=int(vals["max_new_tokens"]),
-                   batch_size=int(vals["batch_size"]), max_seq_len=int(vals["max_seq_len"]))
-    print(f"accuracy {res['accuracy']:.1%} on n={res['n']}" +
+                   batch_size=int(vals["batch_size"]), max_seq_len=int(vals["max_seq_len"]),
+                   chat_template=vals.get("chat_template"))
+    acc = "n/a (no example with a gold answer)" if res["accuracy"] is None else f"{res['accuracy']:.1%}"
+    print(f"accuracy {acc} on n={res['n']}" +
           "".join(f"\n  {t}: {r['accuracy']:.1%} (n={r['n']})" for t, r in res.get("per_task", {}).items()) +
           f"\nwrote {vals['output_dir']}/eval.json and predictions.jsonl")
     return 0

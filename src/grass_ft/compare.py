@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from .config import ConfigError, TrainConfig, build_config, validate
+from .config import ALIASES, ConfigError, TrainConfig, build_config, resolve_aliases, validate
 
 DEFAULT_METHODS = ("fft", "lora", "dora", "lisa", "grass", "grass-static")
 COMPARE_KEYS = ("methods", "output_dir")
@@ -106,14 +106,19 @@ def plan_compare(config_file: str | None, overrides: dict[str, str]) -> CompareP
             errors.append(f"`{key}`: `{sub}` cannot be set per method")
         else:
             own[method][sub] = value
-            if sub in FAIRNESS_KEYS:
+            if ALIASES.get(sub, sub) in FAIRNESS_KEYS:
                 warnings.append(f"`{key}` differs from the shared setting: {method} no longer runs on the same "
                                 f"data / seed / step budget as the others")
 
     per_method_errors: dict[str, list[str]] = {}
     configs: dict[str, TrainConfig] = {}
     final: dict[str, dict[str, str]] = {}
+    # the Trainer's names (learning_rate, ...) as their canonical keys, so lora.learning_rate overrides a shared lr
+    shared, alias_errors = resolve_aliases(shared)
+    errors += alias_errors
     for m in methods:
+        own[m], alias_errors = resolve_aliases(own[m])
+        errors += [f"{m}: {e}" for e in alias_errors]
         final[m] = {**shared, **own[m], "method": m, "output_dir": str(output_dir / m)}
         try:
             cfg = build_config(config_file, final[m], known_methods=known)

@@ -36,8 +36,7 @@ class Preflight:
     """What the checks found and the run reuses: the checkpoint to resume from and the examples."""
 
     checkpoint: Path | None = None
-    train: list[dict[str, Any]] = field(default_factory=list)
-    held: list[dict[str, Any]] = field(default_factory=list)
+    loaded: data_mod.LoadedData | None = None  # training rows, held-out examples and the data format
     warnings: list[str] = field(default_factory=list)
 
 
@@ -108,15 +107,13 @@ def check_batch(n: int, cfg: TrainConfig, world_size: int, what: str = "training
                                  f"= {need}); lower batch_size or add examples")
 
 
-def _load_data(cfg: TrainConfig, world_size: int, generate: bool) -> tuple[list, list]:
-    if not generate and not data_mod.is_file_spec(cfg.data):
-        if cfg.data not in data_mod.GENERATORS:
-            data_mod.generate_examples(cfg.data, 0, 0)  # raises the DataError naming the known generators
-        return [], []
-    train, held = data_mod.load_train_eval(cfg.data, cfg.eval_data, cfg.train_samples, cfg.eval_samples, cfg.seed)
-    check_batch(len(train), cfg, world_size)
-    check_held_out(cfg, held, {t.strip() for t in cfg.eval_loss_only_tasks.split(",") if t.strip()})
-    return train, held
+def _load_data(cfg: TrainConfig, world_size: int, generate: bool) -> data_mod.LoadedData | None:
+    if not generate and data_mod.source_kind(cfg.data) == "generator":
+        return None  # validate: a known generator name is all there is to check
+    loaded = data_mod.load_data(cfg)
+    check_batch(len(loaded.train), cfg, world_size)
+    check_held_out(cfg, loaded.held, {t.strip() for t in cfg.eval_loss_only_tasks.split(",") if t.strip()})
+    return loaded
 
 
 def preflight(cfg: TrainConfig, world_size: int = 1, check_dir: bool = True, generate: bool = True) -> Preflight:
@@ -144,7 +141,7 @@ def preflight(cfg: TrainConfig, world_size: int = 1, check_dir: bool = True, gen
     if check_dir:
         attempt(check_output_dir, cfg)
     pf.checkpoint = attempt(resolve_resume, cfg, world_size, pf.warnings)
-    pf.train, pf.held = attempt(_load_data, cfg, world_size, generate) or ([], [])
+    pf.loaded = attempt(_load_data, cfg, world_size, generate)
     attempt(check_model_source, cfg.model)
     if len(errors) == 1:
         raise errors[0]
@@ -162,7 +159,10 @@ def supervised_features(features: list[dict[str, list[int]]], cfg: TrainConfig,
         DataError: no example keeps an answer token, or fewer than one batch do.
     """
     # the model predicts token t+1 from position t, so a label at position 0 is never scored
-    kept = [f for f in features if any(lab != data_mod.IGNORE_INDEX for lab in f["labels"][1:])]
+    keep = [i for i, labels in enumerate(features["labels"] if hasattr(features, "select")
+                                         else [f["labels"] for f in features])
+            if any(lab != data_mod.IGNORE_INDEX for lab in labels[1:])]
+    kept = features.select(keep) if hasattr(features, "select") else [features[i] for i in keep]
     dropped = len(features) - len(kept)
     if not kept:
         raise data_mod.DataError(f"{cfg.data}: all {len(features)} training examples lose their whole answer to "

@@ -29,6 +29,8 @@ from . import data as data_mod
 from .atomic import atomic_dir, remove_dir, remove_stale_temporaries, write_json_atomic
 from .checkpoint import (CHECKPOINT_RE, load_checkpoint, load_sharded_checkpoint, rng_state, run_keys,
                          save_checkpoint, save_sharded_checkpoint, set_rng_state, truncate_jsonl)
+from .export import write_loadable
+from .logging_sinks import MetricSinks
 from .distributed import Distributed, init_distributed
 from .config import ConfigError, TrainConfig, save_config, validate
 from .divergence import DivergenceWatch, vocab_size
@@ -95,46 +97,18 @@ def save_final(model, tokenizer, out: Path) -> Path:
         # would look base_model_name_or_path up on the hub, which a packaged name such as smollm2-135m is not.
         extra = {"save_embedding_layers": False} if hasattr(model, "peft_config") else {}
         model.save_pretrained(tmp, safe_serialization=True, **extra)
-        tokenizer.save_pretrained(tmp)
+        write_loadable(model, tokenizer, tmp)  # tokenizer, and the generation config a peft adapter lacks
     return out / "final"
 
 
-def held_out_task(example: dict, cfg: TrainConfig) -> str:
-    """A held-out example's task as ``eval_loss_only_tasks`` names it: its ``task`` key, else ``cfg.task``."""
-    return str(example.get("task") or cfg.task)
-
-
-def loss_only_tasks(cfg: TrainConfig, examples: list[dict]) -> set[str]:
-    """The tasks of ``eval_loss_only_tasks``; each must be a task of the held-out examples."""
-    wanted = {t.strip() for t in cfg.eval_loss_only_tasks.split(",") if t.strip()}
-    present = {held_out_task(ex, cfg) for ex in examples}
-    missing = sorted(wanted - present)
-    if missing and examples:
-        raise ConfigError([f"`eval_loss_only_tasks`: {', '.join(map(repr, missing))} is not a task of the held-out "
-                           f"examples (their tasks: {', '.join(sorted(present))})"])
-    return wanted
-
-
 def evaluate_model(model, tokenizer, examples: list[dict], cfg: TrainConfig, desc: str) -> dict[str, Any]:
-    """Held-out eval loss (overall and per task) and accuracy (the same code as ``grass-ft eval``).
+    """Held-out eval loss (overall and per task) and accuracy through :func:`grass_ft.evaluate.evaluate`, the
+    entry point ``grass-ft eval`` uses too; tasks in ``eval_loss_only_tasks`` get an eval loss only."""
+    from .evaluate import evaluate
 
-    Tasks in ``eval_loss_only_tasks`` get an eval loss and no generation; accuracy is over the others.
-    """
-    from .evaluate import eval_loss_by_task, evaluate_examples
-
-    if not examples:
-        return {}
-    loss, per_task_loss = eval_loss_by_task(model, tokenizer, examples, max_seq_len=cfg.max_seq_len,
-                                            batch_size=cfg.eval_batch_size, task=cfg.task)
-    skip = loss_only_tasks(cfg, examples)
-    generated = [ex for ex in examples if held_out_task(ex, cfg) not in skip]
-    res: dict[str, Any] = (evaluate_examples(model, tokenizer, generated, cfg.task, max_new_tokens=cfg.max_new_tokens,
-                                             batch_size=cfg.eval_batch_size) if generated
-                           else {"accuracy": None, "n": 0, "per_task": {}, "predictions": []})
-    res["eval_loss"] = loss
-    res["eval_loss_per_task"] = per_task_loss
-    res["label"] = desc
-    return res
+    res = evaluate(model, tokenizer, examples, task=cfg.task, loss_only=cfg.eval_loss_only_tasks,
+                   max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size, max_seq_len=cfg.max_seq_len)
+    return {**res, "label": desc} if res else {}
 
 
 def validate_for_model(cfg: TrainConfig, model) -> None:
@@ -169,8 +143,11 @@ def _run_train(cfg: TrainConfig, progress: bool, dist: Distributed) -> dict[str,
     # 1. Every check that needs no model weights, before anything is written: output_dir, the checkpoint to
     #    resume from (and that it belongs to this run), the data (format, tasks, one batch), the model source.
     pf = preflight(cfg, dist.world_size)  # every rank: on a shared filesystem all reach the same verdict
-    checkpoint, train_ex, held_ex = pf.checkpoint, pf.train, pf.held
-    loss_only_tasks(cfg, held_ex)  # a misspelt task fails here, not after training
+    checkpoint, loaded = pf.checkpoint, pf.loaded
+    train_ex, held_ex = loaded.train, loaded.held
+    from .evaluate import loss_only_tasks
+
+    loss_only_tasks(cfg.eval_loss_only_tasks, held_ex, cfg.task)  # a misspelt task fails here, not after training
     if main:
         for w in pf.warnings:
             warn(w)
@@ -178,7 +155,8 @@ def _run_train(cfg: TrainConfig, progress: bool, dist: Distributed) -> dict[str,
     # 2. Tokenizer and tokenisation, still before the model: answers cut off by max_seq_len fail (all) or are
     #    left out with a warning (some).
     tokenizer = load_tokenizer(cfg.model)
-    features = [data_mod.tokenize_example(tokenizer, ex, cfg.max_seq_len, cfg.train_on_inputs) for ex in train_ex]
+    data_mod.prepare_tokenizer(tokenizer, cfg.chat_template, loaded.first_rows(), cfg.model)
+    features = data_mod.tokenize_dataset(train_ex, tokenizer, loaded.format, cfg.max_seq_len, cfg.train_on_inputs)
     features, dropped = supervised_features(features, cfg, dist.world_size)
     if dropped and main:
         warn(dropped)
@@ -260,6 +238,7 @@ def _run_train(cfg: TrainConfig, progress: bool, dist: Distributed) -> dict[str,
     trace_all = os.environ.get("GRASS_FT_TRACE_ALL_RANKS") == "1"
     layers_path = out / "layers.jsonl" if main else (out / f"layers.rank{dist.rank}.jsonl" if trace_all else None)
     layers_f = open(layers_path or os.devnull, mode, buffering=1)
+    sinks = MetricSinks(cfg.report_to, out, cfg.to_dict(), enabled=main, resume_step=start_step)  # report_to
     t_start = time.perf_counter()
     total_tokens, train_time = totals["tokens"], totals["train_time"]
     bookkeeping_time, losses = totals["bookkeeping_time"], totals["losses"]
@@ -280,15 +259,18 @@ def _run_train(cfg: TrainConfig, progress: bool, dist: Distributed) -> dict[str,
             losses.append(res.loss)
             state = optimizer_state_bytes(prepared.optimizer)
             tps = tokens / res.seconds if res.seconds > 0 else 0.0
+            record = None
             if step % cfg.logging_steps == 0 or step == cfg.max_steps - 1:
-                metrics_f.write(json.dumps({
+                record = {
                     "step": step, "loss": res.loss, "lr": scheduler.get_last_lr()[0], "grad_norm": res.grad_norm,
                     "tokens_per_s": tps, "s_per_step": res.seconds, "probe": res.probe, "skipped": res.skipped,
                     "active": res.active, "bookkeeping_s": res.bookkeeping_s,
                     "optimizer_state_device_bytes": state["device"], "optimizer_state_host_bytes": state["host"],
                     "peak_memory_bytes": peak_memory_bytes(device), "allreduce_bytes": dist.allreduce_bytes,
                     "allreduce_fraction_of_fft": dist.allreduce_bytes / param_bytes,
-                    **({"reduce_scatter_bytes": reduce_scatter.bytes} if reduce_scatter is not None else {})}) + "\n")
+                    **({"reduce_scatter_bytes": reduce_scatter.bytes} if reduce_scatter is not None else {})}
+                metrics_f.write(json.dumps(record) + "\n")
+            sinks.log_step(record, res.events, step)
             watch.observe(step, res.loss, res.grad_norm, res.probe, res.skipped)
             if (main or cfg.fsdp) and cfg.save_steps and (step + 1) % cfg.save_steps == 0 and step + 1 < cfg.max_steps:
                 totals = {"tokens": total_tokens, "train_time": train_time, "bookkeeping_time": bookkeeping_time,
@@ -298,12 +280,12 @@ def _run_train(cfg: TrainConfig, progress: bool, dist: Distributed) -> dict[str,
                                  "before": {k: v for k, v in before.items() if k != "predictions"},
                                  "run": run_keys(cfg.to_dict(), dist.world_size)}
                 with _writing(out / f"checkpoint-{step + 1}"):
-                    if cfg.fsdp:  # every rank writes its shards
+                    if cfg.fsdp:  # every rank writes its shards (no loadable copy: that would gather the model)
                         save_sharded_checkpoint(out, step + 1, model, prepared.optimizer, scheduler, extra,
                                                 trainer_state, cfg.save_total_limit, main)
                     else:
                         save_checkpoint(out, step + 1, model, prepared.optimizer, scheduler, extra, trainer_state,
-                                        cfg.save_total_limit)
+                                        cfg.save_total_limit, tokenizer=tokenizer)
             if cfg.save_steps and (step + 1) % cfg.save_steps == 0:
                 dist.barrier()  # no rank runs ahead of a checkpoint it may be killed and resumed from
             bar.set_postfix_str(f"loss {res.loss:.3f} | {'probe' if res.probe else 'blocks ' + _fmt_blocks(res.active)}"
@@ -312,6 +294,7 @@ def _run_train(cfg: TrainConfig, progress: bool, dist: Distributed) -> dict[str,
         bar.close()
         metrics_f.close()
         layers_f.close()
+        sinks.close()
     wall_train = time.perf_counter() - t_start
     watch.check_end()
 
