@@ -116,16 +116,40 @@ def test_fsdp_refuses_peft_methods_and_a_single_process(tiny_model_dir, tiny_dat
 
 def test_fsdp_fft_shards_the_root_unevenly_and_matches_one_process(tiny_model_dir, tmp_path):
     # fft trains the root unit too: the embedding and head have 103 rows, split 52/51 over the ranks (FSDP2 pads
-    # the reduce-scatter input to 104), so the optimizer works on uneven shards; same tolerance as above
+    # the reduce-scatter input to 104), so the optimizer works on uneven shards. With grad_accum=2 and activation
+    # checkpointing (recomputation inside FSDP2's units); the global batch is 4 in both runs. Each micro-batch's
+    # gradient is reduce-scattered and accumulated in the shard, a sum of the same terms as one process's
+    # accumulation (same tolerance as above).
     data = equal_length_data(tmp_path / "eq.jsonl")
-    base = {"method": "fft", "max_steps": 4}
+    base = {"method": "fft", "max_steps": 4, "grad_accum": 2, "gradient_checkpointing": "true"}
     one, two = tmp_path / "one", tmp_path / "two"
-    run_train(build_config(None, keys(tiny_model_dir, data, one, batch_size=4, **base), known_methods=method_names()),
+    run_train(build_config(None, keys(tiny_model_dir, data, one, batch_size=2, **base), known_methods=method_names()),
               progress=False)
-    torchrun(keys(tiny_model_dir, data, two, batch_size=2, fsdp="true", **base))
+    torchrun(keys(tiny_model_dir, data, two, batch_size=1, fsdp="true", **base))
     w0 = load_file(str(Path(tiny_model_dir) / "model.safetensors"))
     assert_updates_close(weights(two), weights(one), w0, UPDATE_RTOL)
     from transformers import AutoModelForCausalLM
 
     everything = padded_bytes(list(AutoModelForCausalLM.from_pretrained(tiny_model_dir).parameters()))
-    assert [m["reduce_scatter_bytes"] for m in jsonl(two / "metrics.jsonl")] == [everything] * 4
+    # every parameter's gradient, once per micro-batch
+    assert [m["reduce_scatter_bytes"] for m in jsonl(two / "metrics.jsonl")] == [2 * everything] * 4
+
+
+def test_fsdp_damaged_dcp_checkpoint_is_detected(runs, tmp_path):
+    from grass_ft.checkpoint import checkpoint_problem, find_checkpoint
+
+    _, _, _, two = runs
+    ckpt = tmp_path / "checkpoint-4"
+    shutil.copytree(two / "checkpoint-4", ckpt)
+    assert checkpoint_problem(ckpt) is None
+    shard = ckpt / "__1_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:100])  # a killed copy
+    written = (two / "checkpoint-4" / shard.name).stat().st_size
+    assert checkpoint_problem(ckpt) == f"__1_0.distcp has 100 bytes, {written} were written"
+    shard.unlink()
+    assert checkpoint_problem(ckpt) == "missing __1_0.distcp"
+    shutil.copytree(two / "checkpoint-8", tmp_path / "checkpoint-8")
+    (tmp_path / "checkpoint-8" / ".metadata").write_bytes(b"")  # truncated: resume=auto falls back to an older one
+    warnings: list[str] = []
+    with pytest.raises(Exception, match="every checkpoint .* is damaged"):
+        find_checkpoint(tmp_path, "auto", warnings)
