@@ -22,12 +22,27 @@ from collections.abc import Iterable, Sequence
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.fsdp import FSDPModule, fully_shard
-from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultReduceScatter
-from torch.distributed.tensor import DTensor
 
 from .importance import grad_rms
 from .models import find_blocks
+
+try:  # FSDP2 with a pluggable reduce-scatter (set_custom_reduce_scatter): recent torch only
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+    from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultReduceScatter
+    from torch.distributed.tensor import DTensor
+    _MISSING = None
+except ImportError as e:  # the one-process and DDP-style paths must still import this module
+    FSDPModule = DTensor = ()  # isinstance(x, ()) is False
+    DefaultReduceScatter = object
+    _MISSING = str(e)
+
+
+def fsdp_unavailable() -> str | None:
+    """Why ``fsdp=true`` cannot run with this torch (None: it can)."""
+    if _MISSING is None:
+        return None
+    return (f"`fsdp` needs torch's FSDP2 with set_custom_reduce_scatter (torch {torch.__version__} lacks it: "
+            f"{_MISSING}); upgrade torch or drop fsdp=true")
 
 
 class CountingReduceScatter(DefaultReduceScatter):

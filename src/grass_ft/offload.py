@@ -25,7 +25,11 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.distributed.tensor import DTensor
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # torch < 2.5: no public DTensor, hence no FSDP2 parameters (isinstance(x, ()) is False)
+    DTensor = ()
 
 _BLOCK_INDEX = re.compile(r"^\d+$")
 LOW_PRECISION = (torch.bfloat16, torch.float16)

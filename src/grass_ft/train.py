@@ -137,9 +137,14 @@ def run_train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
 
 def _run_train(cfg: TrainConfig, progress: bool, dist: Distributed) -> dict[str, Any]:
     main = dist.is_main
-    if cfg.fsdp and not dist.enabled:
-        raise ConfigError(["`fsdp` shards over two or more processes (torchrun --nproc_per_node=N ...); this run "
-                           "has one: drop fsdp=true"])
+    if cfg.fsdp:
+        from .fsdp import fsdp_unavailable
+
+        if not dist.enabled:
+            raise ConfigError(["`fsdp` shards over two or more processes (torchrun --nproc_per_node=N ...); this "
+                               "run has one: drop fsdp=true"])
+        if fsdp_unavailable():
+            raise ConfigError([fsdp_unavailable()])
     # 1. Every check that needs no model weights, before anything is written: output_dir, the checkpoint to
     #    resume from (and that it belongs to this run), the data (format, tasks, one batch), the model source.
     pf = preflight(cfg, dist.world_size)  # every rank: on a shared filesystem all reach the same verdict
