@@ -2,6 +2,7 @@
 
     python -m torch.distributed.run --nproc_per_node=2 tests/hf_dist_worker.py OUT grass BATCH
     python tests/hf_dist_worker.py OUT grass BATCH          # one process
+    ... OUT grass BATCH SAVE_STEPS [RESUME_CHECKPOINT]        # save checkpoints; resume from one
 
 ``grass``: GrassTrainer + GrassCallback. ``ddp``: the plain Trainer, DDP with ``find_unused_parameters=True``, and a
 callback that freezes all but block 0 at every step (a layer-sampled run as LISA users run it under DDP), with a
@@ -79,10 +80,11 @@ class CountingTrainer(Trainer):
         return loss
 
 
-def main(out: Path, mode: str, batch: int) -> None:
-    model = tiny_llama(len(TOK), layers=4)
+def main(out: Path, mode: str, batch: int, save_steps: int = 0, resume: str | None = None) -> None:
+    model = tiny_llama(len(TOK), layers=4, seed=1 if resume else 0)  # a resumed run starts from other weights
+    save = dict(save_strategy="steps", save_steps=save_steps) if save_steps else dict(save_strategy="no")
     args = TrainingArguments(output_dir=str(out), max_steps=MAX_STEPS, per_device_train_batch_size=batch,
-                             learning_rate=1e-2, report_to=[], save_strategy="no", logging_steps=1, use_cpu=True,
+                             learning_rate=1e-2, report_to=[], **save, logging_steps=1, use_cpu=True,
                              disable_tqdm=True, seed=0, optim="adamw_torch", lr_scheduler_type="constant",
                              train_sampling_strategy="sequential", ddp_find_unused_parameters=(mode == "ddp"),
                              ddp_broadcast_buffers=False)
@@ -94,7 +96,7 @@ def main(out: Path, mode: str, batch: int) -> None:
     else:
         trainer = CountingTrainer(model=model, args=args, train_dataset=Features(), data_collator=collate,
                                   callbacks=[FreezeAllButBlock0()])
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume)
     rank = dist.get_rank() if dist.is_initialized() else 0
     per_step = grass.allreduce_bytes if mode == "grass" else trainer.per_step
     (out / f"bytes.rank{rank}.json").write_text(json.dumps({str(k): v for k, v in per_step.items()}))
@@ -105,4 +107,5 @@ def main(out: Path, mode: str, batch: int) -> None:
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    main(Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]))
+    main(Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4]) if len(sys.argv) > 4 else 0,
+         sys.argv[5] if len(sys.argv) > 5 else None)

@@ -5,6 +5,7 @@ plain Trainer's DDP with find_unused_parameters=True, measured with a DDP commun
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -23,11 +24,11 @@ pytestmark = pytest.mark.slow
 WORKER = str(Path(__file__).parent / "hf_dist_worker.py")
 
 
-def launch(out: Path, mode: str, batch: int, nproc: int) -> None:
+def launch(out: Path, mode: str, batch: int, nproc: int, *extra: str) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GRASS_FT_TRACE_ALL_RANKS": "1"}
     launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"] if nproc > 1 else \
         [sys.executable]
-    r = subprocess.run([*launcher, WORKER, str(out), mode, str(batch)], env=env, capture_output=True, text=True,
+    r = subprocess.run([*launcher, WORKER, str(out), mode, str(batch), *extra], env=env, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr[-4000:]
 
@@ -36,7 +37,7 @@ def launch(out: Path, mode: str, batch: int, nproc: int) -> None:
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("hfdist")
     launch(tmp / "one", "grass", 4, 1)
-    launch(tmp / "two", "grass", 2, 2)
+    launch(tmp / "two", "grass", 2, 2, "3")  # checkpoint-3 for the resume test; saving changes no arithmetic
     launch(tmp / "ddp", "ddp", 2, 2)
     return tmp
 
@@ -92,3 +93,19 @@ def test_plain_trainer_in_several_processes_is_refused():
     with pytest.raises(ValueError, match="use grass_ft.GrassTrainer"):
         _refuse_untested(SimpleNamespace(world_size=2))
     _refuse_untested(SimpleNamespace(world_size=2), without_ddp=True)
+
+
+def test_resume_in_two_processes_is_exact(runs):
+    # resumed from the 2-process run's checkpoint-3 (a fresh model with other weights, a fresh callback): the same
+    # processes, kernels, batches and summation order as the uninterrupted run, so bit-exact
+    two, resumed = runs / "two", runs / "resumed"
+    resumed.mkdir()
+    shutil.copytree(two / "checkpoint-3", resumed / "checkpoint-3")
+    for trace in ("layers.jsonl", "layers.rank1.jsonl"):
+        shutil.copy(two / trace, resumed / trace)
+    launch(resumed, "grass", 2, 2, "0", str(resumed / "checkpoint-3"))
+    w, ref = torch.load(resumed / "weights.pt"), torch.load(two / "weights.pt")
+    for k in ref:
+        assert torch.equal(w[k], ref[k]), k
+    for trace in ("layers.jsonl", "layers.rank1.jsonl"):
+        assert jsonl(resumed / trace) == jsonl(two / trace)
