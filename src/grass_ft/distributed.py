@@ -80,6 +80,8 @@ class Distributed:
         """
         if not self.enabled:
             return tensor
+        if tensor.dtype == reduce_dtype(tensor.dtype) and tensor.device == self.device() and tensor.is_contiguous():
+            return self._mean(tensor.view(-1)).view_as(tensor)  # in place, no copy
         mean = self._mean(_flatten([tensor], reduce_dtype(tensor.dtype), self.device())).view_as(tensor)
         tensor.copy_(mean)
         return mean
