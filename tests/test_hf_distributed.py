@@ -24,11 +24,12 @@ pytestmark = pytest.mark.slow
 WORKER = str(Path(__file__).parent / "hf_dist_worker.py")
 
 
-def launch(out: Path, mode: str, batch: int, nproc: int, *extra: str) -> None:
+def launch(out: Path, mode: str, nproc: int, **kw) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GRASS_FT_TRACE_ALL_RANKS": "1"}
     launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"] if nproc > 1 else \
         [sys.executable]
-    r = subprocess.run([*launcher, WORKER, str(out), mode, str(batch), *extra], env=env, capture_output=True, text=True,
+    args = [f"{k}={v}" for k, v in kw.items()]
+    r = subprocess.run([*launcher, WORKER, str(out), mode, *args], env=env, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr[-4000:]
 
@@ -36,9 +37,13 @@ def launch(out: Path, mode: str, batch: int, nproc: int, *extra: str) -> None:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("hfdist")
-    launch(tmp / "one", "grass", 4, 1)
-    launch(tmp / "two", "grass", 2, 2, "3")  # checkpoint-3 for the resume test; saving changes no arithmetic
-    launch(tmp / "ddp", "ddp", 2, 2)
+    launch(tmp / "one", "grass", 1, batch=4)
+    launch(tmp / "two", "grass", 2, batch=2, save_steps=3)  # checkpoint-3 for the resume test (no arithmetic)
+    launch(tmp / "ddp", "ddp", 2, batch=2)
+    # gradient accumulation: 2 micro-batches of 1 example per rank, against one process with 2 micro-batches of 2
+    # (the probe observes each micro-batch, so the reference must split the global batch the same way)
+    launch(tmp / "one_accum", "grass", 1, batch=2, accum=2)
+    launch(tmp / "two_accum", "grass", 2, batch=1, accum=2)
     return tmp
 
 
@@ -46,18 +51,20 @@ def jsonl(path):
     return [json.loads(ln) for ln in Path(path).read_text().splitlines()]
 
 
-def test_two_processes_equal_one_with_same_global_batch(runs):
+@pytest.mark.parametrize("one,two", [("one", "two"), ("one_accum", "two_accum")], ids=["accum1", "accum2"])
+def test_two_processes_equal_one_with_same_global_batch(runs, one, two):
     # not bit-exact: the same fp32 rounding differences, amplified by Adam, as the native loop's two-process test
     # (tests/test_distributed.py explains the tolerances)
     model = tiny_llama(len(char_tokenizer()), layers=4)
     w0 = {n: p.detach() for n, p in model.named_parameters()}
-    one, two = torch.load(runs / "one" / "weights.pt"), torch.load(runs / "two" / "weights.pt")
-    assert_updates_close(two, one, w0)
-    h1, h2 = (json.loads((runs / r / "log_history.json").read_text()) for r in ("one", "two"))
+    assert_updates_close(torch.load(runs / two / "weights.pt"), torch.load(runs / one / "weights.pt"), w0)
+    h1, h2 = (json.loads((runs / r / "log_history.json").read_text()) for r in (one, two))
     norms = [(a["step"], a["grad_norm"], b["grad_norm"]) for a, b in zip(h1, h2) if a.get("grad_norm")]
     assert [s for s, _, _ in norms] == [3, 4, 5, 6]  # the Trainer logs step k+1 after update k; 2 probe steps
     for i, (step, g1, g2) in enumerate(norms):
         assert g2 == pytest.approx(g1, rel=GRAD_NORM_RTOL_FIRST if i == 0 else UPDATE_RTOL), step
+    draws = [[e["active"] for e in jsonl(runs / r / "layers.jsonl") if e["event"] == "draw"] for r in (one, two)]
+    assert draws[0] == draws[1]
 
 
 def test_identical_traces_on_both_ranks_and_as_one_process(runs):
@@ -103,7 +110,7 @@ def test_resume_in_two_processes_is_exact(runs):
     shutil.copytree(two / "checkpoint-3", resumed / "checkpoint-3")
     for trace in ("layers.jsonl", "layers.rank1.jsonl"):
         shutil.copy(two / trace, resumed / trace)
-    launch(resumed, "grass", 2, 2, "0", str(resumed / "checkpoint-3"))
+    launch(resumed, "grass", 2, batch=2, resume=resumed / "checkpoint-3")
     w, ref = torch.load(resumed / "weights.pt"), torch.load(two / "weights.pt")
     for k in ref:
         assert torch.equal(w[k], ref[k]), k
