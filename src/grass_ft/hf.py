@@ -52,6 +52,7 @@ _TRAINER_OWNS = {
                               "gradient_checkpointing_kwargs={'use_reentrant': False})",
     "output_dir": "TrainingArguments(output_dir=...)", "logging_steps": "TrainingArguments(logging_steps=...)",
     "dtype": "the dtype the model is loaded in",
+    "supervised_only_loss": "grass_ft.loss.enable_supervised_loss(model) before building the Trainer",
     "offload": "nothing: the callback always moves the optimizer state of blocks that leave the active set to "
                "host memory",
 }
@@ -414,6 +415,32 @@ class GrassCallback(TrainerCallback, ExportableState):
             self.allreduce_bytes[self._step] = self._dist.allreduce_bytes
         if self._mover is not None:
             self._mover.note_peak()  # state created by this step's update is on the device now
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        """Add :meth:`log_metrics` to the Trainer's logs (and its ``log_history``), so a Trainer / TRL user sees
+        them where the loss is: in the console, ``trainer_state.json``, and every reporting callback that runs
+        after this one (``report_to="none"`` and ``callbacks=[GrassCallback(...), TensorBoardCallback()]``;
+        callbacks named by ``report_to`` are built before the user's and see the logs first)."""
+        if logs is None or self.runner is None or "loss" not in logs:
+            return
+        extra = self.log_metrics()
+        logs.update(extra)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(extra)
+
+    def log_metrics(self) -> dict[str, float]:
+        """``grass/*`` metrics of the step just taken: ``grass/active_blocks`` (number of trained blocks, 0 in
+        the probe), ``grass/mgn/block_<i>`` (the sampler's MGN once the probe is over, adaptive and static
+        GRASS), and the optimizer state in bytes on the device and on the host (:meth:`memory_report`)."""
+        sampler, step = self.runner.sampler, self._step
+        probe = self.runner.is_probe(step)
+        out = {"grass/active_blocks": 0.0 if probe else float(len(sampler.active))}
+        if sampler.kind != "uniform" and not probe:
+            out.update({f"grass/mgn/block_{i:02d}": float(m) for i, m in enumerate(sampler.mgn.tolist())})
+        report = self.memory_report()
+        out["grass/optimizer_state_device_bytes"] = float(report["device_state_bytes"])
+        out["grass/optimizer_state_host_bytes"] = float(report["host_state_bytes"])
+        return out
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         if self.runner is not None:
