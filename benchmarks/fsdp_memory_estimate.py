@@ -26,10 +26,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+try:
+    import grass_ft  # noqa: F401
+except ImportError:  # run from a checkout without installing it
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
 OPT_KW = {"foreach": False}  # see the module docstring
 
@@ -53,13 +60,19 @@ def _fake_group(ranks: int) -> None:
 
 
 def estimate(model_key: str, arm: str, ranks: int, batch: int, seq: int, gamma: int) -> dict:
-    """Peak bytes of rank 0 by FSDPMemTracker category for one tracked step."""
+    """Peak bytes of rank 0 by FSDPMemTracker category over two steps; host optimizer bytes reported apart."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from grass_ft.config import TrainConfig
+    from grass_ft.fsdp import shard_model
+    from grass_ft.methods import prepare
+
+    if arm not in ("fft-fsdp", "grass-fsdp"):
+        raise ValueError(f"unknown arm {arm!r}")
     _fake_group(ranks)
     mesh = init_device_mesh("cpu", (ranks,))
     cfg = LlamaConfig(**CONFIGS[model_key], use_cache=False)
@@ -70,33 +83,54 @@ def estimate(model_key: str, arm: str, ranks: int, batch: int, seq: int, gamma: 
             model = LlamaForCausalLM(cfg)
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.train()
-            for layer in model.model.layers:
-                fully_shard(layer, mesh=mesh)
-            fully_shard(model, mesh=mesh)
-            if arm == "grass-fsdp":
+            if arm == "fft-fsdp":  # stock FSDP2 and torch AdamW, pure bf16 state
+                for layer in model.model.layers:
+                    fully_shard(layer, mesh=mesh)
+                fully_shard(model, mesh=mesh)
+                opt = torch.optim.AdamW(model.parameters(), lr=1e-5, **OPT_KW)
+                slabs: list[torch.Tensor] = []
+            else:  # grass-ft's fsdp=true path: its sharding, and its optimizer on each rank's local shards
+                shard_model(model, mesh=mesh)
+                tcfg = TrainConfig(method="grass", gamma=gamma, fsdp=True, offload=True, master_weights=True)
+                opt = prepare(model, tcfg).optimizer
+                assert type(opt).__name__ == "LayerwiseOffloadAdamW", type(opt)
                 model.requires_grad_(False)
                 step = max(1, cfg.num_hidden_layers // gamma)
                 for i in range(0, step * gamma, step):  # spread over the depth; which ones barely matters
                     model.model.layers[i].requires_grad_(True)
-            elif arm != "fft-fsdp":
-                raise ValueError(f"unknown arm {arm!r}")
+                slabs = list(opt._slabs)  # its host memory (the fake device is "cpu" too)
             trainable = [p for p in model.parameters() if p.requires_grad]
-            opt = torch.optim.AdamW(trainable, lr=1e-5, **OPT_KW)
             x = torch.randint(0, cfg.vocab_size, (batch, seq))
             tracker = FSDPMemTracker(model, opt)
-            tracker.track_inputs((x,))
+            # the host slab is registered with the inputs, before the step, so that its views in step() are not
+            # counted as device optimizer state; it is constant through the steps and subtracted below
+            # (FSDPMemTracker has no host category)
+            tracker.track_inputs((x, *slabs))
             with tracker:
                 for it in range(2):
                     model(input_ids=x, labels=x).loss.backward()
                     opt.step()
                     opt.zero_grad(set_to_none=True)
-                    if it == 0:  # the first step creates the optimizer state; track the second
+                    if it == 0:  # torch AdamW creates its state at the first step; the peak is over both
                         tracker.reset_mod_stats()
+                between = tracker.get_tracker_snapshot("current")
             peak = tracker.get_tracker_snapshot("peak")
+            report = opt.memory_report() if slabs else None
     finally:
         torch.set_default_dtype(default)
     (by_cat,) = peak.values()
     out = {str(getattr(k, "value", k)): int(v) for k, v in by_cat.items()}
+    host = sum(t.nbytes for t in slabs)
+    assert out.get("Inputs", 0) - host == x.nbytes, out  # the slab was counted once, with the inputs
+    out["Inputs"] -= host
+    out["Total"] -= host
+    out["host_optimizer_bytes"] = host
+    (now,) = between.values()
+    out["optstate_between_steps"] = int(next((v for k, v in now.items() if getattr(k, "value", k) == "OptState"), 0))
+    if report is not None:
+        assert report["host_state_bytes"] == host, (report, host)
+        out["optimizer_device_bytes_between_steps"] = report["device_state_bytes"]
+        out["optimizer_step_device_peak"] = report["peak_device_state_bytes"]  # its ring slots + compute buffers
     out["trainable_params_per_rank"] = sum(p.numel() for p in trainable) // ranks
     return out
 
@@ -120,8 +154,9 @@ def main() -> None:
                          "gamma": a.gamma if arm == "grass-fsdp" else None, "seconds": round(time.time() - t0), **r})
             print(json.dumps(rows[-1]), flush=True)
     cats = ["Sharded Param", "Unsharded Param", "Sharded Grad", "Unsharded Grad", "Activation", "Temp",
-            "All Gather", "Reduce Scatter", "OptState", "Total"]
-    print("\n| model | arm | " + " | ".join(cats) + " |  (GiB per rank, peak, estimate)")
+            "All Gather", "Reduce Scatter", "OptState", "Total", "optstate_between_steps", "host_optimizer_bytes"]
+    print("\n| model | arm | " + " | ".join(cats) + " |  (GiB per rank; device peak by category and Total without "
+          "the host slab; OptState between steps; host optimizer bytes; estimate)")
     print("|---|---|" + "---|" * len(cats))
     for r in rows:
         print(f"| {r['model']} | {r['arm']} | " + " | ".join(f"{r.get(c, 0) / 2**30:.2f}" for c in cats) + " |")
