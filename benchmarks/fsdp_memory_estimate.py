@@ -7,19 +7,25 @@ An ESTIMATE: nothing is allocated and nothing computed. The model is built under
 ``torch._subclasses.fake_tensor.FakeTensorMode`` in a fake process group of ``--ranks`` ranks (PyTorch's
 ``fake`` backend, as PyTorch's own FSDP2 memory tests use), every decoder block and the root wrapped with
 ``torch.distributed.fsdp.fully_shard``, and PyTorch's ``FSDPMemTracker`` counts the live bytes of rank 0 by category
-through one warm-up step (so the optimizer state exists) and one tracked step of forward, backward (non-reentrant
-activation checkpointing), ``optimizer.step()``.
+through two steps of forward, backward (non-reentrant activation checkpointing), ``optimizer.step()``; the peak is
+over both (torch AdamW creates its state at the first step, so only in the second does it coexist with activations).
 
-Arms (bf16 parameters, torch AdamW with ``foreach=False``, its state in the parameter dtype; the foreach and fused
-implementations report an implausible optimizer state under fake DTensors -- 27x the state's bytes for the 7B
-config -- which we have not explained, so the single-tensor one is used):
-- ``fft-fsdp``: every parameter trains.
-- ``grass-fsdp``: ``--gamma`` decoder blocks train (embeddings and head frozen, the GRASS default); the optimizer
-  holds only their state, which is what a rank keeps on the device when the other blocks' state is offloaded to
-  the host (grass-ft's layer-wise offload; host bytes are not device memory and are not counted here).
+Arms (bf16 parameters):
+- ``fft-fsdp``: stock FSDP2, every parameter trains, torch AdamW with ``foreach=False`` and its state in bf16
+  (the parameter dtype: pure-bf16 AdamW, as the paper's FFT). The foreach and fused implementations report an
+  implausible optimizer state under fake DTensors -- 27x the state's bytes for the 7B config -- which we have not
+  explained, so the single-tensor one is used.
+- ``grass-fsdp``: grass-ft's own ``fsdp=true`` path: ``grass_ft.fsdp.shard_model`` shards the model and
+  ``grass_ft.methods.prepare`` (method ``grass``, ``offload=true``, ``master_weights=true``) builds the optimizer
+  it always uses under fsdp, ``LayerwiseOffloadAdamW`` over each rank's local shards of every decoder block. Its
+  fp32 moments and fp32 masters (12 B per parameter of the rank's shard) live in a host slab allocated by the
+  constructor; ``--gamma`` decoder blocks train (embeddings and head frozen, the GRASS default) and ``step()``
+  streams their records through a bounded ring of device buffers. The slab is host memory: it is reported apart
+  (``host_optimizer_bytes``) and subtracted from the tracker's device peak (the fake device is "cpu", so the
+  tracker would otherwise count it; it is registered with the inputs so that it is counted once and removed).
 
-Not what grass-ft runs today: the native loop does not shard (FSDP2 + GRASS is not built; docs/DISTRIBUTED.md).
-This estimates what that design would need per rank, with stock FSDP2 doing the sharding.
+Not a measurement: the caching allocator's fragmentation, NCCL buffers and the CUDA context are not modelled;
+FSDP2's all-gather and reduce-scatter buffers are.
 """
 
 from __future__ import annotations
