@@ -50,6 +50,7 @@ _TRAINER_OWNS = {
                               "gradient_checkpointing_kwargs={'use_reentrant': False})",
     "output_dir": "TrainingArguments(output_dir=...)", "logging_steps": "TrainingArguments(logging_steps=...)",
     "dtype": "the dtype the model is loaded in",
+    "supervised_only_loss": "grass_ft.loss.enable_supervised_loss(model) before building the Trainer",
     "offload": "nothing: the callback always moves the optimizer state of blocks that leave the active set to "
                "host memory",
 }

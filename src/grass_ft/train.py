@@ -27,6 +27,7 @@ from .atomic import atomic_dir, write_json_atomic
 from .checkpoint import find_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state, truncate_jsonl
 from .distributed import Distributed, init_distributed
 from .config import ConfigError, TrainConfig, save_config, validate
+from .loss import loss_forward
 from .methods import Prepared, method_names, prepare
 from .models import PACKAGED_NOTE, block_layout, enable_checkpointing, load_model_and_tokenizer
 from .step import StepRunner, lr_factor, optimizer_state_bytes
@@ -222,7 +223,7 @@ def _run_train(cfg: TrainConfig, progress: bool, dist: Distributed) -> dict[str,
     try:
         for step in bar:
             batches = [{k: v.to(device) for k, v in stream.next_batch().items()} for _ in range(cfg.grad_accum)]
-            res = runner.train_step(step, batches)
+            res = runner.train_step(step, batches, forward=loss_forward(cfg.supervised_only_loss))
             if res.probe and not runner.is_probe(step + 1):  # GRASS's probe is over: its peak apart from training's
                 probe_peak = peak_memory_bytes(device)
                 if device.type == "cuda":
