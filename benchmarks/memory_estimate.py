@@ -6,9 +6,11 @@ own code path (``TrainConfig`` -> ``methods.prepare`` -> ``step.StepRunner.train
 ``torch._subclasses.fake_tensor.FakeTensorMode`` (tensors carry shapes and dtypes but no memory and no data), while
 PyTorch's ``torch.distributed._tools.mem_tracker.MemTracker`` counts the live bytes of every storage by category.
 
-    python benchmarks/memory_estimate.py                          # 3 models x 6 arms -> docs/gpu_memory.md table
+    python benchmarks/memory_estimate.py              # the full PLAN (resumable) + fake-vs-real -> docs/gpu_memory.md
     python benchmarks/memory_estimate.py --models tinyllama --arms fft,lora,lisa --checkpointing off
-    python benchmarks/memory_estimate.py --validate-real           # fake vs real tensors, SmolLM2-135M config, CPU
+    python benchmarks/memory_estimate.py --report-only              # re-render docs/gpu_memory.md from the records
+
+Exit code: 0 when every arm ran, 1 when one failed (its record says why), 2 for bad arguments.
 
 What is simulated and how (see docs/gpu_memory.md):
 
@@ -16,10 +18,10 @@ What is simulated and how (see docs/gpu_memory.md):
   kernel choices do, so the estimate picks what CUDA would: torch AdamW arms use ``fused=True`` (transformers'
   default optimizer on CUDA, ``adamw_torch_fused``), and functional AdamW calls that leave the choice to torch get
   the CUDA default (``foreach``) instead of the CPU's per-tensor loop.
-- Host-resident tensors (the offloading optimizer's store, fp32 master weights) are fake CPU tensors like all the
-  others; the optimizer's own tensors that are not parameters are found by walking it, the host ones are those it
-  reports as host (``memory_report()["host_state_bytes"]`` is checked against their bytes), and the device peak is
-  recomputed from MemTracker's allocation log without them.
+- Host-resident tensors (the offloading optimizer's slab: fp32 moments and master weights) are fake CPU tensors
+  like all the others; the optimizer's host slabs are taken apart (their bytes are checked against
+  ``memory_report()["host_state_bytes"]``), and the device peak is recomputed from MemTracker's allocation log
+  without them. The optimizer's other tensors (found by walking it) that outlive its step are optimizer state.
 - Scalar reads of fake tensors (the loss, the gradient norm, the blocks' gradient RMS) have no value; they read as
   1.0 here, so GRASS's importance is flat and its draws uniform, which changes which blocks train but not how
   many bytes they take (blocks are the same size). The samplers themselves run on real tensors.
@@ -37,7 +39,6 @@ import argparse
 import contextlib
 import datetime
 import json
-import math
 import os
 import subprocess
 import sys
@@ -72,19 +73,30 @@ MODELS: dict[str, dict[str, Any]] = {
 }
 PAPER_MODELS = ["tinyllama", "gemma-2b", "llama2-7b"]
 
-# Arm -> TrainConfig fields. LoRA/DoRA: r = 128 as in the paper's table, every linear layer but the head.
+# Arm -> TrainConfig fields. The baselines run as shipped, with stock components as in the paper: torch AdamW in the
+# parameters' dtype (master_weights=false; peft keeps LoRA/DoRA adapters in fp32) and transformers' own loss over
+# the full logits (supervised_only_loss=false). LoRA/DoRA: r = 128 as in the paper's table, every linear layer but
+# the head. GRASS arms run with the project's defaults: offloaded chunked AdamW with fp32 master weights on the
+# host, supervised-only chunked loss. "-sup" arms are baselines with our supervised-only loss, for a like-for-like
+# comparison of the optimizer/sampling alone.
+STOCK = dict(master_weights=False, supervised_only_loss=False)
 ARMS: dict[str, dict[str, Any]] = {
-    "fft": dict(method="fft"),
-    "lora": dict(method="lora", lora_r=128),
-    "dora": dict(method="dora", lora_r=128),
-    "lisa": dict(method="lisa"),
+    "fft": dict(method="fft", **STOCK),
+    "lora": dict(method="lora", lora_r=128, **STOCK),
+    "dora": dict(method="dora", lora_r=128, **STOCK),
+    "lisa": dict(method="lisa", **STOCK),
     "grass": dict(method="grass", offload=True),
     "grass-static": dict(method="grass-static", offload=True),  # GRASS*
     "grass-no-offload": dict(method="grass", offload=False),
+    "grass-full-loss": dict(method="grass", offload=True, supervised_only_loss=False),
+    "fft-sup": dict(method="fft", master_weights=False),
+    "lisa-sup": dict(method="lisa", master_weights=False),
 }
 DEFAULT_ARMS = "fft,lora,dora,lisa,grass,grass-static"
 ARM_LABEL = {"fft": "FFT", "lora": "LoRA r128", "dora": "DoRA r128", "lisa": "LISA", "grass": "GRASS",
-             "grass-static": "GRASS*", "grass-no-offload": "GRASS (no offload)"}
+             "grass-static": "GRASS*", "grass-no-offload": "GRASS (no offload)",
+             "grass-full-loss": "GRASS (full-logits loss)", "fft-sup": "FFT (supervised-only loss)",
+             "lisa-sup": "LISA (supervised-only loss)"}
 
 # Peak GPU memory in "GB" as the paper prints it (batch 4, sequence 1024); /work/shared/GRASS.md.
 PAPER_GB: dict[str, dict[str, float]] = {
@@ -92,6 +104,17 @@ PAPER_GB: dict[str, dict[str, float]] = {
     "gemma-2b": {"fft": 21.19, "lora": 11.26, "dora": 11.64, "lisa": 13.33, "grass": 12.45},
     "llama2-7b": {"fft": 51.32, "lora": 19.97, "dora": 23.23, "lisa": 22.31, "grass": 19.08},
 }
+
+# The default run (no --models/--arms), in this order, resumable: every arm on the paper's three configs with
+# checkpointing (LLaMA-2-7B, the targets' model, before Gemma-2B); GRASS without offload and LISA with our
+# supervised-only loss on LLaMA-2-7B; the paper's FFT / LoRA / LISA without checkpointing (the paper comparison);
+# FFT with the supervised-only loss and GRASS with the full-logits loss on LLaMA-2-7B; then --validate-real.
+PLAN: list[tuple[str, str, bool, str]] = (
+    [(m, a, True, "sdpa") for m in ("tinyllama", "llama2-7b") for a in DEFAULT_ARMS.split(",")]
+    + [("llama2-7b", a, True, "sdpa") for a in ("grass-no-offload", "lisa-sup")]
+    + [("gemma-2b", a, True, "sdpa") for a in DEFAULT_ARMS.split(",")]
+    + [(m, a, False, "sdpa") for m in ("tinyllama", "llama2-7b", "gemma-2b") for a in ("fft", "lora", "lisa")]
+    + [("llama2-7b", a, True, "sdpa") for a in ("fft-sup", "grass-full-loss")])
 
 CATEGORIES = ["parameters", "buffers", "gradients", "activations", "temporaries", "optimizer state",
               "optimizer-step temporaries", "other"]
@@ -158,21 +181,22 @@ def analytic_floor(c: dict[str, Any], *, gamma: int, batch_size: int, seq_len: i
     return parts
 
 
-def step_buffer_bound(optimizer, c: dict[str, Any]) -> tuple[int, str]:
-    """Device bytes the offloading optimizer's step may hold at once, and where the figure comes from.
+def step_buffer_bound(c: dict[str, Any], chunk_size: int | None = None) -> tuple[int, str]:
+    """Device bytes of the offloaded, chunked AdamW step (grass_ft.offload) on a model of shape ``c``, and how.
 
-    An optimizer that states its bound (``memory_report()["step_buffer_bytes"]``) is taken at its word; otherwise
-    a per-parameter bounded step is assumed: fp32 master, moments and gradient (16 B per element) of the largest
-    parameter of a block, twice (one chunk updating while the next arrives).
+    A chunk is at most ``chunk_size`` elements (the optimizer's default unless given) of one parameter; the step
+    holds ``RING_SLOTS`` fp32 records ``[exp_avg | exp_avg_sq | master]`` of a chunk, plus a denominator and an
+    up-cast bf16 gradient of one chunk each: 4 B x chunk x (3 x RING_SLOTS + 2).
     """
-    if optimizer is not None and hasattr(optimizer, "memory_report"):
-        r = optimizer.memory_report()
-        if "step_buffer_bytes" in r:
-            return int(r["step_buffer_bytes"]), "the optimizer's memory_report()['step_buffer_bytes']"
+    _import_project()
+    from grass_ft.offload import DEFAULT_CHUNK_SIZE, RING_SLOTS
+
     h, i = c["hidden_size"], c["intermediate_size"]
     hd = c.get("head_dim") or h // c["num_attention_heads"]
-    largest = max(h * i, h * c["num_attention_heads"] * hd)
-    return 2 * 16 * largest, "assumed: 2 x 16 B x the largest parameter of a block (per-parameter chunks)"
+    chunk = min(chunk_size or DEFAULT_CHUNK_SIZE, max(h * i, h * c["num_attention_heads"] * hd))
+    return 4 * chunk * (3 * RING_SLOTS + 2), (f"{RING_SLOTS} ring slots of a {chunk:,}-element chunk's fp32 "
+                                             f"[exp_avg | exp_avg_sq | master] + its fp32 denominator and up-cast "
+                                             f"gradient (grass_ft.offload)")
 
 
 # --------------------------------------------------------------------------------------- fake execution
@@ -354,13 +378,16 @@ def optimizer_tensors(optimizer, params: set[int]) -> list:
 
 
 def host_tensors(optimizer, params: set[int]) -> list:
-    """The optimizer's host-resident tensors: all its own tensors when it offloads (its device buffers live only
-    inside ``step()``), none otherwise."""
-    if not hasattr(optimizer, "memory_report"):
+    """The optimizer's host-resident tensors: an offloading LayerwiseOffloadAdamW's host slabs (moments and fp32
+    masters; the per-group stores are views of them), none for any other optimizer."""
+    if not hasattr(optimizer, "memory_report") or not optimizer.memory_report().get("host_state_bytes", 0):
         return []
-    if not optimizer.memory_report().get("host_state_bytes", 0):
-        return []
-    return optimizer_tensors(optimizer, params)
+    return list(getattr(optimizer, "_slabs", None) or optimizer_tensors(optimizer, params))
+
+
+def storage_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (views count once)."""
+    return sum({st._cdata: st.nbytes() for t in tensors for st in _storages(t)}.values())
 
 
 class _NoHandle:
@@ -390,6 +417,11 @@ def _make_tracker():
             finally:
                 for p in frozen:
                     del self._param_to_grad_hook_handles[p]
+
+        def _update_peak_stats(self, peak_state) -> None:
+            # MemTracker walks every tracked module's stats at every op to keep per-module peaks (quadratic in
+            # depth: hours for a 32-block model on 2 cores); the peak and its breakdown come from the log instead
+            pass
 
         def _phase(self) -> str:
             if self._in_opt:
@@ -441,9 +473,10 @@ def replay(log, host_ids: set[int], opt_ids: set[int]) -> dict[str, Any]:
             "host_end": host_live, "host_peak": host_peak}
 
 
-def tracked_step(runner, step: int, batch: dict, model, params: set[int], profile: bool = False) -> dict[str, Any]:
-    """One ``StepRunner.train_step`` under a fresh MemTracker; returns its device/host replay (``profile``: also
-    the profiler's peak of real allocations, plus the bytes alive before the step)."""
+def tracked_step(runner, step: int, batch: dict, model, params: set[int], profile: bool = False,
+                 forward=None) -> dict[str, Any]:
+    """One ``StepRunner.train_step`` (with the native loop's ``forward``) under a fresh MemTracker; returns its
+    device/host replay (``profile``: also the profiler's peak of real allocations, plus the bytes alive before)."""
     tracker = _make_tracker()
     opt = runner.p.optimizer
     existing = list(model.parameters()) + list(model.buffers()) + optimizer_tensors(opt, params)
@@ -452,7 +485,7 @@ def tracked_step(runner, step: int, batch: dict, model, params: set[int], profil
 
     def run():
         with tracker:
-            results.append(runner.train_step(step, [batch]))
+            results.append(runner.train_step(step, [batch], forward=forward))
 
     if profile:
         storages = {st._cdata: st.nbytes() for t in existing for st in _storages(t)}
@@ -499,6 +532,7 @@ def estimate_arm(model_name: str, arm: str, *, batch_size: int = 4, seq_len: int
 
     from grass_ft import methods as methods_mod
     from grass_ft.config import TrainConfig
+    from grass_ft.loss import loss_forward
     from grass_ft.models import enable_checkpointing
     from grass_ft.step import StepRunner
 
@@ -538,6 +572,9 @@ def estimate_arm(model_name: str, arm: str, *, batch_size: int = 4, seq_len: int
             rec["fused_adamw"] = fused and fused_adamw(prepared)
             model = prepared.model
             runner = StepRunner(prepared, max_grad_norm=1.0, max_bad_steps=n_steps + 1)
+            forward = loss_forward(cfg.supervised_only_loss)  # as the native loop (train.py) calls it
+            rec["supervised_only_loss"] = cfg.supervised_only_loss
+            rec["master_weights"] = cfg.master_weights
             named = list(model.named_parameters())
             params = {id(p) for _, p in named}
             rec["optimizer"] = type(prepared.optimizer).__name__
@@ -547,16 +584,16 @@ def estimate_arm(model_name: str, arm: str, *, batch_size: int = 4, seq_len: int
             for step in range(n_steps):
                 ids = torch.randint(0, config.vocab_size, (batch_size, seq_len), generator=None if fake else gen)
                 batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
-                out = tracked_step(runner, step, batch, model, params, profile)
+                out = tracked_step(runner, step, batch, model, params, profile, forward)
                 out["trainable"] = sum(p.numel() for _, p in named if p.requires_grad)
                 steps.append(out)
             rec["step_buffer_bytes"], rec["step_buffer_source"] = step_buffer_bound(
-                prepared.optimizer if prepared.offload else None, MODELS[model_name])
+                MODELS[model_name], getattr(prepared.optimizer, "_chunk_size", None))
             opt = prepared.optimizer
             rec["opt_state_dtypes"] = sorted({str(t.dtype).replace("torch.", "")
                                               for t in optimizer_tensors(opt, params) if t.dim() > 0})
             host = host_tensors(opt, params)
-            rec["host_tensor_bytes"] = sum(t.numel() * t.element_size() for t in host)
+            rec["host_tensor_bytes"] = storage_bytes(host)
             if hasattr(opt, "memory_report"):
                 rec["memory_report"] = {k: (int(v) if not isinstance(v, bool) else v)
                                         for k, v in opt.memory_report().items()}
@@ -579,7 +616,6 @@ def estimate_arm(model_name: str, arm: str, *, batch_size: int = 4, seq_len: int
         rec["train_peak_step"] = steps.index(top)
         rec["host_bytes"] = max(s["host_end"] for s in steps)
         rec["train_step_peaks"] = [s["peak"] for s in train_steps]
-        rec["blocks_with_state"] = None
     rec["wall_s"] = round(time.perf_counter() - t0, 1)
     return rec
 
@@ -605,23 +641,39 @@ def profiler_peak(fn) -> int:
     return peak
 
 
-def validate_real(model_name: str = "smollm2-135m", arms: tuple[str, ...] = ("fft", "lisa", "grass"), *,
-                  batch_size: int = 2, seq_len: int = 256, checkpointing: bool = True) -> list[dict[str, Any]]:
+# The fake-vs-real check: (model, dtype, batch, seq, arms). SmolLM2-135M in fp32 because bf16 matrix products on
+# this CPU are ~20x slower than fp32 ones (minutes per step); the tiny config covers the bf16 paths (fp32 moments
+# and masters of bf16 parameters, peft's fp32 adapters on a bf16 base).
+REAL_CHECKS: list[tuple[str, str, int, int, tuple[str, ...]]] = [
+    ("smollm2-135m", "float32", 2, 128, ("fft", "lisa", "grass")),
+    ("tiny", "bfloat16", 2, 64, ("fft", "lora", "lisa", "grass")),
+]
+
+
+def validate_real(checks=REAL_CHECKS, checkpointing: bool = True) -> list[dict[str, Any]]:
     """The same steps with fake tensors and with real ones (CPU), each counted by MemTracker, the real run also by
-    the profiler's allocator events; returns one row per (arm, step)."""
+    the profiler's allocator events; returns one row per (model, arm, step)."""
     rows = []
-    for arm in arms:
-        fake = estimate_arm(model_name, arm, batch_size=batch_size, seq_len=seq_len, checkpointing=checkpointing,
-                            lisa_switches=1, steady_steps=2)
-        real = estimate_arm(model_name, arm, batch_size=batch_size, seq_len=seq_len, checkpointing=checkpointing,
-                            lisa_switches=1, steady_steps=2, fake=False, profile=True)
+    for model_name, dtype, batch_size, seq_len, arms in checks:
+        for arm in arms:
+            kw = dict(batch_size=batch_size, seq_len=seq_len, checkpointing=checkpointing, lisa_switches=1,
+                      steady_steps=2, dtype=dtype)
+            fake = estimate_arm(model_name, arm, **kw)
+            real = estimate_arm(model_name, arm, fake=False, profile=True, **kw)
+            rows += _real_rows(model_name, dtype, batch_size, seq_len, arm, fake, real)
+    return rows
+
+
+def _real_rows(model_name, dtype, batch_size, seq_len, arm, fake, real) -> list[dict[str, Any]]:
+    rows = []
+    if True:
         for i, (f, r) in enumerate(zip(fake.get("steps", []), real.get("steps", []))):
-            rows.append({"arm": arm, "step": i, "probe": f["probe"], "fake_peak": f["peak"], "real_peak": r["peak"],
+            rows.append({"model": model_name, "dtype": dtype, "batch": f"{batch_size} x {seq_len}", "arm": arm, "step": i, "probe": f["probe"], "fake_peak": f["peak"], "real_peak": r["peak"],
                          "fake_all": f["peak_all"], "real_all": r["peak_all"],
                          "profiler_all": r.get("profiler_peak_all"), "fake_phase": f["phase"],
                          "real_phase": r["phase"], "status": f"{fake['status']}/{real['status']}"})
         if fake["status"] != "ok" or real["status"] != "ok":
-            rows.append({"arm": arm, "error": fake.get("error") or real.get("error")})
+            rows.append({"model": model_name, "arm": arm, "error": fake.get("error") or real.get("error")})
     return rows
 
 
@@ -732,6 +784,13 @@ def render(records: list[dict], real_rows: list[dict], meta: dict[str, Any]) -> 
         lines.append(f"| {MODELS[r['model']]['label']} | {ARM_LABEL[r['arm']]} | {_setting(r)} | "
                      f"{_g(r['train_peak'])} | {_g(r['train_peak'], GB)} | {p:.2f} | "
                      f"{r['train_peak'] / GB / p:.3f} | {r['train_peak'] / GiB / p:.3f} |")
+    checks = [r for r in ok if r.get("memory_report", {}).get("host_state_bytes")]
+    if checks:
+        bad = [f"{r['model']}/{r['arm']}" for r in checks
+               if r["host_tensor_bytes"] != r["memory_report"]["host_state_bytes"]]
+        lines += ["", f"Host-resident bytes taken apart = the optimizer's `memory_report()['host_state_bytes']` in "
+                      f"{len(checks) - len(bad)} of {len(checks)} offloading records"
+                      + (f" (MISMATCH: {', '.join(bad)})" if bad else "") + "."]
     lisa = [r for r in ok if r["arm"] == "lisa" and _setting(r) == main_setting]
     if lisa:
         lines += ["", "LISA as shipped keeps torch AdamW state for every block it has ever drawn. Peaks per training "
@@ -743,15 +802,20 @@ def render(records: list[dict], real_rows: list[dict], meta: dict[str, Any]) -> 
                          f"after {len(r['steps'])} draws ({len(drawn)} of {MODELS[r['model']]['num_hidden_layers']} "
                          f"blocks with state); long run {_g(lisa_long_run(r))}")
     if real_rows:
-        lines += ["", "### Fake vs real tensors (CPU, " + meta.get("real_desc", "") + ")", "",
-                  "| method | step | probe | fake: device peak | real: device peak | fake: all | real: all "
-                  "(MemTracker) | real: all (profiler) | fake / profiler |", "|---|---|---|---|---|---|---|---|---|"]
+        lines += ["", "### Fake vs real tensors (CPU, random init, gradient checkpointing on)", "",
+                  "Device peak = host-resident storages left out; all = everything (on a CPU run the host slab is "
+                  "in the same RAM). The profiler column is an independent account: `torch.profiler` allocator "
+                  "events of the real step plus the bytes alive before it.", "",
+                  "| model | dtype | batch | method | step | probe | fake: device peak | real: device peak | "
+                  "fake: all | real: all (MemTracker) | real: all (profiler) | fake / profiler |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for x in real_rows:
             if "error" in x:
-                lines.append(f"| {x['arm']} | error: {x['error']} |||||||")
+                lines.append(f"| {x['model']} | | | {x['arm']} | error: {x['error']} |||||||")
                 continue
             prof = x.get("profiler_all")
-            lines.append(f"| {ARM_LABEL[x['arm']]} | {x['step']} | {'yes' if x['probe'] else 'no'} | "
+            lines.append(f"| {MODELS[x['model']]['label']} | {x['dtype']} | {x['batch']} | {ARM_LABEL[x['arm']]} | "
+                         f"{x['step']} | {'yes' if x['probe'] else 'no'} | "
                          f"{x['fake_peak'] / 2**20:.1f} MiB | {x['real_peak'] / 2**20:.1f} MiB | "
                          f"{x['fake_all'] / 2**20:.1f} MiB | {x['real_all'] / 2**20:.1f} MiB | "
                          f"{'–' if prof is None else f'{prof / 2**20:.1f} MiB'} | "
@@ -818,15 +882,16 @@ def _meta(argv: list[str], setting: str) -> dict[str, Any]:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default=",".join(PAPER_MODELS), help=f"comma-separated: {', '.join(MODELS)}")
-    ap.add_argument("--arms", default=DEFAULT_ARMS, help=f"comma-separated: {', '.join(ARMS)}")
+    ap.add_argument("--models", default=None, help=f"comma-separated: {', '.join(MODELS)} (default: the full plan, "
+                                                   f"see PLAN)")
+    ap.add_argument("--arms", default=None, help=f"comma-separated: {', '.join(ARMS)} (default: the full plan)")
     ap.add_argument("--checkpointing", default="on", help="on, off or on,off (both: the paper comparison)")
     ap.add_argument("--attn", default="sdpa", help="sdpa, eager or both comma-separated")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--gamma", type=int, default=2, help="blocks trained at a time by LISA and GRASS")
     ap.add_argument("--lisa-switches", type=int, default=2, help="LISA re-draws after its first draw")
-    ap.add_argument("--records", default=str(ROOT / "runs" / "memory_estimate.jsonl"),
+    ap.add_argument("--records", default=str(ROOT / "docs" / "results" / "memory_estimate.jsonl"),
                     help="JSONL of arm records; arms already there are skipped unless --force")
     ap.add_argument("--force", action="store_true", help="re-run arms already in --records")
     ap.add_argument("--out", default=str(ROOT / "docs" / "gpu_memory.md"),
@@ -841,8 +906,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
-    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    plan = args.models is None and args.arms is None
+    models = [m.strip() for m in (args.models or ",".join(PAPER_MODELS)).split(",") if m.strip()]
+    arms = [a.strip() for a in (DEFAULT_ARMS if args.arms is None else args.arms).split(",") if a.strip()]
     ckpts = [c.strip() for c in args.checkpointing.split(",") if c.strip()]
     attns = [a.strip() for a in args.attn.split(",") if a.strip()]
     errors = [f"unknown model {m!r} (known: {', '.join(MODELS)})" for m in models if m not in MODELS]
@@ -860,31 +926,28 @@ def main(argv: list[str] | None = None) -> int:
     records_path.parent.mkdir(parents=True, exist_ok=True)
     done = {_key(r) for r in load_records(records_path) if r.get("status") == "ok"}
     failed = 0
+    jobs = PLAN if plan else [(m, a, c == "on", t) for m in models for c in ckpts for t in attns for a in arms]
     if not args.report_only:
-        for model in models:
-            for ckpt in ckpts:
-                for attn in attns:
-                    for arm in arms:
-                        key = (model, arm, ckpt == "on", attn, args.batch_size, args.seq_len)
-                        if key in done and not args.force:
-                            continue
-                        print(f"[memory_estimate] {model} / {arm} / ckpt {ckpt} / {attn} ...", file=sys.stderr,
-                              flush=True)
-                        rec = estimate_arm(model, arm, batch_size=args.batch_size, seq_len=args.seq_len,
-                                           checkpointing=ckpt == "on", attn=attn, gamma=args.gamma,
-                                           lisa_switches=args.lisa_switches)
-                        failed += rec["status"] != "ok"
-                        with records_path.open("a") as f:
-                            f.write(json.dumps(rec) + "\n")
-                        print(f"[memory_estimate]   {rec['status']} training peak "
-                              f"{_g(rec.get('train_peak'))} GiB in {rec['wall_s']:.0f} s "
-                              f"{rec.get('error', '')}", file=sys.stderr, flush=True)
+        for model, arm, ckpt, attn in jobs:
+            key = (model, arm, ckpt, attn, args.batch_size, args.seq_len)
+            if key in done and not args.force:
+                continue
+            print(f"[memory_estimate] {model} / {arm} / ckpt {'on' if ckpt else 'off'} / {attn} ...",
+                  file=sys.stderr, flush=True)
+            rec = estimate_arm(model, arm, batch_size=args.batch_size, seq_len=args.seq_len,
+                               checkpointing=ckpt, attn=attn, gamma=args.gamma,
+                               lisa_switches=args.lisa_switches)
+            failed += rec["status"] != "ok"
+            with records_path.open("a") as f:
+                f.write(json.dumps(rec) + "\n")
+            print(f"[memory_estimate]   {rec['status']} training peak "
+                  f"{_g(rec.get('train_peak'))} GiB in {rec['wall_s']:.0f} s "
+                  f"{rec.get('error', '')}", file=sys.stderr, flush=True)
     real_path = records_path.with_name(records_path.stem + "_real.json")
-    if args.validate_real and not args.report_only:
+    if (args.validate_real or plan) and not args.report_only and (args.force or not real_path.is_file()):
         real_path.write_text(json.dumps(validate_real()))
     real_rows = json.loads(real_path.read_text()) if real_path.is_file() else []
     meta = _meta(argv, args.setting)
-    meta["real_desc"] = "SmolLM2-135M config, random init, bf16, batch 2 x 256, gradient checkpointing on"
     write_section(Path(args.out), render(load_records(records_path), real_rows, meta))
     print(f"[memory_estimate] wrote {args.out}", file=sys.stderr)
     return 1 if failed else 0

@@ -95,3 +95,20 @@ def test_without_cuda_exits_with_a_message():
     proc = _run(["--models", "tinyllama", "--methods", "fft"])
     assert proc.returncode == 2
     assert "no CUDA device" in proc.stderr and "--smoke" in proc.stderr
+
+
+def test_gpu_check_smoke(tmp_path):
+    """benchmarks/gpu_check.sh --smoke: the one-GPU check's sequence on a CPU (GPU tests collected, the benchmark in
+    its tiny smoke mode), outputs under $OUT, a report with each part's exit code."""
+    script = SCRIPT.parent / "gpu_check.sh"
+    env = {k: v for k, v in os.environ.items() if k != "GPU_MEMORY_FAKE_OOM"}
+    env.update({"OMP_NUM_THREADS": "1", "OUT": str(tmp_path / "out"), "PYTHON": sys.executable})
+    proc = subprocess.run(["bash", str(script), "--smoke"], capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = (tmp_path / "out" / "gpu_check.md").read_text()
+    assert "- pytest_gpu: exit 0" in report and "- gpu_memory_smoke: exit 0" in report
+    assert "all parts passed" in report
+    rows = _rows((tmp_path / "out" / "gpu_memory_smoke.md").read_text())
+    assert list(rows) == ["fft", "lisa", "grass"] and all(r[2] == "ok" for r in rows.values())
+    bad = subprocess.run(["bash", str(script), "--bogus"], capture_output=True, text=True, env=env, timeout=60)
+    assert bad.returncode == 2 and "unknown argument" in bad.stderr
