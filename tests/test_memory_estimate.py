@@ -85,3 +85,24 @@ def test_replay_leaves_host_storages_out():
     out = me.replay(log, host_ids={id(h)}, opt_ids=set())
     assert out["peak"] == 150 and out["at_peak"]["activations"] == 50 and out["phase"] == "forward"
     assert out["host_end"] == 1000 and out["peak_all"] == 1150 and out["end"] == 100
+
+
+def test_probe_hook_allocates_no_full_size_copy():
+    """The probe reads each gradient's squared norm in its hook: in fp32, but without a full-size fp32 copy of a
+    bf16 gradient (or of its square), which would lift the probe's peak above the training step's."""
+    import torch
+
+    from grass_ft.importance import ProbeRecorder
+
+    from grass_ft.importance import NORM_CHUNK
+
+    p = torch.nn.Parameter(torch.zeros(4 * NORM_CHUNK + 3, dtype=torch.bfloat16))
+    rec = ProbeRecorder([[p]], [p.numel()])
+    rec.attach()
+    p.grad = torch.full_like(p, 0.5)
+    peak = me.profiler_peak(lambda: rec._hook(0)(p))
+    # one chunk's fp32 copy (and a few scalars), not the 2 x 4 B x numel of an fp32 copy and its square
+    assert peak <= NORM_CHUNK * 4 + 1024
+    assert p.grad is None
+    assert rec.flush() == {0: pytest.approx(0.5)}  # r = sqrt(sum(0.25) / N) = 0.5, exact in fp32
+    rec.detach()
