@@ -91,12 +91,13 @@ ARMS: dict[str, dict[str, Any]] = {
     "grass-full-loss": dict(method="grass", offload=True, supervised_only_loss=False),
     "fft-sup": dict(method="fft", master_weights=False),
     "lisa-sup": dict(method="lisa", master_weights=False),
+    "lora-sup": dict(method="lora", lora_r=128, master_weights=False),
 }
 DEFAULT_ARMS = "fft,lora,dora,lisa,grass,grass-static"
 ARM_LABEL = {"fft": "FFT", "lora": "LoRA r128", "dora": "DoRA r128", "lisa": "LISA", "grass": "GRASS",
              "grass-static": "GRASS*", "grass-no-offload": "GRASS (no offload)",
              "grass-full-loss": "GRASS (full-logits loss)", "fft-sup": "FFT (supervised-only loss)",
-             "lisa-sup": "LISA (supervised-only loss)"}
+             "lisa-sup": "LISA (supervised-only loss)", "lora-sup": "LoRA r128 (supervised-only loss)"}
 
 # Peak GPU memory in "GB" as the paper prints it (batch 4, sequence 1024); /work/shared/GRASS.md.
 PAPER_GB: dict[str, dict[str, float]] = {
@@ -242,8 +243,23 @@ class _RealSampler:
     """Wraps a :class:`~grass_ft.sampler.LayerSampler` built from real tensors; its methods run with the fake mode
     suspended, so draws and MGN bookkeeping are real computations on real (tiny) tensors."""
 
-    def __init__(self, sampler):
+    def __init__(self, sampler, forced: list[list[int]] | None = None):
         object.__setattr__(self, "_s", sampler)
+        object.__setattr__(self, "_forced", list(forced or []))
+
+    def begin_step(self, step: int) -> list[dict]:
+        """The sampler's own step; a draw is then replaced by the next forced one, if any (see
+        :func:`worst_case_draws`)."""
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+        with unset_fake_temporarily():
+            events = self._s.begin_step(step)
+        if self._forced and any(e["event"] == "draw" for e in events):
+            self._s.active = self._forced.pop(0)
+            for e in events:
+                if e["event"] == "draw" and "active" in e:
+                    e["active"] = list(self._s.active)
+        return events
 
     def __getattr__(self, name):
         from torch._subclasses.fake_tensor import unset_fake_temporarily
@@ -304,9 +320,17 @@ def noop_module_to():
         nn.Module.to = saved
 
 
+def worst_case_draws(num_blocks: int, gamma: int, n_draws: int) -> list[list[int]]:
+    """Draws that make a short run show the peak a long one meets: distinct blocks at every draw (LISA's state
+    grows the most) and block 0 in the last (backward runs all the way down: every block's checkpointed input is
+    kept, as in the probe). The k-th of n draws takes blocks ``(n-1-k)*gamma ...`` (modulo the block count)."""
+    return [sorted({((n_draws - 1 - k) * gamma + j) % num_blocks for j in range(gamma)}) for k in range(n_draws)]
+
+
 @contextlib.contextmanager
-def real_samplers():
-    """``methods.prepare`` builds its sampler from real tensors (see :class:`_RealSampler`)."""
+def real_samplers(forced: list[list[int]] | None = None):
+    """``methods.prepare`` builds its sampler from real tensors (see :class:`_RealSampler`), its draws replaced by
+    ``forced`` ones in order."""
     _import_project()
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
@@ -316,7 +340,7 @@ def real_samplers():
 
     def factory(*args, **kwargs):
         with unset_fake_temporarily():
-            return _RealSampler(saved(*args, **kwargs))
+            return _RealSampler(saved(*args, **kwargs), forced)
 
     methods_mod.LayerSampler = factory
     try:
@@ -556,7 +580,9 @@ def estimate_arm(model_name: str, arm: str, *, batch_size: int = 4, seq_len: int
         # model.to(bf16) fails under FakeTensorMode ("Couldn't swap"): build it in the dtype instead
         old_dtype = torch.get_default_dtype()
         torch.set_default_dtype(getattr(torch, dtype))
-        with warnings.catch_warnings(), mode, real_samplers() if fake else contextlib.nullcontext(), \
+        forced = worst_case_draws(config.num_hidden_layers, gamma, n_steps - probe) if sampling else None
+        rec["forced_draws"] = forced
+        with warnings.catch_warnings(), mode, real_samplers(forced) if fake else contextlib.nullcontext(), \
                 placeholder_scalars() if fake else contextlib.nullcontext(), cuda_kernel_choices(), \
                 noop_module_to() if fake else contextlib.nullcontext():
             # MemTracker's grad hook sees None where the probe's hook has already freed a gradient (harmless)
@@ -736,13 +762,15 @@ def targets(records: list[dict], model: str = "llama2-7b") -> list[dict[str, Any
         g = grass["train_peak"]
         at = grass["train_at_peak"]
         top = max((k for k in at if k != "parameters"), key=lambda k: at[k])
-        row = {"setting": s, "grass": g, "floor": floor, "phase": grass["train_peak_phase"], "top": top,
+        label = f"ckpt {'on' if s[0] else 'off'}, {s[1]}, batch {s[2]} x {s[3]}"
+        row = {"setting": label, "grass": g, "probe": grass.get("probe_peak"), "floor": floor, "phase": grass["train_peak_phase"], "top": top,
                "top_bytes": at[top], "host": grass.get("host_bytes", 0)}
         if fft:
             row["vs_fft"] = g / fft["train_peak"]
         if lisa:
             row["vs_lisa"] = g / lisa["train_peak"]
             row["lisa_switches"] = len(lisa["steps"]) - 1
+            row["lisa_blocks"] = len({b for st in lisa["steps"] for b in st["active"]})
             row["vs_lisa_long"] = g / lisa_long_run(lisa)
         row["vs_floor"] = g / floor["total"]
         rows.append(row)
@@ -773,15 +801,21 @@ def render(records: list[dict], real_rows: list[dict], meta: dict[str, Any]) -> 
     lines += ["", "### Against the paper's FFT / LoRA / LISA figures, per setting", "",
               "Estimate in GiB and GB; ratio = estimate / paper, reading the paper's \"GB\" as GB (10^9 B) and as "
               "GiB (2^30 B). Within 10% = ratio in [0.90, 1.10].", "",
-              "| model | method | setting | estimate GiB | estimate GB | paper | ratio (GB) | ratio (GiB) |",
-              "|---|---|---|---|---|---|---|---|"]
-    for r in sorted((r for r in ok if r["arm"] in ("fft", "lora", "dora", "lisa", "grass")
+              "| model | method | setting | loss | estimate GiB | estimate GB | paper | ratio (GB) | ratio (GiB) |",
+              "|---|---|---|---|---|---|---|---|---|"]
+
+    def base(arm):
+        return arm[:-4] if arm.endswith("-sup") else arm
+
+    for r in sorted((r for r in ok if base(r["arm"]) in ("fft", "lora", "dora", "lisa", "grass")
                      and r["model"] in PAPER_GB),
-                    key=lambda r: (list(MODELS).index(r["model"]), list(ARMS).index(r["arm"]), _setting(r))):
-        p = PAPER_GB[r["model"]].get(r["arm"])
+                    key=lambda r: (list(MODELS).index(r["model"]), list(ARMS).index(base(r["arm"])),
+                                   _setting(r), r["arm"])):
+        p = PAPER_GB[r["model"]].get(base(r["arm"]))
         if p is None:
             continue
-        lines.append(f"| {MODELS[r['model']]['label']} | {ARM_LABEL[r['arm']]} | {_setting(r)} | "
+        loss = "supervised-only, chunked" if r.get("supervised_only_loss") else "full logits"
+        lines.append(f"| {MODELS[r['model']]['label']} | {ARM_LABEL[base(r['arm'])]} | {_setting(r)} | {loss} | "
                      f"{_g(r['train_peak'])} | {_g(r['train_peak'], GB)} | {p:.2f} | "
                      f"{r['train_peak'] / GB / p:.3f} | {r['train_peak'] / GiB / p:.3f} |")
     checks = [r for r in ok if r.get("memory_report", {}).get("host_state_bytes")]
@@ -823,9 +857,9 @@ def render(records: list[dict], real_rows: list[dict], meta: dict[str, Any]) -> 
     trg = targets(ok)
     if trg:
         lines += ["", "### Targets (LLaMA-2-7B config, bf16, batch 4 x 1024)", "",
-                  "| setting | GRASS peak GiB | / FFT (≤ 0.35) | / LISA as shipped (≤ 0.80) | / LISA long run | "
-                  "analytic floor GiB | / floor (≤ 1.10) | peak in | largest category besides weights | "
-                  "host-resident GiB |", "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| setting | GRASS training peak GiB | / FFT (≤ 0.35) | / LISA as shipped (≤ 0.80) | "
+                  "/ LISA long run | analytic floor GiB | / floor (≤ 1.10) | peak in | largest category besides "
+                  "weights | GRASS probe peak GiB | host-resident GiB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
 
         def mark(v, limit):
             return "–" if v is None else f"{v:.3f} {'met' if v <= limit else '**not met**'}"
@@ -833,11 +867,11 @@ def render(records: list[dict], real_rows: list[dict], meta: dict[str, Any]) -> 
         for t in trg:
             lisa_cell = mark(t.get("vs_lisa"), 0.80)
             if t.get("lisa_switches") is not None:
-                lisa_cell += f" (after {t['lisa_switches']} switches)"
+                lisa_cell += f" (after {t['lisa_switches']} switches, {t['lisa_blocks']} blocks with state)"
             lines.append(f"| {t['setting']} | {_g(t['grass'])} | {mark(t.get('vs_fft'), 0.35)} | {lisa_cell} | "
                          f"{mark(t.get('vs_lisa_long'), 0.80)} | {_g(t['floor']['total'])} | "
                          f"{mark(t['vs_floor'], 1.10)} | {t['phase']} | {t['top']} {_g(t['top_bytes'])} | "
-                         f"{_g(t['host'])} |")
+                         f"{_g(t['probe'])} | {_g(t['host'])} |")
         f = trg[0]["floor"]
         lines += ["", "Analytic floor, " + ", ".join(f"{k} {_g(v)}" for k, v in f.items()) + " GiB; step buffers: "
                   + next(r["step_buffer_source"] for r in ok if r["arm"] == "grass") + "."]

@@ -106,3 +106,9 @@ def test_probe_hook_allocates_no_full_size_copy():
     assert p.grad is None
     assert rec.flush() == {0: pytest.approx(0.5)}  # r = sqrt(sum(0.25) / N) = 0.5, exact in fp32
     rec.detach()
+
+
+def test_worst_case_draws_are_distinct_and_end_at_block_zero(grass):
+    assert me.worst_case_draws(32, 2, 3) == [[4, 5], [2, 3], [0, 1]]
+    assert me.worst_case_draws(4, 2, 3) == [[0, 1], [2, 3], [0, 1]]  # wraps when the blocks run out
+    assert grass["steps"][-1]["active"] == [0, 1]  # the estimate's GRASS step trained the forced draw
