@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: setup
-	$(BIN)/grass-ft train
+	$(BIN)/grass-ft train overwrite_output_dir=true  # a second `make demo` replaces the first run
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -96,7 +96,8 @@ def run_group(out_dir: Path, methods: list[str], keys: dict[str, Any], keep_weig
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "command.txt").unlink(missing_ok=True)  # written only once the group finished
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "grass_ft.cli", *argv[1:]], check=False)
+    # a group reruns when its command changed or it failed: it replaces what the earlier attempt left
+    subprocess.run([sys.executable, "-m", "grass_ft.cli", *argv[1:], "overwrite_output_dir=true"], check=False)
     rows = json.loads(done.read_text()) if done.exists() else []
     if not keep_weights:  # 0.5 GB per run; the tables need only the summaries and logs
         for m in methods:

@@ -7,10 +7,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="session")
 def _one_thread():
     # Tiny models gain nothing from two threads, and OpenMP spin-waits when CI or a developer runs
-    # something else beside the tests; one thread keeps timings stable. Numerics are unaffected.
+    # something else beside the tests; one thread keeps timings stable. Session-scoped so that module fixtures
+    # (e.g. the uninterrupted reference run of tests/test_resume.py) run with one thread too: a kernel may split
+    # a sum differently for another thread count, and the bit-exact comparisons with subprocesses (which run with
+    # OMP_NUM_THREADS=1) need the same arithmetic on both sides.
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -75,16 +75,16 @@ def _train_args(model, out, data, **extra):
     ('{"instruction": "a", "output": "b"}\n{"instruction": "a"}\n', r":2: missing or non-string key\(s\) output"),
     ('[{"instruction": "a", "output": "b"}, 3]', r"entry 1: expected a JSON object"),
 ])
-def test_bad_data_file_names_line_and_leaves_no_final(tmp_path, tiny_model_dir, capsys, content, message):
+def test_bad_data_file_names_line_and_leaves_previous_run(tmp_path, tiny_model_dir, capsys, content, message):
     data = tmp_path / "train.jsonl"
     data.write_text(content)
     out = tmp_path / "run"
-    (out / "final").mkdir(parents=True)  # a previous run's output must not survive looking finished
+    (out / "final").mkdir(parents=True)  # a previous run, which this one may replace only once it can start
     (out / "summary.json").write_text("{}")
-    msg = err(capsys, *_train_args(tiny_model_dir, out, data))
-    assert str(data) in msg
+    msg = err(capsys, *_train_args(tiny_model_dir, out, data, overwrite_output_dir="true"))
+    assert str(data) in msg and "\n" not in msg.strip()
     assert pytest.importorskip("re").search(message, msg), msg
-    assert not (out / "final").exists() and not (out / "summary.json").exists()
+    assert sorted(p.name for p in out.iterdir()) == ["final", "summary.json"]
 
 
 def test_unwritable_output_dir(tmp_path, tiny_model_dir, tiny_data, capsys):

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from grass_ft import evaluate as ev
+from grass_ft import scoring
 from grass_ft.data import format_prompt, tokenize_example
 from grass_ft.evalsets import load_eval_file, load_eval_sets
 from grass_ft.tasks import choice_target
@@ -176,7 +177,7 @@ def test_evaluate_examples_scores_and_groups(monkeypatch, tok, model):
         {"instruction": "q4", "input": "", "output": "", "answer": "[3.75]"},
     ]
     canned = ["The answer is 21.", "so 1,000", "the correct answer is answer2", "nothing"]
-    monkeypatch.setattr(ev, "generate", lambda *a, **k: list(canned))
+    monkeypatch.setattr(scoring, "generate", lambda *a, **k: list(canned))
     r = ev.evaluate_examples(model, tok, examples, "gsm8k", progress=False)
     assert [p["correct"] for p in r["predictions"]] == [True, False, True, False]
     assert [p["extracted"] for p in r["predictions"]] == [21.0, 1000.0, "answer2", None]
@@ -252,7 +253,7 @@ def _check_files(out: Path, result: dict) -> None:
 
 def test_write_eval(tmp_path, monkeypatch, model, tok):
     examples = [{"instruction": f"q{i}", "input": "", "output": "", "answer": str(i)} for i in range(5)]
-    monkeypatch.setattr(ev, "generate", lambda *a, **k: ["0", "1", "x", "4", "4"])
+    monkeypatch.setattr(scoring, "generate", lambda *a, **k: ["0", "1", "x", "4", "4"])
     result = ev.evaluate_examples(model, tok, examples, "gsm8k", progress=False)
     result["eval_loss"] = 1.25
     paths = ev.write_eval(tmp_path / "out", result)
@@ -310,10 +311,6 @@ def test_run_eval_on_peft_adapter(tmp_path, saved_model, tok):
 
 
 def test_run_eval_rejects_bad_options(tmp_path, saved_model):
-    with pytest.raises(ValueError, match="`harness` must be one of native, lm-eval, got 'helm'"):
-        ev.run_eval(saved_model, DATA / "commonsense_mc.jsonl", harness="helm")
-    with pytest.raises(NotImplementedError, match="harness='lm-eval' is not supported"):
-        ev.run_eval(saved_model, DATA / "commonsense_mc.jsonl", harness="lm-eval")
     with pytest.raises(ValueError, match="`mode` must be one of generate, loglik"):
         ev.run_eval(saved_model, DATA / "commonsense_mc.jsonl", mode="sample")
 
@@ -358,3 +355,31 @@ def test_eval_loss_by_task_matches_per_task_calls(model, tok):
     torch.testing.assert_close(torch.tensor(overall),
                                torch.tensor(ev.eval_loss(model, tok, examples, max_seq_len=200, batch_size=2)))
     assert min(per_task.values()) < overall < max(per_task.values())  # token-weighted mean of the two
+
+
+# ------------------------------------------------------------------------------------- the one entry point
+
+
+def test_evaluate_entry_point_keys_loss_and_accuracy_by_one_task_rule(model, tok):
+    """Issue 13: "GSM8K" and "gsm8k" are one task for per-task loss as for accuracy; answerless rows (and
+    loss-only tasks) count in the loss only."""
+    rows = [{"instruction": "1+1=", "input": "", "output": "2", "answer": "2", "task": "GSM8K"},
+            {"instruction": "2+2=", "input": "", "output": "4", "answer": "4", "task": "gsm8k"},
+            {"instruction": "3+3=", "input": "", "output": "6", "answer": "6"},  # the run's task
+            {"instruction": "say hi", "input": "", "output": "hi"},  # no answer: loss only
+            {"instruction": "true?", "input": "", "output": "true", "answer": "true", "task": "BoolQ"}]
+    res = ev.evaluate(model, tok, rows, task="gsm8k", max_new_tokens=2, batch_size=2, max_seq_len=128,
+                      progress=False)
+    assert set(res["eval_loss_per_task"]) == {"gsm8k", "boolq"}
+    assert set(res["per_task"]) == {"gsm8k", "boolq"} and res["per_task"]["gsm8k"]["n"] == 3
+    assert res["n"] == 4
+    # the overall loss is the token-weighted mean of the per-task ones, and equals eval_loss on all rows
+    assert res["eval_loss"] == pytest.approx(ev.eval_loss(model, tok, rows, 128, 2), rel=1e-6)
+    only = ev.evaluate(model, tok, rows, task="gsm8k", loss_only="BOOLQ", max_new_tokens=2, batch_size=2,
+                       max_seq_len=128, progress=False)
+    assert set(only["per_task"]) == {"gsm8k"} and set(only["eval_loss_per_task"]) == {"gsm8k", "boolq"}
+    from grass_ft.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"'arc-e' is not a task of the held-out examples \(their tasks: boolq, "
+                                          r"gsm8k\)"):
+        ev.evaluate(model, tok, rows, task="gsm8k", loss_only="arc_easy", progress=False)

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from grass_ft.checkpoint import find_checkpoint, list_checkpoints
+from grass_ft.cli import main
 from grass_ft.config import build_config
 from grass_ft.methods import method_names
 from grass_ft.step import StepRunner
@@ -75,37 +76,76 @@ def test_stop_and_resume_is_identical(straight, tiny_model_dir, tiny_data, tmp_p
     assert_same_run(straight, out)
 
 
-def test_sigkill_mid_run_then_resume(straight, tiny_model_dir, tiny_data, tmp_path):
-    out = tmp_path / "killed"
+# The subprocess below stops inside the save of checkpoint-8, after the weights are written: SIGKILL then hits a
+# save in progress for certain (polling for a directory to appear would race the save).
+SLOW_SAVE = """
+import sys, time
+from pathlib import Path
+import grass_ft.checkpoint as ck
+from grass_ft.cli import main
+original = ck.save_model
+def save_model(model, path):
+    original(model, path)
+    if ".checkpoint-8-" in path:
+        Path(sys.argv[1]).write_text(path)
+        time.sleep(600)
+ck.save_model = save_model
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_sigkill_mid_save_then_resume(straight, tiny_model_dir, tiny_data, tmp_path, capsys):
+    """SIGKILL while checkpoint-8 is being written: checkpoint-4 stays complete, the hidden temporary is removed
+    by the next run (with a warning), and ``resume=auto`` continues bit-exactly from checkpoint-4."""
+    out, flag = tmp_path / "killed", tmp_path / "saving"
     cfg = cfg_for(tiny_model_dir, tiny_data, out, save_steps=4, save_total_limit=2)
     args = [f"{k}={v}" for k, v in cfg.to_dict().items() if v is not None]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same thread count as this process: same float sums
-    proc = subprocess.Popen([sys.executable, "-m", "grass_ft.cli", "train", "--quiet", *args], env=env,
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_SAVE, str(flag), "train", "--quiet", *args], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None and not (out / "checkpoint-8").exists():
+    while time.time() < deadline and proc.poll() is None and not flag.exists():
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    if (out / "final").exists():
-        pytest.fail("the run finished before it could be killed; make it longer")
-    found = list_checkpoints(out)
-    assert found, proc.stderr.read().decode()[-2000:]
-    assert len(found) <= 2  # save_total_limit
-    run_train(cfg_for(tiny_model_dir, tiny_data, out, save_steps=4, resume="auto"), progress=False)
+    assert flag.exists(), proc.stderr.read().decode()[-2000:]
+    temp = Path(flag.read_text()).parent
+    assert temp.is_dir() and temp.name.startswith(".checkpoint-8-")  # the save really was cut short
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-4"]
+    assert (out / "checkpoint-4").stat().st_mode & 0o777 == 0o777 & ~_umask()  # like any other directory
+    assert main(["train", "--quiet", "resume=auto", *[a for a in args if not a.startswith("resume=")]]) == 0
+    stderr = capsys.readouterr().err
+    assert "removed 1 unfinished temporary file(s)" in stderr and temp.name in stderr
+    assert not temp.exists() and not [p for p in out.iterdir() if p.name.startswith(".")]
     assert_same_run(straight, out)
 
 
-def test_half_written_checkpoint_is_never_picked(tmp_path):
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@pytest.fixture(scope="module")
+def with_checkpoints(tiny_model_dir, tiny_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ckpts")
+    run_train(cfg_for(tiny_model_dir, tiny_data, out, max_steps=10, save_steps=4), progress=False)
+    return out
+
+
+def test_half_written_checkpoint_is_never_picked(with_checkpoints, tmp_path):
+    import shutil
+
     good = tmp_path / "checkpoint-4"
-    good.mkdir()
-    for f in ("model.safetensors", "optimizer.pt", "scheduler.pt", "grass_state.pt", "trainer_state.json"):
-        (good / f).write_text("x")
+    shutil.copytree(with_checkpoints / "checkpoint-4", good)
     (tmp_path / ".checkpoint-8-abcd").mkdir()  # a temporary directory being written when the process died
     partial = tmp_path / "checkpoint-12"  # a directory missing files (copied by hand, truncated, ...)
     partial.mkdir()
     (partial / "model.safetensors").write_text("x")
-    assert find_checkpoint(tmp_path, "auto") == good
+    warnings = []
+    assert find_checkpoint(tmp_path, "auto", warnings) == good
+    assert warnings == [f"skipping damaged {partial} (missing optimizer.pt, scheduler.pt, grass_state.pt, "
+                        f"trainer_state.json); resuming from {good}"]
     assert find_checkpoint(tmp_path, None) is None
     with pytest.raises(ValueError, match="is not a complete checkpoint .missing optimizer.pt"):
         find_checkpoint(tmp_path, str(partial))

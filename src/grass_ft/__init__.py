@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["LayerwiseOffloadAdamW", "GrassCallback", "TrainConfig", "__version__"]
+__all__ = ["LayerwiseOffloadAdamW", "GrassCallback", "GrassTrainer", "TrainConfig", "__version__"]
 
 
 def __getattr__(name: str):
@@ -15,6 +15,10 @@ def __getattr__(name: str):
         from .hf import GrassCallback
 
         return GrassCallback
+    if name == "GrassTrainer":
+        from .hf import GrassTrainer
+
+        return GrassTrainer
     if name == "TrainConfig":
         from .config import TrainConfig
 

@@ -6,27 +6,68 @@ A checkpoint ``output_dir/checkpoint-N`` (N = completed steps) holds:
 runner counters; torch RNG states) and ``trainer_state.json`` (step, data position, running totals).
 It is written into a hidden temporary directory and renamed into place, so a directory named
 ``checkpoint-N`` is always complete and ``resume=auto`` can never pick a half-written one.
+
+``trainer_state.json`` also records the run that wrote it (``run``: every configuration key that changes the
+trained weights, see :func:`run_keys`, plus the number of processes) and the size of every file (``files``).
+Resume refuses a checkpoint whose run differs from this one, naming the keys; ``resume=auto`` skips a damaged
+checkpoint (a file missing, truncated or unreadable) with a warning and takes the next older one.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import shutil
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_model, save_model
 
-from .atomic import atomic_dir
+from .atomic import atomic_dir, remove_dir
+from .errors import UserError
+from .export import write_loadable
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 REQUIRED = ("model.safetensors", "optimizer.pt", "scheduler.pt", "grass_state.pt", "trainer_state.json")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be resumed from; the message names the path and what is wrong."""
+
+
+# Keys that change only what is evaluated, logged or saved (or how fast), never the trained weights: a resumed
+# run may change them. Every other configuration key (including ones added later) must match the checkpoint.
+NOT_RUN_KEYS = frozenset({
+    "output_dir", "resume", "overwrite_output_dir", "eval_data", "task", "eval_samples", "eval_batch_size",
+    "eval_before", "eval_loss_only_tasks", "max_new_tokens", "logging_steps", "save_steps", "save_total_limit",
+    "max_bad_steps", "gradient_checkpointing", "merge_lora",
+})
+
+
+def run_keys(config: dict[str, Any], world_size: int = 1) -> dict[str, Any]:
+    """The values that define a run (what a checkpoint records and resume compares): every configuration key
+    but :data:`NOT_RUN_KEYS`, with local ``model``/``data`` paths made absolute, and ``world_size`` (the global
+    batch is ``batch_size`` x processes)."""
+    run = {k: v for k, v in config.items() if k not in NOT_RUN_KEYS}
+    for k in ("model", "data"):
+        if isinstance(run.get(k), str) and Path(run[k]).exists():
+            run[k] = str(Path(run[k]).resolve())
+    return {**run, "world_size": world_size}
+
+
+def check_same_run(path: Path, recorded: dict[str, Any] | None, current: dict[str, Any]) -> None:
+    """Raise :class:`CheckpointError` naming every key whose value differs between ``recorded`` (from the
+    checkpoint) and ``current`` (this run); keys only one side knows are compared with nothing."""
+    if recorded is None:
+        raise CheckpointError(f"{path} does not record the run that wrote it (written by an older grass-ft), so "
+                              f"resuming from it cannot be checked; start a new run")
+    diff = [f"{k}={recorded[k]!r} there, {current[k]!r} here" for k in current
+            if k in recorded and recorded[k] != current[k]]
+    if diff:
+        raise CheckpointError(f"{path} belongs to a different run: {'; '.join(diff)}. Resume with the "
+                              f"checkpoint's values, or start a new run (another output_dir, or "
+                              f"overwrite_output_dir=true)")
 
 
 # ------------------------------------------------------------------------------- name-keyed optimizer state
@@ -74,18 +115,22 @@ def load_optimizer_state_by_name(optimizer: torch.optim.Optimizer, model: torch.
 
 
 def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, extra_state: dict[str, Any],
-                    trainer_state: dict[str, Any], save_total_limit: int) -> Path:
-    """Write ``checkpoint-<step>`` atomically, then keep only the newest ``save_total_limit``."""
+                    trainer_state: dict[str, Any], save_total_limit: int, tokenizer=None) -> Path:
+    """Write ``checkpoint-<step>`` atomically, then keep only the newest ``save_total_limit``. With the
+    config, generation config and tokenizer beside the weights, ``from_pretrained`` opens it (export.py)."""
     final = out / f"checkpoint-{step}"
     with atomic_dir(final) as tmp:
         save_model(model, str(tmp / "model.safetensors"))
+        write_loadable(model, tokenizer, tmp)
         torch.save(optimizer_state_by_name(optimizer, model), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(extra_state, tmp / "grass_state.pt")
-        (tmp / "trainer_state.json").write_text(json.dumps({**trainer_state, "step": step}, indent=1))
+        files = {f: (tmp / f).stat().st_size for f in REQUIRED if f != "trainer_state.json"}
+        (tmp / "trainer_state.json").write_text(json.dumps({**trainer_state, "step": step, "files": files},
+                                                           indent=1))
     if save_total_limit > 0:
         for old in list_checkpoints(out)[:-save_total_limit]:
-            shutil.rmtree(old, ignore_errors=True)
+            remove_dir(old)  # disappears at once: a kill mid-delete leaves no half checkpoint under its name
     return final
 
 
@@ -99,34 +144,93 @@ def list_checkpoints(out: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def find_checkpoint(out: Path, resume: str | None) -> Path | None:
-    """``resume=auto``: the newest complete checkpoint in ``out`` (None if there is none);
-    ``resume=PATH``: that checkpoint, which must be complete."""
+def checkpoint_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be resumed from (a file missing, truncated or unreadable), or None if it looks sound.
+
+    Reads only headers and sizes, not the tensors: enough to catch a truncated copy or a killed ``cp``.
+    """
+    if not path.is_dir():
+        return "no such directory"
+    missing = [f for f in REQUIRED if not (path / f).is_file()]
+    if missing:
+        return f"missing {', '.join(missing)}"
+    try:
+        state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+        int(state["step"])
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        return f"trainer_state.json is unreadable ({type(e).__name__})"
+    for f, size in (state.get("files") or {}).items():
+        if (path / f).stat().st_size != size:
+            return f"{f} has {(path / f).stat().st_size} bytes, {size} were written"
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path / "model.safetensors"), framework="pt") as st:
+            st.keys()
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for a bad header
+        return f"model.safetensors is unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+    for f in ("optimizer.pt", "scheduler.pt", "grass_state.pt"):
+        if not zipfile.is_zipfile(path / f):  # torch.save writes a zip archive whose directory is at the end
+            return f"{f} is not a complete torch.save archive"
+    return None
+
+
+def find_checkpoint(out: Path, resume: str | None, warnings: list[str] | None = None) -> Path | None:
+    """``resume=auto``: the newest sound checkpoint in ``out`` (None if there is none; a damaged newer one is
+    skipped with a message appended to ``warnings``); ``resume=PATH``: that checkpoint, which must be sound.
+
+    Raises:
+        CheckpointError: ``resume=PATH`` is not a sound checkpoint, or ``resume=auto`` finds checkpoints and
+            every one of them is damaged.
+    """
     if not resume:
         return None
     if resume == "auto":
-        found = list_checkpoints(out)
-        return found[-1] if found else None
+        found = sorted((int(m.group(1)), p) for p in (out.iterdir() if out.is_dir() else [])
+                       if (m := CHECKPOINT_RE.match(p.name)) and p.is_dir())
+        damaged = []
+        for _, p in reversed(found):
+            problem = checkpoint_problem(p)
+            if problem is None:
+                if damaged and warnings is not None:
+                    warnings.append(f"skipping damaged {'; '.join(damaged)}; resuming from {p}")
+                return p
+            damaged.append(f"{p} ({problem})")
+        if damaged:
+            raise CheckpointError(f"`resume=auto`: every checkpoint in {out} is damaged: {'; '.join(damaged)}; "
+                                  f"give resume=PATH, or start over with overwrite_output_dir=true")
+        return None
     path = Path(resume)
-    missing = [f for f in REQUIRED if not (path / f).is_file()]
-    if not path.is_dir() or missing:
-        raise CheckpointError(f"`resume` {resume!r} is not a complete checkpoint"
-                              + (f" (missing {', '.join(missing)})" if path.is_dir() else " (no such directory)"))
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise CheckpointError(f"`resume` {resume!r} is not a complete checkpoint ({problem})")
     return path
+
+
+def checkpoint_run(path: Path) -> dict[str, Any] | None:
+    """The run keys a checkpoint recorded (None for one written before they were recorded)."""
+    return json.loads((path / "trainer_state.json").read_text(encoding="utf-8")).get("run")
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> tuple[dict[str, Any], dict[str, Any]]:
     """Restore weights, optimizer and scheduler in place; returns ``(trainer_state, extra_state)``."""
-    missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
+    try:
+        missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
+    except Exception as e:  # noqa: BLE001 - damage the header check could not see (a corrupted tensor block)
+        raise CheckpointError(f"{path}/model.safetensors cannot be read: {str(e).splitlines()[0]}") from None
     if missing or unexpected:
         raise CheckpointError(f"{path}/model.safetensors does not match the model; missing: {sorted(missing)[:5]}, "
                               f"unexpected: {sorted(unexpected)[:5]}")
-    load_optimizer_state_by_name(optimizer, model, torch.load(path / "optimizer.pt", weights_only=True),
-                                 str(path / "optimizer.pt"))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    extra = torch.load(path / "grass_state.pt", weights_only=True)
+    loaded = {}
+    for f in ("optimizer.pt", "scheduler.pt", "grass_state.pt"):
+        try:
+            loaded[f] = torch.load(path / f, weights_only=True)
+        except Exception as e:  # noqa: BLE001 - a damaged archive raises RuntimeError, EOFError, pickle errors
+            raise CheckpointError(f"{path}/{f} cannot be read: {str(e).splitlines()[0]}") from None
+    load_optimizer_state_by_name(optimizer, model, loaded["optimizer.pt"], str(path / "optimizer.pt"))
+    scheduler.load_state_dict(loaded["scheduler.pt"])
     trainer_state = json.loads((path / "trainer_state.json").read_text())
-    return trainer_state, extra
+    return trainer_state, loaded["grass_state.pt"]
 
 
 def rng_state() -> dict[str, Any]:

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
-from .config import ConfigError, TrainConfig, build_config, parse_overrides, validate
-from .data import DataError
+from .config import ConfigError, TrainConfig, build_config, parse_overrides, unknown_key_message, validate
+from .errors import UserError
 from .models import ModelError
 
 USAGE = """grass-ft COMMAND [--config FILE] [key=value ...]
@@ -23,7 +24,8 @@ commands:
                  results.md and charts: methods=fft,lora,dora,lisa,grass,grass-static [key=value] [lora.lr=2e-4]
   plot           draw the charts of a run directory (or redraw those of a compare directory): plot DIR [DIR ...]
 
-`grass-ft train --help` lists every key with its help line."""
+`grass-ft train --help` lists every key with its help line. A bad input prints one line and exits 2; `--debug`
+(or GRASS_FT_DEBUG=1) shows the traceback instead. Ctrl-C exits 130 with checkpoints intact."""
 
 
 def _parser(prog: str) -> argparse.ArgumentParser:
@@ -61,19 +63,45 @@ def cmd_train(argv: list[str]) -> int:
         print("usage: grass-ft train [--config FILE] [--quiet] [key=value ...]\n\n" + _keys_help())
         return 0
     cfg = _config(args)
-    summary = run_train(cfg, progress=not args.quiet)
+    if args.quiet:  # transformers' own bars (loading and writing weights) too, so an error stays one line
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    try:
+        summary = run_train(cfg, progress=not args.quiet)
+    except KeyboardInterrupt:
+        from .checkpoint import find_checkpoint
+
+        try:
+            newest = find_checkpoint(Path(cfg.output_dir), "auto")
+        except UserError:
+            newest = None
+        state = (f"the newest checkpoint, {newest}, is intact: resume=auto continues from it" if newest
+                 else "no checkpoint was written (save_steps=N writes them), so nothing can be resumed")
+        print(f"grass-ft train: interrupted; {state}", file=sys.stderr)
+        return 130
     if "method" in summary:  # rank 0 of a multi-process run, or the only process
         print_summary(summary)
     return 0
 
 
 def cmd_validate(argv: list[str]) -> int:
+    """The configuration, then every check ``train`` makes before loading the model (data files read in full,
+    generators by name only; output_dir; the checkpoint to resume; the model directory or hub id)."""
+    from .preflight import preflight
+
     args = _parser("grass-ft validate").parse_args(argv)
     if args.help:
         print("usage: grass-ft validate [--config FILE] [key=value ...]\n\n" + _keys_help())
         return 0
     cfg = _config(args)
-    print(f"configuration OK (method {cfg.method}, model {cfg.model}, data {cfg.data})")
+    pf = preflight(cfg, generate=False)
+    for w in pf.warnings:
+        print(f"grass-ft validate: warning: {w}", file=sys.stderr)
+    from .data import check_data_sources
+
+    notes = check_data_sources(cfg)  # reads the first rows of data / eval_data: format errors name file and row
+    print(f"configuration OK (method {cfg.method}, model {cfg.model}, data {cfg.data}{notes})")
     return 0
 
 
@@ -81,16 +109,24 @@ def cmd_eval(argv: list[str]) -> int:
     from .evaluate import run_eval
 
     args = _parser("grass-ft eval").parse_args(argv)
-    # task unset: each example's own "task" key, else the data's folder name, else gsm8k (see evaluate.run_eval)
+    # task unset: each example's own "task" key, else the data's folder name; otherwise task= is required
     allowed = {"model": None, "data": None, "task": None, "eval_samples": "100", "output_dir": "runs/eval",
-               "mode": "generate", "max_new_tokens": "160", "batch_size": "16", "max_seq_len": "256"}
+               "mode": "generate", "max_new_tokens": "160", "batch_size": "16", "max_seq_len": "256",
+               "chat_template": None}
     if args.help:
         print("usage: grass-ft eval model=PATH data=FILE|DIR|GENERATOR [task=NAME] [eval_samples=N] "
-              "[output_dir=DIR] [mode=generate|loglik] [max_new_tokens=N] [batch_size=N]")
+              "[output_dir=DIR] [mode=generate|loglik] [max_new_tokens=N] [batch_size=N] [chat_template=FILE.jinja]")
         return 0
     kv = parse_overrides(args.overrides)
-    errors = [f"unknown key `{k}`; known keys: {', '.join(allowed)}" for k in kv if k not in allowed]
+    errors = [unknown_key_message(k, allowed) for k in kv if k not in allowed]
     errors += [f"`{k}` is required" for k in ("model", "data") if k not in kv]
+    if kv.get("task"):
+        from .tasks import canonical_task
+
+        try:
+            canonical_task(kv["task"])
+        except ValueError as e:
+            errors.append(f"`task`: {e}")
     vals = {**{k: v for k, v in allowed.items() if v is not None}, **kv}
     for k in ("eval_samples", "max_new_tokens", "batch_size", "max_seq_len"):
         if k in vals and not str(vals[k]).lstrip("-").isdigit():
@@ -101,8 +137,10 @@ def cmd_eval(argv: list[str]) -> int:
         raise ConfigError(errors)
     res = run_eval(vals["model"], vals["data"], vals.get("task"), int(vals["eval_samples"]), vals["output_dir"],
                    mode=vals["mode"], max_new_tokens=int(vals["max_new_tokens"]),
-                   batch_size=int(vals["batch_size"]), max_seq_len=int(vals["max_seq_len"]))
-    print(f"accuracy {res['accuracy']:.1%} on n={res['n']}" +
+                   batch_size=int(vals["batch_size"]), max_seq_len=int(vals["max_seq_len"]),
+                   chat_template=vals.get("chat_template"))
+    acc = "n/a (no example with a gold answer)" if res["accuracy"] is None else f"{res['accuracy']:.1%}"
+    print(f"accuracy {acc} on n={res['n']}" +
           "".join(f"\n  {t}: {r['accuracy']:.1%} (n={r['n']})" for t, r in res.get("per_task", {}).items()) +
           f"\nwrote {vals['output_dir']}/eval.json and predictions.jsonl")
     return 0
@@ -160,7 +198,11 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "validate": cmd_validate, "pre
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; a :class:`~grass_ft.errors.UserError` is one line on stderr and exit code 2 (with
+    ``--debug`` or ``GRASS_FT_DEBUG=1``: the traceback), Ctrl-C exits 130."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("GRASS_FT_DEBUG", "").lower() in ("1", "true", "yes", "on")
+    argv = [a for a in argv if a != "--debug"]
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0
@@ -168,14 +210,18 @@ def main(argv: list[str] | None = None) -> int:
     if cmd not in COMMANDS:
         print(f"grass-ft: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
         return 2
-    from .step import NonFiniteError
-    from .train import RunError
-
     try:
         return COMMANDS[cmd](rest)
-    except (ConfigError, DataError, ModelError, RunError, NonFiniteError) as e:
+    except UserError as e:
+        if debug:
+            raise
         print(f"grass-ft {cmd}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"grass-ft {cmd}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from .config import ConfigError, TrainConfig, build_config, validate
+from .config import ALIASES, ConfigError, TrainConfig, build_config, resolve_aliases, validate
 
 DEFAULT_METHODS = ("fft", "lora", "dora", "lisa", "grass", "grass-static")
 COMPARE_KEYS = ("methods", "output_dir")
@@ -106,14 +106,19 @@ def plan_compare(config_file: str | None, overrides: dict[str, str]) -> CompareP
             errors.append(f"`{key}`: `{sub}` cannot be set per method")
         else:
             own[method][sub] = value
-            if sub in FAIRNESS_KEYS:
+            if ALIASES.get(sub, sub) in FAIRNESS_KEYS:
                 warnings.append(f"`{key}` differs from the shared setting: {method} no longer runs on the same "
                                 f"data / seed / step budget as the others")
 
     per_method_errors: dict[str, list[str]] = {}
     configs: dict[str, TrainConfig] = {}
     final: dict[str, dict[str, str]] = {}
+    # the Trainer's names (learning_rate, ...) as their canonical keys, so lora.learning_rate overrides a shared lr
+    shared, alias_errors = resolve_aliases(shared)
+    errors += alias_errors
     for m in methods:
+        own[m], alias_errors = resolve_aliases(own[m])
+        errors += [f"{m}: {e}" for e in alias_errors]
         final[m] = {**shared, **own[m], "method": m, "output_dir": str(output_dir / m)}
         try:
             cfg = build_config(config_file, final[m], known_methods=known)
@@ -170,9 +175,7 @@ def run_method(plan: ComparePlan, method: str, quiet: bool = True, env: dict[str
     """Train one method in a subprocess; returns its results row (metrics from summary.json, or ``error``)."""
     run_dir = plan.run_dir(method)
     run_dir.mkdir(parents=True, exist_ok=True)
-    stale = run_dir / "summary.json"  # never read a previous compare's summary as this run's
-    if stale.exists():
-        stale.unlink()
+    stale = run_dir / "summary.json"  # read only when this run exits 0, having replaced any previous one
     t0 = time.perf_counter()
     proc = subprocess.Popen(plan.argv(method, quiet=quiet), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env=env if env is not None else os.environ.copy())
@@ -224,6 +227,21 @@ def write_results(plan: ComparePlan, rows: list[dict], plots: list[str] = ()) ->
     (plan.output_dir / "results.md").write_text(results_markdown(rows, plan.meta(), plots))
 
 
+def check_previous_compare(plan: ComparePlan) -> None:
+    """Refuse, before any method runs, an output_dir that holds a previous compare (``results.json`` or a
+    method's run), unless ``overwrite_output_dir=true``: the same rule as ``grass-ft train``."""
+    from .preflight import previous_run
+    from .train import RunError
+
+    if any(plan.configs[m].overwrite_output_dir for m in plan.methods):
+        return
+    held = [f"{m}/" for m in plan.methods if previous_run(plan.run_dir(m))]
+    held = (["results.json"] if (plan.output_dir / "results.json").exists() else []) + held
+    if held:
+        raise RunError(f"`output_dir` {str(plan.output_dir)!r} already holds a compare ({', '.join(held)}); pass "
+                       f"overwrite_output_dir=true to replace it, or choose another output_dir")
+
+
 def run_compare(plan: ComparePlan, quiet: bool = False, out: IO[str] | None = None,
                 env: dict[str, str] | None = None) -> list[dict]:
     """Run every method in turn, rewriting results.json / results.md after each; draw the charts at the end."""
@@ -232,6 +250,7 @@ def run_compare(plan: ComparePlan, quiet: bool = False, out: IO[str] | None = No
     from .train import RunError
 
     out = out or sys.stdout
+    check_previous_compare(plan)
     try:
         plan.output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:

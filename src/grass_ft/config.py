@@ -6,6 +6,8 @@ Each field carries a one-line help (``metadata["help"]``) that ``grass-ft train 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import importlib.util
 import math
 import types
 import typing
@@ -14,6 +16,56 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from .errors import UserError
+
+
+# Names a transformers Trainer / TRL user already knows, accepted as aliases where the meaning is the same;
+# config.yaml is written with the canonical name on the right. Resolved before the unknown-key check.
+ALIASES: dict[str, str] = {
+    "learning_rate": "lr",
+    "per_device_train_batch_size": "batch_size",
+    "per_device_eval_batch_size": "eval_batch_size",
+    "gradient_accumulation_steps": "grad_accum",
+    "lr_scheduler_type": "lr_schedule",
+    "max_length": "max_seq_len",            # TRL SFTConfig
+    "max_seq_length": "max_seq_len",        # TRL before 0.20
+    "model_name_or_path": "model",          # TRL ModelConfig
+    "dataset_name": "data",                 # TRL ScriptArguments
+    "dataset_config": "data_config",
+    "dataset_train_split": "data_split",
+    "dataset_test_split": "eval_split",
+    "resume_from_checkpoint": "resume",
+    "bf16": "dtype",                        # bf16=true -> dtype=bfloat16 (see ALIAS_VALUES)
+    "fp16": "dtype",
+}
+# Aliases whose value maps to a different value of the canonical key.
+ALIAS_VALUES: dict[str, dict[bool, str]] = {"bf16": {True: "bfloat16", False: "float32"},
+                                            "fp16": {True: "float16", False: "float32"}}
+
+
+def resolve_aliases(raw: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """``raw`` with every alias of :data:`ALIASES` renamed to its canonical key, and the errors: an alias given
+    together with its canonical key (or two aliases of one key), or a bad bf16/fp16 value."""
+    out: dict[str, Any] = {}
+    source: dict[str, str] = {}
+    errors: list[str] = []
+    for key, value in raw.items():
+        canon = ALIASES.get(key, key)
+        if canon in source:
+            errors.append(f"`{key}` and `{source[canon]}` both set `{canon}`; give one (`{canon}` is the name "
+                          f"config.yaml uses)")
+            continue
+        if key in ALIAS_VALUES:
+            try:
+                flag = _coerce(key, value, bool)
+            except ValueError as e:
+                errors.append(str(e))
+                continue
+            value = ALIAS_VALUES[key][flag]
+        out[canon] = value
+        source[canon] = key
+    return out, errors
 
 
 def _f(default: Any, help: str) -> Any:  # noqa: A002 - "help" is the natural name here
@@ -31,6 +83,16 @@ class TrainConfig:
     eval_data: str | None = _f(None, "held-out data (file or generator); default: a held-out split of `data`")
     task: str = _f("gsm8k", "answer rule that scores the evaluation (gsm8k = last number within 0.001)")
     method: str = _f("grass", "fine-tuning method: grass, grass-static, lisa, fft, lora, dora")
+    # data sources and formats (docs/DATA.md), logging sinks
+    data_format: str = _f("auto", "format of `data` and `eval_data` rows: auto (from the columns), alpaca, "
+                                  "prompt_completion, messages, text")
+    data_split: str = _f("train", "split of a hub data set or data directory used for training")
+    eval_split: str = _f("test", "split of a hub data set or data directory given as `eval_data`")
+    data_config: str | None = _f(None, "configuration (subset) name of a hub data set, e.g. main for gsm8k")
+    chat_template: str | None = _f(None, "Jinja chat template (a .jinja file or the template text) for messages data "
+                                         "when the model's tokenizer has none, or to replace its own")
+    report_to: str = _f("none", "extra metric sinks besides metrics.jsonl: none, tensorboard, wandb (offline), "
+                                "comma-separated")
     # GRASS
     gamma: int = _f(4, "γ: number of decoder blocks trainable at a time")
     tau: float = _f(1.0, "τ: softmax temperature over the normalised MGN (large = uniform, small = top-γ)")
@@ -70,7 +132,7 @@ class TrainConfig:
     max_bad_steps: int = _f(5, "stop after this many consecutive steps with a non-finite loss or gradient")
     seed: int = _f(42, "seed for data order, block draws and initialisation")
     dtype: str = _f("float32", "parameter dtype: float32 or bfloat16 (fp32 is fastest on CPU; float16 is refused: "
-                               "the training loop has no loss scaler)")
+                               "the training loop has no loss scaler); the Trainer's bf16=true maps here")
     master_weights: bool = _f(True, "bfloat16 parameters train against fp32 master copies kept with the optimizer "
                                     "state (false: pure-bf16 AdamW as LISA/FFT ship, which loses small updates)")
     # evaluation and output
@@ -85,10 +147,17 @@ class TrainConfig:
     save_steps: int = _f(0, "write a checkpoint every N steps (0: none; final/ is always written)")
     save_total_limit: int = _f(2, "keep only the newest N checkpoints (0: keep all)")
     resume: str | None = _f(None, "resume from `auto` (the newest complete checkpoint in output_dir) or a checkpoint path")
+    overwrite_output_dir: bool = _f(False, "replace a previous run in output_dir (without it a directory that "
+                                           "holds a run is refused, unless `resume` continues it)")
 
     @classmethod
     def help_lines(cls) -> list[str]:
-        return [f"  {f.name:<24} {f.metadata['help']} (default: {f.default!r})" for f in dataclasses.fields(cls)]
+        aliases: dict[str, list[str]] = {}
+        for a, c in ALIASES.items():
+            aliases.setdefault(c, []).append(a)
+        return [f"  {f.name:<24} {f.metadata['help']} (default: {f.default!r})"
+                + (f" [alias: {', '.join(aliases[f.name])}]" if f.name in aliases else "")
+                for f in dataclasses.fields(cls)]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -97,14 +166,28 @@ class TrainConfig:
 METHODS_WITH_SAMPLING = ("grass", "grass-static", "lisa")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 DTYPES = ("float32", "bfloat16")  # float16 needs a loss scaler, which the native loop does not have
+DATA_FORMATS = ("auto", "alpaca", "prompt_completion", "messages", "text")  # grass_ft.formats.FORMATS + auto
+DATA_FILE_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")
+REPORT_TO = ("none", "tensorboard", "wandb")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """One or more configuration errors; ``errors`` holds each message, ``str()`` lists them all."""
 
     def __init__(self, errors: list[str]):
         self.errors = list(errors)
         super().__init__("invalid configuration:\n" + "\n".join(f"  - {e}" for e in self.errors))
+
+
+def unknown_key_message(key: str, known: typing.Iterable[str]) -> str:
+    """"unknown key `gama` (did you mean `gamma`?)", or the list of known keys when nothing is close."""
+    known = sorted(known)
+    plain = {k.replace("_", ""): k for k in known}
+    close = ([plain[key.replace("_", "").replace("-", "")]] if key.replace("_", "").replace("-", "") in plain
+             else difflib.get_close_matches(key, known, n=1, cutoff=0.75))
+    if close:
+        return f"unknown key `{key}` (did you mean `{close[0]}`?)"
+    return f"unknown key `{key}`; known keys: {', '.join(known)}"
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -175,7 +258,6 @@ def build_config(config_file: str | None = None, overrides: dict[str, Any] | Non
         ConfigError: listing every unknown key, wrong type and out-of-range value at once.
     """
     raw: dict[str, Any] = {}
-    errors: list[str] = []
     if config_file is not None:
         path = Path(config_file)
         try:
@@ -187,16 +269,18 @@ def build_config(config_file: str | None = None, overrides: dict[str, Any] | Non
         if not isinstance(loaded, dict):
             raise ConfigError([f"config file {path}: expected a mapping of key: value, got {type(loaded).__name__}"])
         raw.update(loaded)
-    raw.update(overrides or {})
+    # aliases resolve within the file and within the overrides, so that an override wins either way
+    raw, errors = resolve_aliases(raw)
+    over, over_errors = resolve_aliases(dict(overrides or {}))
+    raw.update(over)
+    errors.extend(over_errors)
 
     hints = _field_types(TrainConfig)
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     values: dict[str, Any] = {}
     for key, value in raw.items():
         if key not in known:
-            close = [k for k in known if k.replace("_", "") == str(key).replace("_", "").replace("-", "")]
-            hint = f" (did you mean `{close[0]}`?)" if close else ""
-            errors.append(f"unknown key `{key}`{hint}; known keys: {', '.join(sorted(known))}")
+            errors.append(unknown_key_message(str(key), known))
             continue
         try:
             values[key] = _coerce(key, value, hints[key])
@@ -266,11 +350,18 @@ def validate(cfg: TrainConfig, num_blocks: int | None = None, known_methods: typ
           "must be comma-separated module names such as q_proj,v_proj, or unset for all-linear")
     check("save_steps", cfg.save_steps >= 0, "must be >= 0 (0: no checkpoints)")
     check("save_total_limit", cfg.save_total_limit >= 0, "must be >= 0 (0: keep all)")
-    check("data", bool(cfg.data), "must name a generator or a file")
-    if "data" not in skip and cfg.data and (cfg.data.endswith((".json", ".jsonl"))) and not Path(cfg.data).is_file():
+    check("data", bool(cfg.data), "must name a generator, a file, a directory or a hub data set")
+    if "data" not in skip and cfg.data and cfg.data.endswith(DATA_FILE_SUFFIXES) and not Path(cfg.data).is_file():
         errs.append(f"`data` file {cfg.data!r} does not exist")
-    if cfg.eval_data and cfg.eval_data.endswith((".json", ".jsonl")) and not Path(cfg.eval_data).is_file():
+    if cfg.eval_data and cfg.eval_data.endswith(DATA_FILE_SUFFIXES) and not Path(cfg.eval_data).is_file():
         errs.append(f"`eval_data` file {cfg.eval_data!r} does not exist")
+    check("data_format", cfg.data_format in DATA_FORMATS, f"must be one of {', '.join(DATA_FORMATS)}")
+    sinks = [s.strip() for s in cfg.report_to.split(",")]
+    check("report_to", all(s in REPORT_TO for s in sinks), f"must be one or more (comma-separated) of "
+                                                           f"{', '.join(REPORT_TO)}")
+    for sink in ("tensorboard", "wandb"):
+        if "report_to" not in skip and sink in sinks and importlib.util.find_spec(sink) is None:
+            errs.append(f"`report_to` {sink} needs the `{sink}` package (pip install {sink})")
     if "task" not in skip:
         try:
             from .tasks import canonical_task

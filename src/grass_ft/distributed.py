@@ -7,6 +7,12 @@ reduction… unused parameters", axolotl #1474, LMFlow #774); its workaround ``f
 traverses the autograd graph every step. Instead, after the last backward of a step the gradients of the
 parameters that train *this* step are flattened into buckets and averaged with ``all_reduce``. Every rank draws
 the same blocks (one seeded generator, checked against rank 0 at each draw), so the buckets line up.
+
+Every tensor handed to a collective lives on the process group's device (:meth:`Distributed.device`: the rank's
+GPU under nccl, the CPU under gloo): nccl takes no CPU tensor ("No backend type associated with device type
+cpu"), so small host values (a token count, the drawn blocks) are copied to the device first. We use one backend
+rather than a ``cpu:gloo,cuda:nccl`` group: the values are tiny, and one group means one rendezvous and one
+failure mode. Low-precision gradients are summed in fp32 (see :func:`reduce_dtype`).
 """
 
 from __future__ import annotations
@@ -17,7 +23,6 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 BUCKET_BYTES = 25 * 2**20  # as DDP's default bucket_cap_mb
 
@@ -28,6 +33,7 @@ class Distributed:
     world_size: int = 1
     local_rank: int = 0
     allreduce_bytes: int = 0  # bytes all-reduced in the current step (probe averaging included)
+    group_device: torch.device | None = None  # where the group's collectives run; None: device()'s default
 
     @property
     def enabled(self) -> bool:
@@ -38,6 +44,9 @@ class Distributed:
         return self.rank == 0
 
     def device(self) -> torch.device:
+        """The device of the model and of every tensor handed to a collective."""
+        if self.group_device is not None:
+            return self.group_device
         if torch.cuda.is_available():
             return torch.device("cuda", self.local_rank)
         return torch.device("cpu")
@@ -51,25 +60,37 @@ class Distributed:
         self.allreduce_bytes = 0
 
     def all_reduce_grads(self, params: list[nn.Parameter]) -> None:
-        """Average the ``.grad`` of ``params`` over ranks, in buckets of at most ``BUCKET_BYTES``."""
+        """Average the ``.grad`` of ``params`` over ranks, in buckets of at most ``BUCKET_BYTES`` (counted in the
+        reduction dtype), summed in :func:`reduce_dtype` and rounded once into each gradient's own dtype."""
         if not self.enabled:
             return
         grads = [p.grad for p in params if p.grad is not None]
         for bucket in _buckets(grads):
-            flat = _flatten_dense_tensors(bucket)
-            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-            flat.div_(self.world_size)
-            for g, synced in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
-                g.copy_(synced)
-            self.allreduce_bytes += flat.numel() * flat.element_size()
+            flat = self._mean(_flatten(bucket, reduce_dtype(bucket[0].dtype), self.device()))
+            offset = 0
+            for g in bucket:
+                g.copy_(flat[offset:offset + g.numel()].view_as(g))  # one rounding into g's dtype
+                offset += g.numel()
 
     def average_(self, tensor: torch.Tensor) -> torch.Tensor:
-        """In-place mean over ranks of one tensor (the probe's per-parameter gradients)."""
-        if self.enabled:
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-            tensor.div_(self.world_size)
-            self.allreduce_bytes += tensor.numel() * tensor.element_size()
-        return tensor
+        """Mean over ranks of one tensor (the probe's per-parameter gradients), written back into ``tensor``.
+
+        Returns the mean in :func:`reduce_dtype` (fp32 for a bf16 gradient), so a caller reading a norm from it
+        sees no second rounding.
+        """
+        if not self.enabled:
+            return tensor
+        if tensor.dtype == reduce_dtype(tensor.dtype) and tensor.device == self.device() and tensor.is_contiguous():
+            return self._mean(tensor.view(-1)).view_as(tensor)  # in place, no copy
+        mean = self._mean(_flatten([tensor], reduce_dtype(tensor.dtype), self.device())).view_as(tensor)
+        tensor.copy_(mean)
+        return mean
+
+    def _mean(self, flat: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat.div_(self.world_size)
+        self.allreduce_bytes += flat.numel() * flat.element_size()
+        return flat
 
     def check_same_draw(self, active: list[int], mgn: torch.Tensor, step: int) -> None:
         """Raise if this rank's drawn blocks or MGN differ from rank 0's.
@@ -79,32 +100,57 @@ class Distributed:
         """
         if not self.enabled:
             return
-        mine = torch.cat([torch.tensor(active, dtype=torch.float64), mgn.double().cpu()])
+        mine = torch.cat([torch.tensor(active, dtype=torch.float64), mgn.detach().double().cpu()]).to(self.device())
         ref = mine.clone()
         dist.broadcast(ref, src=0)
         if not torch.equal(mine, ref):
+            ref = ref.cpu()
             raise RuntimeError(f"rank {self.rank} drew blocks {active} at step {step} but rank 0 drew "
                                f"{[int(x) for x in ref[:len(active)]]} (or their MGN differ); every rank must "
                                f"run the same config and seed")
 
     def sum_int(self, value: int) -> int:
+        """Sum of an integer over ranks (e.g. the tokens of a step)."""
         if not self.enabled:
             return value
-        t = torch.tensor([value], dtype=torch.long)
+        t = torch.tensor([value], dtype=torch.long, device=self.device())
         dist.all_reduce(t)
-        return int(t.item())
+        return int(t.item())  # host sync: the caller needs the number now (one per step, after the update)
 
     def close(self) -> None:
         if self.enabled and dist.is_initialized():
             dist.destroy_process_group()
 
 
+def reduce_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype gradients of ``dtype`` are summed in across ranks: at least fp32.
+
+    Summing bf16 in bf16 rounds every partial sum to 8 significant bits: a ring or tree of N ranks rounds up to
+    N - 1 times, each error up to 2**-8 of the partial sum, which with cancelling gradients can be many ulps of the
+    mean. In fp32 the partial sums' errors are 2**-16 of a bf16 ulp, so the mean rounds once, into the gradient's
+    bf16, to within half a bf16 ulp (+ N * 2**-24 of the partial sums). Pre-dividing by N in bf16 would not help
+    (it rounds for N not a power of two and leaves the partial sums in bf16). The cost: bf16 gradients travel as
+    fp32, twice the bytes (``allreduce_bytes`` counts them), as FSDP's ``reduce_dtype=float32``.
+    """
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _flatten(tensors: list[torch.Tensor], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """One contiguous buffer on ``device`` in ``dtype`` holding ``tensors`` one after another."""
+    flat = torch.empty(sum(t.numel() for t in tensors), dtype=dtype, device=device)
+    offset = 0
+    for t in tensors:
+        flat[offset:offset + t.numel()].copy_(t.reshape(-1))
+        offset += t.numel()
+    return flat
+
+
 def _buckets(grads: list[torch.Tensor]) -> list[list[torch.Tensor]]:
     out: list[list[torch.Tensor]] = []
     size = 0
     for g in grads:
-        nbytes = g.numel() * g.element_size()
-        if not out or size + nbytes > BUCKET_BYTES or out[-1][0].dtype != g.dtype or out[-1][0].device != g.device:
+        nbytes = g.numel() * reduce_dtype(g.dtype).itemsize
+        if not out or size + nbytes > BUCKET_BYTES or out[-1][0].dtype != g.dtype:
             out.append([])
             size = 0
         out[-1].append(g)
@@ -124,4 +170,5 @@ def init_distributed() -> Distributed:
         torch.cuda.set_device(local)
     if not dist.is_initialized():
         dist.init_process_group(backend=backend)
-    return Distributed(rank=rank, world_size=world, local_rank=local)
+    device = torch.device("cuda", local) if backend == "nccl" else torch.device("cpu")
+    return Distributed(rank=rank, world_size=world, local_rank=local, group_device=device)

@@ -38,18 +38,18 @@ def _finish(examples: list[dict[str, Any]], task: str | None, override: bool) ->
 
 
 def load_eval_file(path: str | Path, task: str | None = None) -> list[dict[str, Any]]:
-    """Examples from one LLM-Adapters JSON or JSONL file.
+    """Examples from one data file in any format of docs/DATA.md (LLM-Adapters JSON/JSONL, messages, ...).
 
     Args:
-        path: the file.
+        path: the file (``.json``, ``.jsonl``, ``.parquet``, ``.csv``).
         task: task name (or alias) for examples without a ``task`` key; examples that carry one keep it.
 
     Raises:
-        DataError: the file cannot be read (see :func:`grass_ft.data.load_json_examples`).
+        DataError: the file cannot be read (see :func:`grass_ft.data.load_examples`).
         ValueError: ``task`` has no answer rule.
     """
     canon = canonical_task(task) if task is not None else None
-    return _finish(data_mod.load_json_examples(path), canon, override=False)
+    return _finish(data_mod.load_examples(str(path)), canon, override=False)
 
 
 def load_eval_sets(path: str | Path, tasks: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:

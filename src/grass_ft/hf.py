@@ -21,15 +21,17 @@ import dataclasses
 import difflib
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from .config import ConfigError, TrainConfig, build_config, validate
+from .distributed import Distributed
 from .importance import grad_rms
 from .methods import prepare
 from .models import block_layout
@@ -126,7 +128,7 @@ def _unwrap(optimizer) -> torch.optim.Optimizer:
     return optimizer
 
 
-def _refuse_untested(args) -> None:
+def _refuse_untested(args, without_ddp: bool = False) -> None:
     """Setups the callback has not been tested with fail here, before a step, rather than mid-run (ANCHORS.md:
     engines are claimed only once tested)."""
     problems = []
@@ -134,8 +136,9 @@ def _refuse_untested(args) -> None:
         problems.append("DeepSpeed")
     if getattr(args, "fsdp", None):
         problems.append("FSDP")
-    if getattr(args, "world_size", 1) > 1:
-        problems.append(f"{args.world_size} processes (use `grass-ft train`, whose multi-process path is tested)")
+    if getattr(args, "world_size", 1) > 1 and not without_ddp:
+        problems.append(f"{args.world_size} processes with the plain Trainer (its DDP wrapper needs a gradient for "
+                        f"every parameter at every step: use grass_ft.GrassTrainer, see docs/DISTRIBUTED.md)")
     if getattr(args, "fp16", False):
         # GradScaler: the probe leaves no gradient to inf-check, and MGN would be read at the loss scale
         problems.append("fp16 mixed precision (use bf16=True or fp32)")
@@ -178,6 +181,14 @@ class _FinalGradNorms:
                 self._sq[id(p)] = (b, p.grad.detach().float().pow(2).sum())
 
         return hook
+
+    def record(self, block_params: list[list[nn.Parameter]], blocks: list[int]) -> None:
+        """Read the listed blocks' gradients now (multi-process: after the all-reduce, before clipping), in
+        place of the hooks, which would see each rank's own gradient."""
+        for b in blocks:
+            for p in block_params[b]:
+                if p.grad is not None:
+                    self._sq[id(p)] = (b, p.grad.detach().float().pow(2).sum())
 
     def flush(self) -> dict[int, float]:
         """r_l of every block that had a gradient this step, non-finite values left out; then clear."""
@@ -296,6 +307,10 @@ class GrassCallback(TrainerCallback, ExportableState):
         self._step = -1
         self._requires_grad: dict[str, bool] = {}
         self._input_grads_off = False
+        self._without_ddp = False  # set by GrassTrainer: the model is not DDP-wrapped, gradients are ours to sync
+        self._dist = Distributed()
+        self._block_params: list[list[nn.Parameter]] = []
+        self.allreduce_bytes: dict[int, int] = {}  # step -> bytes this rank all-reduced (multi-process)
 
     # ------------------------------------------------------------------------------------------ checks
 
@@ -316,8 +331,9 @@ class GrassCallback(TrainerCallback, ExportableState):
     # ------------------------------------------------------------------------------------------- events
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        _refuse_untested(args)
+        _refuse_untested(args, self._without_ddp)
         self._checked_layout(model, state.max_steps)
+        self._dist = _trainer_distributed(args)
         opt = _unwrap(optimizer)
         # The method's own preparation (sampler kind, always-trained names) from the registry; the throwaway
         # optimizer it builds (plain AdamW, lazy state) is replaced by the Trainer's.
@@ -332,19 +348,21 @@ class GrassCallback(TrainerCallback, ExportableState):
             raise ValueError(f"the Trainer's optimizer does not cover {len(missing)} parameter(s) GrassCallback may "
                              f"train ({shown}): they did not require grad when it was built. Leave every parameter "
                              f"trainable before Trainer(...); the callback freezes blocks itself (LMFlow #726)")
-        self.runner = StepRunner(prepared, grad_accum=args.gradient_accumulation_steps)
+        self.runner = StepRunner(prepared, grad_accum=args.gradient_accumulation_steps, dist=self._dist)
         if state.global_step > 0:
             self._resume(state)
         self._requires_grad = {n: p.requires_grad for n, p in names.items()}
         self._own_report = opt if hasattr(opt, "memory_report") else None
         self._mover = None if self._own_report is not None else _StateMover(opt)
+        self._block_params = [[names[n] for n in block] for block in prepared.layout.blocks]
         if self.runner.sampler.records_importance:
-            block_params = [[names[n] for n in block] for block in prepared.layout.blocks]
-            self._final = _FinalGradNorms(block_params, prepared.layout.numel)
+            self._final = _FinalGradNorms(self._block_params, prepared.layout.numel)
         self._step = state.global_step - 1
         self._stop_backward_at_active_blocks(model, args)
         if state.is_world_process_zero:
-            self._open_trace(Path(args.output_dir), state.global_step)
+            self._open_trace(Path(args.output_dir) / "layers.jsonl", state.global_step)
+        elif os.environ.get("GRASS_FT_TRACE_ALL_RANKS") == "1":  # as the native loop: a debugging aid, used by tests
+            self._open_trace(Path(args.output_dir) / f"layers.rank{self._dist.rank}.jsonl", state.global_step)
 
     def _stop_backward_at_active_blocks(self, model: nn.Module, args) -> None:
         """transformers makes the input embeddings' output require grad whenever it turns checkpointing on
@@ -369,7 +387,18 @@ class GrassCallback(TrainerCallback, ExportableState):
             keep = set() if probe else set(self.runner.trainable_params())
             self._mover.sync(keep, drop_leaving=self.runner.p.reset_state_on_switch)
         if self._final is not None:
-            self._final.enabled = not probe
+            # multi-process: read after the all-reduce instead (sync_gradients), not each rank's own gradient
+            self._final.enabled = not probe and not self._dist.enabled
+
+    def sync_gradients(self) -> None:
+        """Multi-process, after the last backward of a step and before the Trainer clips: average the gradients
+        of the parameters that train this step over ranks (the probe averages its own, per parameter, as it reads
+        them), then read the active blocks' gradient norms for MGN from the averaged gradients."""
+        if not self._dist.enabled or self.runner.is_probe(self._step):
+            return
+        self._dist.all_reduce_grads(self.runner.trainable_params())
+        if self._final is not None:
+            self._final.record(self._block_params, list(self.runner.sampler.active))
 
     def on_substep_end(self, args, state, control, **kwargs):
         self.runner.after_micro_backward(self._step)  # the probe: one observation per micro-batch
@@ -382,8 +411,36 @@ class GrassCallback(TrainerCallback, ExportableState):
             self.runner.sampler.observe(self._final.flush())
 
     def on_step_end(self, args, state, control, **kwargs):
+        if self._dist.enabled:
+            self.allreduce_bytes[self._step] = self._dist.allreduce_bytes
         if self._mover is not None:
             self._mover.note_peak()  # state created by this step's update is on the device now
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        """Add :meth:`log_metrics` to the Trainer's logs (and its ``log_history``), so a Trainer / TRL user sees
+        them where the loss is: in the console, ``trainer_state.json``, and every reporting callback that runs
+        after this one (``report_to="none"`` and ``callbacks=[GrassCallback(...), TensorBoardCallback()]``;
+        callbacks named by ``report_to`` are built before the user's and see the logs first)."""
+        if logs is None or self.runner is None or "loss" not in logs:
+            return
+        extra = self.log_metrics()
+        logs.update(extra)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(extra)
+
+    def log_metrics(self) -> dict[str, float]:
+        """``grass/*`` metrics of the step just taken: ``grass/active_blocks`` (number of trained blocks, 0 in
+        the probe), ``grass/mgn/block_<i>`` (the sampler's MGN once the probe is over, adaptive and static
+        GRASS), and the optimizer state in bytes on the device and on the host (:meth:`memory_report`)."""
+        sampler, step = self.runner.sampler, self._step
+        probe = self.runner.is_probe(step)
+        out = {"grass/active_blocks": 0.0 if probe else float(len(sampler.active))}
+        if sampler.kind != "uniform" and not probe:
+            out.update({f"grass/mgn/block_{i:02d}": float(m) for i, m in enumerate(sampler.mgn.tolist())})
+        report = self.memory_report()
+        out["grass/optimizer_state_device_bytes"] = float(report["device_state_bytes"])
+        out["grass/optimizer_state_host_bytes"] = float(report["host_state_bytes"])
+        return out
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         if self.runner is not None:
@@ -402,11 +459,10 @@ class GrassCallback(TrainerCallback, ExportableState):
 
     # ----------------------------------------------------------------------------------- trace, report
 
-    def _open_trace(self, out: Path, resume_step: int) -> None:
+    def _open_trace(self, path: Path, resume_step: int) -> None:
         """``layers.jsonl`` as the CLI writes it; on resume, events from ``resume_step`` on are dropped first so
         that the file reads as one uninterrupted run."""
-        out.mkdir(parents=True, exist_ok=True)
-        path = out / "layers.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
         kept = []
         if resume_step > 0 and path.is_file():
             kept = [line for line in path.read_text().splitlines()
@@ -449,3 +505,67 @@ class GrassCallback(TrainerCallback, ExportableState):
                              f"for that step (it was saved without the callback); resume from a checkpoint saved "
                              f"with GrassCallback, or start a new run")
         self.runner.load_state_dict(_from_json(grass["runner"]))
+
+
+# ------------------------------------------------------------------------------------ multi-process Trainer
+
+
+def _trainer_distributed(args) -> Distributed:
+    """The Trainer's process group (accelerate initialised it) as a :class:`~grass_ft.distributed.Distributed`."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() <= 1:
+        return Distributed()
+    return Distributed(rank=dist.get_rank(), world_size=dist.get_world_size(),
+                       local_rank=getattr(args, "local_process_index", 0), group_device=args.device)
+
+
+class GrassTrainer(Trainer):
+    """``transformers.Trainer`` for :class:`GrassCallback` under ``torchrun`` / ``accelerate launch`` with several
+    processes (in one process it is the plain Trainer).
+
+    The plain Trainer wraps the model in ``DistributedDataParallel``, which expects a gradient for every parameter
+    at every step -- exactly what layer sampling breaks -- unless ``find_unused_parameters=True``, which walks the
+    autograd graph every step and still all-reduces every bucket, the frozen blocks' zeros included. This Trainer
+    leaves the model unwrapped and, after the last micro-batch's backward and before clipping, averages the
+    gradients of the parameters that train this step with :mod:`grass_ft.distributed`'s bucketed all-reduce (the
+    probe averages each parameter's gradient as it reads it): every rank then holds the same gradients, draws the
+    same blocks (checked at each draw) and takes the same update. ``callbacks`` must hold one GrassCallback.
+
+    How DDP is skipped: :meth:`_wrap_model` runs just before the Trainer's ``accelerator.prepare(model, optimizer)``
+    and has this Trainer's accelerator prepare models in ``evaluation_mode`` until :meth:`create_scheduler`, which
+    runs just after; ``evaluation_mode`` skips only the DDP/FSDP wrapping, so device placement and mixed-precision
+    autocast still happen. A model that ends up wrapped anyway (another accelerate) is refused at the first step.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        grass = [c for c in self.callback_handler.callbacks if isinstance(c, GrassCallback)]
+        if len(grass) != 1:
+            raise ValueError(f"GrassTrainer needs exactly one GrassCallback in callbacks, got {len(grass)}")
+        self.grass = grass[0]
+        self.grass._without_ddp = True
+
+    def _wrap_model(self, model: nn.Module, training: bool = True, dataloader=None) -> nn.Module:
+        model = super()._wrap_model(model, training, dataloader)
+        if training and self.args.world_size > 1 and "prepare_model" not in vars(self.accelerator):
+            prepare_model = self.accelerator.prepare_model
+
+            def without_ddp(m: nn.Module, device_placement: bool | None = None, evaluation_mode: bool = False):
+                return prepare_model(m, device_placement=device_placement, evaluation_mode=True)
+
+            self.accelerator.prepare_model = without_ddp  # this instance only, until create_scheduler
+        return model
+
+    def create_scheduler(self, *args: Any, **kwargs: Any):
+        vars(self.accelerator).pop("prepare_model", None)  # the class's prepare_model again
+        return super().create_scheduler(*args, **kwargs)
+
+    def training_step(self, model: nn.Module, inputs: dict, num_items_in_batch=None):
+        if self.args.world_size > 1 and isinstance(model, nn.parallel.DistributedDataParallel):
+            raise RuntimeError("GrassTrainer: the model was wrapped in DistributedDataParallel despite no parameter "
+                               "requiring grad at prepare time; this accelerate version is not supported")
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.accelerator.sync_gradients:  # the step's last micro-batch: the Trainer clips next
+            self.grass.sync_gradients()
+        return loss

@@ -16,13 +16,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .errors import DivergenceError
 from .importance import ProbeRecorder, block_rms
 from .distributed import Distributed
 from .loss import has_supervised_token
 from .methods import Prepared
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(DivergenceError):
     """Too many consecutive steps had a non-finite loss or gradient."""
 
 

@@ -100,6 +100,18 @@ def canonical_task(name: str) -> str:
     return _ALIASES[key]
 
 
+def example_task(example: dict[str, Any], default: str | None = None) -> str | None:
+    """The one rule for an example's task: its ``task`` key, else ``default``; written as its canonical name when
+    it has an answer rule (so ``GSM8K`` and ``gsm8k`` are one task everywhere), else as given."""
+    name = example.get("task") or default
+    if not name:
+        return None
+    try:
+        return canonical_task(name)
+    except ValueError:
+        return str(name)
+
+
 def is_numeric_task(task: str) -> bool:
     """True when ``task`` is scored by the last-number rule."""
     return canonical_task(task) in _NUMERIC

@@ -5,17 +5,20 @@ logged step), ``layers.jsonl`` (a line per probe/draw/refresh event), ``summary.
 last) and ``final/`` (``save_pretrained`` output with the tokenizer; for lora/dora the peft adapter,
 ``adapter_model.safetensors``, and with ``merge_lora`` a stand-alone merged model in ``final/merged/``).
 ``final/`` and ``summary.json`` appear only when a run finishes; each is written to a temporary name and renamed
-into place.
+into place. A directory that holds a previous run is refused unless ``overwrite_output_dir=true`` or ``resume``
+continues it, and nothing in it is touched until every check that needs no model weights has passed
+(:mod:`grass_ft.preflight`; docs/RELIABILITY.md).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import resource
-import shutil
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,26 +26,37 @@ import torch
 from tqdm.auto import tqdm
 
 from . import data as data_mod
-from .atomic import atomic_dir, write_json_atomic
-from .checkpoint import find_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state, truncate_jsonl
+from .atomic import atomic_dir, remove_dir, remove_stale_temporaries, write_json_atomic
+from .checkpoint import (CHECKPOINT_RE, load_checkpoint, rng_state, run_keys, save_checkpoint, set_rng_state,
+                         truncate_jsonl)
+from .export import write_loadable
+from .logging_sinks import MetricSinks
 from .distributed import Distributed, init_distributed
 from .config import ConfigError, TrainConfig, save_config, validate
+from .divergence import DivergenceWatch, vocab_size
 from .loss import loss_forward
 from .methods import Prepared, method_names, prepare
-from .models import PACKAGED_NOTE, block_layout, enable_checkpointing, load_model_and_tokenizer
+from .models import PACKAGED_NOTE, block_layout, enable_checkpointing, load_model, load_tokenizer
+from .preflight import FINISHED, RUN_FILES, RunError, preflight, supervised_features
 from .step import StepRunner, lr_factor, optimizer_state_bytes
 
-
-class RunError(RuntimeError):
-    """A run that cannot start or continue; the message says why and what to change."""
 
 
 # ------------------------------------------------------------------------------------------------- helpers
 
 
+def warn(message: str) -> None:
+    """One warning line on stderr (above any progress bar)."""
+    tqdm.write(f"grass-ft: warning: {message}", file=sys.stderr)
+
+
 def prepare_output_dir(path: str | Path, resuming: bool = False) -> Path:
-    """Create ``path`` and check it is writable; remove a previous run's ``final/`` and ``summary.json`` so
-    that a failed run never looks finished (and its logs, unless this run resumes them)."""
+    """Create ``path`` (after :func:`~grass_ft.preflight.preflight` allowed it) and clear what this run replaces.
+
+    Removes the hidden temporaries a killed write left, then a previous run's outputs: all of them for a new
+    run (the checks allowed that only for an empty directory or with ``overwrite_output_dir``); for a resumed
+    run only ``final/``, ``summary.json`` and the evaluation files, so that a run that fails never looks finished.
+    """
     out = Path(path)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -51,14 +65,21 @@ def prepare_output_dir(path: str | Path, resuming: bool = False) -> Path:
         probe.unlink()
     except OSError as e:
         raise RunError(f"`output_dir` {str(out)!r} is not writable: {e.strerror}") from None
-    stale_files = [out / "final", out / "summary.json"]
+    removed = remove_stale_temporaries(out)
+    if removed:
+        warn(f"removed {len(removed)} unfinished temporary file(s) a killed run left in {out}: {', '.join(removed)}")
+    replaced = [*FINISHED, "eval.json", "predictions.jsonl"] if resuming else list(RUN_FILES)
+    stale = [out / n for n in replaced]
     if not resuming:
-        stale_files += [out / "metrics.jsonl", out / "layers.jsonl"]
-    for stale in stale_files:
-        if stale.is_dir():
-            shutil.rmtree(stale)
-        elif stale.exists():
-            stale.unlink()
+        stale += [p for p in out.iterdir() if CHECKPOINT_RE.match(p.name)]
+    if not resuming and any(p.exists() for p in stale):
+        warn(f"overwrite_output_dir: replacing the previous run in {out} "
+             f"({', '.join(p.name for p in stale if p.exists())})")
+    for path_ in stale:
+        if path_.is_dir():
+            remove_dir(path_)
+        elif path_.exists():
+            path_.unlink()
     return out
 
 
@@ -77,46 +98,18 @@ def save_final(model, tokenizer, out: Path) -> Path:
         # would look base_model_name_or_path up on the hub, which a packaged name such as smollm2-135m is not.
         extra = {"save_embedding_layers": False} if hasattr(model, "peft_config") else {}
         model.save_pretrained(tmp, safe_serialization=True, **extra)
-        tokenizer.save_pretrained(tmp)
+        write_loadable(model, tokenizer, tmp)  # tokenizer, and the generation config a peft adapter lacks
     return out / "final"
 
 
-def held_out_task(example: dict, cfg: TrainConfig) -> str:
-    """A held-out example's task as ``eval_loss_only_tasks`` names it: its ``task`` key, else ``cfg.task``."""
-    return str(example.get("task") or cfg.task)
-
-
-def loss_only_tasks(cfg: TrainConfig, examples: list[dict]) -> set[str]:
-    """The tasks of ``eval_loss_only_tasks``; each must be a task of the held-out examples."""
-    wanted = {t.strip() for t in cfg.eval_loss_only_tasks.split(",") if t.strip()}
-    present = {held_out_task(ex, cfg) for ex in examples}
-    missing = sorted(wanted - present)
-    if missing and examples:
-        raise ConfigError([f"`eval_loss_only_tasks`: {', '.join(map(repr, missing))} is not a task of the held-out "
-                           f"examples (their tasks: {', '.join(sorted(present))})"])
-    return wanted
-
-
 def evaluate_model(model, tokenizer, examples: list[dict], cfg: TrainConfig, desc: str) -> dict[str, Any]:
-    """Held-out eval loss (overall and per task) and accuracy (the same code as ``grass-ft eval``).
+    """Held-out eval loss (overall and per task) and accuracy through :func:`grass_ft.evaluate.evaluate`, the
+    entry point ``grass-ft eval`` uses too; tasks in ``eval_loss_only_tasks`` get an eval loss only."""
+    from .evaluate import evaluate
 
-    Tasks in ``eval_loss_only_tasks`` get an eval loss and no generation; accuracy is over the others.
-    """
-    from .evaluate import eval_loss_by_task, evaluate_examples
-
-    if not examples:
-        return {}
-    loss, per_task_loss = eval_loss_by_task(model, tokenizer, examples, max_seq_len=cfg.max_seq_len,
-                                            batch_size=cfg.eval_batch_size, task=cfg.task)
-    skip = loss_only_tasks(cfg, examples)
-    generated = [ex for ex in examples if held_out_task(ex, cfg) not in skip]
-    res: dict[str, Any] = (evaluate_examples(model, tokenizer, generated, cfg.task, max_new_tokens=cfg.max_new_tokens,
-                                             batch_size=cfg.eval_batch_size) if generated
-                           else {"accuracy": None, "n": 0, "per_task": {}, "predictions": []})
-    res["eval_loss"] = loss
-    res["eval_loss_per_task"] = per_task_loss
-    res["label"] = desc
-    return res
+    res = evaluate(model, tokenizer, examples, task=cfg.task, loss_only=cfg.eval_loss_only_tasks,
+                   max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size, max_seq_len=cfg.max_seq_len)
+    return {**res, "label": desc} if res else {}
 
 
 def validate_for_model(cfg: TrainConfig, model) -> None:
@@ -145,53 +138,72 @@ def run_train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
 
 def _run_train(cfg: TrainConfig, progress: bool, dist: Distributed) -> dict[str, Any]:
     main = dist.is_main
-    # 1. Output directory first: an unwritable path fails before minutes of loading.
-    out = prepare_output_dir(cfg.output_dir, resuming=bool(cfg.resume)) if main else Path(cfg.output_dir)
+    # 1. Every check that needs no model weights, before anything is written: output_dir, the checkpoint to
+    #    resume from (and that it belongs to this run), the data (format, tasks, one batch), the model source.
+    pf = preflight(cfg, dist.world_size)  # every rank: on a shared filesystem all reach the same verdict
+    checkpoint, loaded = pf.checkpoint, pf.loaded
+    train_ex, held_ex = loaded.train, loaded.held
+    from .evaluate import loss_only_tasks
+
+    loss_only_tasks(cfg.eval_loss_only_tasks, held_ex, cfg.task)  # a misspelt task fails here, not after training
+    if main:
+        for w in pf.warnings:
+            warn(w)
+
+    # 2. Tokenizer and tokenisation, still before the model: answers cut off by max_seq_len fail (all) or are
+    #    left out with a warning (some).
+    tokenizer = load_tokenizer(cfg.model)
+    data_mod.prepare_tokenizer(tokenizer, cfg.chat_template, loaded.first_rows(), cfg.model)
+    features = data_mod.tokenize_dataset(train_ex, tokenizer, loaded.format, cfg.max_seq_len, cfg.train_on_inputs)
+    features, dropped = supervised_features(features, cfg, dist.world_size)
+    if dropped and main:
+        warn(dropped)
+
+    # 3. Only now, once every rank has passed its checks, the output directory is created and a replaced run's
+    #    files removed.
     dist.barrier()
-    checkpoint = find_checkpoint(out, cfg.resume)
+    out = prepare_output_dir(cfg.output_dir, resuming=checkpoint is not None) if main else Path(cfg.output_dir)
+    dist.barrier()
     torch.manual_seed(cfg.seed)
 
-    # 2. Data before the model, so a bad file fails fast: generated problems from disjoint seeds, or a file
-    #    with a held-out split.
-    train_ex, held_ex = data_mod.load_train_eval(cfg.data, cfg.eval_data, cfg.train_samples, cfg.eval_samples,
-                                                 cfg.seed)
-    loss_only_tasks(cfg, held_ex)  # a misspelt task fails here, not after training
-
-    # 3. Model, tokenizer, and the checks that need the model.
-    model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.dtype)
+    # 4. Model, and the checks that need it.
+    model = load_model(cfg.model, cfg.dtype)
     validate_for_model(cfg, model)
     device = dist.device()
     model.to(device)
     if cfg.gradient_checkpointing:
         enable_checkpointing(model)
 
-    features = [data_mod.tokenize_example(tokenizer, ex, cfg.max_seq_len, cfg.train_on_inputs) for ex in train_ex]
     # batch_size is per process: each step takes batch_size x world_size examples, each rank its share
     stream = data_mod.BatchStream(features, cfg.batch_size * dist.world_size, tokenizer.pad_token_id,
                                   seed=cfg.seed, rank=dist.rank, world_size=dist.world_size)
 
-    # 4. Evaluation of the model as loaded (a resumed run reuses the figure its checkpoint recorded).
+    # 5. Evaluation of the model as loaded (a resumed run reuses the figure its checkpoint recorded).
     if checkpoint is None:
         before = (evaluate_model(model, tokenizer, held_ex, cfg, "before")
                   if (held_ex and main and cfg.eval_before) else {})
         dist.barrier()
 
-    # 5. The method: optimizer over every candidate parameter, sampler, scheduler.
+    # 6. The method: optimizer over every candidate parameter, sampler, scheduler.
     prepared: Prepared = prepare(model, cfg)
     model = prepared.model  # lora/dora wrap the model in a peft model: train, save and evaluate that
     total_updates = cfg.max_steps - (prepared.sampler.probe_steps if prepared.sampler else 0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         prepared.optimizer, lambda k: lr_factor(k, cfg.warmup_steps, total_updates, cfg.lr_schedule))
     runner = StepRunner(prepared, scheduler, grad_accum=cfg.grad_accum, max_grad_norm=cfg.max_grad_norm,
-                        max_bad_steps=cfg.max_bad_steps, dist=dist)
+                        max_bad_steps=sys.maxsize, dist=dist)
+    # the runner would raise before the step is logged; the watch stops the run after it (same max_bad_steps)
+    watch = DivergenceWatch(cfg.max_bad_steps, vocab_size(model), cfg.lr)
     if main:
         save_config(cfg, out / "config.yaml")
 
-    # 6. Resume: weights, optimizer (by name), scheduler, sampler, RNG, data position and running totals.
+    # 7. Resume: weights, optimizer (by name), scheduler, sampler, RNG, data position and running totals.
     start_step, totals = 0, {"tokens": 0, "train_time": 0.0, "bookkeeping_time": 0.0, "losses": []}
     if checkpoint is not None:
         trainer_state, extra = load_checkpoint(checkpoint, model, prepared.optimizer, scheduler)
         runner.load_state_dict(extra["runner"])
+        if "watch" in extra:
+            watch.load_state_dict(extra["watch"])
         set_rng_state(extra["rng"])
         stream.load_state_dict(trainer_state["data"])
         start_step, totals, before = trainer_state["step"], trainer_state["totals"], trainer_state["before"]
@@ -200,7 +212,7 @@ def _run_train(cfg: TrainConfig, progress: bool, dist: Distributed) -> dict[str,
                 truncate_jsonl(out / log, start_step)
             tqdm.write(f"resumed from {checkpoint} at step {start_step}")
 
-    # 7. Train.
+    # 8. Train (a diverged run stops after its last step is logged).
     n_trainable = sum(p.numel() for p in model.parameters())
     n_step_trainable = _trainable_count(prepared)  # now: saving below sets requires_grad on everything
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -211,6 +223,7 @@ def _run_train(cfg: TrainConfig, progress: bool, dist: Distributed) -> dict[str,
     trace_all = os.environ.get("GRASS_FT_TRACE_ALL_RANKS") == "1"
     layers_path = out / "layers.jsonl" if main else (out / f"layers.rank{dist.rank}.jsonl" if trace_all else None)
     layers_f = open(layers_path or os.devnull, mode, buffering=1)
+    sinks = MetricSinks(cfg.report_to, out, cfg.to_dict(), enabled=main, resume_step=start_step)  # report_to
     t_start = time.perf_counter()
     total_tokens, train_time = totals["tokens"], totals["train_time"]
     bookkeeping_time, losses = totals["bookkeeping_time"], totals["losses"]
@@ -237,22 +250,28 @@ def _run_train(cfg: TrainConfig, progress: bool, dist: Distributed) -> dict[str,
             losses.append(res.loss)
             state = optimizer_state_bytes(prepared.optimizer)
             tps = tokens / res.seconds if res.seconds > 0 else 0.0
+            record = None
             if step % cfg.logging_steps == 0 or step == cfg.max_steps - 1:
-                metrics_f.write(json.dumps({
+                record = {
                     "step": step, "loss": res.loss, "lr": scheduler.get_last_lr()[0], "grad_norm": res.grad_norm,
                     "tokens_per_s": tps, "s_per_step": res.seconds, "probe": res.probe, "skipped": res.skipped,
                     "active": res.active, "bookkeeping_s": res.bookkeeping_s,
                     "optimizer_state_device_bytes": state["device"], "optimizer_state_host_bytes": state["host"],
                     "peak_memory_bytes": peak_memory_bytes(device), "allreduce_bytes": dist.allreduce_bytes,
-                    "allreduce_fraction_of_fft": dist.allreduce_bytes / param_bytes}) + "\n")
+                    "allreduce_fraction_of_fft": dist.allreduce_bytes / param_bytes}
+                metrics_f.write(json.dumps(record) + "\n")
+            sinks.log_step(record, res.events, step)
+            watch.observe(step, res.loss, res.grad_norm, res.probe, res.skipped)
             if main and cfg.save_steps and (step + 1) % cfg.save_steps == 0 and step + 1 < cfg.max_steps:
                 totals = {"tokens": total_tokens, "train_time": train_time, "bookkeeping_time": bookkeeping_time,
                           "losses": losses}
-                save_checkpoint(out, step + 1, model, prepared.optimizer, scheduler,
-                                {"runner": runner.state_dict(), "rng": rng_state()},
-                                {"data": stream.state_dict(), "totals": totals,
-                                 "before": {k: v for k, v in before.items() if k != "predictions"}},
-                                cfg.save_total_limit)
+                with _writing(out / f"checkpoint-{step + 1}"):
+                    save_checkpoint(out, step + 1, model, prepared.optimizer, scheduler,
+                                    {"runner": runner.state_dict(), "rng": rng_state(), "watch": watch.state_dict()},
+                                    {"data": stream.state_dict(), "totals": totals,
+                                     "before": {k: v for k, v in before.items() if k != "predictions"},
+                                     "run": run_keys(cfg.to_dict(), dist.world_size)},
+                                    cfg.save_total_limit, tokenizer=tokenizer)
             if cfg.save_steps and (step + 1) % cfg.save_steps == 0:
                 dist.barrier()  # no rank runs ahead of a checkpoint it may be killed and resumed from
             bar.set_postfix_str(f"loss {res.loss:.3f} | {'probe' if res.probe else 'blocks ' + _fmt_blocks(res.active)}"
@@ -261,16 +280,19 @@ def _run_train(cfg: TrainConfig, progress: bool, dist: Distributed) -> dict[str,
         bar.close()
         metrics_f.close()
         layers_f.close()
+        sinks.close()
     wall_train = time.perf_counter() - t_start
     train_peak = peak_memory_bytes(device)  # before saving and the "after" evaluation (generation)
+    watch.check_end()
 
-    # 8. Save, then evaluate the trained model.
+    # 9. Save, then evaluate the trained model.
     for p in model.parameters():
         p.requires_grad_(True)
     if not main:
         dist.barrier()  # rank 0 saves and evaluates
         return {"rank": dist.rank, "world_size": dist.world_size}
-    final = save_final(model, tokenizer, out)
+    with _writing(out / "final"):
+        final = save_final(model, tokenizer, out)
     after = evaluate_model(model, tokenizer, held_ex, cfg, "after") if held_ex else {}
     if after:
         from .evaluate import write_eval
@@ -283,7 +305,8 @@ def _run_train(cfg: TrainConfig, progress: bool, dist: Distributed) -> dict[str,
         merged = save_merged(model, tokenizer, final)  # in place, so after the last use of the adapter model
 
     state = optimizer_state_bytes(prepared.optimizer)
-    tail = losses[-max(1, min(10, len(losses))):]
+    finite = [x for x in losses if math.isfinite(x)]  # a skipped non-finite step has no loss to average
+    tail = finite[-10:]
     summary = {
         "method": cfg.method, "model": cfg.model, "model_note": PACKAGED_NOTE.get(cfg.model, ""),
         "data": cfg.data, "task": cfg.task, "steps": cfg.max_steps, "seed": cfg.seed, "world_size": dist.world_size,
@@ -294,7 +317,7 @@ def _run_train(cfg: TrainConfig, progress: bool, dist: Distributed) -> dict[str,
         "eval_loss_per_task": after.get("eval_loss_per_task"),
         "accuracy_per_task_before": {t: d["accuracy"] for t, d in before.get("per_task", {}).items()} or None,
         "accuracy_per_task": {t: d["accuracy"] for t, d in after.get("per_task", {}).items()} or None,
-        "final_train_loss": sum(tail) / len(tail),
+        "final_train_loss": sum(tail) / len(tail) if tail else None,
         "peak_memory_bytes": train_peak, "probe_peak_memory_bytes": probe_peak,
         "optimizer_state_bytes": state["device"] + state["host"],
         "optimizer_state_device_bytes": state["device"], "optimizer_state_host_bytes": state["host"],
@@ -309,6 +332,16 @@ def _run_train(cfg: TrainConfig, progress: bool, dist: Distributed) -> dict[str,
     write_json_atomic(out / "summary.json", summary)
     dist.barrier()
     return summary
+
+
+@contextmanager
+def _writing(path: Path):
+    """A failed write (disk full, quota, permissions) becomes one line naming the path; nothing half-written
+    stays under that name (the atomic helpers see to that)."""
+    try:
+        yield
+    except OSError as e:
+        raise RunError(f"cannot write {path}: {e.strerror or e}; earlier checkpoints are intact") from None
 
 
 def _trainable_count(prepared: Prepared) -> int:
@@ -348,7 +381,7 @@ def print_summary(summary: dict[str, Any], file=None) -> None:
         f"  accuracy    {f(summary['accuracy_before'], '.1%')} -> {f(summary['accuracy'], '.1%')}"
         f"   (task {summary['task']})",
         *per_task_lines(summary, f),
-        f"  train loss  {summary['final_train_loss']:.4f} (mean of last steps)",
+        f"  train loss  {f(summary['final_train_loss'], '.4f')} (mean of last steps)",
         f"  speed       {summary['s_per_step']:.2f} s/step, {summary['tokens_per_s']:.0f} tokens/s",
         f"  memory      peak {summary['peak_memory_bytes'] / 2**30:.2f} GiB; optimizer state "
         f"{summary['optimizer_state_device_bytes'] / 2**20:.1f} MiB on device, "

@@ -1,0 +1,174 @@
+"""Every check a run can make before it loads model weights or writes anything, so that a bad input fails in
+seconds with one line and a previous run in ``output_dir`` is left as it was.
+
+``grass-ft train`` and ``grass-ft validate`` run the same checks (:func:`preflight`): the output directory, the
+checkpoint to resume from, the data (read, format, task names, gold answers, size against one batch) and the
+model source (directory layout and config, or a hub id). The checks that need the tokenizer (answers cut off
+by ``max_seq_len``) follow in :func:`supervised_features`, still before the model loads. docs/RELIABILITY.md
+lists what each failure looks like.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import data as data_mod
+from .checkpoint import CHECKPOINT_RE, check_same_run, checkpoint_run, find_checkpoint, run_keys
+from .config import ConfigError, TrainConfig
+from .errors import UserError
+from .models import check_model_source
+
+# What a run writes into output_dir; a directory holding any of these (or a checkpoint) holds a run.
+RUN_FILES = ("config.yaml", "metrics.jsonl", "layers.jsonl", "summary.json", "final", "eval.json",
+             "predictions.jsonl")
+FINISHED = ("summary.json", "final")
+
+
+class RunError(UserError, RuntimeError):
+    """A run that cannot start or continue; the message says why and what to change."""
+
+
+@dataclass
+class Preflight:
+    """What the checks found and the run reuses: the checkpoint to resume from and the examples."""
+
+    checkpoint: Path | None = None
+    loaded: data_mod.LoadedData | None = None  # training rows, held-out examples and the data format
+    warnings: list[str] = field(default_factory=list)
+
+
+def previous_run(out: Path) -> list[str]:
+    """Names in ``out`` that a previous run wrote (what this run would replace), in a stable order."""
+    if not out.is_dir():
+        return []
+    names = [n for n in RUN_FILES if (out / n).exists()]
+    return names + sorted((p.name for p in out.iterdir() if CHECKPOINT_RE.match(p.name)),
+                          key=lambda n: int(n.split("-")[1]))
+
+
+def check_output_dir(cfg: TrainConfig) -> None:
+    """``output_dir`` can be written and holds no run this one would destroy without being told to.
+
+    A directory holding a run is refused unless ``overwrite_output_dir=true`` (as the Hugging Face example
+    scripts do) or ``resume`` continues it; a finished run (``summary.json`` or ``final/``) is never resumed
+    over without ``overwrite_output_dir=true``.
+    """
+    out = Path(cfg.output_dir)
+    existing = next(p for p in [out, *out.absolute().parents] if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        why = "Not a directory" if not existing.is_dir() else "Permission denied"
+        raise RunError(f"`output_dir` {str(out)!r} is not writable: {why} ({existing})")
+    held = previous_run(out)
+    if not held or cfg.overwrite_output_dir:
+        return
+    shown = ", ".join(n + "/" if (out / n).is_dir() else n for n in held[:6]) + (", ..." if len(held) > 6 else "")
+    finished = [n for n in FINISHED if n in held]
+    if cfg.resume and finished:
+        raise RunError(f"`output_dir` {str(out)!r} holds a finished run ({', '.join(finished)}); there is nothing "
+                       f"to resume. Pass overwrite_output_dir=true to train it again, or choose another output_dir")
+    if not cfg.resume:
+        raise RunError(f"`output_dir` {str(out)!r} already holds a run ({shown}); pass overwrite_output_dir=true "
+                       f"to replace it, resume=auto to continue it, or choose another output_dir")
+
+
+def resolve_resume(cfg: TrainConfig, world_size: int, warnings: list[str]) -> Path | None:
+    """The checkpoint this run resumes from (None: start fresh), after checking it belongs to this run."""
+    checkpoint = find_checkpoint(Path(cfg.output_dir), cfg.resume, warnings)
+    if checkpoint is not None:
+        check_same_run(checkpoint, checkpoint_run(checkpoint), run_keys(cfg.to_dict(), world_size))
+    return checkpoint
+
+
+def check_held_out(cfg: TrainConfig, held: list[dict[str, Any]], loss_only: set[str]) -> None:
+    """Every held-out example that will be generated has a task with an answer rule and a gold it can read
+    (else evaluation would fail after training, losing the run's summary)."""
+    from .tasks import canonical_task, parse_gold
+
+    source = cfg.eval_data or cfg.data
+    for i, ex in enumerate(held):
+        task = str(ex.get("task") or cfg.task)
+        if task in loss_only:
+            continue
+        try:
+            parse_gold(canonical_task(task), ex.get("answer", ""))
+        except ValueError as e:
+            raise data_mod.DataError(f"{source}: held-out example {i}: {e}") from None
+
+
+def check_batch(n: int, cfg: TrainConfig, world_size: int, what: str = "training examples") -> None:
+    """At least one full batch: each step takes ``batch_size`` x processes examples."""
+    need = cfg.batch_size * world_size
+    if n < need:
+        procs = f" x {world_size} processes" if world_size > 1 else ""
+        raise data_mod.DataError(f"{cfg.data}: {n} {what}, fewer than one batch (batch_size={cfg.batch_size}{procs} "
+                                 f"= {need}); lower batch_size or add examples")
+
+
+def _load_data(cfg: TrainConfig, world_size: int, generate: bool) -> data_mod.LoadedData | None:
+    if not generate and data_mod.source_kind(cfg.data) == "generator":
+        return None  # validate: a known generator name is all there is to check
+    loaded = data_mod.load_data(cfg)
+    check_batch(len(loaded.train), cfg, world_size)
+    check_held_out(cfg, loaded.held, {t.strip() for t in cfg.eval_loss_only_tasks.split(",") if t.strip()})
+    return loaded
+
+
+def preflight(cfg: TrainConfig, world_size: int = 1, check_dir: bool = True, generate: bool = True) -> Preflight:
+    """Run every check that needs no model weights and writes nothing; report every failure at once.
+
+    Args:
+        cfg: the validated configuration.
+        world_size: processes of this run (a batch takes ``batch_size`` x ``world_size`` examples).
+        check_dir: check ``output_dir`` (rank 0 of a multi-process run; the others only read).
+        generate: generate examples when ``data`` is a generator (``validate`` checks only the name).
+
+    Raises:
+        UserError: the one failure, or a :class:`ConfigError` listing several.
+    """
+    pf = Preflight()
+    errors: list[UserError] = []
+
+    def attempt(check, *args):
+        try:
+            return check(*args)
+        except UserError as e:
+            errors.append(e)
+            return None
+
+    if check_dir:
+        attempt(check_output_dir, cfg)
+    pf.checkpoint = attempt(resolve_resume, cfg, world_size, pf.warnings)
+    pf.loaded = attempt(_load_data, cfg, world_size, generate)
+    attempt(check_model_source, cfg.model)
+    if len(errors) == 1:
+        raise errors[0]
+    if errors:
+        raise ConfigError([str(e) for e in errors])
+    return pf
+
+
+def supervised_features(features: list[dict[str, list[int]]], cfg: TrainConfig,
+                        world_size: int) -> tuple[list[dict[str, list[int]]], str | None]:
+    """Drop tokenised examples whose answer ``max_seq_len`` cut off entirely (no label left to learn from:
+    such a batch has a 0/0 loss); returns the rest and a warning naming how many were dropped.
+
+    Raises:
+        DataError: no example keeps an answer token, or fewer than one batch do.
+    """
+    # the model predicts token t+1 from position t, so a label at position 0 is never scored
+    keep = [i for i, labels in enumerate(features["labels"] if hasattr(features, "select")
+                                         else [f["labels"] for f in features])
+            if any(lab != data_mod.IGNORE_INDEX for lab in labels[1:])]
+    kept = features.select(keep) if hasattr(features, "select") else [features[i] for i in keep]
+    dropped = len(features) - len(kept)
+    if not kept:
+        raise data_mod.DataError(f"{cfg.data}: all {len(features)} training examples lose their whole answer to "
+                                 f"truncation at max_seq_len={cfg.max_seq_len} (the prompt fills it), so every "
+                                 f"label is masked and there is nothing to learn; raise max_seq_len")
+    check_batch(len(kept), cfg, world_size, "training examples keep answer tokens after truncation")
+    warning = (f"{dropped} of {len(features)} training examples lose their whole answer to truncation at "
+               f"max_seq_len={cfg.max_seq_len} and are left out" if dropped else None)
+    return kept, warning
