@@ -51,17 +51,17 @@ SMOKE_MODEL = dict(label="tiny Llama (smoke)", hidden_size=64, intermediate_size
                    num_attention_heads=4, num_key_value_heads=2, vocab_size=128, max_position_embeddings=64,
                    rms_norm_eps=1e-5, tie_word_embeddings=False)
 
-# Arm name -> TrainConfig fields (memory_estimate.ARMS has the same arms). "lisa" is LISA as LMFlow/axolotl ship it (uniform draws, embeddings and head
-# always trained, torch AdamW whose state is created on first use and never freed); "grass" is the method's
-# default (offload on); "grass-no-offload" is the same sampler and LayerwiseOffloadAdamW with offload=False (its
+# Arm name -> TrainConfig fields (as memory_estimate.ARMS). "lisa" is LISA as LMFlow/axolotl ship it (uniform
+# draws, embeddings and head always trained, torch AdamW whose state is created on first use and never freed);
+# "grass" is the method's default (offload on); "grass-no-offload" is the same sampler and LayerwiseOffloadAdamW with offload=False (its
 # fp32 moments stay on the device); "grass-static" is GRASS* (probe-only importance); "lora"/"dora" use the
 # paper's table rank r=128 on every linear layer but the head.
 METHODS: dict[str, dict] = {
     # stock pure-bf16 torch AdamW, as the paper's FFT and LISA as shipped (master_weights defaults to true)
-    "fft": dict(method="fft", master_weights=False),
-    "lora": dict(method="lora", lora_r=128),
-    "dora": dict(method="dora", lora_r=128),
-    "lisa": dict(method="lisa", master_weights=False),
+    "fft": dict(method="fft", master_weights=False, supervised_only_loss=False),
+    "lora": dict(method="lora", lora_r=128, supervised_only_loss=False),
+    "dora": dict(method="dora", lora_r=128, supervised_only_loss=False),
+    "lisa": dict(method="lisa", master_weights=False, supervised_only_loss=False),
     "grass-no-offload": dict(method="grass", offload=False),
     "grass": dict(method="grass", offload=True),
     "grass-static": dict(method="grass-static", offload=True),
@@ -129,6 +129,7 @@ def run_arm(spec: dict) -> dict:
 
     from grass_ft import methods as methods_mod
     from grass_ft.config import TrainConfig, validate
+    from grass_ft.loss import loss_forward
     from grass_ft.models import enable_checkpointing
     from grass_ft.step import StepRunner, optimizer_state_bytes
 
@@ -201,7 +202,9 @@ def run_arm(spec: dict) -> dict:
             t0 = time.perf_counter()
             if step == 1 and _fake_oom(spec["arm"], spec["checkpointing"]):
                 raise torch.OutOfMemoryError("CUDA out of memory (simulated by GPU_MEMORY_FAKE_OOM)")
-            res = runner.train_step(step, [batches[step]])
+            # the native loop's loss: supervised-only for GRASS (the default), transformers' full-logits loss for
+            # the baselines as shipped (supervised_only_loss=False above), as in memory_estimate.py
+            res = runner.train_step(step, [batches[step]], forward=loss_forward(cfg.supervised_only_loss))
             sync()
             step_s.append(time.perf_counter() - t0)
             step_peaks.append(peak_and_reset())

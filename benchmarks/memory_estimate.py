@@ -433,7 +433,8 @@ def _make_tracker():
         def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
             # MemTracker hooks every parameter's gradient and fails on frozen ones ("cannot register a hook on a
             # tensor that doesn't require gradient"): hook only those that train this step
-            frozen = [p for p in module.parameters() if not p.requires_grad and p not in self._param_to_grad_hook_handles]
+            frozen = [p for p in module.parameters()
+                      if not p.requires_grad and p not in self._param_to_grad_hook_handles]
             for p in frozen:  # a non-None entry means "hooked" to MemTracker
                 self._param_to_grad_hook_handles[p] = (_NoHandle, _NoHandle)
             try:
@@ -493,7 +494,8 @@ def replay(log, host_ids: set[int], opt_ids: set[int]) -> dict[str, Any]:
         if total > peak:
             peak, at_peak, phase_at_peak = total, dict(live), phase
         peak_all = max(peak_all, total + host_live)
-    return {"peak": peak, "peak_all": peak_all, "at_peak": at_peak, "phase": phase_at_peak, "end": total, "end_by_category": dict(live),
+    return {"peak": peak, "peak_all": peak_all, "at_peak": at_peak, "phase": phase_at_peak, "end": total,
+            "end_by_category": dict(live),
             "host_end": host_live, "host_peak": host_peak}
 
 
@@ -692,14 +694,14 @@ def validate_real(checks=REAL_CHECKS, checkpointing: bool = True) -> list[dict[s
 
 def _real_rows(model_name, dtype, batch_size, seq_len, arm, fake, real) -> list[dict[str, Any]]:
     rows = []
-    if True:
-        for i, (f, r) in enumerate(zip(fake.get("steps", []), real.get("steps", []))):
-            rows.append({"model": model_name, "dtype": dtype, "batch": f"{batch_size} x {seq_len}", "arm": arm, "step": i, "probe": f["probe"], "fake_peak": f["peak"], "real_peak": r["peak"],
-                         "fake_all": f["peak_all"], "real_all": r["peak_all"],
-                         "profiler_all": r.get("profiler_peak_all"), "fake_phase": f["phase"],
-                         "real_phase": r["phase"], "status": f"{fake['status']}/{real['status']}"})
-        if fake["status"] != "ok" or real["status"] != "ok":
-            rows.append({"model": model_name, "arm": arm, "error": fake.get("error") or real.get("error")})
+    for i, (f, r) in enumerate(zip(fake.get("steps", []), real.get("steps", []))):
+        rows.append({"model": model_name, "dtype": dtype, "batch": f"{batch_size} x {seq_len}", "arm": arm,
+                     "step": i, "probe": f["probe"], "fake_peak": f["peak"], "real_peak": r["peak"],
+                     "fake_all": f["peak_all"], "real_all": r["peak_all"],
+                     "profiler_all": r.get("profiler_peak_all"), "fake_phase": f["phase"],
+                     "real_phase": r["phase"], "status": f"{fake['status']}/{real['status']}"})
+    if fake["status"] != "ok" or real["status"] != "ok":
+        rows.append({"model": model_name, "arm": arm, "error": fake.get("error") or real.get("error")})
     return rows
 
 
@@ -763,7 +765,8 @@ def targets(records: list[dict], model: str = "llama2-7b") -> list[dict[str, Any
         at = grass["train_at_peak"]
         top = max((k for k in at if k != "parameters"), key=lambda k: at[k])
         label = f"ckpt {'on' if s[0] else 'off'}, {s[1]}, batch {s[2]} x {s[3]}"
-        row = {"setting": label, "grass": g, "probe": grass.get("probe_peak"), "floor": floor, "phase": grass["train_peak_phase"], "top": top,
+        row = {"setting": label, "grass": g, "probe": grass.get("probe_peak"), "floor": floor,
+               "phase": grass["train_peak_phase"], "top": top,
                "top_bytes": at[top], "host": grass.get("host_bytes", 0)}
         if fft:
             row["vs_fft"] = g / fft["train_peak"]
@@ -859,7 +862,8 @@ def render(records: list[dict], real_rows: list[dict], meta: dict[str, Any]) -> 
         lines += ["", "### Targets (LLaMA-2-7B config, bf16, batch 4 x 1024)", "",
                   "| setting | GRASS training peak GiB | / FFT (≤ 0.35) | / LISA as shipped (≤ 0.80) | "
                   "/ LISA long run | analytic floor GiB | / floor (≤ 1.10) | peak in | largest category besides "
-                  "weights | GRASS probe peak GiB | host-resident GiB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "weights | GRASS probe peak GiB | host-resident GiB |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
 
         def mark(v, limit):
             return "–" if v is None else f"{v:.3f} {'met' if v <= limit else '**not met**'}"
