@@ -79,3 +79,36 @@ def test_family_blocks_heads_and_grass_steps(name):
         else:
             assert len(res.active) == 1
             assert moved and moved <= set(layout.blocks[res.active[0]])  # only the drawn block
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_family_supervised_only_loss(name):
+    """The native loop's default loss path on each family: a family whose head was checked (``loss.HEADS``) gets
+    the chunked supervised-only loss, equal to ``model(**batch).loss`` in value and every gradient; any other
+    falls back to the full forward with a warning naming the model type (never silently)."""
+    import warnings
+
+    from grass_ft.loss import HEADS, supervised_loss
+
+    model = build(name).eval()  # no dropout (GPT-2, OPT): the two forwards must see the same function
+    ids = torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(1))
+    labels = ids.clone()
+    labels[:, :5] = -100  # a masked prompt
+    labels[1, 9:] = -100  # and padding-like tail
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    ref = model(**batch).loss
+    ref_grads = torch.autograd.grad(ref, list(model.parameters()), allow_unused=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loss = supervised_loss(model, batch)
+    fell_back = [w for w in caught if "falls back to the full forward" in str(w.message)]
+    assert bool(fell_back) == (model.config.model_type not in HEADS), [str(w.message) for w in caught]
+    grads = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
+    # the same per-position fp32 work summed in another order (chunks of supervised positions vs all positions):
+    # differences are rounding of sums of ~12 terms, far below these tolerances
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    for (n, _), g, r in zip(model.named_parameters(), grads, ref_grads):
+        if r is None:
+            assert g is None or not g.any(), n
+        else:
+            torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6, msg=n)

@@ -7,6 +7,11 @@ runner counters; torch RNG states) and ``trainer_state.json`` (step, data positi
 It is written into a hidden temporary directory and renamed into place, so a directory named
 ``checkpoint-N`` is always complete and ``resume=auto`` can never pick a half-written one.
 
+With ``fsdp=true`` the weights and optimizer state are sharded over the ranks and go through
+``torch.distributed.checkpoint`` (DCP) instead: ``.metadata`` and one ``__<rank>_0.distcp`` file per rank replace
+``model.safetensors`` and ``optimizer.pt``; every rank writes its shards into the same temporary directory, rank 0
+the rest, and rank 0 renames it into place (:func:`save_sharded_checkpoint`).
+
 ``trainer_state.json`` also records the run that wrote it (``run``: every configuration key that changes the
 trained weights, see :func:`run_keys`, plus the number of processes) and the size of every file (``files``).
 Resume refuses a checkpoint whose run differs from this one, naming the keys; ``resume=auto`` skips a damaged
@@ -18,6 +23,7 @@ from __future__ import annotations
 import json
 import re
 import zipfile
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +36,12 @@ from .export import write_loadable
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 REQUIRED = ("model.safetensors", "optimizer.pt", "scheduler.pt", "grass_state.pt", "trainer_state.json")
+REQUIRED_DCP = (".metadata", "scheduler.pt", "grass_state.pt", "trainer_state.json")  # fsdp=true (and *.distcp)
+
+
+def required_files(path: Path) -> tuple[str, ...]:
+    """The files a checkpoint must hold: a sharded (DCP) one is known by its ``.metadata``."""
+    return REQUIRED_DCP if (path / ".metadata").is_file() else REQUIRED
 
 
 class CheckpointError(UserError, ValueError):
@@ -139,7 +151,7 @@ def list_checkpoints(out: Path) -> list[Path]:
     found = []
     for p in out.iterdir() if out.is_dir() else []:
         m = CHECKPOINT_RE.match(p.name)
-        if m and p.is_dir() and all((p / f).is_file() for f in REQUIRED):
+        if m and p.is_dir() and all((p / f).is_file() for f in required_files(p)):
             found.append((int(m.group(1)), p))
     return [p for _, p in sorted(found)]
 
@@ -151,7 +163,7 @@ def checkpoint_problem(path: Path) -> str | None:
     """
     if not path.is_dir():
         return "no such directory"
-    missing = [f for f in REQUIRED if not (path / f).is_file()]
+    missing = [f for f in required_files(path) if not (path / f).is_file()]
     if missing:
         return f"missing {', '.join(missing)}"
     try:
@@ -160,8 +172,15 @@ def checkpoint_problem(path: Path) -> str | None:
     except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         return f"trainer_state.json is unreadable ({type(e).__name__})"
     for f, size in (state.get("files") or {}).items():
+        if not (path / f).is_file():
+            return f"missing {f}"
         if (path / f).stat().st_size != size:
             return f"{f} has {(path / f).stat().st_size} bytes, {size} were written"
+    if required_files(path) is REQUIRED_DCP:  # the shards' sizes were checked above; DCP reads them on load
+        for f in ("scheduler.pt", "grass_state.pt"):
+            if not zipfile.is_zipfile(path / f):
+                return f"{f} is not a complete torch.save archive"
+        return None
     try:
         from safetensors import safe_open
 
@@ -252,3 +271,71 @@ def truncate_jsonl(path: Path, before_step: int) -> None:
         return
     keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] < before_step]
     path.write_text("".join(ln + "\n" for ln in keep))
+
+
+# ------------------------------------------------------------------------------- sharded (fsdp=true), DCP
+
+
+def save_sharded_checkpoint(out: Path, step: int, model, optimizer, scheduler, extra_state: dict[str, Any],
+                            trainer_state: dict[str, Any], save_total_limit: int, is_main: bool) -> Path:
+    """Every rank: write ``checkpoint-<step>`` of an FSDP2 model through DCP, atomically (rank 0 renames).
+
+    The optimizer must be :class:`~grass_ft.offload.LayerwiseOffloadAdamW` (``fsdp`` always makes it): its
+    per-rank state is saved as DTensors of the parameters' placement; which names have which state, and the
+    param groups (the same on every rank), go into ``grass_state.pt``.
+    """
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    from .fsdp import optimizer_state_to_dtensors
+
+    final = out / f"checkpoint-{step}"
+    with atomic_dir(final) if is_main else nullcontext() as tmp:
+        box = [str(tmp) if is_main else None]
+        dist.broadcast_object_list(box, src=0)  # the temporary name rank 0 drew, for every rank to write into
+        tmp = Path(box[0])
+        osd = optimizer.state_dict()
+        params = dict(model.named_parameters())
+        dcp.save({"model": get_model_state_dict(model),
+                  "optimizer": optimizer_state_to_dtensors(osd["state"], params)}, checkpoint_id=str(tmp))
+        if is_main:
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            torch.save({**extra_state, "optimizer_layout": {n: sorted(e) for n, e in osd["state"].items()},
+                        "optimizer_groups": osd["param_groups"]}, tmp / "grass_state.pt")
+            files = {f.name: f.stat().st_size for f in tmp.iterdir()}
+            (tmp / "trainer_state.json").write_text(json.dumps({**trainer_state, "step": step, "files": files},
+                                                               indent=1))
+        dist.barrier()  # every rank's shards are written before rank 0 renames the directory into place
+    if is_main and save_total_limit > 0:
+        for old in list_checkpoints(out)[:-save_total_limit]:
+            remove_dir(old)
+    dist.barrier()  # no rank goes on (and may be killed) before the checkpoint exists under its name
+    return final
+
+
+def load_sharded_checkpoint(path: Path, model, optimizer, scheduler) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Every rank: restore an FSDP2 model, its optimizer and scheduler from a DCP checkpoint, in place."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    from .fsdp import optimizer_state_from_dtensors, optimizer_state_template
+
+    if required_files(path) is not REQUIRED_DCP:
+        raise CheckpointError(f"{path} was written without fsdp (model.safetensors); resume it without fsdp")
+    try:
+        extra = torch.load(path / "grass_state.pt", weights_only=True)
+        sched = torch.load(path / "scheduler.pt", weights_only=True)
+        params = dict(model.named_parameters())
+        state = {"model": get_model_state_dict(model),
+                 "optimizer": optimizer_state_template(extra["optimizer_layout"], params)}
+        dcp.load(state, checkpoint_id=str(path))
+    except Exception as e:  # noqa: BLE001 - DCP and torch.load raise many types for a damaged checkpoint
+        raise CheckpointError(f"{path} cannot be read: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                              ) from None
+    set_model_state_dict(model, state["model"])
+    optimizer.load_state_dict({"state": optimizer_state_from_dtensors(state["optimizer"]),
+                               "param_groups": extra["optimizer_groups"]})
+    scheduler.load_state_dict(sched)
+    trainer_state = json.loads((path / "trainer_state.json").read_text())
+    return trainer_state, extra

@@ -105,6 +105,8 @@ class TrainConfig:
     reset_state_on_switch: bool = _f(False, "restart a block's Adam moments when it is re-drawn (BAdam) instead of resuming them")
     offload: bool | None = _f(None, "keep the optimizer state of blocks on the host, on the device only while they "
                                     "update (unset: on for grass/grass-static, off for lisa as shipped and fft)")
+    fsdp: bool = _f(False, "multi-process: shard weights, gradients and optimizer state with FSDP2 (each decoder "
+                           "block its own fully_shard unit); grass, grass-static, lisa, fft (docs/DISTRIBUTED.md)")
     gradient_checkpointing: bool = _f(False, "recompute activations in backward (non-reentrant, works with frozen "
                                              "lower blocks)")
     layers_attribute: str | None = _f(None, "dotted path of the decoder-block list (e.g. model.layers) for models not auto-detected")
@@ -165,6 +167,7 @@ class TrainConfig:
 
 METHODS_WITH_SAMPLING = ("grass", "grass-static", "lisa")
 LR_SCHEDULES = ("constant", "linear", "cosine")
+FSDP_METHODS = ("grass", "grass-static", "lisa", "fft")  # the others wrap the model in peft
 DTYPES = ("float32", "bfloat16")  # float16 needs a loss scaler, which the native loop does not have
 DATA_FORMATS = ("auto", "alpaca", "prompt_completion", "messages", "text")  # grass_ft.formats.FORMATS + auto
 DATA_FILE_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")
@@ -348,6 +351,8 @@ def validate(cfg: TrainConfig, num_blocks: int | None = None, known_methods: typ
     check("lora_dropout", 0 <= cfg.lora_dropout < 1, "must be in [0, 1)")
     check("lora_target_modules", cfg.lora_target_modules is None or bool(lora_targets(cfg.lora_target_modules)),
           "must be comma-separated module names such as q_proj,v_proj, or unset for all-linear")
+    check("fsdp", not cfg.fsdp or cfg.method in FSDP_METHODS,
+          f"works with method {', '.join(FSDP_METHODS)} (not {cfg.method}: peft adapters are not sharded yet)")
     check("save_steps", cfg.save_steps >= 0, "must be >= 0 (0: no checkpoints)")
     check("save_total_limit", cfg.save_total_limit >= 0, "must be >= 0 (0: keep all)")
     check("data", bool(cfg.data), "must name a generator, a file, a directory or a hub data set")

@@ -86,9 +86,11 @@ def make_adamw(named: list[tuple[str, nn.Parameter]], cfg: TrainConfig, layout: 
     ``offload`` or ``layerwise``; ``layerwise`` without ``offload`` keeps its state on the device, so the two
     GRASS arms differ only in where the state lives. bf16/fp16 parameters with ``master_weights`` (the default)
     take ours too, without offload unless asked, so that they train against fp32 masters instead of losing every
-    update below half a bf16 ulp; ``master_weights=false`` keeps torch's pure-bf16 AdamW (LISA/FFT as shipped)."""
+    update below half a bf16 ulp; ``master_weights=false`` keeps torch's pure-bf16 AdamW (LISA/FFT as shipped).
+    With ``fsdp`` it is always ours (each rank's state is that of its shards)."""
     masters = cfg.master_weights and any(p.dtype in (torch.bfloat16, torch.float16) for _, p in named)
-    if not (offload or layerwise or masters):
+    # fsdp: always ours, whose name-keyed per-shard state grass_ft.fsdp saves through DCP (same numerics)
+    if not (offload or layerwise or masters or cfg.fsdp):
         return torch.optim.AdamW([p for _, p in named], lr=cfg.lr, weight_decay=cfg.weight_decay)
     from .offload import LayerwiseOffloadAdamW
 

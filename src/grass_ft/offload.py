@@ -26,10 +26,21 @@ from typing import Any
 import torch
 from torch import Tensor
 
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # torch < 2.5: no public DTensor, hence no FSDP2 parameters (isinstance(x, ()) is False)
+    DTensor = ()
+
 _BLOCK_INDEX = re.compile(r"^\d+$")
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 DEFAULT_CHUNK_SIZE = 1 << 22  # elements: 16 MiB per fp32 buffer, 48 MiB per record with a master
 RING_SLOTS = 3  # chunk i-1 going back, chunk i updating, chunk i+1 arriving
+
+
+def _local(t: Tensor) -> Tensor:
+    """This rank's shard of a DTensor parameter or gradient (FSDP2; a view, so updating it updates the
+    parameter), else the tensor itself: the optimizer keeps and offloads state for the local shard only."""
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def block_key(name: str) -> str:
@@ -205,15 +216,15 @@ class LayerwiseOffloadAdamW(torch.optim.Optimizer):
         for name, p in zip(names, param_group["params"]):
             if p.dtype not in (torch.float32, *LOW_PRECISION):
                 raise ValueError(f"parameter {name!r} has dtype {p.dtype}; allowed: float32, bfloat16, float16")
-            if not p.is_contiguous():
+            if not _local(p).is_contiguous():
                 raise ValueError(f"parameter {name!r} is not contiguous")
         super().add_param_group(param_group)
         key, offset = param_group["name"], 0
         for name, p in zip(names, param_group["params"]):
             master = self._master_weights and p.dtype in LOW_PRECISION
-            chunks = []
-            for start in range(0, p.numel(), self._chunk_size):
-                chunks.append(_Chunk(name, start, min(self._chunk_size, p.numel() - start), offset, master))
+            chunks, numel = [], _local(p).numel()
+            for start in range(0, numel, self._chunk_size):
+                chunks.append(_Chunk(name, start, min(self._chunk_size, numel - start), offset, master))
                 offset += chunks[-1].width
             self._chunks[name], self._group_of[name], self._by_name[name] = chunks, key, p
         self._size[key] = offset
@@ -263,7 +274,7 @@ class LayerwiseOffloadAdamW(torch.optim.Optimizer):
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError(f"LayerwiseOffloadAdamW does not support sparse gradients: {name!r}")
-                if not p.grad.is_contiguous():
+                if not _local(p.grad).is_contiguous():
                     raise RuntimeError(f"the gradient of {name!r} is not contiguous")
                 fresh = name not in self._steps
                 self._steps[name] = self._steps.get(name, 0) + 1
@@ -295,10 +306,10 @@ class LayerwiseOffloadAdamW(torch.optim.Optimizer):
 
     def _update(self, work: _Work, record: Tensor, temps: dict[str, Tensor]) -> None:
         """Updates one chunk whose record ``[exp_avg | exp_avg_sq | master]`` is ``record`` (on the device)."""
-        c, p = work.chunk, work.param
+        c, p = work.chunk, _local(work.param)
         n = c.length
         param = p.view(-1)[c.start:c.start + n]
-        grad = p.grad.view(-1)[c.start:c.start + n]
+        grad = _local(work.param.grad).view(-1)[c.start:c.start + n]
         if work.fresh:  # a fresh torch.optim.AdamW starts its moments at zero
             record[:2 * n].zero_()
         if c.master:
@@ -444,7 +455,7 @@ class LayerwiseOffloadAdamW(torch.optim.Optimizer):
     def _gather(self, name: str, part: int) -> Tensor:
         """Part 0/1/2 (exp_avg, exp_avg_sq, master) of a parameter's chunk records, as one CPU tensor."""
         store = self._store[self._group_of[name]]
-        p = self._by_name[name]
+        p = _local(self._by_name[name])
         out = torch.empty(p.numel(), dtype=torch.float32)
         for c in self._chunks[name]:
             out[c.start:c.start + c.length].copy_(store[c.offset + part * c.length:c.offset + (part + 1) * c.length])
@@ -501,9 +512,9 @@ class LayerwiseOffloadAdamW(torch.optim.Optimizer):
             raise ValueError("optimizer state dict does not match the optimizer's parameters: "
                              f"missing names (in the optimizer, not in the state dict): {missing}; "
                              f"unexpected names (in the state dict, not in the optimizer): {unexpected}")
-        bad = [f"{n}.{k}: expected shape {tuple(self._by_name[n].shape)}, got {tuple(s[k].shape)}"
+        bad = [f"{n}.{k}: expected shape {tuple(_local(self._by_name[n]).shape)}, got {tuple(s[k].shape)}"
                for n, s in loaded_state.items() for k in ("exp_avg", "exp_avg_sq", "master")
-               if k in s and tuple(s[k].shape) != tuple(self._by_name[n].shape)]
+               if k in s and tuple(s[k].shape) != tuple(_local(self._by_name[n]).shape)]
         bad += [f"{n}: has 'step' without 'exp_avg'/'exp_avg_sq'" for n, s in loaded_state.items()
                 if "step" in s and not ("exp_avg" in s and "exp_avg_sq" in s)]
         if bad:

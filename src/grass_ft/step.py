@@ -19,6 +19,7 @@ from torch import nn
 from .errors import DivergenceError
 from .importance import ProbeRecorder, block_rms
 from .distributed import Distributed
+from .fsdp import grad_norm_value, sharded_block_rms
 from .loss import has_supervised_token
 from .methods import Prepared
 
@@ -82,16 +83,19 @@ class StepRunner:
         max_bad_steps: consecutive non-finite steps tolerated before :class:`NonFiniteError`.
         dist: the process group of a multi-process run (gradients of the trainable parameters are averaged
             after the last backward, the probe's per parameter; draws are checked equal); ``None``: one process.
+        sharded: the model is FSDP2-sharded (``fsdp=true``): FSDP2 reduce-scatters the gradients itself, and the
+            per-block norms are summed over the shards (:func:`grass_ft.fsdp.sharded_block_rms`).
     """
 
     def __init__(self, prepared: Prepared, scheduler=None, grad_accum: int = 1, max_grad_norm: float = 0.0,
-                 max_bad_steps: int = 5, dist: Distributed | None = None):
+                 max_bad_steps: int = 5, dist: Distributed | None = None, sharded: bool = False):
         self.p = prepared
         self.scheduler = scheduler
         self.grad_accum = grad_accum
         self.max_grad_norm = max_grad_norm
         self.max_bad_steps = max_bad_steps
         self.dist = dist if dist is not None else Distributed()
+        self.sharded = sharded
         self.params = dict(prepared.model.named_parameters())
         self.bad_in_a_row = 0
         self.skipped_steps = 0
@@ -128,7 +132,7 @@ class StepRunner:
             trainable = set(self.p.trainable_names())
         for name, param in self.params.items():
             param.requires_grad_(name in trainable)
-        if probe:
+        if probe and not self.sharded:  # FSDP2 sets .grad after autograd: no hook would fire, the shards are read
             self._recorder.attach()
         else:
             self._recorder.detach()
@@ -152,7 +156,13 @@ class StepRunner:
 
     def after_micro_backward(self, step: int) -> None:
         """During the probe, turn the squared norms read in the hooks into one observation per micro-batch."""
-        if self.is_probe(step):
+        if self.is_probe(step) and self.sharded:
+            rms, nbytes = sharded_block_rms(self._block_params, range(len(self._block_params)), self.p.layout.numel,
+                                            scale=float(self.grad_accum))
+            self.dist.allreduce_bytes += nbytes
+            self.sampler.observe(rms)
+            self.p.optimizer.zero_grad(set_to_none=True)  # the probe updates nothing; the next micro-batch starts anew
+        elif self.is_probe(step):
             self.sampler.observe(self._recorder.flush(scale=float(self.grad_accum)))
 
     def after_backward(self, step: int) -> float:
@@ -160,12 +170,17 @@ class StepRunner:
 
         Returns the seconds spent on MGN bookkeeping.
         """
-        if self.dist.enabled and not self.is_probe(step):
+        if self.dist.enabled and not self.is_probe(step) and not self.sharded:  # FSDP2 has reduce-scattered them
             self.dist.all_reduce_grads(self.trainable_params())
         if self.sampler is None or self.is_probe(step) or not self.sampler.records_importance:
             return 0.0
         t0 = time.perf_counter()
-        self.sampler.observe(block_rms(self._block_params, self.sampler.active, self.p.layout.numel))
+        if self.sharded:
+            rms, nbytes = sharded_block_rms(self._block_params, self.sampler.active, self.p.layout.numel)
+            self.dist.allreduce_bytes += nbytes
+        else:
+            rms = block_rms(self._block_params, self.sampler.active, self.p.layout.numel)
+        self.sampler.observe(rms)
         return time.perf_counter() - t0
 
     def finish_step(self, step: int, loss_finite: bool = True) -> tuple[float | None, bool]:
@@ -179,7 +194,7 @@ class StepRunner:
             params = [p for p in self.trainable_params() if p.grad is not None]
             if params:
                 max_norm = self.max_grad_norm if self.max_grad_norm > 0 else float("inf")
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+                grad_norm = grad_norm_value(torch.nn.utils.clip_grad_norm_(params, max_norm))
             finite = loss_finite and (grad_norm is None or math.isfinite(grad_norm))
             if finite:
                 self.p.optimizer.step()

@@ -27,14 +27,14 @@ from tqdm.auto import tqdm
 
 from . import data as data_mod
 from .atomic import atomic_dir, remove_dir, remove_stale_temporaries, write_json_atomic
-from .checkpoint import (CHECKPOINT_RE, load_checkpoint, rng_state, run_keys, save_checkpoint, set_rng_state,
-                         truncate_jsonl)
+from .checkpoint import (CHECKPOINT_RE, load_checkpoint, load_sharded_checkpoint, rng_state, run_keys,
+                         save_checkpoint, save_sharded_checkpoint, set_rng_state, truncate_jsonl)
 from .export import write_loadable
 from .logging_sinks import MetricSinks
 from .distributed import Distributed, init_distributed
 from .config import ConfigError, TrainConfig, save_config, validate
 from .divergence import DivergenceWatch, vocab_size
-from .loss import loss_forward
+from .loss import enable_supervised_loss, full_loss, loss_forward
 from .methods import Prepared, method_names, prepare
 from .models import PACKAGED_NOTE, block_layout, enable_checkpointing, load_model, load_tokenizer
 from .preflight import FINISHED, RUN_FILES, RunError, preflight, supervised_features
@@ -138,6 +138,14 @@ def run_train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
 
 def _run_train(cfg: TrainConfig, progress: bool, dist: Distributed) -> dict[str, Any]:
     main = dist.is_main
+    if cfg.fsdp:
+        from .fsdp import fsdp_unavailable
+
+        if not dist.enabled:
+            raise ConfigError(["`fsdp` shards over two or more processes (torchrun --nproc_per_node=N ...); this "
+                               "run has one: drop fsdp=true"])
+        if fsdp_unavailable():
+            raise ConfigError([fsdp_unavailable()])
     # 1. Every check that needs no model weights, before anything is written: output_dir, the checkpoint to
     #    resume from (and that it belongs to this run), the data (format, tasks, one batch), the model source.
     pf = preflight(cfg, dist.world_size)  # every rank: on a shared filesystem all reach the same verdict
@@ -184,14 +192,26 @@ def _run_train(cfg: TrainConfig, progress: bool, dist: Distributed) -> dict[str,
                   if (held_ex and main and cfg.eval_before) else {})
         dist.barrier()
 
-    # 6. The method: optimizer over every candidate parameter, sampler, scheduler.
+    # 6. The method: optimizer over every candidate parameter, sampler, scheduler. With fsdp the model is sharded
+    #    first (each block a unit), so that the optimizer holds, and offloads, this rank's shards only.
+    reduce_scatter = None
+    if cfg.fsdp:
+        from .fsdp import shard_model
+
+        reduce_scatter = shard_model(model, cfg.layers_attribute)
+    forward = loss_forward(cfg.supervised_only_loss)
+    if cfg.fsdp and cfg.supervised_only_loss:
+        # FSDP2 gathers the root's parameters (embeddings, head) in hooks around model(...), which the supervised
+        # loss's direct call of the decoder body would bypass: patch the model's forward to compute it instead
+        enable_supervised_loss(model)
+        forward = full_loss
     prepared: Prepared = prepare(model, cfg)
     model = prepared.model  # lora/dora wrap the model in a peft model: train, save and evaluate that
     total_updates = cfg.max_steps - (prepared.sampler.probe_steps if prepared.sampler else 0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         prepared.optimizer, lambda k: lr_factor(k, cfg.warmup_steps, total_updates, cfg.lr_schedule))
     runner = StepRunner(prepared, scheduler, grad_accum=cfg.grad_accum, max_grad_norm=cfg.max_grad_norm,
-                        max_bad_steps=sys.maxsize, dist=dist)
+                        max_bad_steps=sys.maxsize, dist=dist, sharded=cfg.fsdp)
     # the runner would raise before the step is logged; the watch stops the run after it (same max_bad_steps)
     watch = DivergenceWatch(cfg.max_bad_steps, vocab_size(model), cfg.lr)
     if main:
@@ -200,7 +220,8 @@ def _run_train(cfg: TrainConfig, progress: bool, dist: Distributed) -> dict[str,
     # 7. Resume: weights, optimizer (by name), scheduler, sampler, RNG, data position and running totals.
     start_step, totals = 0, {"tokens": 0, "train_time": 0.0, "bookkeeping_time": 0.0, "losses": []}
     if checkpoint is not None:
-        trainer_state, extra = load_checkpoint(checkpoint, model, prepared.optimizer, scheduler)
+        load = load_sharded_checkpoint if cfg.fsdp else load_checkpoint
+        trainer_state, extra = load(checkpoint, model, prepared.optimizer, scheduler)
         runner.load_state_dict(extra["runner"])
         if "watch" in extra:
             watch.load_state_dict(extra["watch"])
@@ -236,7 +257,9 @@ def _run_train(cfg: TrainConfig, progress: bool, dist: Distributed) -> dict[str,
     try:
         for step in bar:
             batches = [{k: v.to(device) for k, v in stream.next_batch().items()} for _ in range(cfg.grad_accum)]
-            res = runner.train_step(step, batches, forward=loss_forward(cfg.supervised_only_loss))
+            if reduce_scatter is not None:
+                reduce_scatter.bytes = 0
+            res = runner.train_step(step, batches, forward=forward)
             if res.probe and not runner.is_probe(step + 1):  # GRASS's probe is over: its peak apart from training's
                 probe_peak = peak_memory_bytes(device)
                 if device.type == "cuda":
@@ -258,20 +281,25 @@ def _run_train(cfg: TrainConfig, progress: bool, dist: Distributed) -> dict[str,
                     "active": res.active, "bookkeeping_s": res.bookkeeping_s,
                     "optimizer_state_device_bytes": state["device"], "optimizer_state_host_bytes": state["host"],
                     "peak_memory_bytes": peak_memory_bytes(device), "allreduce_bytes": dist.allreduce_bytes,
-                    "allreduce_fraction_of_fft": dist.allreduce_bytes / param_bytes}
+                    "allreduce_fraction_of_fft": dist.allreduce_bytes / param_bytes,
+                    **({"reduce_scatter_bytes": reduce_scatter.bytes} if reduce_scatter is not None else {})}
                 metrics_f.write(json.dumps(record) + "\n")
             sinks.log_step(record, res.events, step)
             watch.observe(step, res.loss, res.grad_norm, res.probe, res.skipped)
-            if main and cfg.save_steps and (step + 1) % cfg.save_steps == 0 and step + 1 < cfg.max_steps:
+            if (main or cfg.fsdp) and cfg.save_steps and (step + 1) % cfg.save_steps == 0 and step + 1 < cfg.max_steps:
                 totals = {"tokens": total_tokens, "train_time": train_time, "bookkeeping_time": bookkeeping_time,
                           "losses": losses}
+                extra = {"runner": runner.state_dict(), "rng": rng_state(), "watch": watch.state_dict()}
+                trainer_state = {"data": stream.state_dict(), "totals": totals,
+                                 "before": {k: v for k, v in before.items() if k != "predictions"},
+                                 "run": run_keys(cfg.to_dict(), dist.world_size)}
                 with _writing(out / f"checkpoint-{step + 1}"):
-                    save_checkpoint(out, step + 1, model, prepared.optimizer, scheduler,
-                                    {"runner": runner.state_dict(), "rng": rng_state(), "watch": watch.state_dict()},
-                                    {"data": stream.state_dict(), "totals": totals,
-                                     "before": {k: v for k, v in before.items() if k != "predictions"},
-                                     "run": run_keys(cfg.to_dict(), dist.world_size)},
-                                    cfg.save_total_limit, tokenizer=tokenizer)
+                    if cfg.fsdp:  # every rank writes its shards (no loadable copy: that would gather the model)
+                        save_sharded_checkpoint(out, step + 1, model, prepared.optimizer, scheduler, extra,
+                                                trainer_state, cfg.save_total_limit, main)
+                    else:
+                        save_checkpoint(out, step + 1, model, prepared.optimizer, scheduler, extra, trainer_state,
+                                        cfg.save_total_limit, tokenizer=tokenizer)
             if cfg.save_steps and (step + 1) % cfg.save_steps == 0:
                 dist.barrier()  # no rank runs ahead of a checkpoint it may be killed and resumed from
             bar.set_postfix_str(f"loss {res.loss:.3f} | {'probe' if res.probe else 'blocks ' + _fmt_blocks(res.active)}"
@@ -285,9 +313,19 @@ def _run_train(cfg: TrainConfig, progress: bool, dist: Distributed) -> dict[str,
     train_peak = peak_memory_bytes(device)  # before saving and the "after" evaluation (generation)
     watch.check_end()
 
-    # 9. Save, then evaluate the trained model.
+    # 9. Save, then evaluate the trained model. A sharded model is gathered, on the CPU of rank 0, into a plain
+    #    copy of the model (every rank takes part in the gather), which is saved and evaluated.
     for p in model.parameters():
         p.requires_grad_(True)
+    if cfg.fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if main:
+            model = load_model(cfg.model, cfg.dtype)
+            model.load_state_dict(full)
+            model.to(device)
+        del full
     if not main:
         dist.barrier()  # rank 0 saves and evaluates
         return {"rank": dist.rank, "world_size": dist.world_size}

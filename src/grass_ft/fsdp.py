@@ -1,0 +1,148 @@
+"""FSDP2 in the native loop (``fsdp=true``): each decoder block its own ``fully_shard`` unit, the rest the root's.
+
+Weights, gradients and optimizer state are sharded along dim 0 over the ranks (``torch.distributed.fsdp``'s
+per-parameter sharding: every parameter is a ``DTensor`` whose local tensor is this rank's rows). Layer sampling
+needs nothing from FSDP2 beyond what it does already: a unit none of whose parameters requires grad produces no
+gradient, so FSDP2 reduce-scatters nothing for it (the frozen blocks' gradients are never communicated); a unit
+that trains this step reduce-scatters its gradients, averaged over the ranks, into each rank's shard. The bytes
+that go into the reduce-scatters are counted by :class:`CountingReduceScatter` (FSDP2's documented
+``set_custom_reduce_scatter`` hook), so every step's ``reduce_scatter_bytes`` in metrics.jsonl is measured, not
+computed. What GRASS reads from the gradients, the per-block squared norm, is a sum over the shards: each rank
+sums its rows and one ``all_reduce`` of a vector of per-block sums gives the full gradient's norms
+(:func:`sharded_block_rms`). The optimizer (:class:`~grass_ft.offload.LayerwiseOffloadAdamW`) updates each
+rank's local shard and offloads only that; checkpoints go through ``torch.distributed.checkpoint``
+(:mod:`grass_ft.checkpoint`), with the optimizer's per-rank state re-wrapped as DTensors of the parameters'
+placement (:func:`optimizer_state_to_dtensors`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .importance import grad_rms
+from .models import find_blocks
+
+try:  # FSDP2 with a pluggable reduce-scatter (set_custom_reduce_scatter): recent torch only
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+    from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultReduceScatter
+    from torch.distributed.tensor import DTensor
+    _MISSING = None
+except ImportError as e:  # the one-process and DDP-style paths must still import this module
+    FSDPModule = DTensor = ()  # isinstance(x, ()) is False
+    DefaultReduceScatter = object
+    _MISSING = str(e)
+
+
+def fsdp_unavailable() -> str | None:
+    """Why ``fsdp=true`` cannot run with this torch (None: it can)."""
+    if _MISSING is None:
+        return None
+    return (f"`fsdp` needs torch's FSDP2 with set_custom_reduce_scatter (torch {torch.__version__} lacks it: "
+            f"{_MISSING}); upgrade torch or drop fsdp=true")
+
+
+class CountingReduceScatter(DefaultReduceScatter):
+    """FSDP2's default reduce-scatter, counting the bytes each rank puts in (one unit's padded gradients).
+
+    ``bytes`` accumulates until the caller resets it (the loop does at the start of every step).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bytes = 0
+
+    def __call__(self, output_tensor, input_tensor, group, op, async_op=False):
+        self.bytes += input_tensor.numel() * input_tensor.element_size()
+        return super().__call__(output_tensor, input_tensor, group, op, async_op)
+
+
+def shard_model(model: nn.Module, layers_attribute: str | None = None, mesh=None) -> CountingReduceScatter:
+    """``fully_shard`` every decoder block, then the root (embeddings, final norm, head); in place.
+
+    Returns the counter every unit's reduce-scatter goes through. Needs an initialised process group; ``mesh``
+    defaults to FSDP2's (all ranks, on this process's device type).
+    """
+    _, blocks = find_blocks(model, layers_attribute)
+    for block in blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    counter = CountingReduceScatter()
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_custom_reduce_scatter(counter)
+    return counter
+
+
+def is_sharded(model: nn.Module) -> bool:
+    return isinstance(model, FSDPModule)
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (a view: writing it writes the parameter); any other tensor itself."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def sharded_block_rms(block_params: Sequence[Sequence[nn.Parameter]], blocks: Iterable[int],
+                      numel: Sequence[int], scale: float = 1.0) -> tuple[dict[int, float], int]:
+    """r_l of each listed block from the sharded (reduce-scattered, rank-averaged) gradients.
+
+    Each rank sums the squares of its own rows; one ``all_reduce`` (sum) of the per-block sums gives the full
+    gradient's squared norm on every rank, bit-identical everywhere (the same reduction), so the draws that
+    follow agree. A block whose parameters do not require grad is left out (the same set on every rank).
+    ``scale`` multiplies the gradient first (``grad_accum`` during the probe). Returns the RMS per block and the
+    bytes all-reduced.
+    """
+    ids = [b for b in blocks if any(p.requires_grad for p in block_params[b])]
+    if not ids:
+        return {}, 0
+    sq = []
+    for b in ids:
+        grads = [local(p.grad) for p in block_params[b] if p.grad is not None]
+        grads = [g for g in grads if g.numel() > 0]  # an uneven split can leave a rank no rows of a parameter
+        if grads:
+            sq.append(torch.stack([n.float() for n in torch._foreach_norm(grads, 2)]).pow(2).sum())
+        else:
+            sq.append(torch.zeros((), dtype=torch.float32, device=block_params[b][0].device))
+    vec = torch.stack(sq).double()
+    dist.all_reduce(vec, op=dist.ReduceOp.SUM)
+    values = vec.tolist()  # the one device->host sync of the bookkeeping
+    return ({b: grad_rms(v * scale * scale, numel[b]) for b, v in zip(ids, values)},
+            vec.numel() * vec.element_size())
+
+
+def grad_norm_value(norm: torch.Tensor) -> float:
+    """``clip_grad_norm_``'s total norm as a float: over DTensor gradients it is a replicated DTensor."""
+    return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+
+
+# ------------------------------------------------------------------------- optimizer state <-> DTensors
+
+
+def optimizer_state_to_dtensors(state: dict, params: dict[str, nn.Parameter]) -> dict:
+    """:meth:`LayerwiseOffloadAdamW.state_dict`'s per-rank shards, each wrapped as a DTensor with its parameter's
+    mesh and placement, so ``torch.distributed.checkpoint`` saves one global tensor per name (and can reshard
+    it); the scalar ``step`` stays a plain tensor (the same on every rank)."""
+    out = {}
+    for name, entry in state.items():
+        p = params[name]
+        out[name] = {k: (DTensor.from_local(v.to(local(p).device), p.device_mesh, p.placements, shape=p.shape,
+                                            stride=p.stride(), run_check=False) if v.dim() > 0 else v)
+                     for k, v in entry.items()}
+    return out
+
+
+def optimizer_state_template(layout: dict[str, list[str]], params: dict[str, nn.Parameter]) -> dict:
+    """Empty DTensors of the right placement for every (name, key) a checkpoint holds, for DCP to load into."""
+    empty = {name: {k: (torch.zeros((), dtype=torch.float32) if k == "step"
+                        else torch.empty(local(params[name]).shape, dtype=torch.float32)) for k in keys}
+             for name, keys in layout.items()}
+    return optimizer_state_to_dtensors(empty, params)
+
+
+def optimizer_state_from_dtensors(state: dict) -> dict:
+    """The inverse of :func:`optimizer_state_to_dtensors`: this rank's shards as CPU tensors."""
+    return {name: {k: local(v).cpu() for k, v in entry.items()} for name, entry in state.items()}

@@ -1,0 +1,155 @@
+"""FSDP2 (fsdp=true) in the native loop on CPU with gloo (torchrun, 2 processes): same result as one unsharded
+process with the same global batch, identical traces, only the active blocks' gradients reduce-scattered, exact
+resume from a DCP checkpoint."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_distributed import (GRAD_NORM_RTOL_FIRST, UPDATE_RTOL, assert_updates_close, equal_length_data, jsonl, keys,
+                              torchrun, weights)
+
+from grass_ft.config import ConfigError, build_config
+from grass_ft.methods import method_names
+from grass_ft.models import block_layout
+from grass_ft.train import run_train
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fsdp")
+    data = equal_length_data(tmp / "eq.jsonl")
+    one = tmp / "one"
+    run_train(build_config(None, keys(tiny_model_dir, data, one, batch_size=4), known_methods=method_names()),
+              progress=False)
+    two = tmp / "two"
+    torchrun(keys(tiny_model_dir, data, two, batch_size=2, fsdp="true", save_steps=4, save_total_limit=0))
+    return tmp, data, one, two
+
+
+# The tolerances are test_distributed's, for the same reason: FSDP2 reduce-scatters the two ranks' mean gradients
+# and divides by 2 (exact), so the arithmetic differs from one process only in the fp32 rounding of the per-rank
+# partial sums (see the derivation there), plus the order of the sum of squares over the shards in the clipping
+# norm and the per-block norm (one extra rounding of a sum of 2 terms, ~u relative). The optimizer is ours here
+# (fsdp always takes LayerwiseOffloadAdamW, offloaded for grass) and torch's AdamW's arithmetic op for op, on each
+# shard. A missing or wrong reduce-scatter (each rank keeping its own half-batch gradient) changes the updates by
+# O(1) of their norm and makes the ranks' weights differ: checked by mutating CountingReduceScatter to copy its
+# shard of the input instead of reducing it (docs/DISTRIBUTED.md).
+def test_fsdp_two_processes_equal_one_with_same_global_batch(runs, tiny_model_dir):
+    _, _, one, two = runs
+    w0 = load_file(str(Path(tiny_model_dir) / "model.safetensors"))
+    assert_updates_close(weights(two), weights(one), w0, UPDATE_RTOL)
+    m1, m2 = jsonl(one / "metrics.jsonl"), jsonl(two / "metrics.jsonl")
+    norms = [(a["step"], a["grad_norm"], b["grad_norm"]) for a, b in zip(m1, m2) if not a["probe"]]
+    assert [s for s, _, _ in norms] == list(range(2, 10))
+    for i, (step, g1, g2) in enumerate(norms):
+        assert g2 == pytest.approx(g1, rel=GRAD_NORM_RTOL_FIRST if i == 0 else UPDATE_RTOL), step
+    summary = json.loads((two / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["offload"] is True
+
+
+def test_fsdp_identical_traces_and_same_draws_as_one_process(runs):
+    _, _, one, two = runs
+    rank0, rank1 = jsonl(two / "layers.jsonl"), jsonl(two / "layers.rank1.jsonl")
+    assert rank0 == rank1  # MGN from the all-reduced per-block sums: the same floats on both ranks
+    draws = [tuple(e["active"]) for e in rank0 if e["event"] == "draw"]
+    assert len(draws) == 4 and len(set(draws)) >= 2
+    assert [tuple(e["active"]) for e in jsonl(one / "layers.jsonl") if e["event"] == "draw"] == draws
+
+
+def padded_bytes(params: list[torch.Tensor], world_size: int = 2) -> int:
+    """What FSDP2 puts into a reduce-scatter for these parameters: dim 0 padded to a multiple of the ranks."""
+    return sum(-(-p.shape[0] // world_size) * world_size * (p.numel() // p.shape[0]) * p.element_size()
+               for p in params)
+
+
+def test_fsdp_reduce_scatter_bytes_are_the_active_blocks(runs, tiny_model_dir):
+    _, _, _, two = runs
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    layout = block_layout(model)
+    params = dict(model.named_parameters())
+    per_block = [padded_bytes([params[n] for n in names]) for names in layout.blocks]
+    for m in jsonl(two / "metrics.jsonl"):
+        # measured in the reduce-scatter FSDP2 calls: every block during the probe, the drawn ones after; the
+        # frozen blocks and the (frozen) embeddings and head send nothing
+        blocks = range(layout.num_blocks) if m["probe"] else m["active"]
+        assert m["reduce_scatter_bytes"] == sum(per_block[b] for b in blocks), m["step"]
+        # plus the per-block squared norms, one float64 per block read (all during the probe, the drawn after)
+        assert m["allreduce_bytes"] == 8 * len(blocks), m["step"]
+
+
+def test_fsdp_resume_from_dcp_checkpoint_is_exact(runs, tiny_model_dir):
+    tmp, data, _, two = runs
+    ckpt = two / "checkpoint-4"
+    assert (ckpt / ".metadata").is_file() and sorted(p.name for p in ckpt.glob("*.distcp")) == [
+        "__0_0.distcp", "__1_0.distcp"]
+    resumed = tmp / "resumed"
+    resumed.mkdir()
+    shutil.copytree(ckpt, resumed / "checkpoint-4")
+    for log in ("metrics.jsonl", "layers.jsonl"):
+        shutil.copy(two / log, resumed / log)
+    torchrun(keys(tiny_model_dir, data, resumed, batch_size=2, fsdp="true", save_steps=4, resume="auto"))
+    w, ref = weights(resumed), weights(two)
+    for k in ref:  # the same ops on the same shards, in the same order: bit-identical
+        torch.testing.assert_close(w[k], ref[k], rtol=0, atol=0, msg=k)
+    assert jsonl(resumed / "layers.jsonl") == jsonl(two / "layers.jsonl")
+    strip = ("s_per_step", "tokens_per_s", "bookkeeping_s", "peak_memory_bytes")
+    assert ([{k: v for k, v in m.items() if k not in strip} for m in jsonl(resumed / "metrics.jsonl")]
+            == [{k: v for k, v in m.items() if k not in strip} for m in jsonl(two / "metrics.jsonl")])
+
+
+def test_fsdp_refuses_peft_methods_and_a_single_process(tiny_model_dir, tiny_data, tmp_path):
+    with pytest.raises(ConfigError, match=r"`fsdp` works with method grass, grass-static, lisa, fft \(not lora"):
+        build_config(None, keys(tiny_model_dir, tiny_data, tmp_path / "a", method="lora", fsdp="true"),
+                     known_methods=method_names())
+    cfg = build_config(None, keys(tiny_model_dir, tiny_data, tmp_path / "b", fsdp="true"), known_methods=method_names())
+    with pytest.raises(ConfigError, match="`fsdp` shards over two or more processes"):
+        run_train(cfg, progress=False)
+
+
+def test_fsdp_fft_shards_the_root_unevenly_and_matches_one_process(tiny_model_dir, tmp_path):
+    # fft trains the root unit too: the embedding and head have 103 rows, split 52/51 over the ranks (FSDP2 pads
+    # the reduce-scatter input to 104), so the optimizer works on uneven shards. With grad_accum=2 and activation
+    # checkpointing (recomputation inside FSDP2's units); the global batch is 4 in both runs. Each micro-batch's
+    # gradient is reduce-scattered and accumulated in the shard, a sum of the same terms as one process's
+    # accumulation (same tolerance as above).
+    data = equal_length_data(tmp_path / "eq.jsonl")
+    base = {"method": "fft", "max_steps": 4, "grad_accum": 2, "gradient_checkpointing": "true"}
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_train(build_config(None, keys(tiny_model_dir, data, one, batch_size=2, **base), known_methods=method_names()),
+              progress=False)
+    torchrun(keys(tiny_model_dir, data, two, batch_size=1, fsdp="true", **base))
+    w0 = load_file(str(Path(tiny_model_dir) / "model.safetensors"))
+    assert_updates_close(weights(two), weights(one), w0, UPDATE_RTOL)
+    from transformers import AutoModelForCausalLM
+
+    everything = padded_bytes(list(AutoModelForCausalLM.from_pretrained(tiny_model_dir).parameters()))
+    # every parameter's gradient, once per micro-batch
+    assert [m["reduce_scatter_bytes"] for m in jsonl(two / "metrics.jsonl")] == [2 * everything] * 4
+
+
+def test_fsdp_damaged_dcp_checkpoint_is_detected(runs, tmp_path):
+    from grass_ft.checkpoint import checkpoint_problem, find_checkpoint
+
+    _, _, _, two = runs
+    ckpt = tmp_path / "checkpoint-4"
+    shutil.copytree(two / "checkpoint-4", ckpt)
+    assert checkpoint_problem(ckpt) is None
+    shard = ckpt / "__1_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:100])  # a killed copy
+    written = (two / "checkpoint-4" / shard.name).stat().st_size
+    assert checkpoint_problem(ckpt) == f"__1_0.distcp has 100 bytes, {written} were written"
+    shard.unlink()
+    assert checkpoint_problem(ckpt) == "missing __1_0.distcp"
+    shutil.copytree(two / "checkpoint-8", tmp_path / "checkpoint-8")
+    (tmp_path / "checkpoint-8" / ".metadata").write_bytes(b"")  # truncated: resume=auto falls back to an older one
+    warnings: list[str] = []
+    with pytest.raises(Exception, match="every checkpoint .* is damaged"):
+        find_checkpoint(tmp_path, "auto", warnings)
