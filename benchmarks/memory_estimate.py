@@ -964,6 +964,7 @@ def main(argv: list[str] | None = None) -> int:
     records_path.parent.mkdir(parents=True, exist_ok=True)
     done = {_key(r) for r in load_records(records_path) if r.get("status") == "ok"}
     failed = 0
+    commit = _meta([], "")["commit"]  # the code each record was computed with
     jobs = PLAN if plan else [(m, a, c == "on", t) for m in models for c in ckpts for t in attns for a in arms]
     if not args.report_only:
         for model, arm, ckpt, attn in jobs:
@@ -976,6 +977,7 @@ def main(argv: list[str] | None = None) -> int:
                                checkpointing=ckpt, attn=attn, gamma=args.gamma,
                                lisa_switches=args.lisa_switches)
             failed += rec["status"] != "ok"
+            rec["commit"] = commit
             with records_path.open("a") as f:
                 f.write(json.dumps(rec) + "\n")
             print(f"[memory_estimate]   {rec['status']} training peak "
