@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.grass-ft-installed
 
-.PHONY: setup demo test test-fast results cpu-speed clean
+.PHONY: setup demo test test-fast results cpu-speed memory-estimate gpu-check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,15 @@ results: setup
 # Step time, offload overhead and optimizer-state growth side by side (docs/cpu_speed.md; about 10 minutes).
 cpu-speed: setup
 	$(BIN)/python benchmarks/cpu_speed.py --steps 6 --rounds 2 --gamma 4 --batch 4 --seq 128 --out docs/cpu_speed.md
+
+# Device memory of every method on the paper's model configs, estimated on the CPU with fake tensors
+# (docs/gpu_memory.md; about an hour on 2 busy cores; resumes where it stopped, FORCE=--force recomputes all).
+memory-estimate: setup
+	$(BIN)/python benchmarks/memory_estimate.py $(FORCE)
+
+# On a machine with one CUDA GPU: pytest -m gpu and the GPU memory benchmark, under 8 minutes (outputs in $$OUT).
+gpu-check: setup
+	PYTHON=$(BIN)/python bash benchmarks/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) runs

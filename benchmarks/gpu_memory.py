@@ -1,12 +1,17 @@
 #!/usr/bin/env python
-"""Peak GPU memory and throughput of FFT / LoRA / LISA / GRASS on TinyLlama-1.1B and LLaMA-2-7B shapes (issue 3).
+"""Peak GPU memory and throughput of FFT / LoRA / DoRA / LISA / GRASS / GRASS* on TinyLlama-1.1B and LLaMA-2-7B
+shapes (issues 3, 12).
 
 Random-init models built from the published shapes (no hub access), bf16 parameters, batch 4 x 1024 tokens as
 in the paper, random token batches. Every (model, method) arm runs in its own subprocess, so CUDA peaks and
 caching-allocator state never mix, through the project's own code path: ``TrainConfig`` ->
-``methods.prepare`` -> ``step.StepRunner.train_step``.
+``methods.prepare`` -> ``step.StepRunner.train_step``. The setting is the one under which the CPU estimate
+(benchmarks/memory_estimate.py, docs/gpu_memory.md) matches the paper's figures: gradient checkpointing on
+(non-reentrant), sdpa attention, and torch AdamW arms with ``fused=True`` (transformers' default on CUDA). The
+peak of the training steps is measured alone (peak stats reset after model building, after GRASS's probe and
+after every step); the probe's peak is reported apart.
 
-    python benchmarks/gpu_memory.py                                   # both models, fft,lisa,grass-no-offload,grass
+    python benchmarks/gpu_memory.py                                   # both models, every arm
     python benchmarks/gpu_memory.py --models tinyllama --methods fft,lora,lisa,grass --steps 10
     python benchmarks/gpu_memory.py --smoke --out /tmp/x.md           # CPU, tiny Llama, peak RSS (CI check)
 
@@ -46,24 +51,27 @@ SMOKE_MODEL = dict(label="tiny Llama (smoke)", hidden_size=64, intermediate_size
                    num_attention_heads=4, num_key_value_heads=2, vocab_size=128, max_position_embeddings=64,
                    rms_norm_eps=1e-5, tie_word_embeddings=False)
 
-# Arm name -> TrainConfig fields. "lisa" is LISA as LMFlow/axolotl ship it (uniform draws, embeddings and head
-# always trained, torch AdamW whose state is created on first use and never freed); "grass" is the method's
-# default (offload on); "grass-no-offload" is the same sampler with the optimizer the registry picks without
-# offload (torch AdamW); "lora" uses the paper's table rank r=128 on every linear layer but the head.
+# Arm name -> TrainConfig fields (as memory_estimate.ARMS). "lisa" is LISA as LMFlow/axolotl ship it (uniform
+# draws, embeddings and head always trained, torch AdamW whose state is created on first use and never freed);
+# "grass" is the method's default (offload on); "grass-no-offload" is the same sampler and LayerwiseOffloadAdamW with offload=False (its
+# fp32 moments stay on the device); "grass-static" is GRASS* (probe-only importance); "lora"/"dora" use the
+# paper's table rank r=128 on every linear layer but the head.
 METHODS: dict[str, dict] = {
     # stock pure-bf16 torch AdamW, as the paper's FFT and LISA as shipped (master_weights defaults to true)
-    "fft": dict(method="fft", master_weights=False),
-    "lora": dict(method="lora", lora_r=128),
-    "lisa": dict(method="lisa", master_weights=False),
+    "fft": dict(method="fft", master_weights=False, supervised_only_loss=False),
+    "lora": dict(method="lora", lora_r=128, supervised_only_loss=False),
+    "dora": dict(method="dora", lora_r=128, supervised_only_loss=False),
+    "lisa": dict(method="lisa", master_weights=False, supervised_only_loss=False),
     "grass-no-offload": dict(method="grass", offload=False),
     "grass": dict(method="grass", offload=True),
+    "grass-static": dict(method="grass-static", offload=True),
 }
-DEFAULT_METHODS = "fft,lisa,grass-no-offload,grass"
+DEFAULT_METHODS = "fft,lora,dora,lisa,grass-no-offload,grass,grass-static"
 
 # Peak GPU memory in GB as the paper reports it (batch 4, sequence 1024); /work/shared/GRASS.md.
 PAPER_GB: dict[str, dict[str, float]] = {
-    "tinyllama": {"fft": 8.76, "lora": 4.71, "lisa": 4.93, "grass": 4.49},
-    "llama2-7b": {"fft": 51.32, "lora": 19.97, "lisa": 22.31, "grass": 19.08},
+    "tinyllama": {"fft": 8.76, "lora": 4.71, "dora": 5.71, "lisa": 4.93, "grass": 4.49},
+    "llama2-7b": {"fft": 51.32, "lora": 19.97, "dora": 23.23, "lisa": 22.31, "grass": 19.08},
 }
 
 
@@ -72,6 +80,7 @@ def _import_project():
         import grass_ft  # noqa: F401
     except ImportError:  # a checkout without `pip install -e .`
         sys.path.insert(0, str(ROOT / "src"))
+    sys.path.insert(0, str(ROOT / "benchmarks"))  # memory_estimate: fused_adamw, optimizer_tensors
 
 
 # ---------------------------------------------------------------------------------------------- one arm
@@ -90,13 +99,12 @@ def _rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
-def _state_dtypes(optimizer) -> list[str]:
-    import torch
+def _state_dtypes(optimizer, model) -> list[str]:
+    """The dtypes of the optimizer's own tensors (moments, stores, master copies) as they are, not as assumed."""
+    from memory_estimate import optimizer_tensors
 
-    if hasattr(optimizer, "memory_report"):  # LayerwiseOffloadAdamW: flat fp32 moments, by construction
-        return ["float32"]
-    return sorted({str(t.dtype).replace("torch.", "") for s in optimizer.state.values() for t in s.values()
-                   if torch.is_tensor(t) and t.dim() > 0})
+    params = {id(p) for p in model.parameters()}
+    return sorted({str(t.dtype).replace("torch.", "") for t in optimizer_tensors(optimizer, params) if t.dim() > 0})
 
 
 def _fake_oom(arm: str, checkpointing: bool) -> bool:
@@ -121,6 +129,7 @@ def run_arm(spec: dict) -> dict:
 
     from grass_ft import methods as methods_mod
     from grass_ft.config import TrainConfig, validate
+    from grass_ft.loss import loss_forward
     from grass_ft.models import enable_checkpointing
     from grass_ft.step import StepRunner, optimizer_state_bytes
 
@@ -155,10 +164,13 @@ def run_arm(spec: dict) -> dict:
         if errors:
             raise ValueError("; ".join(errors))
         prepared = methods_mod.prepare(model, cfg)
+        from memory_estimate import fused_adamw
+
+        rec["fused_adamw"] = fused_adamw(prepared)  # torch AdamW arms: fused=True, transformers' CUDA default
         model = prepared.model
         runner = StepRunner(prepared, max_grad_norm=cfg.max_grad_norm, max_bad_steps=total_steps + 1)
         rec["offload"] = prepared.offload
-        rec["optimizer"] = type(prepared.optimizer).__name__
+        rec["optimizer"] = type(prepared.optimizer).__name__ + (" (fused)" if rec["fused_adamw"] else "")
         rec["params"] = sum(p.numel() for p in model.parameters())
         rec["weights_gib"] = sum(p.numel() * p.element_size() for p in model.parameters()) / GiB
         gen = torch.Generator().manual_seed(spec["seed"])
@@ -182,7 +194,7 @@ def run_arm(spec: dict) -> dict:
         sync()
         rec["alloc_before_steps_gib"] = (torch.cuda.memory_allocated(device) if cuda else _rss_bytes()) / GiB
         peak_and_reset()
-        step_peaks, step_s, tokens, losses, drawn, skipped = [], [], [], [], set(), 0
+        step_peaks, step_s, tokens, losses, drawn, skipped, probe = [], [], [], [], set(), 0, []
         trainable_last = 0
         for step in range(total_steps):
             rec["phase"] = f"step {step}"
@@ -190,10 +202,13 @@ def run_arm(spec: dict) -> dict:
             t0 = time.perf_counter()
             if step == 1 and _fake_oom(spec["arm"], spec["checkpointing"]):
                 raise torch.OutOfMemoryError("CUDA out of memory (simulated by GPU_MEMORY_FAKE_OOM)")
-            res = runner.train_step(step, [batches[step]])
+            # the native loop's loss: supervised-only for GRASS (the default), transformers' full-logits loss for
+            # the baselines as shipped (supervised_only_loss=False above), as in memory_estimate.py
+            res = runner.train_step(step, [batches[step]], forward=loss_forward(cfg.supervised_only_loss))
             sync()
             step_s.append(time.perf_counter() - t0)
             step_peaks.append(peak_and_reset())
+            probe.append(res.probe)
             tokens.append(res.tokens)
             losses.append(res.loss)
             drawn |= set(res.active) if not res.probe else set()
@@ -213,9 +228,13 @@ def run_arm(spec: dict) -> dict:
         rec["wall_s"] = time.perf_counter() - t_start
         return rec
     w = spec["warmup"]
-    rec["peak_gib"] = max(step_peaks) / GiB
-    rec["peak_warmup_gib"] = max(step_peaks[:w]) / GiB if w else None
-    rec["peak_measured_gib"] = max(step_peaks[w:]) / GiB
+    # each step's peak was read and reset after it: the probe's, the warm-up's and the measured steps' apart
+    probe_peaks = [p for p, is_probe in zip(step_peaks, probe) if is_probe]
+    warm = [p for p, is_probe in zip(step_peaks[:w], probe[:w]) if not is_probe]
+    rec["peak_gib"] = max(step_peaks[w:]) / GiB
+    rec["probe_peak_gib"] = max(probe_peaks) / GiB if probe_peaks else None
+    rec["peak_warmup_gib"] = max(warm) / GiB if warm else None
+    rec["peak_measured_gib"] = rec["peak_gib"]
     rec["peak_minus_weights_gib"] = rec["peak_gib"] - rec["weights_gib"]
     rec["step_peaks_gib"] = [round(p / GiB, 4) for p in step_peaks]
     rec["reserved_gib"] = torch.cuda.max_memory_reserved(device) / GiB if cuda else None
@@ -225,7 +244,7 @@ def run_arm(spec: dict) -> dict:
     rec["opt_state_device_gib"] = state["device"] / GiB
     rec["opt_state_peak_device_gib"] = state["peak_device"] / GiB
     rec["opt_state_host_gib"] = state["host"] / GiB
-    rec["opt_state_dtype"] = ",".join(_state_dtypes(prepared.optimizer)) or "-"
+    rec["opt_state_dtype"] = ",".join(_state_dtypes(prepared.optimizer, model)) or "-"
     rec["blocks_drawn"] = len(drawn) if prepared.sampler is not None else None
     rec["num_blocks"] = config.num_hidden_layers
     rec["trainable_last_step"] = trainable_last
@@ -322,8 +341,8 @@ def write_report(path: Path, records: list[dict], settings: dict, command: str, 
     peak_head = f"peak RSS {unit}" if smoke else f"peak alloc {unit}"
     lines += [f"| model | method | status | {peak_head} | ratio | tokens/s | ratio | opt state device {unit} "
               f"(after / in step) | opt state host {unit} | state dtype | blocks drawn | ckpt | paper GB | "
-              f"paper ratio |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              f"paper ratio | probe peak {unit} |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         ref = next((x for x in records if x["model"] == r["model"] and x["method"] == "fft"
                     and x["status"] == "ok"), None)
@@ -347,13 +366,16 @@ def write_report(path: Path, records: list[dict], settings: dict, command: str, 
             "–" if blocks is None else f"{blocks}/{r['num_blocks']}",
             "on" if r.get("gradient_checkpointing") else "off",
             _fmt(p), _fmt(_ratio(p, paper.get("fft"))),
+            "–" if r.get("probe_peak_gib") is None else _fmt(r["probe_peak_gib"] * scale),
         ]) + " |")
     lines += [
         "",
         "How to read it:",
         "",
-        f"- **peak** is the largest `torch.cuda.max_memory_allocated` over all steps of the arm (warm-up, GRASS's "
-        f"probe and measured steps; weights, gradients, optimizer state, activations and temporaries), in {unit} "
+        f"- **peak** is the largest `torch.cuda.max_memory_allocated` over the measured training steps alone (peak "
+        f"stats are reset after building the model and after every step, so loading, the warm-up and GRASS's probe "
+        f"are not in it; the probe's own peak is the last column; weights, gradients, optimizer state, activations "
+        f"and temporaries), in {unit} "
         f"(2^30 bytes); the paper's column is its \"GB\" as printed. The ratios (to FFT of the same model, in the "
         f"same run) are the comparable figures: the paper's stack (framework, precision, attention kernel) is not "
         f"stated, ours is plain PyTorch as above."
@@ -366,11 +388,13 @@ def write_report(path: Path, records: list[dict], settings: dict, command: str, 
         "between steps) and its peak during that step; **host** is state in (pinned) host memory. With offload the "
         "first is 0 and the second at most three blocks' moments; LISA's and grass-no-offload's state is "
         "`torch.optim.AdamW`'s, created for each block the first time it is drawn and never freed, so it grows "
-        "with the number of **blocks drawn** so far (of all blocks) and the peak would grow further in a longer run.",
-        "- **state dtype**: `torch.optim.AdamW` keeps its moments in the parameters' dtype (bf16 on the GPU run); "
-        "`LayerwiseOffloadAdamW` keeps fp32 moments (8 bytes per parameter instead of 4) and updates bf16 "
-        "parameters in fp32 from an up-cast copy. The no-offload GRASS arm uses the registry's optimizer without "
-        "offload, i.e. torch AdamW with bf16 moments.",
+        "with the number of **blocks drawn** so far (of all blocks) and the peak would grow further in a longer run "
+        "(grass-no-offload's is our LayerwiseOffloadAdamW with offload=False: per-block fp32 stores kept on the "
+        "device once created).",
+        "- **state dtype** is read from the optimizer's tensors after the run: `torch.optim.AdamW` (fused) keeps "
+        "its moments in the parameters' dtype (bf16 here; peft keeps LoRA/DoRA adapters in fp32, so theirs are "
+        "fp32); `LayerwiseOffloadAdamW` keeps fp32 moments, on the host with offload and on the device in the "
+        "grass-no-offload arm (both GRASS arms: fp32).",
         "- The paper reports that offloading cut the extra memory of layer-wise tuning on LLaMA-2-7B from 1.63 GB "
         "to 0.14 GB; compare grass-no-offload's and grass's opt-state columns.",
     ]
@@ -393,10 +417,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--batch-size", type=int, default=None, help="default 4 (smoke 2)")
     ap.add_argument("--seq-len", type=int, default=None, help="default 1024 (smoke 32)")
     ap.add_argument("--lr", type=float, default=1e-5)
-    ap.add_argument("--checkpointing", choices=("off", "on", "auto"), default="auto",
-                    help="gradient checkpointing: off, on, or auto = off, and an arm that runs out of memory is "
+    ap.add_argument("--checkpointing", choices=("off", "on", "auto"), default="on",
+                    help="gradient checkpointing: on (the paper's setting, default), off, or auto = off, and an arm "
+                         "that runs out of memory is "
                          "run again once with it (the table says which arms used it)")
-    ap.add_argument("--out", default=None, help="markdown report (default docs/gpu_memory.md; smoke: "
+    ap.add_argument("--out", default=None, help="markdown report (default docs/gpu_memory_measured.md; smoke: "
                                                 "runs/gpu_memory_smoke.md)")
     ap.add_argument("--arm-timeout", type=float, default=180.0, help="seconds one arm may take, start-up included")
     ap.add_argument("--budget", type=float, default=450.0,
@@ -451,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     if smoke and args.models != "tinyllama,llama2-7b":
         print("gpu_memory.py: --smoke uses its tiny model; --models is ignored", file=sys.stderr)
-    out = Path(args.out) if args.out else ROOT / d("docs/gpu_memory.md", "runs/gpu_memory_smoke.md")
+    out = Path(args.out) if args.out else ROOT / d("docs/gpu_memory_measured.md", "runs/gpu_memory_smoke.md")
     settings = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "commit": _git_rev(), "versions": _versions(), "dtype": d("bfloat16", "float32"),

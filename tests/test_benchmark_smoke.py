@@ -15,7 +15,7 @@ import pytest
 pytestmark = pytest.mark.slow
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_memory.py"
-ARMS = ["fft", "lisa", "grass-no-offload", "grass"]
+ARMS = ["fft", "lora", "dora", "lisa", "grass-no-offload", "grass", "grass-static"]
 
 
 def _run(args: list[str], extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -63,13 +63,20 @@ def test_smoke_all_arms(tmp_path):
     lines = [json.loads(x) for x in proc.stdout.splitlines() if x.startswith("{")]
     assert [r["method"] for r in lines] == ARMS
     assert all(r["status"] == "ok" and r["tokens_per_s"] > 0 for r in lines)
-    assert lines[-1]["optimizer"] == "LayerwiseOffloadAdamW" and lines[-1]["opt_state_host_gib"] > 0
-    assert lines[1]["blocks_drawn"] >= 2  # LISA's active set switched during the run
+    rec = {r["method"]: r for r in lines}
+    for arm in ("grass", "grass-static"):
+        assert rec[arm]["optimizer"] == "LayerwiseOffloadAdamW" and rec[arm]["opt_state_host_gib"] > 0
+        assert rec[arm]["probe_peak_gib"] > 0 and _is_number(rows[arm][14])  # the probe's peak, apart
+    for arm in ("fft", "lora", "dora", "lisa"):  # torch AdamW arms run fused, as transformers does on CUDA
+        assert rec[arm]["optimizer"] == "AdamW (fused)" and rec[arm]["probe_peak_gib"] is None
+    assert rec["grass-no-offload"]["opt_state_dtype"] == "float32"  # its state precision as it is
+    assert rec["lisa"]["blocks_drawn"] >= 2  # LISA's active set switched during the run
+    assert all(r["gradient_checkpointing"] for r in lines)  # the paper's setting is the default
 
 
 def test_failed_arm_is_reported_and_others_continue(tmp_path):
     out = tmp_path / "y.md"
-    proc = _run(["--smoke", "--methods", "fft,lisa,grass", "--out", str(out)],
+    proc = _run(["--smoke", "--methods", "fft,lisa,grass", "--checkpointing", "auto", "--out", str(out)],
                 {"GPU_MEMORY_FAKE_OOM": "lisa:no-ckpt,grass:always"})
     assert proc.returncode == 1, proc.stderr[-3000:]  # one arm failed
     rows = _rows(out.read_text())
@@ -88,3 +95,20 @@ def test_without_cuda_exits_with_a_message():
     proc = _run(["--models", "tinyllama", "--methods", "fft"])
     assert proc.returncode == 2
     assert "no CUDA device" in proc.stderr and "--smoke" in proc.stderr
+
+
+def test_gpu_check_smoke(tmp_path):
+    """benchmarks/gpu_check.sh --smoke: the one-GPU check's sequence on a CPU (GPU tests collected, the benchmark in
+    its tiny smoke mode), outputs under $OUT, a report with each part's exit code."""
+    script = SCRIPT.parent / "gpu_check.sh"
+    env = {k: v for k, v in os.environ.items() if k != "GPU_MEMORY_FAKE_OOM"}
+    env.update({"OMP_NUM_THREADS": "1", "OUT": str(tmp_path / "out"), "PYTHON": sys.executable})
+    proc = subprocess.run(["bash", str(script), "--smoke"], capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = (tmp_path / "out" / "gpu_check.md").read_text()
+    assert "- pytest_gpu: exit 0" in report and "- gpu_memory_smoke: exit 0" in report
+    assert "all parts passed" in report
+    rows = _rows((tmp_path / "out" / "gpu_memory_smoke.md").read_text())
+    assert list(rows) == ["fft", "lisa", "grass"] and all(r[2] == "ok" for r in rows.values())
+    bad = subprocess.run(["bash", str(script), "--bogus"], capture_output=True, text=True, env=env, timeout=60)
+    assert bad.returncode == 2 and "unknown argument" in bad.stderr

@@ -60,6 +60,9 @@ def test_output_contract_on_tiny_model(tiny_model_dir, tiny_data, tmp_path):
                 "optimizer_state_bytes", "trainable_params", "tokens_per_s", "mgn_bookkeeping_fraction"):
         assert s[key] is not None, key
     assert s["optimizer_state_device_bytes"] == 0 and s["optimizer_state_host_bytes"] > 0
+    # GRASS's probe peak is read when the probe ends, apart from the training steps' (on CPU both are peak RSS,
+    # which cannot be reset, so the later reading is never below the earlier)
+    assert 0 < s["probe_peak_memory_bytes"] <= s["peak_memory_bytes"]
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

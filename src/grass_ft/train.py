@@ -84,7 +84,8 @@ def prepare_output_dir(path: str | Path, resuming: bool = False) -> Path:
 
 
 def peak_memory_bytes(device: torch.device) -> int:
-    """Peak accelerator memory (``torch.cuda.max_memory_allocated``) or, on CPU, the process's peak RSS."""
+    """Peak accelerator memory (``torch.cuda.max_memory_allocated`` since its last reset) or, on CPU, the process's
+    peak RSS (which cannot be reset: it includes loading the model)."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
@@ -247,6 +248,10 @@ def _run_train(cfg: TrainConfig, progress: bool, dist: Distributed) -> dict[str,
     t_start = time.perf_counter()
     total_tokens, train_time = totals["tokens"], totals["train_time"]
     bookkeeping_time, losses = totals["bookkeeping_time"], totals["losses"]
+    if device.type == "cuda":
+        # the summary's peak is the training steps' own, not loading's or the "before" evaluation's
+        torch.cuda.reset_peak_memory_stats(device)
+    probe_peak = None
     bar = tqdm(range(start_step, cfg.max_steps), desc=f"{cfg.method}", disable=not (progress and main), dynamic_ncols=True,
                initial=start_step, total=cfg.max_steps)
     try:
@@ -255,6 +260,10 @@ def _run_train(cfg: TrainConfig, progress: bool, dist: Distributed) -> dict[str,
             if reduce_scatter is not None:
                 reduce_scatter.bytes = 0
             res = runner.train_step(step, batches, forward=forward)
+            if res.probe and not runner.is_probe(step + 1):  # GRASS's probe is over: its peak apart from training's
+                probe_peak = peak_memory_bytes(device)
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
             for ev in res.events:
                 layers_f.write(json.dumps(ev) + "\n")
             tokens = dist.sum_int(res.tokens)  # all ranks' tokens of this step
@@ -301,6 +310,7 @@ def _run_train(cfg: TrainConfig, progress: bool, dist: Distributed) -> dict[str,
         layers_f.close()
         sinks.close()
     wall_train = time.perf_counter() - t_start
+    train_peak = peak_memory_bytes(device)  # before saving and the "after" evaluation (generation)
     watch.check_end()
 
     # 9. Save, then evaluate the trained model. A sharded model is gathered, on the CPU of rank 0, into a plain
@@ -346,7 +356,7 @@ def _run_train(cfg: TrainConfig, progress: bool, dist: Distributed) -> dict[str,
         "accuracy_per_task_before": {t: d["accuracy"] for t, d in before.get("per_task", {}).items()} or None,
         "accuracy_per_task": {t: d["accuracy"] for t, d in after.get("per_task", {}).items()} or None,
         "final_train_loss": sum(tail) / len(tail) if tail else None,
-        "peak_memory_bytes": peak_memory_bytes(device),
+        "peak_memory_bytes": train_peak, "probe_peak_memory_bytes": probe_peak,
         "optimizer_state_bytes": state["device"] + state["host"],
         "optimizer_state_device_bytes": state["device"], "optimizer_state_host_bytes": state["host"],
         "optimizer_state_peak_device_bytes": state["peak_device"],
