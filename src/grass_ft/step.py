@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .importance import ProbeRecorder, block_rms
+from .importance import GradNormRecorder
 from .distributed import Distributed
 from .methods import Prepared
 
@@ -94,12 +94,12 @@ class StepRunner:
         self.bad_in_a_row = 0
         self.skipped_steps = 0
         self._ever_active: set[int] = set()
-        self._recorder: ProbeRecorder | None = None
+        self._recorder: GradNormRecorder | None = None
         self._block_params: list[list[nn.Parameter]] = []
         if prepared.layout is not None and prepared.sampler is not None:
             self._block_params = [[self.params[n] for n in names] for names in prepared.layout.blocks]
             reduce = self.dist.average_ if self.dist.enabled else None
-            self._recorder = ProbeRecorder(self._block_params, prepared.layout.numel, reduce=reduce)
+            self._recorder = GradNormRecorder(self._block_params, prepared.layout.numel, reduce=reduce)
 
     # ------------------------------------------------------------------------------------------ pieces
 
@@ -126,9 +126,10 @@ class StepRunner:
         for name, param in self.params.items():
             param.requires_grad_(name in trainable)
         if probe:
-            self._recorder.attach()
+            self._recorder.attach("probe")
         else:
-            self._recorder.detach()
+            if self._recorder.mode == "probe":
+                self._recorder.detach()
             new_blocks = set(self.sampler.active) - previous
             if self.p.reset_state_on_switch and new_blocks & self._ever_active:
                 self._reset_state(sorted(new_blocks & self._ever_active))
@@ -159,10 +160,10 @@ class StepRunner:
         """
         if self.dist.enabled and not self.is_probe(step):
             self.dist.all_reduce_grads(self.trainable_params())
-        if self.sampler is None or self.is_probe(step) or not self.sampler.records_importance:
+        if self.sampler is None or self.is_probe(step) or not self.sampler.records(step):
             return 0.0
         t0 = time.perf_counter()
-        self.sampler.observe(block_rms(self._block_params, self.sampler.active, self.p.layout.numel))
+        self.sampler.observe(self._recorder.read(self.sampler.active))
         return time.perf_counter() - t0
 
     def finish_step(self, step: int, loss_finite: bool = True) -> tuple[float | None, bool]:

@@ -27,7 +27,7 @@ from .atomic import atomic_dir, write_json_atomic
 from .checkpoint import find_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state, truncate_jsonl
 from .distributed import Distributed, init_distributed
 from .config import ConfigError, TrainConfig, save_config, validate
-from .methods import Prepared, method_names, prepare
+from .methods import Prepared, method_names, prepare, step_budget
 from .models import PACKAGED_NOTE, block_layout, enable_checkpointing, load_model_and_tokenizer
 from .step import StepRunner, lr_factor, optimizer_state_bytes
 
@@ -177,7 +177,7 @@ def _run_train(cfg: TrainConfig, progress: bool, dist: Distributed) -> dict[str,
     # 5. The method: optimizer over every candidate parameter, sampler, scheduler.
     prepared: Prepared = prepare(model, cfg)
     model = prepared.model  # lora/dora wrap the model in a peft model: train, save and evaluate that
-    total_updates = cfg.max_steps - (prepared.sampler.probe_steps if prepared.sampler else 0)
+    n_steps, total_updates = step_budget(cfg, prepared.sampler)  # count_probe_steps decides what max_steps counts
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         prepared.optimizer, lambda k: lr_factor(k, cfg.warmup_steps, total_updates, cfg.lr_schedule))
     runner = StepRunner(prepared, scheduler, grad_accum=cfg.grad_accum, max_grad_norm=cfg.max_grad_norm,
@@ -212,8 +212,8 @@ def _run_train(cfg: TrainConfig, progress: bool, dist: Distributed) -> dict[str,
     t_start = time.perf_counter()
     total_tokens, train_time = totals["tokens"], totals["train_time"]
     bookkeeping_time, losses = totals["bookkeeping_time"], totals["losses"]
-    bar = tqdm(range(start_step, cfg.max_steps), desc=f"{cfg.method}", disable=not (progress and main), dynamic_ncols=True,
-               initial=start_step, total=cfg.max_steps)
+    bar = tqdm(range(start_step, n_steps), desc=f"{cfg.method}", disable=not (progress and main), dynamic_ncols=True,
+               initial=start_step, total=n_steps)
     try:
         for step in bar:
             batches = [{k: v.to(device) for k, v in stream.next_batch().items()} for _ in range(cfg.grad_accum)]
@@ -227,7 +227,7 @@ def _run_train(cfg: TrainConfig, progress: bool, dist: Distributed) -> dict[str,
             losses.append(res.loss)
             state = optimizer_state_bytes(prepared.optimizer)
             tps = tokens / res.seconds if res.seconds > 0 else 0.0
-            if step % cfg.logging_steps == 0 or step == cfg.max_steps - 1:
+            if step % cfg.logging_steps == 0 or step == n_steps - 1:
                 metrics_f.write(json.dumps({
                     "step": step, "loss": res.loss, "lr": scheduler.get_last_lr()[0], "grad_norm": res.grad_norm,
                     "tokens_per_s": tps, "s_per_step": res.seconds, "probe": res.probe, "skipped": res.skipped,
@@ -235,7 +235,7 @@ def _run_train(cfg: TrainConfig, progress: bool, dist: Distributed) -> dict[str,
                     "optimizer_state_device_bytes": state["device"], "optimizer_state_host_bytes": state["host"],
                     "peak_memory_bytes": peak_memory_bytes(device), "allreduce_bytes": dist.allreduce_bytes,
                     "allreduce_fraction_of_fft": dist.allreduce_bytes / param_bytes}) + "\n")
-            if main and cfg.save_steps and (step + 1) % cfg.save_steps == 0 and step + 1 < cfg.max_steps:
+            if main and cfg.save_steps and (step + 1) % cfg.save_steps == 0 and step + 1 < n_steps:
                 totals = {"tokens": total_tokens, "train_time": train_time, "bookkeeping_time": bookkeeping_time,
                           "losses": losses}
                 save_checkpoint(out, step + 1, model, prepared.optimizer, scheduler,
@@ -290,7 +290,7 @@ def _run_train(cfg: TrainConfig, progress: bool, dist: Distributed) -> dict[str,
         "optimizer_state_peak_device_bytes": state["peak_device"],
         "trainable_params": n_step_trainable, "total_params": n_trainable,
         "tokens_per_s": total_tokens / train_time if train_time else 0.0,
-        "s_per_step": train_time / cfg.max_steps, "train_wall_s": wall_train,
+        "s_per_step": train_time / n_steps, "train_wall_s": wall_train,
         "mgn_bookkeeping_fraction": bookkeeping_time / train_time if train_time else 0.0,
         "skipped_steps": runner.skipped_steps, "offload": prepared.offload, "final_dir": str(final),
         "merged_dir": str(merged) if merged is not None else None,
