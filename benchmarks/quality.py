@@ -589,18 +589,22 @@ def cmd_report(ledger: Path, docs: Path) -> None:
 def cmd_plan(ledger: Path, s_per_step: dict[str, float]) -> None:
     runs = runs_of(read_ledger(ledger))
     q = queue(runs)
-    total = 0.0
+    total = conditional = 0.0
     for ph, arm, seed, lr in q:
         method = ARMS[arm][0]
         cost = s_per_step.get(method, s_per_step.get("grass", 0)) * UPDATES + EVAL_CPU_S
         if ARMS[arm][1].get("probe_mode") != "train" and method in ("grass", "grass-static"):
             cost += PROBE_PASSES_COST * s_per_step.get("fft", 0)
         done = lr is not None and run_key(arm, seed, lr) in runs
-        total += 0 if done else cost
+        if ph.startswith("E") and lr is None:
+            conditional += cost  # runs only if the arm's best rate is not 3e-4
+        else:
+            total += 0 if done else cost
         print(f"{ph:22s} {arm:17s} seed {seed} lr {'best' if lr is None else f'{lr:g}':6s} "
               f"{'done' if done else f'~{cost / 3600:.2f} CPU-h'}")
     print(f"{len(q)} items, {sum(1 for t in q if t[3] is not None and run_key(t[1], t[2], t[3]) in runs)} done; "
-          f"remaining ≈ {total / 3600:.1f} CPU-hours at the measured s/step")
+          f"remaining ≈ {total / 3600:.1f} CPU-hours at the given s/step, plus up to {conditional / 3600:.1f} "
+          f"CPU-hours of phase E reruns if some arm's best rate at seed 1 is not 3e-4")
 
 
 EVAL_CPU_S = 150.0  # measured: 3 curve evals of 64 problems + 256 + 64 loss + 200 generations, one thread
