@@ -336,13 +336,39 @@ def record_common() -> dict[str, Any]:
                      "note": "shared machine: wall time is contaminated by other jobs; read CPU-seconds"}}
 
 
+def claim(key: str) -> Path | None:
+    """Claim a run for this process, so that several queues (one per free core) never run the same one: a
+    claim file made with O_EXCL, holding the pid; a claim whose process is gone is stale and taken over."""
+    path = WORK / "claims" / (hashlib.sha256(key.encode()).hexdigest()[:16] + ".pid")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                pid = int(path.read_text() or 0)
+                os.kill(pid, 0)  # signal 0: only asks whether the process exists
+                return None
+            except (ValueError, ProcessLookupError):
+                path.unlink(missing_ok=True)  # stale: its queue died
+                continue
+            except PermissionError:
+                return None
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        return path
+    return None
+
+
 def cmd_run(ledger: Path, max_runs: int | None, phases: str | None) -> None:
     WORK.mkdir(parents=True, exist_ok=True)
-    if not any(r.get("record") == "base" and r.get("protocol_id") == protocol_id() for r in read_ledger(ledger)):
+    base_key = f"base|protocol={protocol_id()}"
+    if not any(r.get("key") == base_key for r in read_ledger(ledger)) and (mine := claim(base_key)):
         print("[base] the model as loaded", flush=True)
         if child(["base"], WORK / "base.json"):
-            append_record({"record": "base", "key": f"base|protocol={protocol_id()}", **record_common(),
+            append_record({"record": "base", "key": base_key, **record_common(),
                            "figures": json.loads((WORK / "base.json").read_text())}, ledger)
+        mine.unlink(missing_ok=True)
     done = 0
     while max_runs is None or done < max_runs:
         runs = runs_of(read_ledger(ledger))
@@ -354,8 +380,15 @@ def cmd_run(ledger: Path, max_runs: int | None, phases: str | None) -> None:
             waiting = [t for t in queue(runs) if t[3] is None]
             print(f"[idle] nothing runnable; {len(waiting)} item(s) wait for a learning-rate grid", flush=True)
             return
-        phase, arm, seed, lr = todo[0]
-        key = run_key(arm, seed, lr)
+        claimed = None
+        for phase, arm, seed, lr in todo:
+            key = run_key(arm, seed, lr)
+            claimed = claim(key)
+            if claimed is not None:
+                break
+        if claimed is None:
+            print("[idle] every runnable item is being run by another queue", flush=True)
+            return
         print(f"[run ] {phase}: {key}", flush=True)
         t0 = time.perf_counter()
         out = WORK / f"{arm}-s{seed}-lr{lr:g}.json"
@@ -372,6 +405,7 @@ def cmd_run(ledger: Path, max_runs: int | None, phases: str | None) -> None:
             with open(WORK / "failed.txt", "a") as f:  # not retried by this queue; delete the file to retry
                 f.write(key + "\n")
             print(f"[FAIL] {key}", flush=True)
+        claimed.unlink(missing_ok=True)
         done += 1
 
 

@@ -100,3 +100,12 @@ def test_one_run_end_to_end_on_a_tiny_model(tmp_path, monkeypatch):
     assert f["train_cpu_s"] > f["probe_cpu_s"] > 0 and math.isfinite(f["gsm_eval_loss"])
     assert rec["config"]["count_probe_steps"] is False and rec["config"]["method"] == "grass"
     json.dumps(rec)  # a ledger line
+
+
+def test_a_claimed_run_is_skipped_by_another_queue_and_a_stale_claim_is_taken_over(tmp_path, monkeypatch):
+    monkeypatch.setattr(quality, "WORK", tmp_path)
+    mine = quality.claim("k")
+    assert mine is not None and mine.read_text() == str(__import__("os").getpid())
+    assert quality.claim("k") is None  # held by a live process (this one)
+    mine.write_text("999999999")  # a pid that cannot exist: its queue died
+    assert quality.claim("k") is not None
