@@ -231,10 +231,10 @@ class GrassCallback(TrainerCallback, ExportableState):
     ``state.global_step``; probe steps count toward ``max_steps`` and the Trainer's LR schedule.
 
     Args:
-        **keys: the CLI's method keys: ``method`` (grass, grass-static, lisa), ``gamma``, ``tau``, ``alpha``,
-            ``probe_steps``, ``sample_interval``, ``update_interval``, ``train_embeddings``, ``train_head``,
-            ``reset_state_on_switch``, ``layers_attribute``, ``seed``; defaults and meaning as in
-            :class:`~grass_ft.config.TrainConfig`.
+        **keys: the CLI's method keys: ``method`` (grass, grass-static, grass-uniform, lisa), ``gamma``, ``tau``,
+            ``alpha``, ``probe_steps``, ``sample_interval``, ``update_interval``, ``train_embeddings``,
+            ``train_head``, ``reset_state_on_switch``, ``layers_attribute``, ``seed``, ``probe_mode``,
+            ``importance``; defaults and meaning as in :class:`~grass_ft.config.TrainConfig`.
 
     Raises:
         ConfigError: listing every unknown key or bad value, each by name.
