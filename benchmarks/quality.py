@@ -513,7 +513,8 @@ def report_md(records: list[dict]) -> str:
         L += [f"Model as loaded: GSM-style eval loss {b['gsm_eval_loss']:.4f} nats/token (n=256), arithmetic "
               f"accuracy {100 * b['arith_accuracy']:.1f} % (n={b['arith_n']}).", ""]
     L += ["## Per arm (each at the rate the table uses; mean ± sample sd over seeds)", "",
-          "| arm | lr | seeds | GSM-style eval loss (n=256) | arithmetic accuracy, % (n=200) | train CPU-s per update | "
+          "| arm | lr | seeds | GSM-style eval loss (n=256) | arithmetic accuracy, % (n=200) | "
+          "train CPU-s per update | "
           "probe passes (CPU-s) | distinct blocks trained |", "|---|---|---|---|---|---|---|---|"]
 
     def ms(xs: list[float], d: int) -> str:
@@ -535,7 +536,8 @@ def report_md(records: list[dict]) -> str:
                  f"{ms(blocks, 1) if blocks else '–'} |")
     L += ["", "## Paired by seed: row arm minus column arm (95 % t-interval; **excl. 0** = the interval excludes 0)",
           "", "Eval loss: negative = the row arm is better. Accuracy: points, positive = the row arm is better.", ""]
-    pairs = [("grass", "grass-uniform"), ("grass", "grass-static"), ("grass", "lisa"), ("grass-static", "grass-uniform"),
+    pairs = [("grass", "grass-uniform"), ("grass", "grass-static"), ("grass", "lisa"),
+             ("grass-static", "grass-uniform"),
              ("grass-trainprobe", "grass"), ("grass-trainprobe", "grass-uniform"), ("grass-relative", "grass"),
              ("grass-relative", "grass-uniform"), ("grass-uniform", "lisa"), ("grass", "fft"), ("grass", "lora"),
              ("grass-uniform", "fft"), ("lisa", "fft"), ("lora", "fft")]
@@ -563,7 +565,8 @@ def report_md(records: list[dict]) -> str:
         best = best_lr(arm, runs)
         L.append(f"| {LABELS[arm]} | {' · '.join(cells)} | {best:g} |" if best else
                  f"| {LABELS[arm]} | {' · '.join(cells)} | grid incomplete |")
-    L += ["", "GRASS*, the training probe and the relative variant take GRASS's rate (same parameters, same optimizer).",
+    L += ["", "GRASS*, the training probe and the relative variant take GRASS's rate (same parameters, same "
+          "optimizer).",
           "", "## Every run", "", "| arm | seed | lr | GSM eval loss | accuracy, % | train CPU-s | wall-s | commit |",
           "|---|---|---|---|---|---|---|---|"]
     for r in sorted(runs.values(), key=lambda r: (list(ARMS).index(r["arm"]), r["seed"], r["lr"])):

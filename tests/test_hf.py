@@ -111,7 +111,7 @@ def test_keys_are_validated_through_the_config_all_at_once():
     with pytest.raises(ConfigError) as e:
         GrassCallback(method="fft", gama=2, tau=-1.0, lr=1e-3, gamma="two")
     msg = str(e.value)
-    for part in ("`method` must be one of grass, grass-static, grass-uniform, lisa", "unknown key `gama` (did you mean `gamma`?)",
+    for part in ("`method` must be one of grass, grass-static, lisa", "unknown key `gama` (did you mean `gamma`?)",
                  "`tau` must be > 0", "`lr` is not a GrassCallback key: set it with TrainingArguments(learning_rate",
                  "`gamma` must be an integer, got 'two'"):
         assert part in msg

@@ -81,24 +81,21 @@ def test_native_loop_a_non_finite_gradient_does_not_poison_importance(poisoned_s
 
 
 def test_trainer_loop_a_non_finite_gradient_does_not_poison_importance(tmp_path):
-    from test_hf import L as HF_L, TOK, run
+    from test_hf import L as HF_L, TOK, Features, collator, training_args
+    from transformers import Trainer, TrainerCallback
 
     from grass_ft.hf import GrassCallback
 
     model = tiny_llama(len(TOK), layers=HF_L)
     clock = [0]
 
-    class Clock(__import__("transformers").TrainerCallback):
+    class Clock(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
             clock[0] = state.global_step
 
     # step 1 is in the probe: the recorder frees every gradient, so the Trainer's model stays finite
     handles = [poison(p, {1}, clock) for layer in model.model.layers for p in layer.parameters()]
     grass = GrassCallback(method="grass", gamma=2, probe_steps=3, sample_interval=2, update_interval=2)
-    from transformers import Trainer
-
-    from test_hf import Features, collator, training_args
-
     trainer = Trainer(model=model, args=training_args(tmp_path, max_steps=9), train_dataset=Features(),
                       data_collator=collator, callbacks=[grass, Clock()])
     trainer.train()

@@ -30,8 +30,8 @@ class TrainConfig:
                                "JSON/JSONL file in the LLM-Adapters schema (instruction, input, output, answer)")
     eval_data: str | None = _f(None, "held-out data (file or generator); default: a held-out split of `data`")
     task: str = _f("gsm8k", "answer rule that scores the evaluation (gsm8k = last number within 0.001)")
-    method: str = _f("grass", "fine-tuning method: grass, grass-static, grass-uniform (GRASS with uniform draws: "
-                              "the control arm), lisa, fft, lora, dora")
+    method: str = _f("grass", "fine-tuning method: grass, grass-static, lisa, fft, lora, dora, grass-uniform "
+                              "(GRASS with uniform draws: the control arm)")
     # GRASS
     gamma: int = _f(4, "γ: number of decoder blocks trainable at a time")
     tau: float = _f(1.0, "τ: softmax temperature over the normalised MGN (large = uniform, small = top-γ)")

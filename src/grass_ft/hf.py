@@ -37,7 +37,7 @@ from .step import StepRunner
 METHOD_KEYS = ("method", "gamma", "tau", "alpha", "probe_steps", "sample_interval", "update_interval",
                "train_embeddings", "train_head", "reset_state_on_switch", "layers_attribute", "seed",
                "probe_mode", "importance")
-CALLBACK_METHODS = ("grass", "grass-static", "grass-uniform", "lisa")
+CALLBACK_METHODS = ("grass", "grass-static", "lisa", "grass-uniform")
 # Run keys of the CLI that the Trainer owns: where to set them instead.
 _TRAINER_OWNS = {
     "model": "Trainer(model=...)", "data": "Trainer(train_dataset=...)", "eval_data": "Trainer(eval_dataset=...)",
@@ -231,7 +231,7 @@ class GrassCallback(TrainerCallback, ExportableState):
     ``state.global_step``; probe steps count toward ``max_steps`` and the Trainer's LR schedule.
 
     Args:
-        **keys: the CLI's method keys: ``method`` (grass, grass-static, grass-uniform, lisa), ``gamma``, ``tau``,
+        **keys: the CLI's method keys: ``method`` (grass, grass-static, lisa, grass-uniform), ``gamma``, ``tau``,
             ``alpha``, ``probe_steps``, ``sample_interval``, ``update_interval``, ``train_embeddings``,
             ``train_head``, ``reset_state_on_switch``, ``layers_attribute``, ``seed``, ``probe_mode``,
             ``importance``; defaults and meaning as in :class:`~grass_ft.config.TrainConfig`.

@@ -142,13 +142,6 @@ def _grass_static(model: nn.Module, cfg: TrainConfig) -> Prepared:
     return _sampling(model, cfg, "static", cfg.train_embeddings, cfg.train_head)
 
 
-@register_method("grass-uniform")
-def _grass_uniform(model: nn.Module, cfg: TrainConfig) -> Prepared:
-    # The control arm: GRASS in every respect (frozen embeddings/head unless asked, layer-wise offloaded state,
-    # intervals) but uniform draws and no probe, so a difference to GRASS is the importance signal's alone.
-    return _sampling(model, cfg, "uniform", cfg.train_embeddings, cfg.train_head)
-
-
 @register_method("lisa")
 def _lisa(model: nn.Module, cfg: TrainConfig) -> Prepared:
     # As LMFlow and axolotl ship it: uniform draws, embeddings and head trained at every step, torch AdamW.
@@ -184,3 +177,11 @@ def _lora(model: nn.Module, cfg: TrainConfig) -> Prepared:
 @register_method("dora")
 def _dora(model: nn.Module, cfg: TrainConfig) -> Prepared:
     return _peft(model, cfg, dora=True)
+
+
+# Registered last: the order of the registry is the order error messages list the methods in.
+@register_method("grass-uniform")
+def _grass_uniform(model: nn.Module, cfg: TrainConfig) -> Prepared:
+    # The control arm: GRASS in every respect (frozen embeddings/head unless asked, layer-wise offloaded state,
+    # intervals) but uniform draws and no probe, so a difference to GRASS is the importance signal's alone.
+    return _sampling(model, cfg, "uniform", cfg.train_embeddings, cfg.train_head)
