@@ -51,9 +51,10 @@ SMOKE_MODEL = dict(label="tiny Llama (smoke)", hidden_size=64, intermediate_size
 # default (offload on); "grass-no-offload" is the same sampler with the optimizer the registry picks without
 # offload (torch AdamW); "lora" uses the paper's table rank r=128 on every linear layer but the head.
 METHODS: dict[str, dict] = {
-    "fft": dict(method="fft"),
+    # stock pure-bf16 torch AdamW, as the paper's FFT and LISA as shipped (master_weights defaults to true)
+    "fft": dict(method="fft", master_weights=False),
     "lora": dict(method="lora", lora_r=128),
-    "lisa": dict(method="lisa"),
+    "lisa": dict(method="lisa", master_weights=False),
     "grass-no-offload": dict(method="grass", offload=False),
     "grass": dict(method="grass", offload=True),
 }

@@ -237,6 +237,7 @@ def one_run(arm: str, seed: int, lr: float, progress: bool = False) -> dict[str,
     import torch
 
     from grass_ft import data as data_mod
+    from grass_ft.loss import loss_forward
     from grass_ft.methods import prepare, step_budget
     from grass_ft.models import load_model_and_tokenizer
     from grass_ft.step import StepRunner, lr_factor
@@ -256,13 +257,14 @@ def one_run(arm: str, seed: int, lr: float, progress: bool = False) -> dict[str,
         prepared.optimizer, lambda k: lr_factor(k, cfg.warmup_steps, n_updates, cfg.lr_schedule))
     runner = StepRunner(prepared, scheduler, grad_accum=cfg.grad_accum, max_grad_norm=cfg.max_grad_norm,
                         max_bad_steps=cfg.max_bad_steps)
+    forward = loss_forward(cfg.supervised_only_loss)  # as the CLI's loop (supervised positions only, by default)
     curve, losses, active_sets = [], [], []
     cpu = wall = probe_cpu = probe_wall = eval_cpu = 0.0
     updates = probe_passes = 0
     for step in range(n_steps):
         batch = stream.next_batch()
         c0, w0 = time.process_time(), time.perf_counter()
-        res = runner.train_step(step, [batch])
+        res = runner.train_step(step, [batch], forward=forward)
         dc, dw = time.process_time() - c0, time.perf_counter() - w0
         cpu, wall = cpu + dc, wall + dw
         if res.probe:
@@ -418,6 +420,7 @@ def cmd_measure(steps: int) -> None:
     import torch
 
     from grass_ft import data as data_mod
+    from grass_ft.loss import loss_forward
     from grass_ft.methods import prepare
     from grass_ft.models import load_model_and_tokenizer
     from grass_ft.step import StepRunner
@@ -433,12 +436,13 @@ def cmd_measure(steps: int) -> None:
         prepared = prepare(model, cfg)
         runner = StepRunner(prepared, None, max_grad_norm=1.0)
         start = prepared.sampler.measure_steps if prepared.sampler else 0
+        fwd = loss_forward(cfg.supervised_only_loss)
         for s in range(start):  # the probe, timed apart
-            runner.train_step(s, [stream.next_batch()])
-        runner.train_step(start, [stream.next_batch()])  # warm-up
+            runner.train_step(s, [stream.next_batch()], forward=fwd)
+        runner.train_step(start, [stream.next_batch()], forward=fwd)  # warm-up
         c0, w0 = time.process_time(), time.perf_counter()
         for s in range(start + 1, start + 1 + steps):
-            runner.train_step(s, [stream.next_batch()])
+            runner.train_step(s, [stream.next_batch()], forward=fwd)
         rows.append((arm, (time.process_time() - c0) / steps, (time.perf_counter() - w0) / steps))
         print(f"{arm}: {rows[-1][1]:.2f} CPU-s/step, {rows[-1][2]:.2f} wall-s/step", flush=True)
     print(json.dumps(rows))

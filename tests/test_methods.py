@@ -191,7 +191,8 @@ def test_lisa_device_state_grows_with_drawn_blocks_grass_offload_stays_off_devic
         runners["grass"].train_step(t, data[t])
         g = optimizer_state_bytes(grass.optimizer)
         assert g["device"] == 0  # between steps no GRASS optimizer state is on the device
-        assert g["peak_device"] <= 8 * max(grass.layout.numel) + 4 * 64  # one block's moments (+ step counts)
+        assert g["peak_device"] <= 8 * max(grass.layout.numel)  # under one block's moments (a bounded step)
         grass_host.append(g["host"])
     assert len(seen) >= 3 and lisa_device[-1] > lisa_device[0]
-    assert grass_host[-1] > grass_host[1]  # the host store grew as new blocks were drawn
+    # one host slab for every candidate block, allocated up front (offload.py): its size never changes
+    assert grass_host == [8 * (numel(grass.model, grass.always) + sum(layout.numel))] * steps

@@ -73,9 +73,14 @@ class TrainConfig:
     max_steps: int = _f(30, "optimizer steps in all, probe steps included")
     train_samples: int = _f(2000, "examples to generate when `data` is a generator")
     train_on_inputs: bool = _f(False, "compute the loss on the prompt tokens too")
+    supervised_only_loss: bool = _f(True, "run the LM head and cross-entropy only at positions with a label, in "
+                                          "chunks (false: full logits at every position, as model(**batch).loss)")
     max_bad_steps: int = _f(5, "stop after this many consecutive steps with a non-finite loss or gradient")
     seed: int = _f(42, "seed for data order, block draws and initialisation")
-    dtype: str = _f("float32", "parameter dtype: float32, bfloat16, float16 (fp32 is fastest on CPU)")
+    dtype: str = _f("float32", "parameter dtype: float32 or bfloat16 (fp32 is fastest on CPU; float16 is refused: "
+                               "the training loop has no loss scaler)")
+    master_weights: bool = _f(True, "bfloat16 parameters train against fp32 master copies kept with the optimizer "
+                                    "state (false: pure-bf16 AdamW as LISA/FFT ship, which loses small updates)")
     # evaluation and output
     eval_samples: int = _f(32, "held-out examples to evaluate before and after training (0 turns evaluation off)")
     eval_batch_size: int = _f(16, "examples per evaluation batch")
@@ -99,7 +104,7 @@ class TrainConfig:
 
 METHODS_WITH_SAMPLING = ("grass", "grass-static", "grass-uniform", "lisa")
 LR_SCHEDULES = ("constant", "linear", "cosine")
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("float32", "bfloat16")  # float16 needs a loss scaler, which the native loop does not have
 
 
 class ConfigError(ValueError):
@@ -262,7 +267,8 @@ def validate(cfg: TrainConfig, num_blocks: int | None = None, known_methods: typ
     check("max_steps", cfg.max_steps >= 1, "must be >= 1")
     check("train_samples", cfg.train_samples >= 1, "must be >= 1")
     check("max_bad_steps", cfg.max_bad_steps >= 1, "must be >= 1")
-    check("dtype", cfg.dtype in DTYPES, f"must be one of {', '.join(DTYPES)}")
+    check("dtype", cfg.dtype in DTYPES, f"must be one of {', '.join(DTYPES)} (float16 needs a loss scaler, which "
+                                        "the training loop does not have)")
     check("eval_samples", cfg.eval_samples >= 0, "must be >= 0 (0 turns evaluation off)")
     check("eval_batch_size", cfg.eval_batch_size >= 1, "must be >= 1")
     check("max_new_tokens", cfg.max_new_tokens >= 1, "must be >= 1")

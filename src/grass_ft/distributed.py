@@ -27,7 +27,7 @@ class Distributed:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-    allreduce_bytes: int = 0  # bytes all-reduced in the last step
+    allreduce_bytes: int = 0  # bytes all-reduced in the current step (probe averaging included)
 
     @property
     def enabled(self) -> bool:
@@ -46,9 +46,12 @@ class Distributed:
         if self.enabled:
             dist.barrier()
 
+    def begin_step(self) -> None:
+        """Start counting a new step's communicated bytes (called at the start of every step, probe included)."""
+        self.allreduce_bytes = 0
+
     def all_reduce_grads(self, params: list[nn.Parameter]) -> None:
         """Average the ``.grad`` of ``params`` over ranks, in buckets of at most ``BUCKET_BYTES``."""
-        self.allreduce_bytes = 0
         if not self.enabled:
             return
         grads = [p.grad for p in params if p.grad is not None]

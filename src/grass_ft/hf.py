@@ -51,6 +51,7 @@ _TRAINER_OWNS = {
     "output_dir": "TrainingArguments(output_dir=...)", "logging_steps": "TrainingArguments(logging_steps=...)",
     "dtype": "the dtype the model is loaded in",
     "count_probe_steps": "TrainingArguments(max_steps=...), which counts the probe's steps",
+    "supervised_only_loss": "grass_ft.loss.enable_supervised_loss(model) before building the Trainer",
     "offload": "nothing: the callback always moves the optimizer state of blocks that leave the active set to "
                "host memory",
 }

@@ -102,13 +102,17 @@ def make_adamw(named: list[tuple[str, nn.Parameter]], cfg: TrainConfig, layout: 
     """``torch.optim.AdamW`` (state created lazily on the device and never freed, as today's tools do), or our
     :class:`~grass_ft.offload.LayerwiseOffloadAdamW` (fp32 state keyed by parameter name, grouped by block) when
     ``offload`` or ``layerwise``; ``layerwise`` without ``offload`` keeps its state on the device, so the two
-    GRASS arms differ only in where the state lives."""
-    if not (offload or layerwise):
+    GRASS arms differ only in where the state lives. bf16/fp16 parameters with ``master_weights`` (the default)
+    take ours too, without offload unless asked, so that they train against fp32 masters instead of losing every
+    update below half a bf16 ulp; ``master_weights=false`` keeps torch's pure-bf16 AdamW (LISA/FFT as shipped)."""
+    masters = cfg.master_weights and any(p.dtype in (torch.bfloat16, torch.float16) for _, p in named)
+    if not (offload or layerwise or masters):
         return torch.optim.AdamW([p for _, p in named], lr=cfg.lr, weight_decay=cfg.weight_decay)
     from .offload import LayerwiseOffloadAdamW
 
     group_fn = layout.group_key if layout is not None else None
-    return LayerwiseOffloadAdamW(named, lr=cfg.lr, weight_decay=cfg.weight_decay, group_fn=group_fn, offload=offload)
+    return LayerwiseOffloadAdamW(named, lr=cfg.lr, weight_decay=cfg.weight_decay, group_fn=group_fn, offload=offload,
+                                 master_weights=cfg.master_weights)
 
 
 def _always_names(layout: BlockLayout, embeddings: bool, head: bool) -> list[str]:

@@ -18,6 +18,7 @@ from torch import nn
 
 from .importance import GradNormRecorder
 from .distributed import Distributed
+from .loss import has_supervised_token
 from .methods import Prepared
 
 
@@ -112,6 +113,7 @@ class StepRunner:
 
     def begin_step(self, step: int) -> list[dict]:
         """Advance the sampler and set ``requires_grad`` for this step; returns the sampler's events."""
+        self.dist.begin_step()
         if self.sampler is None:
             return []
         previous = set(self.sampler.active)
@@ -199,13 +201,19 @@ class StepRunner:
 
     def train_step(self, step: int, micro_batches: Sequence[dict[str, torch.Tensor]],
                    forward: Callable[[nn.Module, dict], torch.Tensor] | None = None) -> StepResult:
-        """One optimizer step over ``micro_batches`` (``grad_accum`` of them)."""
+        """One optimizer step over ``micro_batches`` (``grad_accum`` of them).
+
+        ``forward(model, micro_batch) -> loss`` defaults to ``model(**micro_batch).loss``; the native loop passes
+        :func:`grass_ft.loss.loss_forward` (supervised positions only, unless ``supervised_only_loss=false``).
+        A step none of whose micro-batches has a supervised token is skipped like a non-finite one (no update).
+        """
         t0 = time.perf_counter()
         events = self.begin_step(step)
         model = self.p.model
         model.train()
-        losses, tokens, loss_finite = [], 0, True
+        losses, tokens, loss_finite, supervised = [], 0, True, False
         for mb in micro_batches:
+            supervised = supervised or has_supervised_token(mb)
             loss = forward(model, mb) if forward is not None else model(**mb).loss
             if not torch.isfinite(loss):
                 loss_finite = False
@@ -216,7 +224,9 @@ class StepRunner:
             tokens += int(mb["attention_mask"].sum()) if "attention_mask" in mb else mb["input_ids"].numel()
             self.after_micro_backward(step)
         bookkeeping = self.after_backward(step)
-        grad_norm, skipped = self.finish_step(step, loss_finite)
+        # nothing scored (every label -100): the full forward's loss is NaN (0/0), the supervised-only one 0 with
+        # zero gradients; either way there is nothing to learn, and an AdamW step on zero gradients would still move
+        grad_norm, skipped = self.finish_step(step, loss_finite and supervised)
         active = [] if self.sampler is None else list(self.sampler.active)
         return StepResult(step=step, loss=sum(losses) / len(losses), grad_norm=grad_norm, tokens=tokens,
                           seconds=time.perf_counter() - t0, probe=self.is_probe(step), skipped=skipped,

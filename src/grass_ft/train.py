@@ -27,6 +27,7 @@ from .atomic import atomic_dir, write_json_atomic
 from .checkpoint import find_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state, truncate_jsonl
 from .distributed import Distributed, init_distributed
 from .config import ConfigError, TrainConfig, save_config, validate
+from .loss import loss_forward
 from .methods import Prepared, method_names, prepare, step_budget
 from .models import PACKAGED_NOTE, block_layout, enable_checkpointing, load_model_and_tokenizer
 from .step import StepRunner, lr_factor, optimizer_state_bytes
@@ -217,7 +218,7 @@ def _run_train(cfg: TrainConfig, progress: bool, dist: Distributed) -> dict[str,
     try:
         for step in bar:
             batches = [{k: v.to(device) for k, v in stream.next_batch().items()} for _ in range(cfg.grad_accum)]
-            res = runner.train_step(step, batches)
+            res = runner.train_step(step, batches, forward=loss_forward(cfg.supervised_only_loss))
             for ev in res.events:
                 layers_f.write(json.dumps(ev) + "\n")
             tokens = dist.sum_int(res.tokens)  # all ranks' tokens of this step
