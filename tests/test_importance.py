@@ -213,3 +213,18 @@ def test_count_probe_steps_decides_what_max_steps_counts():
     assert step_budget(TrainConfig(method="fft", max_steps=20, count_probe_steps=False), None) == (20, 20)
     # with the probe on top, probe_steps may exceed max_steps
     build_config(overrides={"method": "grass", "probe_steps": 30, "max_steps": 20, "count_probe_steps": "false"})
+
+
+@pytest.mark.parametrize("counted", [True, False])
+def test_the_cli_loop_honours_count_probe_steps(tmp_path, tiny_model_dir, tiny_data, counted):
+    import json
+
+    from grass_ft.train import run_train
+
+    cfg = TrainConfig(method="grass", model=str(tiny_model_dir), data=str(tiny_data), gamma=2, probe_steps=2,
+                      max_steps=4, batch_size=2, eval_samples=0, count_probe_steps=counted,
+                      output_dir=str(tmp_path / "run"))
+    run_train(cfg, progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert sum(r["probe"] for r in rows) == 2
+    assert sum(not r["probe"] for r in rows) == (2 if counted else 4)  # updates
