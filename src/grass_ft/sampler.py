@@ -23,8 +23,8 @@ permutation is random per seed, so this is noise, not a bias toward particular b
 
 Importance metrics (``importance``). ``mgn`` is the paper's: the EMA of each block's MGN. ``relative``
 divides it by the block's own probe reading, ``s_l = m_l / m_l(probe)``: how far a block's gradient has fallen
-since the probe, i.e. how much of what it could learn it has learnt. Why (docs/RESULTS.md, "Why a relative
-metric"): under Adam the size of an update does not depend on the gradient's scale, so the cross-block spread of
+since the probe, i.e. how much of what it could learn it has learnt. Why (docs/RESULTS.md, "Why these two
+improvements"): under Adam the size of an update does not depend on the gradient's scale, so the cross-block spread of
 raw MGN (larger near the output, shaped by depth and the residual stream) says little about where an update pays
 off, yet it makes the same high-MGN blocks redrawn while others are never trained (12–14 of 30 blocks in 20
 steps). The relative score is 1 for every block at the first draw (a uniform first draw), falls for blocks that
