@@ -493,12 +493,57 @@ def chosen_runs(runs: dict[str, dict]) -> dict[str, dict[int, dict]]:
     return out
 
 
-def fmt_ci(ci: tuple[float, float, float] | None, digits: int, scale: float = 1.0) -> str:
+def fmt_ci(ci: tuple[float, float, float] | None, digits: int, scale: float = 1.0, mark: bool = True) -> str:
     if ci is None:
         return "–"
     m, lo, hi = (scale * v for v in ci)
-    excl = " **excl. 0**" if lo > 0 or hi < 0 else ""
+    excl = " **excl. 0**" if mark and (lo > 0 or hi < 0) else ""
     return f"{m:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]{excl}"
+
+
+def targets_md(chosen: dict[str, dict[int, dict]]) -> list[str]:
+    """The issue's targets for the best GRASS variant (lowest mean GSM eval loss among grass, training probe,
+    relative), each on paired seeds: met only when the 95 % interval says so."""
+    variants = [a for a in ("grass", "grass-trainprobe", "grass-relative") if chosen.get(a)]
+    if not variants:
+        return []
+
+    def mean_loss(arm: str) -> float:
+        return statistics.fmean(r["figures"]["gsm_eval_loss"] for r in chosen[arm].values())
+
+    best = min(variants, key=mean_loss)
+    rows = []
+
+    def paired(other: str, fig: str) -> tuple[list[int], list[float]]:
+        seeds = sorted(set(chosen[best]) & set(chosen.get(other, {})))
+        return seeds, [chosen[best][s]["figures"][fig] - chosen[other][s]["figures"][fig] for s in seeds]
+
+    for other in ("lisa", "grass-uniform", "grass-static"):
+        if other not in chosen or other == best:
+            continue
+        seeds, d = paired(other, "gsm_eval_loss")
+        ci = paired_ci(d)
+        rows.append((f"GSM eval loss below {LABELS[other]}'s (interval below 0)", fmt_ci(ci, 4) + f", seeds {seeds}",
+                     ci is not None and ci[2] < 0))
+    if "fft" in chosen:
+        seeds, _ = paired("fft", "gsm_eval_loss")
+        if seeds:
+            rel = [chosen[best][s]["figures"]["gsm_eval_loss"] / chosen["fft"][s]["figures"]["gsm_eval_loss"] - 1
+                   for s in seeds]
+            ci = paired_ci(rel)
+            rows.append(("GSM eval loss within 2 % of FFT's (upper end of the interval of the ratio − 1 ≤ 2 %)",
+                         fmt_ci(ci, 2, 100, mark=False) + f" %, seeds {seeds}",
+                         ci is not None and ci[2] <= 0.02))
+    for other, margin in (("lisa", 2.0), ("fft", -0.5)):
+        if other not in chosen:
+            continue
+        seeds, d = paired(other, "arith_accuracy")
+        ci = paired_ci(d)
+        rows.append((f"arithmetic accuracy ≥ {LABELS[other]} {margin:+.1f} points (lower end of the interval)",
+                     fmt_ci(ci, 1, 100) + f" points, seeds {seeds}", ci is not None and 100 * ci[1] >= margin))
+    return (["", f"## Targets for the best GRASS variant so far: {LABELS[best]} (`{best}`)", "",
+             "| target | paired difference, 95 % interval | met |", "|---|---|---|"]
+            + [f"| {t} | {v} | {'yes' if ok else '**no** (or not yet resolved)'} |" for t, v, ok in rows])
 
 
 def report_md(records: list[dict]) -> str:
@@ -558,6 +603,7 @@ def report_md(records: list[dict]) -> str:
         L.append(f"| {LABELS[a]} − {LABELS[b]} | {','.join(map(str, seeds))} | "
                  f"{f'{dl[0]:+.4f} (one seed)' if single else fmt_ci(paired_ci(dl), 4)} | "
                  f"{f'{100 * da[0]:+.1f} (one seed)' if single else fmt_ci(paired_ci(da), 1, 100)} |")
+    L += targets_md(chosen)
     L += ["", "## Learning-rate grid (seed 1; GSM eval loss / arithmetic accuracy)", "",
           "| arm | rates | best |", "|---|---|---|"]
     for arm, grid in GRID.items():
