@@ -323,9 +323,11 @@ def base_figures() -> dict[str, Any]:
 
     torch.set_num_threads(THREADS)
     model, tok = load_model_and_tokenizer(PROTOCOL["model"], PROTOCOL["dtype"])
-    f = evaluate(model, tok, eval_sets(), full=True)
+    sets = eval_sets()
+    c0 = time.process_time()
+    f = evaluate(model, tok, sets, full=True)
     return {"gsm_eval_loss": f["gsm_loss"], "gsm_subset_loss": f["gsm_subset_loss"],
-            "arith_accuracy": f["arith_accuracy"], "arith_n": f["arith_n"]}
+            "arith_accuracy": f["arith_accuracy"], "arith_n": f["arith_n"], "eval_cpu_s": time.process_time() - c0}
 
 
 def child(argv: list[str], out: Path) -> bool:
