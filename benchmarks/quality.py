@@ -559,6 +559,24 @@ def targets_md(chosen: dict[str, dict[int, dict]]) -> list[str]:
             + [f"| {t} | {v} | {'yes' if ok else '**no** (or not yet resolved)'} |" for t, v, ok in rows])
 
 
+def cost_lines(runs: dict[str, dict], q: list[tuple[str, str, int, float | None]]) -> list[str]:
+    """CPU spent by the recorded runs, and the remaining queue priced at each method's mean recorded cost per run
+    (training + probe + evaluation; a method not yet recorded is priced at the mean of all recorded runs)."""
+    if not runs:
+        return []
+    cost = {k: r["figures"]["train_cpu_s"] + r["figures"].get("eval_cpu_s", 0.0) for k, r in runs.items()}
+    per_method: dict[str, list[float]] = {}
+    for k, r in runs.items():
+        per_method.setdefault(ARMS[r["arm"]][0], []).append(cost[k])
+    overall = statistics.fmean(cost.values())
+    left = [t for t in q if t[3] is None or run_key(t[1], t[2], t[3]) not in runs]
+    certain = [t for t in left if not (t[0].startswith("E") and t[3] is None)]
+    est = sum(statistics.fmean(per_method.get(ARMS[arm][0], [overall])) for _, arm, _, _ in certain)
+    return [f"CPU spent by the recorded runs: {sum(cost.values()) / 3600:.2f} CPU-hours (training, probe and "
+            f"evaluation; process CPU time). Remaining planned runs: {len(certain)}, about {est / 3600:.1f} "
+            f"CPU-hours at the recorded cost per run, plus {len(left) - len(certain)} conditional phase-E items.", ""]
+
+
 def report_md(records: list[dict]) -> str:
     runs = runs_of(records)
     chosen = chosen_runs(runs)
@@ -570,6 +588,7 @@ def report_md(records: list[dict]) -> str:
          f"the queue holds {len(q)} items, {n_done} done, "
          f"{sum(1 for t in q if t[3] is None)} waiting for a learning-rate grid. Continue with "
          f"`nice -n 19 python benchmarks/quality.py run`.", ""]
+    L += cost_lines(runs, q)
     if base:
         b = base["figures"]
         L += [f"Model as loaded: GSM-style eval loss {b['gsm_eval_loss']:.4f} nats/token (n=256), arithmetic "
