@@ -583,11 +583,13 @@ def report_md(records: list[dict]) -> str:
     base = next((r for r in records if r.get("record") == "base" and r.get("protocol_id") == protocol_id()), None)
     q = queue(runs)
     n_done = sum(1 for _, arm, seed, lr in q if lr is not None and run_key(arm, seed, lr) in runs)
+    n_cond = sum(1 for ph, *_ , lr in q if ph.startswith("E") and lr is None)
+    n_planned = len(q) - n_cond
     L = ["# 200-update quality experiment (generated from the ledger by `make quality`; do not edit)", "",
          f"Ledger: `docs/results/quality_ledger.jsonl`, protocol `{protocol_id()}`. **{len(runs)} runs recorded**; "
-         f"the queue holds {len(q)} items, {n_done} done, "
-         f"{sum(1 for t in q if t[3] is None)} waiting for a learning-rate grid. Continue with "
-         f"`nice -n 19 python benchmarks/quality.py run`.", ""]
+         f"the queue plans {n_planned} runs ({n_done} done; phase E adds up to {n_cond} reruns where an arm's best "
+         f"rate is not 3e-4). **Partial until every planned run is in.** Continue with "
+         f"`nice -n 19 python benchmarks/quality.py run` (skips recorded runs).", ""]
     L += cost_lines(runs, q)
     if base:
         b = base["figures"]
@@ -689,7 +691,9 @@ def plots(records: list[dict], docs: Path) -> None:
                 ax.fill_between(xs, [min(y) for y in ys], [max(y) for y in ys], color=COLORS[arm], alpha=0.15)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("GSM-style eval loss, 64-problem curve set")
-        ax.set_title("mean over seeds, band = min..max over seeds", fontsize=9)
+        if base:
+            ax.scatter([0.0], [base["figures"]["gsm_subset_loss"]], color="black", zorder=3, label="as loaded")
+        ax.set_title("mean over seeds, band = min..max over seeds" if chosen else "no run recorded yet", fontsize=9)
         ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(docs / name, dpi=110)
@@ -700,8 +704,7 @@ def cmd_report(ledger: Path, docs: Path) -> None:
     records = read_ledger(ledger)
     docs.mkdir(parents=True, exist_ok=True)
     (docs / "quality.md").write_text(report_md(records))
-    if runs_of(records):
-        plots(records, docs)
+    plots(records, docs)  # also before the first run: the links in RESULTS.md stay valid
     print(f"wrote {docs / 'quality.md'} and the plots from {len(records)} ledger records")
 
 
