@@ -89,7 +89,6 @@ SHARES_LR = {"grass-static": "grass", "grass-trainprobe": "grass", "grass-relati
 FIRST_LR = 3e-4  # the GRASS family's and LISA's best rate in the 20-step protocol: the core comparison runs at it
 CORE = ("grass", "grass-uniform", "grass-static", "lisa")
 VARIANTS = ("grass-trainprobe", "grass-relative")
-DECIDING = ("grass", "grass-uniform", "grass-static", "grass-trainprobe", "grass-relative")
 
 
 def protocol_id() -> str:
@@ -171,6 +170,22 @@ def best_lr(arm: str, runs: dict[str, dict]) -> float | None:
     return min(grid, key=lambda lr: (found[lr], lr))
 
 
+def deciding(runs: dict[str, dict]) -> list[str]:
+    """The arms that get seeds 4-5: GRASS and the uniform control (they decide `method`), and each variant
+    whose seeds 1-3 beat GRASS on mean paired GSM eval loss (only a variant that may become the default needs five
+    seeds; one that is behind after three decides nothing). GRASS* is not a default candidate."""
+    arms = ["grass", "grass-uniform"]
+    lr = best_lr("grass", runs)
+    for v in VARIANTS:
+        if lr is None:
+            break
+        pairs = [(runs.get(run_key(v, s, lr)), runs.get(run_key("grass", s, lr))) for s in (1, 2, 3)]
+        if all(a and b for a, b in pairs) and statistics.fmean(
+                a["figures"]["gsm_eval_loss"] - b["figures"]["gsm_eval_loss"] for a, b in pairs) < 0:
+            arms.append(v)
+    return arms
+
+
 def queue(runs: dict[str, dict]) -> list[tuple[str, str, int, float | None]]:
     """``(phase, arm, seed, lr)`` in priority order; ``lr`` None = waits for the arm's grid at seed 1."""
     q: list[tuple[str, str, int, float | None]] = []
@@ -188,7 +203,7 @@ def queue(runs: dict[str, dict]) -> list[tuple[str, str, int, float | None]]:
             if lr is None or lr != FIRST_LR:
                 q.append(("E best-lr reruns", arm, seed, lr))
     for seed in (4, 5):  # F: five seeds for the arms that decide the defaults
-        q += [("F seeds 4-5", arm, seed, best_lr(arm, runs)) for arm in DECIDING]
+        q += [("F seeds 4-5", arm, seed, best_lr(arm, runs)) for arm in deciding(runs)]
     seen, out = set(), []
     for item in q:
         key = item[1:]
