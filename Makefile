@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.grass-ft-installed
 
-.PHONY: setup demo test test-fast results cpu-speed memory-estimate gpu-check clean
+.PHONY: setup demo test test-fast results quality quality-run cpu-speed memory-estimate gpu-check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,14 @@ test-fast: setup
 # The measured comparison of docs/RESULTS.md (about 2 hours on 2 cores; resumes where it stopped).
 results: setup
 	$(BIN)/python benchmarks/results.py --stage all --out runs/results --docs docs/results
+
+# The 200-update experiment (docs/RESULTS.md): every table and plot of docs/results/quality.md from the ledger
+# alone (seconds), and the queue that appends to the ledger (CPU-hours; skips recorded runs, resumes anywhere).
+quality: setup
+	$(BIN)/python benchmarks/quality.py report
+
+quality-run: setup
+	nice -n 19 $(BIN)/python benchmarks/quality.py run
 
 # Step time, offload overhead and optimizer-state growth side by side (docs/cpu_speed.md; about 10 minutes).
 cpu-speed: setup

@@ -50,8 +50,8 @@ def test_every_error_reported_at_once_shared_ones_once(tmp_path, tiny_model_dir,
                                      "lora.output_dir=x", "fft.lora_dropout=2"))
     errors = e.value.errors
     text = str(e.value)
-    assert "`methods` must be a comma-separated list of grass, grass-static, lisa, fft, lora, dora, got " \
-           "'fft,lora,bogus'" in text
+    assert ("`methods` must be a comma-separated list of grass, grass-static, lisa, fft, lora, dora, grass-uniform, "
+            "got 'fft,lora,bogus'") in text
     assert sum("unknown key `foo`" in m for m in errors) == 1  # shared by every method: listed once
     assert sum("`tau` must be > 0" in m for m in errors) == 1
     assert "lora: `lr` must be a number, got 'abc'" in errors

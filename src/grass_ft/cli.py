@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from .config import ConfigError, TrainConfig, build_config, parse_overrides, unknown_key_message, validate
+from .config import METHODS_WITH_SAMPLING, ConfigError, TrainConfig, build_config, parse_overrides, unknown_key_message, validate
 from .errors import UserError
 from .models import ModelError
 
@@ -48,7 +48,7 @@ def _config(args) -> TrainConfig:
     from .models import num_blocks_hint
 
     cfg = build_config(args.config, parse_overrides(args.overrides), known_methods=method_names())
-    n = num_blocks_hint(cfg.model) if cfg.method in ("grass", "grass-static", "lisa") else None
+    n = num_blocks_hint(cfg.model) if cfg.method in METHODS_WITH_SAMPLING else None
     errors = validate(cfg, num_blocks=n, known_methods=method_names()) if n is not None else []
     if errors:
         raise ConfigError(errors)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from .config import ALIASES, ConfigError, TrainConfig, build_config, resolve_aliases, validate
+from .config import ALIASES, METHODS_WITH_SAMPLING, ConfigError, TrainConfig, build_config, resolve_aliases, validate
 
 DEFAULT_METHODS = ("fft", "lora", "dora", "lisa", "grass", "grass-static")
 COMPARE_KEYS = ("methods", "output_dir")
@@ -122,7 +122,7 @@ def plan_compare(config_file: str | None, overrides: dict[str, str]) -> CompareP
         final[m] = {**shared, **own[m], "method": m, "output_dir": str(output_dir / m)}
         try:
             cfg = build_config(config_file, final[m], known_methods=known)
-            n = num_blocks_hint(cfg.model) if m in ("grass", "grass-static", "lisa") else None
+            n = num_blocks_hint(cfg.model) if m in METHODS_WITH_SAMPLING else None
             errs = validate(cfg, num_blocks=n, known_methods=known) if n is not None else []
             configs[m] = cfg
         except ConfigError as e:

@@ -82,7 +82,8 @@ class TrainConfig:
                                "JSON/JSONL file in the LLM-Adapters schema (instruction, input, output, answer)")
     eval_data: str | None = _f(None, "held-out data (file or generator); default: a held-out split of `data`")
     task: str = _f("gsm8k", "answer rule that scores the evaluation (gsm8k = last number within 0.001)")
-    method: str = _f("grass", "fine-tuning method: grass, grass-static, lisa, fft, lora, dora")
+    method: str = _f("grass", "fine-tuning method: grass, grass-static, lisa, fft, lora, dora, grass-uniform "
+                              "(GRASS with uniform draws: the control arm)")
     # data sources and formats (docs/DATA.md), logging sinks
     data_format: str = _f("auto", "format of `data` and `eval_data` rows: auto (from the columns), alpaca, "
                                   "prompt_completion, messages, text")
@@ -97,7 +98,14 @@ class TrainConfig:
     gamma: int = _f(4, "γ: number of decoder blocks trainable at a time")
     tau: float = _f(1.0, "τ: softmax temperature over the normalised MGN (large = uniform, small = top-γ)")
     alpha: float = _f(0.5, "α: EMA weight of the newest MGN window at each refresh, in (0, 1]")
-    probe_steps: int = _f(4, "T_p: probe steps at the start (gradients read, nothing updated); count toward max_steps")
+    probe_steps: int = _f(4, "T_p: probe steps at the start (gradients read, nothing updated); with probe_mode=train, "
+                             "steps each group of γ blocks trains while its gradients are read")
+    probe_mode: str = _f("measure", "measure: the paper's probe (every block's gradient read, nothing updated); "
+                                    "train: the first steps train the blocks γ at a time, all once, reading them")
+    importance: str = _f("mgn", "block importance: mgn (the paper's mean gradient norm) or relative (MGN / the "
+                                "block's own probe reading: how far its gradient has fallen; grass only)")
+    count_probe_steps: bool = _f(True, "measuring-probe steps count toward max_steps (the paper's accounting); "
+                                       "false: max_steps counts optimizer updates, the probe comes on top")
     sample_interval: int = _f(10, "T_s: steps between re-draws of the active blocks")
     update_interval: int = _f(20, "T_u: steps between refreshes of the sampling probabilities (adaptive grass only)")
     train_embeddings: bool = _f(False, "also train the input embeddings (LISA always does)")
@@ -165,7 +173,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-METHODS_WITH_SAMPLING = ("grass", "grass-static", "lisa")
+METHODS_WITH_SAMPLING = ("grass", "grass-static", "grass-uniform", "lisa")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 FSDP_METHODS = ("grass", "grass-static", "lisa", "fft")  # the others wrap the model in peft
 DTYPES = ("float32", "bfloat16")  # float16 needs a loss scaler, which the native loop does not have
@@ -323,7 +331,14 @@ def validate(cfg: TrainConfig, num_blocks: int | None = None, known_methods: typ
     if cfg.method == "grass-static":
         check("probe_steps", cfg.probe_steps >= 1, "must be >= 1 for method grass-static (its probabilities come "
                                                    "from the probe alone)")
-    if cfg.method in ("grass", "grass-static"):
+    check("probe_mode", cfg.probe_mode in ("measure", "train"), "must be measure or train")
+    check("importance", cfg.importance in ("mgn", "relative"), "must be mgn or relative")
+    if cfg.importance == "relative":
+        check("method", cfg.method == "grass", "must be grass with importance=relative (GRASS* never refreshes, "
+                                               "so its relative importance would stay uniform)")
+    if cfg.method in ("grass", "grass-static") and cfg.probe_mode == "train":
+        check("probe_steps", cfg.probe_steps >= 1, "must be >= 1 with probe_mode=train (steps per group)")
+    if cfg.method in ("grass", "grass-static") and cfg.count_probe_steps and cfg.probe_mode == "measure":
         check("probe_steps", cfg.probe_steps < cfg.max_steps, f"must be below max_steps={cfg.max_steps} "
                                                               f"(probe steps count toward max_steps)")
     check("sample_interval", cfg.sample_interval >= 1, "must be >= 1")

@@ -9,8 +9,9 @@ native loop, at these events (all present in transformers >= 4.56, the floor; se
 - ``on_step_begin``: ``StepRunner.begin_step(state.global_step)`` (probe / refresh / draw, ``requires_grad``),
   write the events to ``layers.jsonl``, move optimizer state of blocks that left the active set to host memory.
 - ``on_substep_end`` and ``on_pre_optimizer_step``: the probe's per-micro-batch observation.
-- ``on_pre_optimizer_step``: the active blocks' gradient RMS (adaptive GRASS), read *before* the Trainer's
-  clipping — see :class:`_FinalGradNorms`.
+- ``on_pre_optimizer_step``: the active blocks' gradient RMS (adaptive GRASS, and the training probe), read
+  *before* the Trainer's clipping by the runner's :class:`~grass_ft.importance.GradNormRecorder` in its
+  ``"last"`` mode (the same recorder and non-finite policy as the native loop).
 - checkpoints: the runner's state travels in ``trainer_state.json`` (``ExportableState``); see :meth:`state`.
 """
 
@@ -20,7 +21,6 @@ import base64
 import dataclasses
 import difflib
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -32,14 +32,14 @@ from transformers.trainer_callback import ExportableState
 
 from .config import ConfigError, TrainConfig, build_config, validate
 from .distributed import Distributed
-from .importance import grad_rms
 from .methods import prepare
 from .models import block_layout
 from .step import StepRunner
 
 METHOD_KEYS = ("method", "gamma", "tau", "alpha", "probe_steps", "sample_interval", "update_interval",
-               "train_embeddings", "train_head", "reset_state_on_switch", "layers_attribute", "seed")
-CALLBACK_METHODS = ("grass", "grass-static", "lisa")
+               "train_embeddings", "train_head", "reset_state_on_switch", "layers_attribute", "seed",
+               "probe_mode", "importance")
+CALLBACK_METHODS = ("grass", "grass-static", "lisa", "grass-uniform")
 # Run keys of the CLI that the Trainer owns: where to set them instead.
 _TRAINER_OWNS = {
     "model": "Trainer(model=...)", "data": "Trainer(train_dataset=...)", "eval_data": "Trainer(eval_dataset=...)",
@@ -52,6 +52,7 @@ _TRAINER_OWNS = {
                               "gradient_checkpointing_kwargs={'use_reentrant': False})",
     "output_dir": "TrainingArguments(output_dir=...)", "logging_steps": "TrainingArguments(logging_steps=...)",
     "dtype": "the dtype the model is loaded in",
+    "count_probe_steps": "TrainingArguments(max_steps=...), which counts the probe's steps",
     "supervised_only_loss": "grass_ft.loss.enable_supervised_loss(model) before building the Trainer",
     "offload": "nothing: the callback always moves the optimizer state of blocks that leave the active set to "
                "host memory",
@@ -157,59 +158,6 @@ def _reentrant_checkpointing(args) -> bool:
     return bool(kwargs.get("use_reentrant", int(transformers.__version__.split(".")[0]) < 5))
 
 
-class _FinalGradNorms:
-    """Squared norm of each block parameter's gradient as accumulated by the step's last backward.
-
-    Why not :func:`grass_ft.importance.block_rms` at ``on_pre_optimizer_step``, as the native loop does after
-    backward: the Trainer clips between the last backward and the first event after it, and clipping rescales
-    the active blocks by a factor that changes from step to step, so post-clip RMS of blocks seen at different
-    steps would not be comparable. A post-accumulate-grad hook sees ``.grad`` before clipping; each micro-batch
-    overwrites the previous value, so after the last backward it holds the accumulated gradient's norm, also
-    when an epoch's last step has fewer micro-batches. No host sync until :meth:`flush`.
-    """
-
-    def __init__(self, block_params: list[list[nn.Parameter]], numel: list[int]):
-        self.numel = list(numel)
-        self.enabled = False
-        self._sq: dict[int, tuple[int, torch.Tensor]] = {}
-        self._handles = [p.register_post_accumulate_grad_hook(self._hook(b))
-                         for b, params in enumerate(block_params) for p in params]
-
-    def _hook(self, b: int):
-        def hook(p: torch.Tensor) -> None:
-            if self.enabled:
-                self._sq[id(p)] = (b, p.grad.detach().float().pow(2).sum())
-
-        return hook
-
-    def record(self, block_params: list[list[nn.Parameter]], blocks: list[int]) -> None:
-        """Read the listed blocks' gradients now (multi-process: after the all-reduce, before clipping), in
-        place of the hooks, which would see each rank's own gradient."""
-        for b in blocks:
-            for p in block_params[b]:
-                if p.grad is not None:
-                    self._sq[id(p)] = (b, p.grad.detach().float().pow(2).sum())
-
-    def flush(self) -> dict[int, float]:
-        """r_l of every block that had a gradient this step, non-finite values left out; then clear."""
-        per_block: dict[int, torch.Tensor] = {}
-        for b, sq in self._sq.values():
-            per_block[b] = sq if b not in per_block else per_block[b] + sq
-        self._sq = {}
-        if not per_block:
-            return {}
-        ids = sorted(per_block)
-        values = torch.stack([per_block[b] for b in ids]).tolist()  # the one device->host sync of the step
-        rms = {b: grad_rms(v, self.numel[b]) for b, v in zip(ids, values)}
-        return {b: r for b, r in rms.items() if math.isfinite(r)}  # a NaN would poison the MGN for good
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-        self._sq = {}
-
-
 class _StateMover:
     """Keeps the Trainer's torch optimizer's state of trainable parameters on their device and every other
     parameter's state in host memory (pinned on CUDA).
@@ -287,10 +235,10 @@ class GrassCallback(TrainerCallback, ExportableState):
     ``state.global_step``; probe steps count toward ``max_steps`` and the Trainer's LR schedule.
 
     Args:
-        **keys: the CLI's method keys: ``method`` (grass, grass-static, lisa), ``gamma``, ``tau``, ``alpha``,
-            ``probe_steps``, ``sample_interval``, ``update_interval``, ``train_embeddings``, ``train_head``,
-            ``reset_state_on_switch``, ``layers_attribute``, ``seed``; defaults and meaning as in
-            :class:`~grass_ft.config.TrainConfig`.
+        **keys: the CLI's method keys: ``method`` (grass, grass-static, lisa, grass-uniform), ``gamma``, ``tau``,
+            ``alpha``, ``probe_steps``, ``sample_interval``, ``update_interval``, ``train_embeddings``,
+            ``train_head``, ``reset_state_on_switch``, ``layers_attribute``, ``seed``, ``probe_mode``,
+            ``importance``; defaults and meaning as in :class:`~grass_ft.config.TrainConfig`.
 
     Raises:
         ConfigError: listing every unknown key or bad value, each by name.
@@ -302,7 +250,6 @@ class GrassCallback(TrainerCallback, ExportableState):
         self.runner: StepRunner | None = None
         self._mover: _StateMover | None = None
         self._own_report = None  # an optimizer with its own memory_report (LayerwiseOffloadAdamW)
-        self._final: _FinalGradNorms | None = None
         self._trace = None
         self._step = -1
         self._requires_grad: dict[str, bool] = {}
@@ -354,9 +301,6 @@ class GrassCallback(TrainerCallback, ExportableState):
         self._requires_grad = {n: p.requires_grad for n, p in names.items()}
         self._own_report = opt if hasattr(opt, "memory_report") else None
         self._mover = None if self._own_report is not None else _StateMover(opt)
-        self._block_params = [[names[n] for n in block] for block in prepared.layout.blocks]
-        if self.runner.sampler.records_importance:
-            self._final = _FinalGradNorms(self._block_params, prepared.layout.numel)
         self._step = state.global_step - 1
         self._stop_backward_at_active_blocks(model, args)
         if state.is_world_process_zero:
@@ -386,9 +330,12 @@ class GrassCallback(TrainerCallback, ExportableState):
         if self._mover is not None:
             keep = set() if probe else set(self.runner.trainable_params())
             self._mover.sync(keep, drop_leaving=self.runner.p.reset_state_on_switch)
-        if self._final is not None:
-            # multi-process: read after the all-reduce instead (sync_gradients), not each rank's own gradient
-            self._final.enabled = not probe and not self._dist.enabled
+        recorder = self.runner._recorder
+        # multi-process: the hooks would see each rank's own gradient; read after the all-reduce (sync_gradients)
+        if not probe and self.runner.sampler.records(step) and not self._dist.enabled:
+            recorder.attach("last")  # pre-clip RMS of the step's accumulated gradients, read at pre_optimizer_step
+        elif recorder.mode == "last":
+            recorder.detach()
 
     def sync_gradients(self) -> None:
         """Multi-process, after the last backward of a step and before the Trainer clips: average the gradients
@@ -397,8 +344,8 @@ class GrassCallback(TrainerCallback, ExportableState):
         if not self._dist.enabled or self.runner.is_probe(self._step):
             return
         self._dist.all_reduce_grads(self.runner.trainable_params())
-        if self._final is not None:
-            self._final.record(self._block_params, list(self.runner.sampler.active))
+        if self.runner.sampler.records(self._step):
+            self.runner.sampler.observe(self.runner._recorder.read(self.runner.sampler.active))
 
     def on_substep_end(self, args, state, control, **kwargs):
         self.runner.after_micro_backward(self._step)  # the probe: one observation per micro-batch
@@ -407,8 +354,8 @@ class GrassCallback(TrainerCallback, ExportableState):
         # After the Trainer clipped (nothing to clip in the probe: the recorder freed every gradient) and before
         # optimizer.step(), which skips every parameter without a gradient.
         self.runner.after_micro_backward(self._step)
-        if self._final is not None and not self.runner.is_probe(self._step):
-            self.runner.sampler.observe(self._final.flush())
+        if self.runner._recorder.mode == "last":
+            self.runner.sampler.observe(self.runner._recorder.flush())
 
     def on_step_end(self, args, state, control, **kwargs):
         if self._dist.enabled:
@@ -447,9 +394,6 @@ class GrassCallback(TrainerCallback, ExportableState):
             self.runner._recorder.detach()  # a run stopped inside the probe must not leave grad-freeing hooks
             for n, p in self.runner.params.items():  # as the user had them, so a next Trainer sees every param
                 p.requires_grad_(self._requires_grad.get(n, True))
-        if self._final is not None:
-            self._final.remove()
-            self._final = None
         if self._input_grads_off and model is not None:
             model.enable_input_require_grads()
             self._input_grads_off = False

@@ -51,11 +51,31 @@ class MGNWindow:
         self.count.copy_(state["count"])
 
 
+def finite_observation(rms: dict[int, float]) -> dict[int, float]:
+    """The one importance policy for a non-finite gradient: an observation (one step's or one micro-batch's
+    r_l of every block that had a gradient) with any non-finite value is dropped whole.
+
+    Why whole: a non-finite gradient says nothing about any block's importance (the step is skipped, or under
+    ``transformers.Trainer`` the model is already ruined), and a single inf/NaN kept in the MGN window would turn
+    ``normalize_mgn`` (a division by the mean) into NaN probabilities that the EMA keeps for good.
+    """
+    return rms if all(math.isfinite(r) for r in rms.values()) else {}
+
+
+def _rms_of(ids: Sequence[int], squares: Sequence[torch.Tensor], numel: Sequence[int],
+            scale: float = 1.0) -> dict[int, float]:
+    if not ids:
+        return {}
+    values = torch.stack(list(squares)).tolist()  # the one device->host sync of the bookkeeping
+    return {b: grad_rms(v * scale * scale, numel[b]) for b, v in zip(ids, values)}
+
+
 def block_rms(block_params: Sequence[Sequence[nn.Parameter]], blocks: Iterable[int],
               numel: Sequence[int]) -> dict[int, float]:
     """r_l for each listed block from the ``.grad`` its parameters hold now (after accumulation/all-reduce).
 
-    A block none of whose parameters has a gradient is left out. One host sync for all blocks.
+    A block none of whose parameters has a gradient is left out. One host sync for all blocks. Raw values:
+    :class:`GradNormRecorder` applies :func:`finite_observation`.
     """
     ids, sq = [], []
     for b in blocks:
@@ -65,10 +85,7 @@ def block_rms(block_params: Sequence[Sequence[nn.Parameter]], blocks: Iterable[i
         norms = torch._foreach_norm(grads, 2)
         sq.append(torch.stack([n.float() for n in norms]).pow(2).sum())
         ids.append(b)
-    if not ids:
-        return {}
-    values = torch.stack(sq).tolist()  # the one device->host sync of the bookkeeping
-    return {b: grad_rms(v, numel[b]) for b, v in zip(ids, values)}
+    return _rms_of(ids, sq, numel)
 
 
 NORM_CHUNK = 1 << 21  # elements: an 8 MiB fp32 temporary per chunk
@@ -90,50 +107,98 @@ def squared_norm(grad: torch.Tensor) -> torch.Tensor:
     return sq if sq is not None else flat.new_zeros((), dtype=torch.float32)
 
 
-class ProbeRecorder:
-    """Reads each block parameter's squared gradient norm as soon as its gradient is accumulated, then frees it.
+class GradNormRecorder:
+    """The one recorder of block gradient RMS, for the native loop (:mod:`grass_ft.step`) and the
+    ``transformers.Trainer`` callback (:mod:`grass_ft.hf`); every observation it returns has passed
+    :func:`finite_observation`.
 
-    Used during the probe phase, so no full set of gradients ever exists at once and the probe's peak memory
-    stays below the training phase's (the "optimizer step in backward" pattern, without the step).
-    Call :meth:`flush` after each backward to turn the accumulated squared norms into one observation.
+    Three ways to read, one policy:
+
+    - ``attach("probe")``: hooks read each block parameter's squared gradient norm as soon as it is accumulated,
+      then free the gradient, so no full set of gradients ever exists at once and the probe's peak memory stays
+      below the training phase's (the "optimizer step in backward" pattern, without the step). :meth:`flush`
+      after each backward turns the squared norms into one observation.
+    - ``attach("last")``: hooks keep, per parameter, the squared norm of its gradient as last accumulated (the
+      step's accumulated gradient after the last backward) and leave the gradient alone. The Trainer needs this:
+      it clips between the last backward and the first event after it, and post-clip RMS of blocks seen at
+      different steps would not be comparable. :meth:`flush` after the step's last backward.
+    - :meth:`read`: the native loop reads ``.grad`` after its all-reduce and before it clips.
     """
+
+    MODES = ("probe", "last")
 
     def __init__(self, block_params: Sequence[Sequence[nn.Parameter]], numel: Sequence[int],
                  reduce: Callable[[torch.Tensor], torch.Tensor] | None = None):
         self.block_params = block_params
-        self.reduce = reduce  # multi-process: average each gradient over ranks before reading its norm
+        self.reduce = reduce  # multi-process probe: average each gradient over ranks before reading its norm
         self.numel = list(numel)
-        self._sq: list[torch.Tensor | None] = [None] * len(block_params)
+        self.mode: str | None = None
+        self._probe_sq: list[torch.Tensor | None] = [None] * len(block_params)
+        self._last_sq: dict[int, tuple[int, torch.Tensor]] = {}
         self._handles: list = []
+        self._hooked: set[int] = set()
+        self.dropped = 0  # observations left out by the non-finite policy
 
-    def attach(self) -> None:
-        if self._handles:
-            return
+    def attach(self, mode: str = "probe") -> None:
+        if mode not in self.MODES:
+            raise ValueError(f"recorder mode must be one of {', '.join(self.MODES)}, got {mode!r}")
+        if self.mode != mode:
+            self._clear()
+        self.mode = mode
         for b, params in enumerate(self.block_params):
             for p in params:
-                self._handles.append(p.register_post_accumulate_grad_hook(self._hook(b)))
+                # torch refuses a hook on a frozen tensor: hook what trains now, the rest when it first trains
+                if p.requires_grad and id(p) not in self._hooked:
+                    self._handles.append(p.register_post_accumulate_grad_hook(self._hook(b)))
+                    self._hooked.add(id(p))
 
     def _hook(self, b: int):
         def hook(p: torch.Tensor) -> None:
-            grad = p.grad.detach() if self.reduce is None else self.reduce(p.grad.detach())
-            sq = squared_norm(grad)
-            self._sq[b] = sq if self._sq[b] is None else self._sq[b] + sq
-            p.grad = None  # free at once: the probe updates nothing
+            if self.mode == "probe":
+                grad = p.grad.detach() if self.reduce is None else self.reduce(p.grad.detach())
+                sq = squared_norm(grad)
+                self._probe_sq[b] = sq if self._probe_sq[b] is None else self._probe_sq[b] + sq
+                p.grad = None  # free at once: the probe updates nothing
+            elif self.mode == "last":
+                # .grad holds the sum so far; each micro-batch overwrites, so the last one is the step's
+                self._last_sq[id(p)] = (b, squared_norm(p.grad.detach()))
 
         return hook
 
     def flush(self, scale: float = 1.0) -> dict[int, float]:
-        """r_l of the gradients seen since the last flush, the gradient multiplied by ``scale`` first
-        (``grad_accum``, so a micro-batch's gradient is measured at the scale of a full step's)."""
-        ids = [b for b, s in enumerate(self._sq) if s is not None]
-        if not ids:
-            return {}
-        values = torch.stack([self._sq[b] for b in ids]).tolist()  # one device->host sync per backward
-        self._sq = [None] * len(self.block_params)
-        return {b: grad_rms(v * scale * scale, self.numel[b]) for b, v in zip(ids, values)}
+        """r_l of the gradients seen by the hooks since the last flush, the gradient multiplied by ``scale``
+        first (probe: ``grad_accum``, so a micro-batch's gradient is measured at the scale of a full step's)."""
+        if self.mode == "last":
+            per_block: dict[int, torch.Tensor] = {}
+            for b, sq in self._last_sq.values():
+                per_block[b] = sq if b not in per_block else per_block[b] + sq
+            ids = sorted(per_block)
+            squares = [per_block[b] for b in ids]
+        else:
+            ids = [b for b, s in enumerate(self._probe_sq) if s is not None]
+            squares = [self._probe_sq[b] for b in ids]
+        self._clear()
+        return self.accept(_rms_of(ids, squares, self.numel, scale))
+
+    def read(self, blocks: Iterable[int]) -> dict[int, float]:
+        """r_l of ``blocks`` from the ``.grad`` they hold now (see :func:`block_rms`)."""
+        return self.accept(block_rms(self.block_params, blocks, self.numel))
+
+    def accept(self, rms: dict[int, float]) -> dict[int, float]:
+        """``rms`` after the one non-finite policy (:func:`finite_observation`), counting what it drops; for
+        readings made elsewhere (FSDP2's sharded norms)."""
+        kept = finite_observation(rms)
+        self.dropped += bool(rms) and not kept
+        return kept
+
+    def _clear(self) -> None:
+        self._probe_sq = [None] * len(self.block_params)
+        self._last_sq = {}
 
     def detach(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles = []
-        self._sq = [None] * len(self.block_params)
+        self._hooked = set()
+        self.mode = None
+        self._clear()

@@ -72,11 +72,29 @@ def prepare(model: nn.Module, cfg: TrainConfig) -> Prepared:
     return _REGISTRY[cfg.method](model, cfg)
 
 
+GRASS_FAMILY = ("grass", "grass-static", "grass-uniform")  # frozen embeddings/head, layer-wise offloaded state
+
+
+def step_budget(cfg: TrainConfig, sampler: LayerSampler | None) -> tuple[int, int]:
+    """``(steps, updates)`` of a run: loop iterations and optimizer updates.
+
+    The measuring probe's steps update nothing. With ``count_probe_steps`` (the paper's accounting) they count
+    toward ``max_steps``, so a run makes ``max_steps - probe_steps`` updates; without it ``max_steps`` counts
+    updates and the probe's forward/backward passes come on top (methods compared at equal updates). The
+    training probe (``probe_mode=train``) updates at every step, so steps = updates = ``max_steps`` either way.
+    """
+    probe = sampler.measure_steps if sampler is not None else 0
+    if cfg.count_probe_steps:
+        return cfg.max_steps, cfg.max_steps - probe
+    return cfg.max_steps + probe, cfg.max_steps
+
+
 def resolved_offload(cfg: TrainConfig) -> bool:
-    """``offload`` left unset takes the method's default: on for GRASS, off for LISA (as shipped) and FFT."""
+    """``offload`` left unset takes the method's default: on for the GRASS family, off for LISA (as shipped)
+    and FFT."""
     if cfg.offload is not None:
         return cfg.offload
-    return cfg.method in ("grass", "grass-static")
+    return cfg.method in GRASS_FAMILY
 
 
 def make_adamw(named: list[tuple[str, nn.Parameter]], cfg: TrainConfig, layout: BlockLayout | None,
@@ -103,7 +121,8 @@ def _always_names(layout: BlockLayout, embeddings: bool, head: bool) -> list[str
     return (layout.embeddings if embeddings else []) + (layout.head if head else [])
 
 
-def _sampling(model: nn.Module, cfg: TrainConfig, kind: str, embeddings: bool, head: bool) -> Prepared:
+def _sampling(model: nn.Module, cfg: TrainConfig, kind: str, embeddings: bool, head: bool,
+              layerwise: bool = True) -> Prepared:
     layout = block_layout(model, cfg.layers_attribute)
     always = _always_names(layout, embeddings, head)
     candidates = {n for b in layout.blocks for n in b} | set(always)
@@ -111,8 +130,9 @@ def _sampling(model: nn.Module, cfg: TrainConfig, kind: str, embeddings: bool, h
     offload = resolved_offload(cfg)
     sampler = LayerSampler(kind=kind, num_blocks=layout.num_blocks, gamma=cfg.gamma, tau=cfg.tau, alpha=cfg.alpha,
                            probe_steps=cfg.probe_steps, sample_interval=cfg.sample_interval,
-                           update_interval=cfg.update_interval, seed=cfg.seed)
-    optimizer = make_adamw(named, cfg, layout, offload, layerwise=kind != "uniform")
+                           update_interval=cfg.update_interval, seed=cfg.seed, probe_mode=cfg.probe_mode,
+                           importance=cfg.importance)
+    optimizer = make_adamw(named, cfg, layout, offload, layerwise=layerwise)
     return Prepared(model=model, optimizer=optimizer, layout=layout,
                     sampler=sampler, always=always, reset_state_on_switch=cfg.reset_state_on_switch,
                     offload=offload)
@@ -130,8 +150,8 @@ def _grass_static(model: nn.Module, cfg: TrainConfig) -> Prepared:
 
 @register_method("lisa")
 def _lisa(model: nn.Module, cfg: TrainConfig) -> Prepared:
-    # As LMFlow and axolotl ship it: uniform draws, embeddings and head trained at every step.
-    return _sampling(model, cfg, "uniform", True, True)
+    # As LMFlow and axolotl ship it: uniform draws, embeddings and head trained at every step, torch AdamW.
+    return _sampling(model, cfg, "uniform", True, True, layerwise=False)
 
 
 @register_method("fft")
@@ -163,3 +183,11 @@ def _lora(model: nn.Module, cfg: TrainConfig) -> Prepared:
 @register_method("dora")
 def _dora(model: nn.Module, cfg: TrainConfig) -> Prepared:
     return _peft(model, cfg, dora=True)
+
+
+# Registered last: the order of the registry is the order error messages list the methods in.
+@register_method("grass-uniform")
+def _grass_uniform(model: nn.Module, cfg: TrainConfig) -> Prepared:
+    # The control arm: GRASS in every respect (frozen embeddings/head unless asked, layer-wise offloaded state,
+    # intervals) but uniform draws and no probe, so a difference to GRASS is the importance signal's alone.
+    return _sampling(model, cfg, "uniform", cfg.train_embeddings, cfg.train_head)

@@ -15,11 +15,13 @@ from typing import Any
 
 import yaml
 
+from .config import METHODS_WITH_SAMPLING
+
 # One colour per method in every chart (tab10 entries).
 METHOD_COLORS = {"fft": "#444444", "lora": "#1f77b4", "dora": "#9467bd", "lisa": "#ff7f0e", "grass": "#2ca02c",
-                 "grass-static": "#17becf"}
-METHOD_STYLES = {"dora": "--", "grass-static": "--"}  # dashed: a variant drawn over its sibling stays visible
-SAMPLING_METHODS = ("grass", "grass-static", "lisa")
+                 "grass-static": "#17becf", "grass-uniform": "#8c564b"}
+METHOD_STYLES = {"dora": "--", "grass-static": "--", "grass-uniform": ":"}  # dashed: a variant drawn over its sibling stays visible
+SAMPLING_METHODS = METHODS_WITH_SAMPLING  # one list: grass_ft.config
 FROZEN, PROBE, TRAINED = 0, 1, 2  # cell values of the block x step activity matrix
 
 # --------------------------------------------------------------------------------------------- reading runs

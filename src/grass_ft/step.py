@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .errors import DivergenceError
-from .importance import ProbeRecorder, block_rms
+from .importance import GradNormRecorder
 from .distributed import Distributed
 from .fsdp import grad_norm_value, sharded_block_rms
 from .loss import has_supervised_token
@@ -100,12 +100,12 @@ class StepRunner:
         self.bad_in_a_row = 0
         self.skipped_steps = 0
         self._ever_active: set[int] = set()
-        self._recorder: ProbeRecorder | None = None
+        self._recorder: GradNormRecorder | None = None
         self._block_params: list[list[nn.Parameter]] = []
         if prepared.layout is not None and prepared.sampler is not None:
             self._block_params = [[self.params[n] for n in names] for names in prepared.layout.blocks]
             reduce = self.dist.average_ if self.dist.enabled else None
-            self._recorder = ProbeRecorder(self._block_params, prepared.layout.numel, reduce=reduce)
+            self._recorder = GradNormRecorder(self._block_params, prepared.layout.numel, reduce=reduce)
 
     # ------------------------------------------------------------------------------------------ pieces
 
@@ -133,9 +133,10 @@ class StepRunner:
         for name, param in self.params.items():
             param.requires_grad_(name in trainable)
         if probe and not self.sharded:  # FSDP2 sets .grad after autograd: no hook would fire, the shards are read
-            self._recorder.attach()
+            self._recorder.attach("probe")
         else:
-            self._recorder.detach()
+            if self._recorder.mode == "probe":
+                self._recorder.detach()
             new_blocks = set(self.sampler.active) - previous
             if self.p.reset_state_on_switch and new_blocks & self._ever_active:
                 self._reset_state(sorted(new_blocks & self._ever_active))
@@ -160,7 +161,7 @@ class StepRunner:
             rms, nbytes = sharded_block_rms(self._block_params, range(len(self._block_params)), self.p.layout.numel,
                                             scale=float(self.grad_accum))
             self.dist.allreduce_bytes += nbytes
-            self.sampler.observe(rms)
+            self.sampler.observe(self._recorder.accept(rms))  # the recorder's one non-finite policy
             self.p.optimizer.zero_grad(set_to_none=True)  # the probe updates nothing; the next micro-batch starts anew
         elif self.is_probe(step):
             self.sampler.observe(self._recorder.flush(scale=float(self.grad_accum)))
@@ -172,15 +173,15 @@ class StepRunner:
         """
         if self.dist.enabled and not self.is_probe(step) and not self.sharded:  # FSDP2 has reduce-scattered them
             self.dist.all_reduce_grads(self.trainable_params())
-        if self.sampler is None or self.is_probe(step) or not self.sampler.records_importance:
+        if self.sampler is None or self.is_probe(step) or not self.sampler.records(step):
             return 0.0
         t0 = time.perf_counter()
         if self.sharded:
             rms, nbytes = sharded_block_rms(self._block_params, self.sampler.active, self.p.layout.numel)
             self.dist.allreduce_bytes += nbytes
+            self.sampler.observe(self._recorder.accept(rms))  # the recorder's one non-finite policy
         else:
-            rms = block_rms(self._block_params, self.sampler.active, self.p.layout.numel)
-        self.sampler.observe(rms)
+            self.sampler.observe(self._recorder.read(self.sampler.active))
         return time.perf_counter() - t0
 
     def finish_step(self, step: int, loss_finite: bool = True) -> tuple[float | None, bool]:

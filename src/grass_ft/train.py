@@ -32,10 +32,10 @@ from .checkpoint import (CHECKPOINT_RE, load_checkpoint, load_sharded_checkpoint
 from .export import write_loadable
 from .logging_sinks import MetricSinks
 from .distributed import Distributed, init_distributed
-from .config import ConfigError, TrainConfig, save_config, validate
+from .config import METHODS_WITH_SAMPLING, ConfigError, TrainConfig, save_config, validate
 from .divergence import DivergenceWatch, vocab_size
 from .loss import enable_supervised_loss, full_loss, loss_forward
-from .methods import Prepared, method_names, prepare
+from .methods import Prepared, method_names, prepare, step_budget
 from .models import PACKAGED_NOTE, block_layout, enable_checkpointing, load_model, load_tokenizer
 from .preflight import FINISHED, RUN_FILES, RunError, preflight, supervised_features
 from .step import StepRunner, lr_factor, optimizer_state_bytes
@@ -114,7 +114,7 @@ def evaluate_model(model, tokenizer, examples: list[dict], cfg: TrainConfig, des
 
 def validate_for_model(cfg: TrainConfig, model) -> None:
     """Checks that need the model: γ against the number of decoder blocks."""
-    if cfg.method in ("grass", "grass-static", "lisa"):
+    if cfg.method in METHODS_WITH_SAMPLING:
         layout = block_layout(model, cfg.layers_attribute)
         errors = validate(cfg, num_blocks=layout.num_blocks, known_methods=method_names())
         if errors:
@@ -207,7 +207,7 @@ def _run_train(cfg: TrainConfig, progress: bool, dist: Distributed) -> dict[str,
         forward = full_loss
     prepared: Prepared = prepare(model, cfg)
     model = prepared.model  # lora/dora wrap the model in a peft model: train, save and evaluate that
-    total_updates = cfg.max_steps - (prepared.sampler.probe_steps if prepared.sampler else 0)
+    n_steps, total_updates = step_budget(cfg, prepared.sampler)  # count_probe_steps decides what max_steps counts
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         prepared.optimizer, lambda k: lr_factor(k, cfg.warmup_steps, total_updates, cfg.lr_schedule))
     runner = StepRunner(prepared, scheduler, grad_accum=cfg.grad_accum, max_grad_norm=cfg.max_grad_norm,
@@ -252,8 +252,8 @@ def _run_train(cfg: TrainConfig, progress: bool, dist: Distributed) -> dict[str,
         # the summary's peak is the training steps' own, not loading's or the "before" evaluation's
         torch.cuda.reset_peak_memory_stats(device)
     probe_peak = None
-    bar = tqdm(range(start_step, cfg.max_steps), desc=f"{cfg.method}", disable=not (progress and main), dynamic_ncols=True,
-               initial=start_step, total=cfg.max_steps)
+    bar = tqdm(range(start_step, n_steps), desc=f"{cfg.method}", disable=not (progress and main), dynamic_ncols=True,
+               initial=start_step, total=n_steps)
     try:
         for step in bar:
             batches = [{k: v.to(device) for k, v in stream.next_batch().items()} for _ in range(cfg.grad_accum)]
@@ -274,7 +274,7 @@ def _run_train(cfg: TrainConfig, progress: bool, dist: Distributed) -> dict[str,
             state = optimizer_state_bytes(prepared.optimizer)
             tps = tokens / res.seconds if res.seconds > 0 else 0.0
             record = None
-            if step % cfg.logging_steps == 0 or step == cfg.max_steps - 1:
+            if step % cfg.logging_steps == 0 or step == n_steps - 1:
                 record = {
                     "step": step, "loss": res.loss, "lr": scheduler.get_last_lr()[0], "grad_norm": res.grad_norm,
                     "tokens_per_s": tps, "s_per_step": res.seconds, "probe": res.probe, "skipped": res.skipped,
@@ -286,7 +286,7 @@ def _run_train(cfg: TrainConfig, progress: bool, dist: Distributed) -> dict[str,
                 metrics_f.write(json.dumps(record) + "\n")
             sinks.log_step(record, res.events, step)
             watch.observe(step, res.loss, res.grad_norm, res.probe, res.skipped)
-            if (main or cfg.fsdp) and cfg.save_steps and (step + 1) % cfg.save_steps == 0 and step + 1 < cfg.max_steps:
+            if (main or cfg.fsdp) and cfg.save_steps and (step + 1) % cfg.save_steps == 0 and step + 1 < n_steps:
                 totals = {"tokens": total_tokens, "train_time": train_time, "bookkeeping_time": bookkeeping_time,
                           "losses": losses}
                 extra = {"runner": runner.state_dict(), "rng": rng_state(), "watch": watch.state_dict()}
@@ -362,7 +362,7 @@ def _run_train(cfg: TrainConfig, progress: bool, dist: Distributed) -> dict[str,
         "optimizer_state_peak_device_bytes": state["peak_device"],
         "trainable_params": n_step_trainable, "total_params": n_trainable,
         "tokens_per_s": total_tokens / train_time if train_time else 0.0,
-        "s_per_step": train_time / cfg.max_steps, "train_wall_s": wall_train,
+        "s_per_step": train_time / n_steps, "train_wall_s": wall_train,
         "mgn_bookkeeping_fraction": bookkeeping_time / train_time if train_time else 0.0,
         "skipped_steps": runner.skipped_steps, "offload": prepared.offload, "final_dir": str(final),
         "merged_dir": str(merged) if merged is not None else None,

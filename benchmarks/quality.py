@@ -1,0 +1,791 @@
+"""Does importance sampling earn its place? The 200-update experiment of docs/RESULTS.md, run by a ledger.
+
+Every finished run appends one JSON line to the ledger (``docs/results/quality_ledger.jsonl``, append-only): the
+arm, seed, learning rate, the full resolved config, the git commit, and its figures (held-out GSM-style eval
+loss on 256 problems, accuracy on 200 single-digit arithmetic problems, the eval-loss curve over updates and
+process CPU-seconds, the probe's passes and CPU time). ``run`` skips every run already in the ledger, so the
+experiment can be stopped at any point and continued in another session; ``report`` rebuilds every table and
+plot from the ledger alone.
+
+Protocol (fixed here; the same for every arm):
+
+- model ``smollm2-135m`` (SmolLM2-135M-Instruct, weights through 4-bit quantisation), data ``gsm-mix`` (2,000
+  problems generated from the run's seed: a quarter GSM-style chain of thought, three quarters single-digit
+  arithmetic), batch 4, max_seq_len 256, constant lr, AdamW, clipping at 1.0, fp32, one thread per run;
+- **200 optimizer updates for every arm** (``count_probe_steps=false``: the measuring probe's 4 forward/backward
+  passes come on top of GRASS's 200 updates and their CPU time is reported separately);
+- sampling arms: γ = 4 of 30 blocks, a draw every 10 steps, an importance refresh every 20 (the shipped
+  defaults: 20 draws and 9 refreshes in a run), τ = 1, α = 0.5, probe 4;
+- held-out: 256 ``gsm_symbolic`` problems scored by eval loss on their chain-of-thought answers (primary; a
+  64-problem prefix of them gives the curve every 50 updates) and 200 single-digit ``+``/``*`` problems scored
+  by greedy accuracy (16 new tokens), the task where accuracy moves at this size (docs/RESULTS.md: FFT +25
+  points in 20 steps, while GSM-style accuracy stays at 0 % for every method). Fixed seeds, disjoint from
+  training's; the same problems for every run.
+
+Commands:
+
+    python benchmarks/quality.py plan                # the queue, each item done / to run, and the CPU cost plan
+    python benchmarks/quality.py measure             # s/step of every arm, side by side in one process
+    python benchmarks/quality.py run                 # run the queue in order, skipping recorded runs
+    python benchmarks/quality.py report              # docs/results/quality.md + plots, from the ledger alone
+    python benchmarks/quality.py one --arm grass --seed 1 --lr 3e-4   # one run, printed, not recorded
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import hashlib
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+LEDGER = ROOT / "docs" / "results" / "quality_ledger.jsonl"
+DOCS = ROOT / "docs" / "results"
+WORK = ROOT / "runs" / "quality"
+
+UPDATES = 200
+CURVE_EVERY = 50
+PROTOCOL: dict[str, Any] = {
+    "model": "smollm2-135m", "data": "gsm-mix", "train_samples": 2000, "batch_size": 4, "grad_accum": 1,
+    "max_seq_len": 256, "max_steps": UPDATES, "count_probe_steps": False, "lr_schedule": "constant",
+    "warmup_steps": 0, "max_grad_norm": 1.0, "weight_decay": 0.0, "dtype": "float32", "gamma": 4, "tau": 1.0,
+    "alpha": 0.5, "probe_steps": 4, "sample_interval": 10, "update_interval": 20, "eval_samples": 0,
+}
+EVAL_SETS = {"gsm": ("gsm_symbolic", 256, 2_026_112_8), "arith": ("easy_arith", 200, 2_026_112_9)}
+CURVE_SUBSET = 64  # the first 64 GSM-style problems: the curve's eval (a full 256 eval costs a minute of CPU)
+MAX_NEW_TOKENS = 16
+THREADS = 1
+
+# arm -> (method, extra keys). Every arm gets PROTOCOL and its lr.
+ARMS: dict[str, tuple[str, dict[str, Any]]] = {
+    "grass": ("grass", {}),
+    "grass-uniform": ("grass-uniform", {}),
+    "grass-static": ("grass-static", {}),
+    "lisa": ("lisa", {}),
+    "grass-trainprobe": ("grass", {"probe_mode": "train"}),
+    "grass-relative": ("grass", {"importance": "relative"}),
+    "fft": ("fft", {}),
+    "lora": ("lora", {}),
+}
+LABELS = {"grass": "GRASS", "grass-uniform": "uniform control", "grass-static": "GRASS*", "lisa": "LISA (as shipped)",
+          "grass-trainprobe": "GRASS, training probe", "grass-relative": "GRASS, relative importance",
+          "fft": "FFT", "lora": "LoRA r=32"}
+COLORS = {"grass": "#2ca02c", "grass-uniform": "#7f7f7f", "grass-static": "#17becf", "lisa": "#ff7f0e",
+          "grass-trainprobe": "#bcbd22", "grass-relative": "#d62728", "fft": "#444444", "lora": "#1f77b4"}
+# Learning-rate grids at seed 1. The GRASS variants (GRASS*, training probe, relative) train the same parameters
+# with the same optimizer as GRASS and take GRASS's best rate (a grid each would double the cost).
+GRID = {"grass": (1e-4, 3e-4), "grass-uniform": (1e-4, 3e-4), "lisa": (1e-4, 3e-4), "fft": (1e-5, 3e-5),
+        "lora": (3e-4, 1e-3)}
+SHARES_LR = {"grass-static": "grass", "grass-trainprobe": "grass", "grass-relative": "grass"}
+FIRST_LR = 3e-4  # the GRASS family's and LISA's best rate in the 20-step protocol: the core comparison runs at it
+CORE = ("grass", "grass-uniform", "grass-static", "lisa")
+VARIANTS = ("grass-trainprobe", "grass-relative")
+
+
+def protocol_id() -> str:
+    """A short hash of everything that makes two runs comparable (protocol, eval sets, curve)."""
+    blob = json.dumps({"p": PROTOCOL, "e": EVAL_SETS, "c": [CURVE_EVERY, CURVE_SUBSET, MAX_NEW_TOKENS]},
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+
+def run_key(arm: str, seed: int, lr: float) -> str:
+    return f"{arm}|seed={seed}|lr={lr:g}|protocol={protocol_id()}"
+
+
+# ------------------------------------------------------------------------------------------------ ledger
+
+
+def read_ledger(path: Path = LEDGER) -> list[dict]:
+    """Every record of the ledger; a torn last line (a killed append) is skipped."""
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def append_record(record: dict, path: Path = LEDGER) -> None:
+    """Append one line under an exclusive lock (two queues never interleave a line)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = json.dumps(record, sort_keys=True) + "\n"
+    with open(path, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        if f.tell() > 0:  # a torn last line (a killed append) gets its newline, so this record stands alone
+            f.seek(f.tell() - 1)
+            if f.read(1) != "\n":
+                f.write("\n")
+        f.write(line)
+        f.flush()
+        os.fsync(f.fileno())
+        fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def runs_of(records: list[dict]) -> dict[str, dict]:
+    """The protocol's finished runs by key (the first record of a key wins)."""
+    out: dict[str, dict] = {}
+    for r in records:
+        if r.get("record") == "run" and r.get("protocol_id") == protocol_id():
+            out.setdefault(r["key"], r)
+    return out
+
+
+def git_commit() -> tuple[str, bool]:
+    try:
+        sha = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no",
+                                     "src"], capture_output=True, text=True).stdout.strip())
+        return sha, dirty
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown", True
+
+
+# ------------------------------------------------------------------------------------------------ queue
+
+
+def best_lr(arm: str, runs: dict[str, dict]) -> float | None:
+    """The arm's learning rate with the lowest GSM eval loss at seed 1, once its whole grid is recorded."""
+    source = SHARES_LR.get(arm, arm)
+    grid = GRID[source]
+    found = {}
+    for lr in grid:
+        r = runs.get(run_key(source, 1, lr))
+        if r is None:
+            return None
+        found[lr] = r["figures"]["gsm_eval_loss"]
+    return min(grid, key=lambda lr: (found[lr], lr))
+
+
+def deciding(runs: dict[str, dict]) -> list[str]:
+    """The arms that get seeds 4-5: GRASS and the uniform control (they decide `method`), and each variant
+    whose seeds 1-3 beat GRASS on mean paired GSM eval loss (only a variant that may become the default needs five
+    seeds; one that is behind after three decides nothing). GRASS* is not a default candidate."""
+    arms = ["grass", "grass-uniform"]
+    lr = best_lr("grass", runs)
+    for v in VARIANTS:
+        if lr is None:
+            break
+        pairs = [(runs.get(run_key(v, s, lr)), runs.get(run_key("grass", s, lr))) for s in (1, 2, 3)]
+        if all(a and b for a, b in pairs) and statistics.fmean(
+                a["figures"]["gsm_eval_loss"] - b["figures"]["gsm_eval_loss"] for a, b in pairs) < 0:
+            arms.append(v)
+    return arms
+
+
+def queue(runs: dict[str, dict]) -> list[tuple[str, str, int, float | None]]:
+    """``(phase, arm, seed, lr)`` in priority order; ``lr`` None = waits for the arm's grid at seed 1."""
+    q: list[tuple[str, str, int, float | None]] = []
+    for seed in (1, 2, 3):  # A: does importance beat uniform draws? GRASS vs control vs GRASS* vs LISA
+        q += [("A core @3e-4", arm, seed, FIRST_LR) for arm in CORE]
+    for seed in (1, 2, 3):  # B: the two variants, same rate
+        q += [("B variants @3e-4", arm, seed, FIRST_LR) for arm in VARIANTS]
+    for arm, grid in GRID.items():  # C: the rest of each grid at seed 1
+        q += [("C lr grid, seed 1", arm, 1, lr) for lr in grid if not (arm in CORE and lr == FIRST_LR)]
+    for seed in (2, 3):  # D: the baselines at their best rate
+        q += [("D baselines @best", arm, seed, best_lr(arm, runs)) for arm in ("fft", "lora")]
+    for seed in (1, 2, 3):  # E: arms whose best rate is not the one phase A/B ran at
+        for arm in CORE + VARIANTS:
+            lr = best_lr(arm, runs)
+            if lr is None or lr != FIRST_LR:
+                q.append(("E best-lr reruns", arm, seed, lr))
+    for seed in (4, 5):  # F: five seeds for the arms that decide the defaults
+        q += [("F seeds 4-5", arm, seed, best_lr(arm, runs)) for arm in deciding(runs)]
+    seen, out = set(), []
+    for item in q:
+        key = item[1:]
+        if item[3] is not None and key in seen:
+            continue
+        seen.add(key)
+        out.append(item)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ one run
+
+
+def eval_sets() -> dict[str, list[dict]]:
+    from grass_ft.data import generate_examples
+
+    return {name: generate_examples(gen, n, seed) for name, (gen, n, seed) in EVAL_SETS.items()}
+
+
+def arm_config(arm: str, seed: int, lr: float):
+    from grass_ft.config import build_config
+    from grass_ft.methods import method_names
+
+    method, extra = ARMS[arm]
+    keys = {**PROTOCOL, **extra, "method": method, "seed": seed, "lr": lr, "output_dir": str(WORK / "unused")}
+    return build_config(overrides=keys, known_methods=method_names())
+
+
+def by_length(examples: list[dict]) -> list[dict]:
+    from grass_ft.data import format_prompt
+
+    return sorted(examples, key=lambda ex: len(format_prompt(ex)) + len(ex["output"]))
+
+
+def evaluate(model, tok, sets: dict[str, list[dict]], full: bool) -> dict[str, Any]:
+    """GSM-style eval loss (all 256, or the curve's 64-problem prefix) and, when ``full``, arithmetic accuracy."""
+    from grass_ft.evaluate import eval_loss, eval_loss_by_task, evaluate_examples
+
+    # Batches of 16 problems of similar length (the figures are token-weighted sums, independent of the order):
+    # chain-of-thought answers vary 2-3x in length, and padding to the longest would waste a third of the forward.
+    if not full:
+        return {"gsm_loss": eval_loss(model, tok, by_length(sets["gsm"][:CURVE_SUBSET]), PROTOCOL["max_seq_len"], 16)}
+    # one pass over the 256 gives both figures: the curve's 64 are tagged as their own task
+    tagged = [dict(ex, task="curve" if i < CURVE_SUBSET else "rest") for i, ex in enumerate(sets["gsm"])]
+    overall, per_task = eval_loss_by_task(model, tok, by_length(tagged), PROTOCOL["max_seq_len"], 16)
+    out: dict[str, Any] = {"gsm_loss": overall, "gsm_subset_loss": per_task["curve"]}
+    if full:
+        acc = evaluate_examples(model, tok, sets["arith"], "gsm8k", max_new_tokens=MAX_NEW_TOKENS, batch_size=16,
+                                progress=False)
+        out["arith_accuracy"] = acc["accuracy"]
+        out["arith_n"] = acc["n"]
+    return out
+
+
+def one_run(arm: str, seed: int, lr: float, progress: bool = False) -> dict[str, Any]:
+    """Train one arm for the protocol's 200 updates and evaluate it; returns the ledger record's figures."""
+    import torch
+
+    from grass_ft import data as data_mod
+    from grass_ft.loss import loss_forward
+    from grass_ft.methods import prepare, step_budget
+    from grass_ft.models import load_model_and_tokenizer
+    from grass_ft.step import StepRunner, lr_factor
+
+    torch.set_num_threads(THREADS)
+    cfg = arm_config(arm, seed, lr)
+    torch.manual_seed(cfg.seed)
+    train_ex, _ = data_mod.load_train_eval(cfg.data, None, cfg.train_samples, 0, cfg.seed)
+    sets = eval_sets()
+    model, tok = load_model_and_tokenizer(cfg.model, cfg.dtype)
+    features = [data_mod.tokenize_example(tok, ex, cfg.max_seq_len, cfg.train_on_inputs) for ex in train_ex]
+    stream = data_mod.BatchStream(features, cfg.batch_size, tok.pad_token_id, seed=cfg.seed)
+    prepared = prepare(model, cfg)
+    model = prepared.model
+    n_steps, n_updates = step_budget(cfg, prepared.sampler)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        prepared.optimizer, lambda k: lr_factor(k, cfg.warmup_steps, n_updates, cfg.lr_schedule))
+    runner = StepRunner(prepared, scheduler, grad_accum=cfg.grad_accum, max_grad_norm=cfg.max_grad_norm,
+                        max_bad_steps=cfg.max_bad_steps)
+    forward = loss_forward(cfg.supervised_only_loss)  # as the CLI's loop (supervised positions only, by default)
+    curve, losses, active_sets = [], [], []
+    cpu = wall = probe_cpu = probe_wall = eval_cpu = 0.0
+    updates = probe_passes = 0
+    for step in range(n_steps):
+        batch = stream.next_batch()
+        c0, w0 = time.process_time(), time.perf_counter()
+        res = runner.train_step(step, [batch], forward=forward)
+        dc, dw = time.process_time() - c0, time.perf_counter() - w0
+        cpu, wall = cpu + dc, wall + dw
+        if res.probe:
+            probe_passes += 1
+            probe_cpu, probe_wall = probe_cpu + dc, probe_wall + dw
+            continue
+        updates += 1
+        losses.append(res.loss)
+        active_sets.append(res.active)
+        if progress:
+            print(f"{arm} seed {seed} update {updates}: loss {res.loss:.4f} ({dw:.1f} s)", file=sys.stderr, flush=True)
+        if updates % CURVE_EVERY == 0 and updates < n_updates:
+            e0 = time.process_time()
+            point = evaluate(model, tok, sets, full=False)
+            eval_cpu += time.process_time() - e0
+            curve.append({"update": updates, "train_cpu_s": cpu, "train_wall_s": wall,
+                          "gsm_subset_loss": point["gsm_loss"]})
+    e0 = time.process_time()
+    final = evaluate(model, tok, sets, full=True)
+    eval_cpu += time.process_time() - e0
+    curve.append({"update": updates, "train_cpu_s": cpu, "train_wall_s": wall,
+                  "gsm_subset_loss": final["gsm_subset_loss"]})
+    recorder = runner._recorder
+    return {
+        "config": cfg.to_dict(),
+        "figures": {
+            "gsm_eval_loss": final["gsm_loss"], "gsm_n": len(sets["gsm"]),
+            "arith_accuracy": final["arith_accuracy"], "arith_n": final["arith_n"],
+            "curve": curve, "updates": updates, "probe_passes": probe_passes,
+            "train_cpu_s": cpu, "train_wall_s": wall, "probe_cpu_s": probe_cpu, "probe_wall_s": probe_wall,
+            "eval_cpu_s": eval_cpu, "cpu_s_per_update": (cpu - probe_cpu) / max(1, updates),
+            "skipped_steps": runner.skipped_steps,
+            "dropped_observations": recorder.dropped if recorder is not None else 0,
+            "distinct_blocks": len(set().union(*map(set, active_sets))) if prepared.sampler else None,
+            "final_train_loss": statistics.fmean(losses[-20:]),
+        },
+    }
+
+
+def base_figures() -> dict[str, Any]:
+    """The model as loaded, on the same eval sets (update 0 of every curve)."""
+    import torch
+
+    from grass_ft.models import load_model_and_tokenizer
+
+    torch.set_num_threads(THREADS)
+    model, tok = load_model_and_tokenizer(PROTOCOL["model"], PROTOCOL["dtype"])
+    sets = eval_sets()
+    c0 = time.process_time()
+    f = evaluate(model, tok, sets, full=True)
+    return {"gsm_eval_loss": f["gsm_loss"], "gsm_subset_loss": f["gsm_subset_loss"],
+            "arith_accuracy": f["arith_accuracy"], "arith_n": f["arith_n"], "eval_cpu_s": time.process_time() - c0}
+
+
+def child(argv: list[str], out: Path) -> bool:
+    """Run ``argv`` (this script's ``one`` or ``base``) in a fresh process, so each run's CPU time and memory
+    are its own; True when it wrote ``out``."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "MKL_NUM_THREADS": str(THREADS),
+           "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    out.unlink(missing_ok=True)
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), *argv, "--json-out", str(out)], env=env)
+    return proc.returncode == 0 and out.is_file()
+
+
+def record_common() -> dict[str, Any]:
+    import torch
+
+    sha, dirty = git_commit()
+    return {"protocol_id": protocol_id(), "protocol": PROTOCOL, "eval_sets": EVAL_SETS, "git_commit": sha,
+            "git_dirty_src": dirty, "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "threads": THREADS,
+                     "torch": torch.__version__, "python": platform.python_version(),
+                     "note": "shared machine: wall time is contaminated by other jobs; read CPU-seconds"}}
+
+
+def claim(key: str) -> Path | None:
+    """Claim a run for this process, so that several queues (one per free core) never run the same one: a
+    claim file made with O_EXCL, holding the pid; a claim whose process is gone is stale and taken over."""
+    path = WORK / "claims" / (hashlib.sha256(key.encode()).hexdigest()[:16] + ".pid")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                pid = int(path.read_text() or 0)
+                os.kill(pid, 0)  # signal 0: only asks whether the process exists
+                return None
+            except (ValueError, ProcessLookupError):
+                path.unlink(missing_ok=True)  # stale: its queue died
+                continue
+            except PermissionError:
+                return None
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        return path
+    return None
+
+
+def cmd_run(ledger: Path, max_runs: int | None, phases: str | None) -> None:
+    WORK.mkdir(parents=True, exist_ok=True)
+    base_key = f"base|protocol={protocol_id()}"
+    if not any(r.get("key") == base_key for r in read_ledger(ledger)) and (mine := claim(base_key)):
+        print("[base] the model as loaded", flush=True)
+        if child(["base"], WORK / "base.json"):
+            append_record({"record": "base", "key": base_key, **record_common(),
+                           "figures": json.loads((WORK / "base.json").read_text())}, ledger)
+        mine.unlink(missing_ok=True)
+    done = 0
+    while max_runs is None or done < max_runs:
+        runs = runs_of(read_ledger(ledger))
+        todo = [(ph, arm, seed, lr) for ph, arm, seed, lr in queue(runs)
+                if lr is not None and run_key(arm, seed, lr) not in runs and (not phases or ph[0] in phases)]
+        failed = set((WORK / "failed.txt").read_text().splitlines()) if (WORK / "failed.txt").exists() else set()
+        todo = [t for t in todo if run_key(*t[1:]) not in failed]
+        if not todo:
+            waiting = [t for t in queue(runs) if t[3] is None]
+            print(f"[idle] nothing runnable; {len(waiting)} item(s) wait for a learning-rate grid", flush=True)
+            return
+        claimed = None
+        for phase, arm, seed, lr in todo:
+            key = run_key(arm, seed, lr)
+            claimed = claim(key)
+            if claimed is not None:
+                break
+        if claimed is None:
+            print("[idle] every runnable item is being run by another queue", flush=True)
+            return
+        print(f"[run ] {phase}: {key}", flush=True)
+        t0 = time.perf_counter()
+        out = WORK / f"{arm}-s{seed}-lr{lr:g}.json"
+        common = record_common() | {"started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        if child(["one", "--arm", arm, "--seed", str(seed), "--lr", repr(lr)], out):
+            rec = json.loads(out.read_text())
+            common["finished_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            append_record({"record": "run", "key": key, "arm": arm, "seed": seed, "lr": lr, "phase": phase,
+                           **common, **rec}, ledger)
+            print(f"[done] {key}: GSM eval loss {rec['figures']['gsm_eval_loss']:.4f}, arithmetic "
+                  f"{100 * rec['figures']['arith_accuracy']:.1f} %, {rec['figures']['train_cpu_s']:.0f} CPU-s "
+                  f"training, {time.perf_counter() - t0:.0f} s wall", flush=True)
+        else:
+            with open(WORK / "failed.txt", "a") as f:  # not retried by this queue; delete the file to retry
+                f.write(key + "\n")
+            print(f"[FAIL] {key}", flush=True)
+        claimed.unlink(missing_ok=True)
+        done += 1
+
+
+# ------------------------------------------------------------------------------------------------ measure
+
+
+def cmd_measure(steps: int) -> None:
+    """s/step (process CPU and wall) of every arm, side by side in one process: ``steps`` steps each after one
+    warm-up step, real gsm-mix batches. For the cost plan; ratios are what to read on a shared machine."""
+    import torch
+
+    from grass_ft import data as data_mod
+    from grass_ft.loss import loss_forward
+    from grass_ft.methods import prepare
+    from grass_ft.models import load_model_and_tokenizer
+    from grass_ft.step import StepRunner
+
+    torch.set_num_threads(THREADS)
+    train_ex, _ = data_mod.load_train_eval("gsm-mix", None, 400, 0, 1)
+    rows = []
+    for arm in ("fft", "lora", "lisa", "grass", "grass-uniform"):
+        cfg = arm_config(arm, 1, 1e-4)
+        model, tok = load_model_and_tokenizer(cfg.model, cfg.dtype)
+        features = [data_mod.tokenize_example(tok, ex, cfg.max_seq_len) for ex in train_ex]
+        stream = data_mod.BatchStream(features, cfg.batch_size, tok.pad_token_id, seed=1)
+        prepared = prepare(model, cfg)
+        runner = StepRunner(prepared, None, max_grad_norm=1.0)
+        start = prepared.sampler.measure_steps if prepared.sampler else 0
+        fwd = loss_forward(cfg.supervised_only_loss)
+        for s in range(start):  # the probe, timed apart
+            runner.train_step(s, [stream.next_batch()], forward=fwd)
+        runner.train_step(start, [stream.next_batch()], forward=fwd)  # warm-up
+        c0, w0 = time.process_time(), time.perf_counter()
+        for s in range(start + 1, start + 1 + steps):
+            runner.train_step(s, [stream.next_batch()], forward=fwd)
+        rows.append((arm, (time.process_time() - c0) / steps, (time.perf_counter() - w0) / steps))
+        print(f"{arm}: {rows[-1][1]:.2f} CPU-s/step, {rows[-1][2]:.2f} wall-s/step", flush=True)
+    print(json.dumps(rows))
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+
+def t_quantile(p: float, df: int) -> float:
+    """Student's t quantile by bisection on its CDF (Simpson's rule on the density): no scipy needed."""
+    c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
+
+    def cdf(x: float) -> float:  # P(T <= x) for x >= 0
+        n = 2000
+        h = x / n
+        f = [c * (1 + (i * h) ** 2 / df) ** (-(df + 1) / 2) for i in range(n + 1)]
+        return 0.5 + h / 3 * (f[0] + f[-1] + 4 * sum(f[1:-1:2]) + 2 * sum(f[2:-1:2]))
+
+    lo, hi = 0.0, 1000.0
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cdf(mid) < p else (lo, mid)
+    return (lo + hi) / 2
+
+
+def paired_ci(diffs: list[float]) -> tuple[float, float, float] | None:
+    """Mean of paired differences and its 95 % t-interval; None below two pairs."""
+    n = len(diffs)
+    if n < 2:
+        return None
+    m, sd = statistics.fmean(diffs), statistics.stdev(diffs)
+    half = t_quantile(0.975, n - 1) * sd / math.sqrt(n)
+    return m, m - half, m + half
+
+
+def chosen_runs(runs: dict[str, dict]) -> dict[str, dict[int, dict]]:
+    """Per arm, its runs at the rate the table uses: the best rate once its seed-1 grid is complete, else
+    3e-4 (the core comparison's) where recorded, else the rate with most seeds."""
+    by_arm: dict[str, dict[float, dict[int, dict]]] = {}
+    for r in runs.values():
+        by_arm.setdefault(r["arm"], {}).setdefault(r["lr"], {})[r["seed"]] = r
+    out = {}
+    for arm, by_lr in by_arm.items():
+        lr = best_lr(arm, runs)
+        if lr not in by_lr:
+            lr = FIRST_LR if FIRST_LR in by_lr else max(by_lr, key=lambda k: len(by_lr[k]))
+        out[arm] = by_lr[lr]
+    return out
+
+
+def fmt_ci(ci: tuple[float, float, float] | None, digits: int, scale: float = 1.0, mark: bool = True) -> str:
+    if ci is None:
+        return "–"
+    m, lo, hi = (scale * v for v in ci)
+    excl = " **excl. 0**" if mark and (lo > 0 or hi < 0) else ""
+    return f"{m:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]{excl}"
+
+
+def targets_md(chosen: dict[str, dict[int, dict]]) -> list[str]:
+    """The issue's targets for the best GRASS variant (lowest mean GSM eval loss among grass, training probe,
+    relative), each on paired seeds: met only when the 95 % interval says so."""
+    variants = [a for a in ("grass", "grass-trainprobe", "grass-relative") if chosen.get(a)]
+    if not variants:
+        return []
+
+    def mean_loss(arm: str) -> float:
+        return statistics.fmean(r["figures"]["gsm_eval_loss"] for r in chosen[arm].values())
+
+    best = min(variants, key=mean_loss)
+    rows = []
+
+    def paired(other: str, fig: str) -> tuple[list[int], list[float]]:
+        seeds = sorted(set(chosen[best]) & set(chosen.get(other, {})))
+        return seeds, [chosen[best][s]["figures"][fig] - chosen[other][s]["figures"][fig] for s in seeds]
+
+    for other in ("lisa", "grass-uniform", "grass-static"):
+        if other not in chosen or other == best:
+            continue
+        seeds, d = paired(other, "gsm_eval_loss")
+        ci = paired_ci(d)
+        rows.append((f"GSM eval loss below {LABELS[other]}'s (interval below 0)", fmt_ci(ci, 4) + f", seeds {seeds}",
+                     ci is not None and ci[2] < 0))
+    if "fft" in chosen:
+        seeds, _ = paired("fft", "gsm_eval_loss")
+        if seeds:
+            rel = [chosen[best][s]["figures"]["gsm_eval_loss"] / chosen["fft"][s]["figures"]["gsm_eval_loss"] - 1
+                   for s in seeds]
+            ci = paired_ci(rel)
+            rows.append(("GSM eval loss within 2 % of FFT's (upper end of the interval of the ratio − 1 ≤ 2 %)",
+                         fmt_ci(ci, 2, 100, mark=False) + f" %, seeds {seeds}",
+                         ci is not None and ci[2] <= 0.02))
+    for other, margin in (("lisa", 2.0), ("fft", -0.5)):
+        if other not in chosen:
+            continue
+        seeds, d = paired(other, "arith_accuracy")
+        ci = paired_ci(d)
+        rows.append((f"arithmetic accuracy ≥ {LABELS[other]} {margin:+.1f} points (lower end of the interval)",
+                     fmt_ci(ci, 1, 100) + f" points, seeds {seeds}", ci is not None and 100 * ci[1] >= margin))
+    return (["", f"## Targets for the best GRASS variant so far: {LABELS[best]} (`{best}`)", "",
+             "| target | paired difference, 95 % interval | met |", "|---|---|---|"]
+            + [f"| {t} | {v} | {'yes' if ok else '**no** (or not yet resolved)'} |" for t, v, ok in rows])
+
+
+def cost_lines(runs: dict[str, dict], q: list[tuple[str, str, int, float | None]]) -> list[str]:
+    """CPU spent by the recorded runs, and the remaining queue priced at each method's mean recorded cost per run
+    (training + probe + evaluation; a method not yet recorded is priced at the mean of all recorded runs)."""
+    if not runs:
+        return []
+    cost = {k: r["figures"]["train_cpu_s"] + r["figures"].get("eval_cpu_s", 0.0) for k, r in runs.items()}
+    per_method: dict[str, list[float]] = {}
+    for k, r in runs.items():
+        per_method.setdefault(ARMS[r["arm"]][0], []).append(cost[k])
+    overall = statistics.fmean(cost.values())
+    left = [t for t in q if t[3] is None or run_key(t[1], t[2], t[3]) not in runs]
+    certain = [t for t in left if not (t[0].startswith("E") and t[3] is None)]
+    est = sum(statistics.fmean(per_method.get(ARMS[arm][0], [overall])) for _, arm, _, _ in certain)
+    return [f"CPU spent by the recorded runs: {sum(cost.values()) / 3600:.2f} CPU-hours (training, probe and "
+            f"evaluation; process CPU time). Remaining planned runs: {len(certain)}, about {est / 3600:.1f} "
+            f"CPU-hours at the recorded cost per run, plus {len(left) - len(certain)} conditional phase-E items.", ""]
+
+
+def report_md(records: list[dict]) -> str:
+    runs = runs_of(records)
+    chosen = chosen_runs(runs)
+    base = next((r for r in records if r.get("record") == "base" and r.get("protocol_id") == protocol_id()), None)
+    q = queue(runs)
+    n_done = sum(1 for _, arm, seed, lr in q if lr is not None and run_key(arm, seed, lr) in runs)
+    n_cond = sum(1 for ph, *_ , lr in q if ph.startswith("E") and lr is None)
+    n_planned = len(q) - n_cond
+    L = ["# 200-update quality experiment (generated from the ledger by `make quality`; do not edit)", "",
+         f"Ledger: `docs/results/quality_ledger.jsonl`, protocol `{protocol_id()}`. **{len(runs)} runs recorded**; "
+         f"the queue plans {n_planned} runs ({n_done} done; phase E adds up to {n_cond} reruns where an arm's best "
+         f"rate is not 3e-4). **Partial until every planned run is in.** Continue with "
+         f"`nice -n 19 python benchmarks/quality.py run` (skips recorded runs).", ""]
+    L += cost_lines(runs, q)
+    if base:
+        b = base["figures"]
+        L += [f"Model as loaded: GSM-style eval loss {b['gsm_eval_loss']:.4f} nats/token (n=256), arithmetic "
+              f"accuracy {100 * b['arith_accuracy']:.1f} % (n={b['arith_n']}).", ""]
+    L += ["## Per arm (each at the rate the table uses; mean ± sample sd over seeds)", "",
+          "| arm | lr | seeds | GSM-style eval loss (n=256) | arithmetic accuracy, % (n=200) | "
+          "train CPU-s per update | "
+          "probe passes (CPU-s) | distinct blocks trained |", "|---|---|---|---|---|---|---|---|"]
+
+    def ms(xs: list[float], d: int) -> str:
+        if not xs:
+            return "–"
+        return f"{statistics.fmean(xs):.{d}f}" + (f" ± {statistics.stdev(xs):.{d}f}" if len(xs) > 1 else "")
+
+    for arm in ARMS:
+        rs = chosen.get(arm)
+        if not rs:
+            continue
+        f = [r["figures"] for r in rs.values()]
+        lr = next(iter(rs.values()))["lr"]
+        blocks = [x["distinct_blocks"] for x in f if x.get("distinct_blocks") is not None]
+        L.append(f"| {LABELS[arm]} (`{arm}`) | {lr:g} | {','.join(map(str, sorted(rs)))} | "
+                 f"{ms([x['gsm_eval_loss'] for x in f], 4)} | {ms([100 * x['arith_accuracy'] for x in f], 1)} | "
+                 f"{ms([x['cpu_s_per_update'] for x in f], 2)} | "
+                 f"{f[0]['probe_passes']} ({ms([x['probe_cpu_s'] for x in f], 0)}) | "
+                 f"{ms(blocks, 1) if blocks else '–'} |")
+    L += ["", "## Paired by seed: row arm minus column arm (95 % t-interval; **excl. 0** = the interval excludes 0)",
+          "", "Eval loss: negative = the row arm is better. Accuracy: points, positive = the row arm is better.", ""]
+    pairs = [("grass", "grass-uniform"), ("grass", "grass-static"), ("grass", "lisa"),
+             ("grass-static", "grass-uniform"),
+             ("grass-trainprobe", "grass"), ("grass-trainprobe", "grass-uniform"), ("grass-relative", "grass"),
+             ("grass-relative", "grass-uniform"), ("grass-uniform", "lisa"), ("grass", "fft"), ("grass", "lora"),
+             ("grass-uniform", "fft"), ("lisa", "fft"), ("lora", "fft")]
+    L += ["| row − column | seeds | GSM eval loss difference | accuracy difference, points |", "|---|---|---|---|"]
+    for a, b in pairs:
+        if a not in chosen or b not in chosen:
+            continue
+        seeds = sorted(set(chosen[a]) & set(chosen[b]))
+        if not seeds:
+            continue
+        dl = [chosen[a][s]["figures"]["gsm_eval_loss"] - chosen[b][s]["figures"]["gsm_eval_loss"] for s in seeds]
+        da = [chosen[a][s]["figures"]["arith_accuracy"] - chosen[b][s]["figures"]["arith_accuracy"] for s in seeds]
+        single = len(seeds) == 1
+        L.append(f"| {LABELS[a]} − {LABELS[b]} | {','.join(map(str, seeds))} | "
+                 f"{f'{dl[0]:+.4f} (one seed)' if single else fmt_ci(paired_ci(dl), 4)} | "
+                 f"{f'{100 * da[0]:+.1f} (one seed)' if single else fmt_ci(paired_ci(da), 1, 100)} |")
+    L += targets_md(chosen)
+    L += ["", "## Learning-rate grid (seed 1; GSM eval loss / arithmetic accuracy)", "",
+          "| arm | rates | best |", "|---|---|---|"]
+    for arm, grid in GRID.items():
+        cells = []
+        for lr in grid:
+            r = runs.get(run_key(arm, 1, lr))
+            cells.append(f"{lr:g}: " + (f"{r['figures']['gsm_eval_loss']:.4f} / "
+                                        f"{100 * r['figures']['arith_accuracy']:.1f} %" if r else "not yet"))
+        best = best_lr(arm, runs)
+        L.append(f"| {LABELS[arm]} | {' · '.join(cells)} | {best:g} |" if best else
+                 f"| {LABELS[arm]} | {' · '.join(cells)} | grid incomplete |")
+    L += ["", "GRASS*, the training probe and the relative variant take GRASS's rate (same parameters, same "
+          "optimizer).",
+          "", "## Every run", "", "| arm | seed | lr | GSM eval loss | accuracy, % | train CPU-s | wall-s | commit |",
+          "|---|---|---|---|---|---|---|---|"]
+    for r in sorted(runs.values(), key=lambda r: (list(ARMS).index(r["arm"]), r["seed"], r["lr"])):
+        f = r["figures"]
+        L.append(f"| `{r['arm']}` | {r['seed']} | {r['lr']:g} | {f['gsm_eval_loss']:.4f} | "
+                 f"{100 * f['arith_accuracy']:.1f} | {f['train_cpu_s']:.0f} | {f['train_wall_s']:.0f} | "
+                 f"{r['git_commit'][:8]}{'+' if r.get('git_dirty_src') else ''} |")
+    L += ["", "## Queue (in order)", "", "| phase | arm | seed | lr | status |", "|---|---|---|---|---|"]
+    for ph, arm, seed, lr in q:
+        st = "waits for grid" if lr is None else ("done" if run_key(arm, seed, lr) in runs else "to run")
+        L.append(f"| {ph} | `{arm}` | {seed} | {'best' if lr is None else f'{lr:g}'} | {st} |")
+    L += ["", "![loss vs updates](quality_updates.png)", "", "![loss vs CPU-seconds](quality_cpu.png)", ""]
+    return "\n".join(L) + "\n"
+
+
+def plots(records: list[dict], docs: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = runs_of(records)
+    chosen = chosen_runs(runs)
+    base = next((r for r in records if r.get("record") == "base" and r.get("protocol_id") == protocol_id()), None)
+    for name, xkey, xlabel in (("quality_updates.png", "update", "optimizer updates"),
+                               ("quality_cpu.png", "train_cpu_s", "training process CPU-seconds (probe included)")):
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        for arm, rs in chosen.items():
+            curves = [r["figures"]["curve"] for r in rs.values()]
+            n = min(len(c) for c in curves)
+            xs = [statistics.fmean(c[i][xkey] for c in curves) for i in range(n)]
+            ys = [[c[i]["gsm_subset_loss"] for c in curves] for i in range(n)]
+            if base:
+                xs, ys = [0.0] + xs, [[base["figures"]["gsm_subset_loss"]]] + ys
+            mean = [statistics.fmean(y) for y in ys]
+            ax.plot(xs, mean, marker=".", color=COLORS[arm], label=f"{LABELS[arm]} ({len(curves)} seeds)")
+            if len(curves) > 1:
+                ax.fill_between(xs, [min(y) for y in ys], [max(y) for y in ys], color=COLORS[arm], alpha=0.15)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("GSM-style eval loss, 64-problem curve set")
+        if base:
+            ax.scatter([0.0], [base["figures"]["gsm_subset_loss"]], color="black", zorder=3, label="as loaded")
+        ax.set_title("mean over seeds, band = min..max over seeds" if chosen else "no run recorded yet", fontsize=9)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(docs / name, dpi=110)
+        plt.close(fig)
+
+
+def cmd_report(ledger: Path, docs: Path) -> None:
+    records = read_ledger(ledger)
+    docs.mkdir(parents=True, exist_ok=True)
+    (docs / "quality.md").write_text(report_md(records))
+    plots(records, docs)  # also before the first run: the links in RESULTS.md stay valid
+    print(f"wrote {docs / 'quality.md'} and the plots from {len(records)} ledger records")
+
+
+def cmd_plan(ledger: Path, s_per_step: dict[str, float]) -> None:
+    runs = runs_of(read_ledger(ledger))
+    q = queue(runs)
+    total = conditional = 0.0
+    for ph, arm, seed, lr in q:
+        method = ARMS[arm][0]
+        cost = s_per_step.get(method, s_per_step.get("grass", 0)) * UPDATES + EVAL_CPU_S
+        if ARMS[arm][1].get("probe_mode") != "train" and method in ("grass", "grass-static"):
+            cost += PROBE_PASSES_COST * s_per_step.get("fft", 0)
+        done = lr is not None and run_key(arm, seed, lr) in runs
+        if ph.startswith("E") and lr is None:
+            conditional += cost  # runs only if the arm's best rate is not 3e-4
+        else:
+            total += 0 if done else cost
+        print(f"{ph:22s} {arm:17s} seed {seed} lr {'best' if lr is None else f'{lr:g}':6s} "
+              f"{'done' if done else f'~{cost / 3600:.2f} CPU-h'}")
+    print(f"{len(q)} items, {sum(1 for t in q if t[3] is not None and run_key(t[1], t[2], t[3]) in runs)} done; "
+          f"remaining ≈ {total / 3600:.1f} CPU-hours at the given s/step, plus up to {conditional / 3600:.1f} "
+          f"CPU-hours of phase E reruns if some arm's best rate at seed 1 is not 3e-4")
+
+
+EVAL_CPU_S = 150.0  # measured: 3 curve evals of 64 problems + 256 + 64 loss + 200 generations, one thread
+PROBE_PASSES_COST = 4  # the measuring probe: 4 full backward passes, each about an FFT step
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p_run = sub.add_parser("run", help="run the queue, skipping runs already in the ledger")
+    p_run.add_argument("--max-runs", type=int, default=None)
+    p_run.add_argument("--phases", default=None, help="only these phase letters, e.g. AB")
+    sub.add_parser("report", help="docs/results/quality.md and plots from the ledger alone")
+    p_plan = sub.add_parser("plan", help="the queue and its remaining CPU cost")
+    p_plan.add_argument("--s-per-step", default="{}", help='JSON {"fft": 9.0, ...} CPU-s per step (from measure)')
+    p_measure = sub.add_parser("measure", help="CPU-s per step of each arm, side by side in one process")
+    p_measure.add_argument("--steps", type=int, default=4)
+    p_one = sub.add_parser("one", help="one run; prints its figures (recorded only by `run`)")
+    p_one.add_argument("--arm", choices=list(ARMS), required=True)
+    p_one.add_argument("--seed", type=int, required=True)
+    p_one.add_argument("--lr", type=float, required=True)
+    p_one.add_argument("--json-out", type=Path, default=None)
+    p_base = sub.add_parser("base", help="the model as loaded on the eval sets")
+    p_base.add_argument("--json-out", type=Path, default=None)
+    for p in (p_run, p_plan, sub.choices["report"]):
+        p.add_argument("--ledger", type=Path, default=LEDGER)
+    sub.choices["report"].add_argument("--docs", type=Path, default=DOCS)
+    args = ap.parse_args()
+    if args.cmd == "run":
+        cmd_run(args.ledger, args.max_runs, args.phases)
+    elif args.cmd == "report":
+        cmd_report(args.ledger, args.docs)
+    elif args.cmd == "plan":
+        cmd_plan(args.ledger, json.loads(args.s_per_step))
+    elif args.cmd == "measure":
+        cmd_measure(args.steps)
+    elif args.cmd in ("one", "base"):
+        res = one_run(args.arm, args.seed, args.lr, progress=True) if args.cmd == "one" else base_figures()
+        text = json.dumps(res)
+        if args.json_out:
+            args.json_out.write_text(text)
+        else:
+            print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""benchmarks/quality.py: the ledger, the queue, the statistics and one run end to end on a tiny model."""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import quality  # noqa: E402
+from tiny import save_tiny_model  # noqa: E402
+
+
+@pytest.mark.parametrize("df,want", [(1, 12.7062), (2, 4.3027), (4, 2.7764), (9, 2.2622), (30, 2.0423)])
+def test_t_quantile_matches_the_printed_tables(df, want):
+    # the tables print 4 decimals; Simpson's rule on 2000 panels is far more accurate than that
+    assert abs(quality.t_quantile(0.975, df) - want) < 6e-4
+
+
+def test_paired_interval_by_hand():
+    diffs = [0.01, 0.03, 0.02]  # mean 0.02, sd 0.01, n 3: half-width 4.3027 * 0.01 / sqrt(3)
+    m, lo, hi = quality.paired_ci(diffs)
+    half = 4.302653 * 0.01 / math.sqrt(3)
+    assert math.isclose(m, 0.02) and math.isclose(hi - m, half, rel_tol=1e-3) and math.isclose(m - lo, half,
+                                                                                                  rel_tol=1e-3)
+    assert quality.paired_ci([0.1]) is None
+    assert "excl. 0" not in quality.fmt_ci((m, lo, hi), 4)  # [-0.0048, +0.0448]: three seeds are few
+    assert "excl. 0" in quality.fmt_ci((0.02, 0.01, 0.03), 4)
+
+
+def fake_run(arm, seed, lr, loss, acc=0.5):
+    curve = [{"update": u, "train_cpu_s": 10.0 * u, "train_wall_s": 12.0 * u, "gsm_subset_loss": loss + 1 / u}
+             for u in (50, 100, 150, 200)]
+    return {"record": "run", "key": quality.run_key(arm, seed, lr), "arm": arm, "seed": seed, "lr": lr,
+            "protocol_id": quality.protocol_id(), "git_commit": "0" * 40, "git_dirty_src": False,
+            "figures": {"gsm_eval_loss": loss, "arith_accuracy": acc, "arith_n": 200, "gsm_n": 256, "curve": curve,
+                        "updates": 200, "probe_passes": 4, "probe_cpu_s": 20.0, "train_cpu_s": 2000.0,
+                        "train_wall_s": 2400.0, "cpu_s_per_update": 9.9, "distinct_blocks": 30}}
+
+
+def test_ledger_is_append_only_skips_a_torn_line_and_the_queue_skips_recorded_runs(tmp_path):
+    ledger = tmp_path / "ledger.jsonl"
+    quality.append_record(fake_run("grass", 1, 3e-4, 1.0), ledger)
+    with open(ledger, "a") as f:
+        f.write('{"record": "run", "key": "torn')  # a killed append
+    quality.append_record(fake_run("grass-uniform", 1, 3e-4, 0.9), ledger)
+    runs = quality.runs_of(quality.read_ledger(ledger))
+    assert set(runs) == {quality.run_key("grass", 1, 3e-4), quality.run_key("grass-uniform", 1, 3e-4)}
+    q = quality.queue(runs)
+    first = [(arm, seed, lr) for _, arm, seed, lr in q[:4]]
+    assert first == [("grass", 1, 3e-4), ("grass-uniform", 1, 3e-4), ("grass-static", 1, 3e-4), ("lisa", 1, 3e-4)]
+    todo = [t for t in q if t[3] is not None and quality.run_key(*t[1:]) not in runs]
+    assert todo[0][1:] == ("grass-static", 1, 3e-4)
+    # a record of another protocol does not count
+    other = fake_run("grass-static", 1, 3e-4, 1.0) | {"protocol_id": "elsewhere"}
+    quality.append_record(other, ledger)
+    assert quality.run_key("grass-static", 1, 3e-4) not in quality.runs_of(quality.read_ledger(ledger))
+
+
+def test_best_rate_waits_for_the_grid_and_variants_share_grass_rate():
+    runs = {r["key"]: r for r in [fake_run("grass", 1, 3e-4, 1.0)]}
+    assert quality.best_lr("grass", runs) is None and quality.best_lr("grass-static", runs) is None
+    runs |= {r["key"]: r for r in [fake_run("grass", 1, 1e-4, 0.95)]}
+    assert quality.best_lr("grass", runs) == 1e-4 == quality.best_lr("grass-relative", runs)
+    phases = {(ph[0], arm, seed, lr) for ph, arm, seed, lr in quality.queue(runs)}
+    assert ("E", "grass", 2, 1e-4) in phases  # reruns at the better rate
+
+
+def test_report_from_the_ledger_alone(tmp_path):
+    ledger = tmp_path / "ledger.jsonl"
+    for seed, (g, u) in enumerate([(1.00, 0.98), (1.02, 0.99), (0.99, 0.97)], start=1):
+        quality.append_record(fake_run("grass", seed, 3e-4, g), ledger)
+        quality.append_record(fake_run("grass-uniform", seed, 3e-4, u), ledger)
+    quality.cmd_report(ledger, tmp_path / "docs")
+    md = (tmp_path / "docs" / "quality.md").read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| GRASS − uniform control"))
+    # paired differences +0.02, +0.03, +0.02: every seed worse, the interval excludes 0
+    assert "+0.0233" in row and "excl. 0" in row
+    assert (tmp_path / "docs" / "quality_updates.png").is_file() and (tmp_path / "docs" / "quality_cpu.png").is_file()
+
+
+def test_one_run_end_to_end_on_a_tiny_model(tmp_path, monkeypatch):
+    model_dir = save_tiny_model(tmp_path / "tiny", layers=4)
+    monkeypatch.setitem(quality.PROTOCOL, "model", str(model_dir))
+    monkeypatch.setitem(quality.PROTOCOL, "max_steps", 4)
+    monkeypatch.setitem(quality.PROTOCOL, "train_samples", 16)
+    monkeypatch.setitem(quality.PROTOCOL, "probe_steps", 1)
+    monkeypatch.setitem(quality.PROTOCOL, "gamma", 2)
+    monkeypatch.setitem(quality.PROTOCOL, "data", "easy_arith")  # char-level tokens: GSM prompts fill 64
+    monkeypatch.setattr(quality, "EVAL_SETS", {"gsm": ("easy_arith", 4, 11), "arith": ("easy_arith", 4, 12)})
+    monkeypatch.setattr(quality, "CURVE_EVERY", 2)
+    monkeypatch.setattr(quality, "CURVE_SUBSET", 2)
+    monkeypatch.setattr(quality, "MAX_NEW_TOKENS", 2)
+    rec = quality.one_run("grass", 1, 1e-3)
+    f = rec["figures"]
+    assert f["updates"] == 4 and f["probe_passes"] == 1  # equal updates: the probe comes on top
+    assert [p["update"] for p in f["curve"]] == [2, 4]
+    assert f["train_cpu_s"] > f["probe_cpu_s"] > 0 and math.isfinite(f["gsm_eval_loss"])
+    assert rec["config"]["count_probe_steps"] is False and rec["config"]["method"] == "grass"
+    json.dumps(rec)  # a ledger line
+
+
+def test_a_claimed_run_is_skipped_by_another_queue_and_a_stale_claim_is_taken_over(tmp_path, monkeypatch):
+    monkeypatch.setattr(quality, "WORK", tmp_path)
+    mine = quality.claim("k")
+    assert mine is not None and mine.read_text() == str(__import__("os").getpid())
+    assert quality.claim("k") is None  # held by a live process (this one)
+    mine.write_text("999999999")  # a pid that cannot exist: its queue died
+    assert quality.claim("k") is not None
