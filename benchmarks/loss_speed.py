@@ -57,7 +57,7 @@ def labelled_share(args) -> float:
     tok = AutoTokenizer.from_pretrained(resolve_model_path(args.model))
     if tok.pad_token_id is None:  # as load_model_and_tokenizer does
         tok.pad_token = tok.eos_token
-    train, _ = data_mod.load_train_eval("gsm-mix", None, args.batch * args.steps, 0, args.seed)
+    train = data_mod.generate_examples("gsm-mix", args.batch * args.steps, args.seed)
     feats = [data_mod.tokenize_example(tok, ex, args.seq) for ex in train]
     stream = data_mod.BatchStream(feats, args.batch, tok.pad_token_id, seed=args.seed)
     scored = total = 0

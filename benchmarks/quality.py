@@ -271,7 +271,7 @@ def one_run(arm: str, seed: int, lr: float, progress: bool = False) -> dict[str,
     torch.set_num_threads(THREADS)
     cfg = arm_config(arm, seed, lr)
     torch.manual_seed(cfg.seed)
-    train_ex, _ = data_mod.load_train_eval(cfg.data, None, cfg.train_samples, 0, cfg.seed)
+    train_ex = data_mod.generate_examples(cfg.data, cfg.train_samples, cfg.seed)  # the arms' data is a generator
     sets = eval_sets()
     model, tok = load_model_and_tokenizer(cfg.model, cfg.dtype)
     features = [data_mod.tokenize_example(tok, ex, cfg.max_seq_len, cfg.train_on_inputs) for ex in train_ex]
@@ -454,7 +454,7 @@ def cmd_measure(steps: int) -> None:
     from grass_ft.step import StepRunner
 
     torch.set_num_threads(THREADS)
-    train_ex, _ = data_mod.load_train_eval("gsm-mix", None, 400, 0, 1)
+    train_ex = data_mod.generate_examples("gsm-mix", 400, 1)
     rows = []
     for arm in ("fft", "lora", "lisa", "grass", "grass-uniform"):
         cfg = arm_config(arm, 1, 1e-4)

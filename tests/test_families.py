@@ -88,6 +88,7 @@ def test_family_supervised_only_loss(name):
     falls back to the full forward with a warning naming the model type (never silently)."""
     import warnings
 
+    from grass_ft import loss as loss_mod
     from grass_ft.loss import HEADS, supervised_loss
 
     model = build(name).eval()  # no dropout (GPT-2, OPT): the two forwards must see the same function
@@ -98,9 +99,15 @@ def test_family_supervised_only_loss(name):
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
     ref = model(**batch).loss
     ref_grads = torch.autograd.grad(ref, list(model.parameters()), allow_unused=True)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        loss = supervised_loss(model, batch)
+    warned = set(loss_mod._warned)  # each fallback reason is warned once per process: see it afresh, then restore
+    loss_mod._warned.clear()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            loss = supervised_loss(model, batch)
+    finally:
+        loss_mod._warned.clear()
+        loss_mod._warned.update(warned)
     fell_back = [w for w in caught if "falls back to the full forward" in str(w.message)]
     assert bool(fell_back) == (model.config.model_type not in HEADS), [str(w.message) for w in caught]
     grads = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)

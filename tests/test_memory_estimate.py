@@ -92,13 +92,11 @@ def test_probe_hook_allocates_no_full_size_copy():
     bf16 gradient (or of its square), which would lift the probe's peak above the training step's."""
     import torch
 
-    from grass_ft.importance import ProbeRecorder
-
-    from grass_ft.importance import NORM_CHUNK
+    from grass_ft.importance import NORM_CHUNK, GradNormRecorder
 
     p = torch.nn.Parameter(torch.zeros(4 * NORM_CHUNK + 3, dtype=torch.bfloat16))
-    rec = ProbeRecorder([[p]], [p.numel()])
-    rec.attach()
+    rec = GradNormRecorder([[p]], [p.numel()])
+    rec.attach("probe")
     p.grad = torch.full_like(p, 0.5)
     peak = me.profiler_peak(lambda: rec._hook(0)(p))
     # one chunk's fp32 copy (and a few scalars), not the 2 x 4 B x numel of an fp32 copy and its square
