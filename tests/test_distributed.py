@@ -54,16 +54,21 @@ def jsonl(path):
     return [json.loads(ln) for ln in Path(path).read_text().splitlines()]
 
 
-@pytest.fixture(scope="module")
-def runs(tiny_model_dir, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("ddp")
+def one_and_two_processes(model_dir, tmp: Path, **two_kw):
+    """The same run in one process (batch 4) and under torchrun in two (batch 2 each, checkpoints every 4 steps):
+    returns ``(tmp, data, one, two)``."""
     data = equal_length_data(tmp / "eq.jsonl")
     one = tmp / "one"
-    run_train(build_config(None, keys(tiny_model_dir, data, one, batch_size=4), known_methods=method_names()),
+    run_train(build_config(None, keys(model_dir, data, one, batch_size=4), known_methods=method_names()),
               progress=False)
     two = tmp / "two"
-    torchrun(keys(tiny_model_dir, data, two, batch_size=2, save_steps=4, save_total_limit=0))
+    torchrun(keys(model_dir, data, two, batch_size=2, save_steps=4, save_total_limit=0, **two_kw))
     return tmp, data, one, two
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model_dir, tmp_path_factory):
+    return one_and_two_processes(tiny_model_dir, tmp_path_factory.mktemp("ddp"))
 
 
 # Two processes and one process with the same global batch compute the same gradients in exact arithmetic (equal

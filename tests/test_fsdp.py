@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from test_distributed import (GRAD_NORM_RTOL_FIRST, UPDATE_RTOL, assert_updates_close, equal_length_data, jsonl, keys,
-                              torchrun, weights)
+                              one_and_two_processes, torchrun, weights)
 
 from grass_ft.config import ConfigError, build_config
 from grass_ft.methods import method_names
@@ -22,14 +22,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def runs(tiny_model_dir, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("fsdp")
-    data = equal_length_data(tmp / "eq.jsonl")
-    one = tmp / "one"
-    run_train(build_config(None, keys(tiny_model_dir, data, one, batch_size=4), known_methods=method_names()),
-              progress=False)
-    two = tmp / "two"
-    torchrun(keys(tiny_model_dir, data, two, batch_size=2, fsdp="true", save_steps=4, save_total_limit=0))
-    return tmp, data, one, two
+    return one_and_two_processes(tiny_model_dir, tmp_path_factory.mktemp("fsdp"), fsdp="true")
 
 
 # The tolerances are test_distributed's, for the same reason: FSDP2 reduce-scatters the two ranks' mean gradients
