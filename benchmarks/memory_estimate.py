@@ -39,7 +39,6 @@ import argparse
 import contextlib
 import datetime
 import json
-import os
 import subprocess
 import sys
 import time

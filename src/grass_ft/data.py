@@ -20,7 +20,7 @@ import torch
 
 from . import formats
 from .errors import UserError
-from .formats import FORMATS, IGNORE_INDEX, FormatError
+from .formats import IGNORE_INDEX, FormatError
 from .tasks import gold_answer
 
 # LLM-Adapters' Alpaca-style template (their finetune.py / evaluate.py `generate_prompt`).

@@ -256,7 +256,6 @@ class GrassCallback(TrainerCallback, ExportableState):
         self._input_grads_off = False
         self._without_ddp = False  # set by GrassTrainer: the model is not DDP-wrapped, gradients are ours to sync
         self._dist = Distributed()
-        self._block_params: list[list[nn.Parameter]] = []
         self.allreduce_bytes: dict[int, int] = {}  # step -> bytes this rank all-reduced (multi-process)
 
     # ------------------------------------------------------------------------------------------ checks
