@@ -109,13 +109,16 @@ class Distributed:
                                f"{[int(x) for x in ref[:len(active)]]} (or their MGN differ); every rank must "
                                f"run the same config and seed")
 
-    def sum_int(self, value: int) -> int:
-        """Sum of an integer over ranks (e.g. the tokens of a step)."""
+    def sum_floats(self, values: list[float]) -> list[float]:
+        """Sums over ranks of a few step figures (loss sums, counts, tokens), in one float64 all-reduce.
+
+        float64 holds integers exactly up to 2^53, so counts and token totals come back exact.
+        """
         if not self.enabled:
-            return value
-        t = torch.tensor([value], dtype=torch.long, device=self.device())
+            return [float(v) for v in values]
+        t = torch.tensor(values, dtype=torch.float64, device=self.device())
         dist.all_reduce(t)
-        return int(t.item())  # host sync: the caller needs the number now (one per step, after the update)
+        return t.tolist()  # host sync: the caller needs the numbers now (one per step, before the update)
 
     def close(self) -> None:
         if self.enabled and dist.is_initialized():

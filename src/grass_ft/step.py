@@ -60,9 +60,9 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> dict[str, int]:
 @dataclass
 class StepResult:
     step: int
-    loss: float
+    loss: float  # mean over the step's micro-batches on every rank; NaN when any of them was non-finite
     grad_norm: float | None
-    tokens: int
+    tokens: int  # every rank's
     seconds: float
     probe: bool
     skipped: bool
@@ -227,24 +227,34 @@ class StepRunner:
         events = self.begin_step(step)
         model = self.p.model
         model.train()
-        losses, tokens, loss_finite, supervised = [], 0, True, False
+        loss_sum, n_finite, n_bad, n_supervised, tokens = 0.0, 0, 0, 0, 0
         for mb in micro_batches:
-            supervised = supervised or has_supervised_token(mb)
+            n_supervised += has_supervised_token(mb)
             loss = forward(model, mb) if forward is not None else model(**mb).loss
-            if not torch.isfinite(loss):
-                loss_finite = False
-                losses.append(float("nan"))
-                continue
-            (loss / self.grad_accum).backward()
-            losses.append(float(loss.detach()))
+            finite = bool(torch.isfinite(loss))
+            # A non-finite loss is back-propagated too: under several processes every rank must join the same
+            # collectives (FSDP2's reduce-scatters, the gradient all-reduce), or the others wait forever. The
+            # non-finite gradients it leaves are never applied: the step is skipped below, on every rank.
+            if loss.requires_grad:
+                (loss / self.grad_accum).backward()
+            if finite:
+                loss_sum, n_finite = loss_sum + float(loss.detach()), n_finite + 1
+            else:
+                n_bad += 1
             tokens += int(mb["attention_mask"].sum()) if "attention_mask" in mb else mb["input_ids"].numel()
             self.after_micro_backward(step)
         bookkeeping = self.after_backward(step)
-        # nothing scored (every label -100): the full forward's loss is NaN (0/0), the supervised-only one 0 with
-        # zero gradients; either way there is nothing to learn, and an AdamW step on zero gradients would still move
-        grad_norm, skipped = self.finish_step(step, loss_finite and supervised)
+        # One decision for all ranks (a rank-local one would let the ranks' weights part): the step is skipped
+        # when any rank's loss was non-finite, or when no rank had a supervised token (every label -100: the full
+        # forward's loss is NaN (0/0), the supervised-only one 0 with zero gradients; either way nothing is to be
+        # learnt, and an AdamW step on zero gradients would still move the weights). Loss and tokens are the
+        # whole step's, over all ranks.
+        loss_sum, n_finite, n_bad, n_supervised, tokens = self.dist.sum_floats(
+            [loss_sum, n_finite, n_bad, n_supervised, tokens])
+        grad_norm, skipped = self.finish_step(step, n_bad == 0 and n_supervised > 0)
         active = [] if self.sampler is None else list(self.sampler.active)
-        return StepResult(step=step, loss=sum(losses) / len(losses), grad_norm=grad_norm, tokens=tokens,
+        loss = loss_sum / n_finite if n_bad == 0 and n_finite else float("nan")
+        return StepResult(step=step, loss=loss, grad_norm=grad_norm, tokens=int(tokens),
                           seconds=time.perf_counter() - t0, probe=self.is_probe(step), skipped=skipped,
                           active=active, events=events, bookkeeping_s=bookkeeping)
 

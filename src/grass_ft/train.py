@@ -266,7 +266,7 @@ def _run_train(cfg: TrainConfig, progress: bool, dist: Distributed) -> dict[str,
                     torch.cuda.reset_peak_memory_stats(device)
             for ev in res.events:
                 layers_f.write(json.dumps(ev) + "\n")
-            tokens = dist.sum_int(res.tokens)  # all ranks' tokens of this step
+            tokens = res.tokens  # all ranks' tokens of this step
             total_tokens += tokens
             train_time += res.seconds
             bookkeeping_time += res.bookkeeping_s
