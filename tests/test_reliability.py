@@ -549,7 +549,9 @@ def test_r39_ctrl_c_in_process_without_checkpoints(tiny_model_dir, tiny_data, tm
                            "nothing can be resumed")
 
 
-def test_r40_sigint_exits_130_with_the_checkpoint_intact(tiny_model_dir, tiny_data, tmp_path):
+@pytest.mark.parametrize("sig,code,said", [(signal.SIGINT, 130, "interrupted"),
+                                           (signal.SIGTERM, 143, "terminated (SIGTERM)")], ids=["SIGINT", "SIGTERM"])
+def test_r40_signal_exits_with_the_checkpoint_intact(tiny_model_dir, tiny_data, tmp_path, sig, code, said):
     out = tmp_path / "run"
     args = train_args(tiny_model_dir, tiny_data, out, max_steps=100000, save_steps=2, save_total_limit=1)
     proc = subprocess.Popen([sys.executable, "-m", "grass_ft.cli", *args], stdout=subprocess.DEVNULL,
@@ -557,15 +559,36 @@ def test_r40_sigint_exits_130_with_the_checkpoint_intact(tiny_model_dir, tiny_da
     deadline = time.time() + 120
     while time.time() < deadline and not list_checkpoints(out):
         time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     err = proc.communicate(timeout=60)[1]
-    assert proc.returncode == 130, err[-2000:]
+    assert proc.returncode == code, err[-2000:]
     assert "Traceback" not in err and err.strip().splitlines()[-1].startswith(
-        "grass-ft train: interrupted; the newest checkpoint, ")
+        f"grass-ft train: {said}; the newest checkpoint, ")
     newest = find_checkpoint(out, "auto")
     assert f"{newest}, is intact: resume=auto continues from it" in err
     assert checkpoint_problem(newest) is None and not (out / "final").exists()
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_r42_a_second_run_on_a_directory_in_use_is_refused_and_removes_nothing(tiny_model_dir, tiny_data,
+                                                                                 tmp_path, capsys):
+    from grass_ft.train import LOCK_NAME, output_dir_lock
+
+    out = tmp_path / "run"
+    runs(capsys, *train_args(tiny_model_dir, tiny_data, out, save_steps=2))
+    assert not (out / LOCK_NAME).exists()  # a finished run leaves no lock file
+    before = listing(out)
+    with output_dir_lock(out):  # as a run in progress holds it (another open file: flock conflicts in-process too)
+        holder = (out / LOCK_NAME).read_text()
+        err = fails(capsys, *train_args(tiny_model_dir, tiny_data, out, overwrite_output_dir="true"))
+        assert err.strip() == (f"grass-ft train: error: `output_dir` {str(out)!r} is in use by another run "
+                               f"({holder}); wait for it to end or choose another output_dir")
+        assert holder.startswith(f"pid {os.getpid()} on ")
+        assert {k: v for k, v in listing(out).items() if k != LOCK_NAME} == before  # nothing removed or written
+    # a lock file whose run was killed (no process holds it) does not block: the next run takes it over
+    (out / LOCK_NAME).write_text("pid 1 on elsewhere")
+    runs(capsys, *train_args(tiny_model_dir, tiny_data, out, overwrite_output_dir="true"))
+    assert (out / "final").is_dir() and not (out / LOCK_NAME).exists()
 
 
 def test_r41_only_what_a_killed_write_leaves_is_cleaned(tmp_path):

@@ -6,7 +6,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 from .config import METHODS_WITH_SAMPLING, ConfigError, TrainConfig, build_config, parse_overrides, unknown_key_message, validate
@@ -25,7 +28,7 @@ commands:
   plot           draw the charts of a run directory (or redraw those of a compare directory): plot DIR [DIR ...]
 
 `grass-ft train --help` lists every key with its help line. A bad input prints one line and exits 2; `--debug`
-(or GRASS_FT_DEBUG=1) shows the traceback instead. Ctrl-C exits 130 with checkpoints intact."""
+(or GRASS_FT_DEBUG=1) shows the traceback instead. Ctrl-C exits 130 and SIGTERM 143, with checkpoints intact."""
 
 
 def _parser(prog: str) -> argparse.ArgumentParser:
@@ -55,6 +58,28 @@ def _config(args) -> TrainConfig:
     return cfg
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's pre-emption, ``kill``, torchrun stopping its workers), raised where the run is."""
+
+
+@contextmanager
+def _sigterm_interrupts():
+    """While training, SIGTERM unwinds the run like Ctrl-C: a checkpoint being written is abandoned as a hidden
+    temporary, the output directory's lock is released, and the command exits 143 with one line."""
+    if threading.current_thread() is not threading.main_thread():  # signal handlers belong to the main thread
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def cmd_train(argv: list[str]) -> int:
     from .train import print_summary, run_train
 
@@ -67,9 +92,13 @@ def cmd_train(argv: list[str]) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+        import datasets  # and datasets' (building a split, tokenising), which print only on a cold cache
+
+        datasets.disable_progress_bars()
     try:
-        summary = run_train(cfg, progress=not args.quiet)
-    except KeyboardInterrupt:
+        with _sigterm_interrupts():
+            summary = run_train(cfg, progress=not args.quiet)
+    except KeyboardInterrupt as e:
         from .checkpoint import find_checkpoint
 
         try:
@@ -78,8 +107,9 @@ def cmd_train(argv: list[str]) -> int:
             newest = None
         state = (f"the newest checkpoint, {newest}, is intact: resume=auto continues from it" if newest
                  else "no checkpoint was written (save_steps=N writes them), so nothing can be resumed")
-        print(f"grass-ft train: interrupted; {state}", file=sys.stderr)
-        return 130
+        how = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+        print(f"grass-ft train: {how}; {state}", file=sys.stderr)
+        return 128 + signal.SIGTERM if isinstance(e, Terminated) else 130
     if "method" in summary:  # rank 0 of a multi-process run, or the only process
         print_summary(summary)
     return 0

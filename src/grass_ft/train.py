@@ -12,13 +12,15 @@ continues it, and nothing in it is touched until every check that needs no model
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
 import resource
+import socket
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -50,8 +52,53 @@ def warn(message: str) -> None:
     tqdm.write(f"grass-ft: warning: {message}", file=sys.stderr)
 
 
-def prepare_output_dir(path: str | Path, resuming: bool = False) -> Path:
+LOCK_NAME = ".grass-ft.lock"
+
+
+@contextmanager
+def output_dir_lock(out: Path):
+    """Hold ``out`` for this run: a second run on the same directory (concurrent, on this host or over a shared
+    filesystem with POSIX locks) is refused before it removes or writes anything.
+
+    An exclusive ``flock`` on ``out/.grass-ft.lock``, which the kernel releases when the process ends, however it
+    ends (a killed run leaves no stale lock: its file is taken over). The file is removed when the run ends; a
+    lock taken on a file another run removed meanwhile is retried on the new one.
+    """
+    path = out / LOCK_NAME
+    while True:
+        f = open(path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            raise RunError(f"`output_dir` {str(out)!r} is in use by another run ({holder}); wait for it to end or "
+                           f"choose another output_dir") from None
+        try:
+            same = os.fstat(f.fileno()).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        f.close()  # the run that held it removed the file between our open and our lock: lock the new one
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}")
+    f.flush()
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # still holding the lock, so nobody has taken this file meanwhile
+        f.close()  # releases the lock
+
+
+def prepare_output_dir(path: str | Path, resuming: bool = False,
+                       held: ExitStack | None = None) -> Path:
     """Create ``path`` (after :func:`~grass_ft.preflight.preflight` allowed it) and clear what this run replaces.
+
+    With ``held``, the directory is locked for the run (:func:`output_dir_lock`, released when ``held`` closes)
+    before anything in it is removed.
 
     Removes the hidden temporaries a killed write left, then a previous run's outputs: all of them for a new
     run (the checks allowed that only for an empty directory or with ``overwrite_output_dir``); for a resumed
@@ -65,6 +112,8 @@ def prepare_output_dir(path: str | Path, resuming: bool = False) -> Path:
         probe.unlink()
     except OSError as e:
         raise RunError(f"`output_dir` {str(out)!r} is not writable: {e.strerror}") from None
+    if held is not None:
+        held.enter_context(output_dir_lock(out))
     removed = remove_stale_temporaries(out)
     if removed:
         warn(f"removed {len(removed)} unfinished temporary file(s) a killed run left in {out}: {', '.join(removed)}")
@@ -131,12 +180,13 @@ def run_train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     """
     dist = init_distributed()
     try:
-        return _run_train(cfg, progress, dist)
+        with ExitStack() as held:  # the output directory's lock, for as long as the run lasts
+            return _run_train(cfg, progress, dist, held)
     finally:
         dist.close()
 
 
-def _run_train(cfg: TrainConfig, progress: bool, dist: Distributed) -> dict[str, Any]:
+def _run_train(cfg: TrainConfig, progress: bool, dist: Distributed, held: ExitStack) -> dict[str, Any]:
     main = dist.is_main
     if cfg.fsdp:
         from .fsdp import fsdp_unavailable
@@ -170,7 +220,8 @@ def _run_train(cfg: TrainConfig, progress: bool, dist: Distributed) -> dict[str,
     # 3. Only now, once every rank has passed its checks, the output directory is created and a replaced run's
     #    files removed.
     dist.barrier()
-    out = prepare_output_dir(cfg.output_dir, resuming=checkpoint is not None) if main else Path(cfg.output_dir)
+    out = (prepare_output_dir(cfg.output_dir, resuming=checkpoint is not None, held=held) if main
+           else Path(cfg.output_dir))
     dist.barrier()
     torch.manual_seed(cfg.seed)
 
