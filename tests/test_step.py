@@ -86,6 +86,19 @@ def test_frozen_embeddings_and_head_do_not_move_but_lisa_trains_them():
             assert (name in changed) == expect_emb, (method, name)
 
 
+@pytest.mark.parametrize("train_head", [False, True])
+def test_train_head_trains_a_tied_head(train_head):
+    """With tied embeddings the head is the embedding matrix: train_head=true must move it (it used to stay
+    frozen, since the tied tensor is listed once, as an embedding), and train_head=false must not."""
+    model = tiny_llama(layers=L, tie=True)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    before = snapshot(model)
+    run(TrainConfig(method="grass", gamma=1, probe_steps=1, max_steps=3, lr=1e-2, train_head=train_head), model)
+    changed = moved(before, model)
+    assert ("model.embed_tokens.weight" in changed) == train_head
+    assert ("model.norm.weight" in changed) == train_head
+
+
 @pytest.mark.parametrize("accum", [1, 2])
 @pytest.mark.parametrize("clip", [0.0, 0.05])
 @pytest.mark.parametrize("offload", [True, False])

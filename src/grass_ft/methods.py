@@ -118,7 +118,10 @@ def make_adamw(named: list[tuple[str, nn.Parameter]], cfg: TrainConfig, layout: 
 
 
 def _always_names(layout: BlockLayout, embeddings: bool, head: bool) -> list[str]:
-    return (layout.embeddings if embeddings else []) + (layout.head if head else [])
+    """Parameters trained at every step. With tied embeddings the LM head *is* the input embedding matrix, so
+    training the head trains that matrix (and, with it, the input embedding)."""
+    names = (layout.embeddings if embeddings else []) + (layout.head + layout.tied_head if head else [])
+    return list(dict.fromkeys(names))
 
 
 def _sampling(model: nn.Module, cfg: TrainConfig, kind: str, embeddings: bool, head: bool,

@@ -279,6 +279,7 @@ class BlockLayout:
     blocks: list[list[str]]
     embeddings: list[str] = field(default_factory=list)
     head: list[str] = field(default_factory=list)   # final norm + LM head (when not tied)
+    tied_head: list[str] = field(default_factory=list)  # the input embedding that is also the LM head (when tied)
     other: list[str] = field(default_factory=list)
     numel: list[int] = field(default_factory=list)  # parameters per block
 
@@ -309,6 +310,10 @@ def block_layout(model: nn.Module, layers_attribute: str | None = None) -> Block
             layout.head.append(name)
         else:
             layout.other.append(name)
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head_weight = getattr(out_emb, "weight", None)
+    if head_weight is not None and id(head_weight) in emb_ids:  # tied: the head is an embedding parameter
+        layout.tied_head = [n for n, p in model.named_parameters() if p is head_weight]
     layout.numel = numel
     return layout
 
