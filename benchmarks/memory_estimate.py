@@ -88,6 +88,8 @@ ARMS: dict[str, dict[str, Any]] = {
     "grass-static": dict(method="grass-static", offload=True),  # GRASS*
     "grass-no-offload": dict(method="grass", offload=False),
     "grass-full-loss": dict(method="grass", offload=True, supervised_only_loss=False),
+    # embeddings and head trained at every step, as LISA's (docs/RESULTS.md, the grass-head arm)
+    "grass-head": dict(method="grass", offload=True, train_embeddings=True, train_head=True),
     "fft-sup": dict(method="fft", master_weights=False),
     "lisa-sup": dict(method="lisa", master_weights=False),
     "lora-sup": dict(method="lora", lora_r=128, master_weights=False),
@@ -95,7 +97,7 @@ ARMS: dict[str, dict[str, Any]] = {
 DEFAULT_ARMS = "fft,lora,dora,lisa,grass,grass-static"
 ARM_LABEL = {"fft": "FFT", "lora": "LoRA r128", "dora": "DoRA r128", "lisa": "LISA", "grass": "GRASS",
              "grass-static": "GRASS*", "grass-no-offload": "GRASS (no offload)",
-             "grass-full-loss": "GRASS (full-logits loss)", "fft-sup": "FFT (supervised-only loss)",
+             "grass-full-loss": "GRASS (full-logits loss)", "grass-head": "GRASS + embeddings/head", "fft-sup": "FFT (supervised-only loss)",
              "lisa-sup": "LISA (supervised-only loss)", "lora-sup": "LoRA r128 (supervised-only loss)"}
 
 # Peak GPU memory in "GB" as the paper prints it (batch 4, sequence 1024); /work/shared/GRASS.md.
@@ -114,7 +116,7 @@ PLAN: list[tuple[str, str, bool, str]] = (
     + [("llama2-7b", a, True, "sdpa") for a in ("grass-no-offload", "lisa-sup")]
     + [("gemma-2b", a, True, "sdpa") for a in DEFAULT_ARMS.split(",")]
     + [(m, a, False, "sdpa") for m in ("tinyllama", "llama2-7b", "gemma-2b") for a in ("fft", "lora", "lisa")]
-    + [("llama2-7b", a, True, "sdpa") for a in ("fft-sup", "grass-full-loss")])
+    + [("llama2-7b", a, True, "sdpa") for a in ("fft-sup", "grass-full-loss", "grass-head")])
 
 CATEGORIES = ["parameters", "buffers", "gradients", "activations", "temporaries", "optimizer state",
               "optimizer-step temporaries", "other"]
