@@ -69,7 +69,7 @@ def _device_worker(rank: int, world: int, init_file: str, out: str) -> None:
     device = torch.device("lazy", 0)
     d = Distributed(rank=rank, world_size=world, group_device=device)
     d.begin_step()
-    tokens = d.sum_int(10 * (rank + 1))
+    tokens = d.sum_floats([10 * (rank + 1), 0.5])  # a step's figures: summed exactly
     d.check_same_draw([0, 2], torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64), step=3)  # sampler state: host
     params = [nn.Parameter(torch.zeros(3, 4, dtype=dt, device=device)) for dt in (torch.float32, torch.bfloat16)]
     for p in params:
@@ -89,7 +89,7 @@ def test_every_collective_gets_tensors_on_the_group_device():
         wrong = [(name, dev) for name, dev in r["seen"] if dev != "lazy:0"]
         assert not wrong, f"collectives handed tensors off the group's device lazy:0: {wrong}"
         # and the values went through: the wrapper's host round trip is the real gloo collective
-        assert r["tokens"] == 30
+        assert r["tokens"] == [30.0, 1.0]
         for g in r["grads"]:
             assert torch.equal(g.float(), torch.full((3, 4), 1.5))
         assert torch.equal(r["probe"], torch.full((5,), 0.5))
@@ -156,4 +156,4 @@ def test_reduce_dtype_is_at_least_fp32():
 def test_one_process_needs_no_group():
     d = Distributed()
     t = torch.ones(3, dtype=torch.bfloat16)
-    assert d.sum_int(7) == 7 and d.average_(t) is t and d.allreduce_bytes == 0
+    assert d.sum_floats([7, 0.5]) == [7.0, 0.5] and d.average_(t) is t and d.allreduce_bytes == 0
