@@ -95,6 +95,9 @@ FIRST_LR = 3e-4  # the GRASS family's and LISA's best rate in the 20-step protoc
 CORE = ("grass", "grass-uniform", "grass-static", "lisa", "grass-head")
 VARIANTS = ("grass-trainprobe", "grass-relative")
 CANDIDATES = ("grass", *VARIANTS, "grass-head")  # the GRASS arms that can become the default
+# Phase A after three seeds (docs/RESULTS.md): the control no worse than GRASS, LISA and grass-head ahead of both by
+# about 0.09 nats. The arms whose comparison decides a default get seeds 4-5 next, before the variants and grids.
+DECIDING = ("grass", "grass-uniform", "grass-head", "lisa")
 
 
 def protocol_id() -> str:
@@ -197,6 +200,8 @@ def queue(runs: dict[str, dict]) -> list[tuple[str, str, int, float | None]]:
     q: list[tuple[str, str, int, float | None]] = []
     for seed in (1, 2, 3):  # A: does importance beat uniform draws? GRASS vs control vs GRASS* vs LISA
         q += [("A core @3e-4", arm, seed, FIRST_LR) for arm in CORE]
+    for seed in (4, 5):  # A': seeds 4-5 for the arms that decide `method` and `train_embeddings`/`train_head`
+        q += [("A' deciding seeds 4-5 @3e-4", arm, seed, FIRST_LR) for arm in DECIDING]
     for seed in (1, 2, 3):  # B: the two variants, same rate
         q += [("B variants @3e-4", arm, seed, FIRST_LR) for arm in VARIANTS]
     for arm, grid in GRID.items():  # C: the rest of each grid at seed 1
