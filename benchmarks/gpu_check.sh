@@ -53,7 +53,7 @@ else
   nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
   run pytest_gpu 150 "$PY" -m pytest -q -m gpu tests
   run gpu_memory_tinyllama 140 "$PY" "${BENCH[@]}" --models tinyllama --budget 125 --arm-timeout 60 \
-    --methods fft,lora,dora,lisa,grass-no-offload,grass,grass-static --out "$OUT/gpu_memory_tinyllama.md"
+    --methods fft,lora,dora,lisa,grass-no-offload,grass,grass-static,grass-head --out "$OUT/gpu_memory_tinyllama.md"
   run gpu_memory_llama2-7b 170 "$PY" "${BENCH[@]}" --models llama2-7b --budget 155 --arm-timeout 70 \
     --methods fft,lora,lisa,grass --out "$OUT/gpu_memory_llama2-7b.md"
 fi

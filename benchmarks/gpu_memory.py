@@ -53,20 +53,23 @@ SMOKE_MODEL = dict(label="tiny Llama (smoke)", hidden_size=64, intermediate_size
 
 # Arm name -> TrainConfig fields (as memory_estimate.ARMS). "lisa" is LISA as LMFlow/axolotl ship it (uniform
 # draws, embeddings and head always trained, torch AdamW whose state is created on first use and never freed);
-# "grass" is the method's default (offload on); "grass-no-offload" is the same sampler and LayerwiseOffloadAdamW with offload=False (its
-# fp32 moments stay on the device); "grass-static" is GRASS* (probe-only importance); "lora"/"dora" use the
-# paper's table rank r=128 on every linear layer but the head.
+# "grass" is GRASS in the paper's layout (embeddings and head frozen, offload on); "grass-head" the project's
+# default (embeddings and head trained at every step, docs/DEFAULTS.md); "grass-no-offload" is the same sampler and
+# LayerwiseOffloadAdamW with offload=False (its fp32 moments stay on the device); "grass-static" is GRASS*
+# (probe-only importance); "lora"/"dora" use the paper's table rank r=128 on every linear layer but the head.
+FROZEN = dict(train_embeddings=False, train_head=False)
 METHODS: dict[str, dict] = {
     # stock pure-bf16 torch AdamW, as the paper's FFT and LISA as shipped (master_weights defaults to true)
     "fft": dict(method="fft", master_weights=False, supervised_only_loss=False),
     "lora": dict(method="lora", lora_r=128, supervised_only_loss=False),
     "dora": dict(method="dora", lora_r=128, supervised_only_loss=False),
     "lisa": dict(method="lisa", master_weights=False, supervised_only_loss=False),
-    "grass-no-offload": dict(method="grass", offload=False),
-    "grass": dict(method="grass", offload=True),
-    "grass-static": dict(method="grass-static", offload=True),
+    "grass-no-offload": dict(method="grass", offload=False, **FROZEN),
+    "grass": dict(method="grass", offload=True, **FROZEN),
+    "grass-static": dict(method="grass-static", offload=True, **FROZEN),
+    "grass-head": dict(method="grass", offload=True, train_embeddings=True, train_head=True),
 }
-DEFAULT_METHODS = "fft,lora,dora,lisa,grass-no-offload,grass,grass-static"
+DEFAULT_METHODS = "fft,lora,dora,lisa,grass-no-offload,grass,grass-static,grass-head"
 
 # Peak GPU memory in GB as the paper reports it (batch 4, sequence 1024); /work/shared/GRASS.md.
 PAPER_GB: dict[str, dict[str, float]] = {

@@ -65,14 +65,17 @@ CURVE_SUBSET = 64  # the first 64 GSM-style problems: the curve's eval (a full 2
 MAX_NEW_TOKENS = 16
 THREADS = 1
 
+# The paper's layout: embeddings and head frozen. It was the default when the experiment was designed; the
+# default is now on (the result of the grass-head arm), so the arms that mean the paper's layout say so.
+FROZEN = {"train_embeddings": False, "train_head": False}
 # arm -> (method, extra keys). Every arm gets PROTOCOL and its lr.
 ARMS: dict[str, tuple[str, dict[str, Any]]] = {
-    "grass": ("grass", {}),
-    "grass-uniform": ("grass-uniform", {}),
-    "grass-static": ("grass-static", {}),
+    "grass": ("grass", FROZEN),
+    "grass-uniform": ("grass-uniform", FROZEN),
+    "grass-static": ("grass-static", FROZEN),
     "lisa": ("lisa", {}),
-    "grass-trainprobe": ("grass", {"probe_mode": "train"}),
-    "grass-relative": ("grass", {"importance": "relative"}),
+    "grass-trainprobe": ("grass", {**FROZEN, "probe_mode": "train"}),
+    "grass-relative": ("grass", {**FROZEN, "importance": "relative"}),
     # GRASS with the embeddings and the head trained at every step, as LISA does: added after LISA's seed-1 run
     # beat GRASS and the uniform control by 0.1 nats, to tell what LISA gains from its always-trained parameters
     # (LISA − control) from what importance sampling gains with them (this arm − LISA)
@@ -202,6 +205,9 @@ def queue(runs: dict[str, dict]) -> list[tuple[str, str, int, float | None]]:
         q += [("A core @3e-4", arm, seed, FIRST_LR) for arm in CORE]
     for seed in (4, 5):  # A': seeds 4-5 for the arms that decide `method` and `train_embeddings`/`train_head`
         q += [("A' deciding seeds 4-5 @3e-4", arm, seed, FIRST_LR) for arm in DECIDING]
+    # C0: the baselines' seed-1 grids before the variants: after phase A' they decide whether a baseline beats
+    # every sampling arm (the `method` rule) and the issue's FFT target
+    q += [("C0 baselines' lr grid, seed 1", arm, 1, lr) for arm in ("fft", "lora") for lr in GRID[arm]]
     for seed in (1, 2, 3):  # B: the two variants, same rate
         q += [("B variants @3e-4", arm, seed, FIRST_LR) for arm in VARIANTS]
     for arm, grid in GRID.items():  # C: the rest of each grid at seed 1
@@ -585,19 +591,36 @@ def targets_md(chosen: dict[str, dict[int, dict]]) -> list[str]:
             + [f"| {t} | {v} | {'yes' if ok else '**no** (or not yet resolved)'} |" for t, v, ok in rows])
 
 
+def run_cost(rec: dict) -> float:
+    """A recorded run's process CPU-seconds: training (probe included) and evaluation."""
+    return rec["figures"]["train_cpu_s"] + rec["figures"].get("eval_cpu_s", 0.0)
+
+
+def arm_price(runs: dict[str, dict], fallback: float | None = None):
+    """CPU-seconds a run of an arm is expected to cost: the mean recorded cost of the arm's method, else of all
+    recorded runs, else ``fallback``."""
+    per_method: dict[str, list[float]] = {}
+    for r in runs.values():
+        per_method.setdefault(ARMS[r["arm"]][0], []).append(run_cost(r))
+    overall = [c for costs in per_method.values() for c in costs]
+
+    def price(arm: str) -> float:
+        costs = per_method.get(ARMS[arm][0]) or overall
+        return statistics.fmean(costs) if costs else (fallback or 0.0)
+
+    return price
+
+
 def cost_lines(runs: dict[str, dict], q: list[tuple[str, str, int, float | None]]) -> list[str]:
     """CPU spent by the recorded runs, and the remaining queue priced at each method's mean recorded cost per run
     (training + probe + evaluation; a method not yet recorded is priced at the mean of all recorded runs)."""
     if not runs:
         return []
-    cost = {k: r["figures"]["train_cpu_s"] + r["figures"].get("eval_cpu_s", 0.0) for k, r in runs.items()}
-    per_method: dict[str, list[float]] = {}
-    for k, r in runs.items():
-        per_method.setdefault(ARMS[r["arm"]][0], []).append(cost[k])
-    overall = statistics.fmean(cost.values())
+    cost = {k: run_cost(r) for k, r in runs.items()}
+    price = arm_price(runs)
     left = [t for t in q if t[3] is None or run_key(t[1], t[2], t[3]) not in runs]
     certain = [t for t in left if not (t[0].startswith("E") and t[3] is None)]
-    est = sum(statistics.fmean(per_method.get(ARMS[arm][0], [overall])) for _, arm, _, _ in certain)
+    est = sum(price(arm) for _, arm, _, _ in certain)
     return [f"CPU spent by the recorded runs: {sum(cost.values()) / 3600:.2f} CPU-hours (training, probe and "
             f"evaluation; process CPU time). Remaining planned runs: {len(certain)}, about {est / 3600:.1f} "
             f"CPU-hours at the recorded cost per run, plus {len(left) - len(certain)} conditional phase-E items.", ""]
@@ -736,14 +759,20 @@ def cmd_report(ledger: Path, docs: Path) -> None:
 
 
 def cmd_plan(ledger: Path, s_per_step: dict[str, float]) -> None:
+    """The queue, each run priced at its method's mean recorded cost (``s_per_step`` only for a method the
+    ledger has no run of yet)."""
     runs = runs_of(read_ledger(ledger))
     q = queue(runs)
+    price = arm_price(runs)
     total = conditional = 0.0
     for ph, arm, seed, lr in q:
         method = ARMS[arm][0]
-        cost = s_per_step.get(method, s_per_step.get("grass", 0)) * UPDATES + EVAL_CPU_S
-        if ARMS[arm][1].get("probe_mode") != "train" and method in ("grass", "grass-static"):
-            cost += PROBE_PASSES_COST * s_per_step.get("fft", 0)
+        if runs:
+            cost = price(arm)
+        else:
+            cost = s_per_step.get(method, s_per_step.get("grass", 0)) * UPDATES + EVAL_CPU_S
+            if ARMS[arm][1].get("probe_mode") != "train" and method in ("grass", "grass-static"):
+                cost += PROBE_PASSES_COST * s_per_step.get("fft", 0)
         done = lr is not None and run_key(arm, seed, lr) in runs
         if ph.startswith("E") and lr is None:
             conditional += cost  # runs only if the arm's best rate is not 3e-4
@@ -752,7 +781,7 @@ def cmd_plan(ledger: Path, s_per_step: dict[str, float]) -> None:
         print(f"{ph:22s} {arm:17s} seed {seed} lr {'best' if lr is None else f'{lr:g}':6s} "
               f"{'done' if done else f'~{cost / 3600:.2f} CPU-h'}")
     print(f"{len(q)} items, {sum(1 for t in q if t[3] is not None and run_key(t[1], t[2], t[3]) in runs)} done; "
-          f"remaining ≈ {total / 3600:.1f} CPU-hours at the given s/step, plus up to {conditional / 3600:.1f} "
+          f"remaining ≈ {total / 3600:.1f} CPU-hours at the recorded cost per run, plus up to {conditional / 3600:.1f} "
           f"CPU-hours of phase E reruns if some arm's best rate at seed 1 is not 3e-4")
 
 

@@ -15,7 +15,7 @@ import pytest
 pytestmark = pytest.mark.slow
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_memory.py"
-ARMS = ["fft", "lora", "dora", "lisa", "grass-no-offload", "grass", "grass-static"]
+ARMS = ["fft", "lora", "dora", "lisa", "grass-no-offload", "grass", "grass-static", "grass-head"]
 
 
 def _run(args: list[str], extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -64,12 +64,14 @@ def test_smoke_all_arms(tmp_path):
     assert [r["method"] for r in lines] == ARMS
     assert all(r["status"] == "ok" and r["tokens_per_s"] > 0 for r in lines)
     rec = {r["method"]: r for r in lines}
-    for arm in ("grass", "grass-static"):
+    for arm in ("grass", "grass-static", "grass-head"):
         assert rec[arm]["optimizer"] == "LayerwiseOffloadAdamW" and rec[arm]["opt_state_host_gib"] > 0
         assert rec[arm]["probe_peak_gib"] > 0 and _is_number(rows[arm][14])  # the probe's peak, apart
     for arm in ("fft", "lora", "dora", "lisa"):  # torch AdamW arms run fused, as transformers does on CUDA
         assert rec[arm]["optimizer"] == "AdamW (fused)" and rec[arm]["probe_peak_gib"] is None
     assert rec["grass-no-offload"]["opt_state_dtype"] == "float32"  # its state precision as it is
+    # the default layout adds the embeddings' and head's state to the host slab
+    assert rec["grass-head"]["opt_state_host_gib"] > rec["grass"]["opt_state_host_gib"]
     assert rec["lisa"]["blocks_drawn"] >= 2  # LISA's active set switched during the run
     assert all(r["gradient_checkpointing"] for r in lines)  # the paper's setting is the default
 

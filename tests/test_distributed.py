@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from grass_ft.config import build_config
-from grass_ft.methods import method_names
+from grass_ft.config import TrainConfig, build_config
+from grass_ft.methods import method_names, prepare
 from grass_ft.models import block_layout
 from grass_ft.train import run_train
 
@@ -138,13 +138,17 @@ def test_allreduce_bytes_are_the_active_share(runs, tiny_model_dir):
     layout = block_layout(model)
     total = sum(p.numel() for p in model.parameters())
     block_numel = sum(layout.numel)
+    params = dict(model.named_parameters())
+    always = prepare(model, TrainConfig(method="grass", gamma=2)).always  # the default: embeddings, norm, head
+    always_numel = sum(params[n].numel() for n in always)
+    assert always_numel > 0
     for m in jsonl(two / "metrics.jsonl"):
         if m["probe"]:  # each block parameter's gradient averaged once per micro-batch, counted afresh each step
             assert m["allreduce_bytes"] == block_numel * 4, m["step"]
             continue
-        expected = sum(layout.numel[b] for b in m["active"]) / total
-        assert m["allreduce_fraction_of_fft"] == pytest.approx(expected, rel=1e-6)
-        assert m["allreduce_bytes"] == sum(layout.numel[b] for b in m["active"]) * 4
+        numel = sum(layout.numel[b] for b in m["active"]) + always_numel  # the drawn blocks and the always-trained
+        assert m["allreduce_fraction_of_fft"] == pytest.approx(numel / total, rel=1e-6)
+        assert m["allreduce_bytes"] == numel * 4
 
 
 def test_resume_with_same_world_size(runs, tiny_model_dir):
@@ -159,3 +163,26 @@ def test_resume_with_same_world_size(runs, tiny_model_dir):
     for k in ref:
         torch.testing.assert_close(w[k], ref[k], rtol=0, atol=0, msg=k)
     assert jsonl(resumed / "layers.jsonl") == jsonl(two / "layers.jsonl")
+
+
+def test_a_held_output_dir_stops_every_rank_with_one_line(runs, tiny_model_dir):
+    """Rank 0 alone takes the output-directory lock; its refusal must reach every rank (each prints the same line
+    and exits 2), not leave the others waiting at a barrier until torchrun terminates them."""
+    from grass_ft.train import LOCK_NAME, output_dir_lock
+
+    tmp, data, _, two = runs
+    out = tmp / "held"
+    shutil.copytree(two, out)
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    with output_dir_lock(out):
+        holder = (out / LOCK_NAME).read_text()
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        args = keys(tiny_model_dir, data, out, batch_size=2, overwrite_output_dir="true")
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--no-python",
+                            GRASS_FT, "train", "--quiet", *[f"{k}={v}" for k, v in args.items()]],
+                           env=env, capture_output=True, text=True, timeout=240)
+    line = (f"grass-ft train: error: `output_dir` {str(out)!r} is in use by another run ({holder}); wait for it "
+            f"to end or choose another output_dir")
+    assert r.returncode != 0
+    assert r.stderr.count(line) == 2, r.stderr[-3000:]  # rank 0's refusal and the same line from rank 1
+    assert sorted(p.relative_to(out) for p in out.rglob("*") if p.name != LOCK_NAME) == before  # nothing touched

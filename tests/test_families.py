@@ -78,7 +78,10 @@ def test_family_blocks_heads_and_grass_steps(name):
             assert moved == set() and res.probe  # the probe reads gradients, updates nothing
         else:
             assert len(res.active) == 1
-            assert moved and moved <= set(layout.blocks[res.active[0]])  # only the drawn block
+            block = set(layout.blocks[res.active[0]])
+            # the drawn block and the embeddings/final norm/head (trained at every step by default), nothing else
+            assert moved & block and moved <= block | set(prepared.always)
+            assert set(prepared.always) <= moved and prepared.always
 
 
 @pytest.mark.parametrize("name", FAMILIES)

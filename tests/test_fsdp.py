@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 from test_distributed import (GRAD_NORM_RTOL_FIRST, UPDATE_RTOL, assert_updates_close, equal_length_data, jsonl, keys,
                               one_and_two_processes, torchrun, weights)
 
-from grass_ft.config import ConfigError, build_config
-from grass_ft.methods import method_names
+from grass_ft.config import ConfigError, TrainConfig, build_config
+from grass_ft.methods import method_names, prepare
 from grass_ft.models import block_layout
 from grass_ft.train import run_train
 
@@ -69,11 +69,14 @@ def test_fsdp_reduce_scatter_bytes_are_the_active_blocks(runs, tiny_model_dir):
     layout = block_layout(model)
     params = dict(model.named_parameters())
     per_block = [padded_bytes([params[n] for n in names]) for names in layout.blocks]
+    always = prepare(model, TrainConfig(method="grass", gamma=2)).always  # the default: embeddings, norm, head
+    assert always
     for m in jsonl(two / "metrics.jsonl"):
-        # measured in the reduce-scatter FSDP2 calls: every block during the probe, the drawn ones after; the
-        # frozen blocks and the (frozen) embeddings and head send nothing
+        # measured in the reduce-scatter FSDP2 calls: every block during the probe (nothing else trains there), the
+        # drawn ones and the root unit's embeddings/final norm/head after; the frozen blocks send nothing
         blocks = range(layout.num_blocks) if m["probe"] else m["active"]
-        assert m["reduce_scatter_bytes"] == sum(per_block[b] for b in blocks), m["step"]
+        root = 0 if m["probe"] else padded_bytes([params[n] for n in always])
+        assert m["reduce_scatter_bytes"] == sum(per_block[b] for b in blocks) + root, m["step"]
         # plus the per-block squared norms, one float64 per block read (all during the probe, the drawn after)
         assert m["allreduce_bytes"] == 8 * len(blocks), m["step"]
 

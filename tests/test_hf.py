@@ -20,6 +20,7 @@ L = 4
 TOK = char_tokenizer()
 EMB = {"model.embed_tokens.weight"}
 HEAD = {"model.norm.weight", "lm_head.weight"}
+FROZEN = {"train_embeddings": False, "train_head": False}  # the paper's layout (the default trains both)
 
 
 def examples():
@@ -162,10 +163,12 @@ def test_probe_updates_nothing_not_even_weight_decay(tmp_path):
 
 
 @pytest.mark.parametrize("keys,ckpt,trained_always", [
-    ({"method": "grass"}, False, set()),
-    ({"method": "grass"}, True, set()),
-    ({"method": "grass-static", "train_embeddings": True}, False, EMB),
-    ({"method": "grass", "train_head": True, "reset_state_on_switch": True}, False, HEAD),
+    ({"method": "grass"}, False, EMB | HEAD),  # the default: embeddings, final norm and head at every step
+    ({"method": "grass"}, True, EMB | HEAD),
+    ({"method": "grass", **FROZEN}, False, set()),
+    ({"method": "grass", **FROZEN}, True, set()),
+    ({"method": "grass-static", "train_embeddings": True, "train_head": False}, False, EMB),
+    ({"method": "grass", "train_embeddings": False, "train_head": True, "reset_state_on_switch": True}, False, HEAD),
     ({"method": "lisa"}, True, EMB | HEAD),
 ])
 def test_exactly_the_drawn_blocks_move(tmp_path, keys, ckpt, trained_always):
@@ -189,7 +192,7 @@ def test_checkpointing_with_the_lowest_blocks_frozen(tmp_path, monkeypatch):
     import grass_ft.sampler as sampler_mod
 
     monkeypatch.setattr(sampler_mod, "draw", lambda logp, k, g: [2])  # blocks 0 and 1 stay frozen
-    grass = GrassCallback(gamma=1, probe_steps=2, sample_interval=100)
+    grass = GrassCallback(gamma=1, probe_steps=2, sample_interval=100, **FROZEN)
     model = tiny_llama(len(TOK), layers=L)
     needs_grad = []  # whether block 1's output requires grad, i.e. whether backward runs below block 2
     model.model.layers[1].register_forward_hook(lambda m, i, o: needs_grad.append(
@@ -203,7 +206,7 @@ def test_checkpointing_with_the_lowest_blocks_frozen(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("reset", [False, True])
 def test_state_of_blocks_out_of_the_active_set_is_off_the_device(tmp_path, reset):
-    grass = GrassCallback(gamma=1, probe_steps=1, sample_interval=1, tau=10.0, reset_state_on_switch=reset)
+    grass = GrassCallback(gamma=1, probe_steps=1, sample_interval=1, tau=10.0, reset_state_on_switch=reset, **FROZEN)
     model, trainer, log = run(tmp_path, grass, max_steps=10)
     params = dict(model.named_parameters())
     block_bytes = sum(params[n].numel() for n in block_names(model, [0])) * 2 * 4  # exp_avg + exp_avg_sq, fp32
@@ -225,7 +228,7 @@ def test_with_the_offloading_optimizer_as_the_trainers(tmp_path):
     from grass_ft.offload import LayerwiseOffloadAdamW
 
     model = tiny_llama(len(TOK), layers=L)
-    grass = GrassCallback(gamma=1, probe_steps=1, sample_interval=2, tau=10.0)
+    grass = GrassCallback(gamma=1, probe_steps=1, sample_interval=2, tau=10.0, **FROZEN)
     opt = LayerwiseOffloadAdamW(model.named_parameters(), lr=1e-2, weight_decay=0.0)
     log = StepLog(grass)
     trainer = Trainer(model=model, args=training_args(tmp_path, max_steps=6), train_dataset=Features(),
@@ -323,9 +326,10 @@ def test_sft_trainer(tmp_path):
     model = tiny_llama(len(TOK), layers=L)
     grass = GrassCallback(method="grass", gamma=1, probe_steps=2, sample_interval=2, tau=10.0)
     log = StepLog(grass)
+    always = EMB | HEAD  # the default layout
     args = trl.SFTConfig(output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=2, learning_rate=1e-2,
                          report_to=[], save_strategy="no", logging_steps=1, use_cpu=True, disable_tqdm=True,
                          max_length=64)
     trl.SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=TOK, callbacks=[grass, log]).train()
     for t, active in active_by_step(read_trace(tmp_path), 6).items():
-        assert log.moved[t] == (block_names(model, active) if active is not None else set()), t
+        assert log.moved[t] == (block_names(model, active) | always if active is not None else set()), t

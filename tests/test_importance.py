@@ -150,8 +150,8 @@ def test_training_probe_updates_at_every_step_and_only_the_group(tmp_path):
         res = runner.train_step(t, mbs)
         assert not res.probe and not res.skipped
         moved = {n for n, p in model.named_parameters() if not torch.equal(before[n], p.detach())}
-        want = {n for b in res.active for n in prepared.layout.blocks[b]}
-        assert moved == want
+        want = {n for b in res.active for n in prepared.layout.blocks[b]} | set(prepared.always)
+        assert moved == want and prepared.always  # the group, and the embeddings/head trained at every step
         trained |= set(res.active)
     assert trained == set(range(L))  # two groups of two: every block once
     assert runner.sampler.window.count.tolist() == [1] * L
@@ -195,7 +195,7 @@ def test_uniform_control_is_grass_with_uniform_draws():
     ctl = prepare(tiny_llama(layers=L), cfg)
     grass = prepare(tiny_llama(layers=L), TrainConfig(method="grass", gamma=2, max_steps=10))
     assert ctl.sampler.kind == "uniform" and ctl.sampler.measure_steps == 0 and not ctl.sampler.records(0)
-    assert ctl.always == grass.always == []  # embeddings and head frozen, as GRASS
+    assert ctl.always == grass.always != []  # embeddings and head trained at every step (the default), as GRASS
     assert ctl.offload and type(ctl.optimizer) is type(grass.optimizer)
     assert step_budget(cfg, ctl.sampler) == (10, 10)
 

@@ -59,6 +59,30 @@ def test_ledger_is_append_only_skips_a_torn_line_and_the_queue_skips_recorded_ru
     assert quality.run_key("grass-static", 1, 3e-4) not in quality.runs_of(quality.read_ledger(ledger))
 
 
+def test_arms_of_the_papers_layout_stay_frozen_whatever_the_default():
+    """The ledger's GRASS, control, GRASS* and variant runs froze the embeddings/head (the default when they ran);
+    the default is now on, so those arms must pin it, and grass-head / LISA must train them."""
+    for arm in ARMS_FROZEN:
+        cfg = quality.arm_config(arm, 1, 3e-4)
+        assert (cfg.train_embeddings, cfg.train_head) == (False, False), arm
+    cfg = quality.arm_config("grass-head", 1, 3e-4)
+    assert (cfg.train_embeddings, cfg.train_head) == (True, True)
+
+
+ARMS_FROZEN = ("grass", "grass-uniform", "grass-static", "grass-trainprobe", "grass-relative")
+
+
+def test_plan_prices_each_run_at_its_methods_recorded_cost():
+    runs = {r["key"]: r for r in [fake_run("grass", 1, 3e-4, 1.0), fake_run("lisa", 1, 3e-4, 1.0)]}
+    runs[quality.run_key("lisa", 1, 3e-4)]["figures"]["train_cpu_s"] = 1000.0
+    runs[quality.run_key("lisa", 1, 3e-4)]["figures"]["eval_cpu_s"] = 500.0
+    price = quality.arm_price(runs)
+    assert price("grass-head") == 2000.0  # grass's method: its one run (no eval_cpu_s recorded)
+    assert price("lisa") == 1500.0
+    assert price("fft") == 1750.0  # no fft run yet: the mean of all runs
+    assert quality.arm_price({}, fallback=9.0)("fft") == 9.0
+
+
 def test_best_rate_waits_for_the_grid_and_variants_share_grass_rate():
     runs = {r["key"]: r for r in [fake_run("grass", 1, 3e-4, 1.0)]}
     assert quality.best_lr("grass", runs) is None and quality.best_lr("grass-static", runs) is None

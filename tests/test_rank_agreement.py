@@ -8,8 +8,6 @@ such a hang into a failure.
 
 import datetime
 import math
-import os
-import sys
 import time
 from pathlib import Path
 
@@ -23,8 +21,7 @@ from grass_ft.distributed import Distributed
 from grass_ft.methods import prepare
 from grass_ft.step import StepRunner
 
-sys.path.insert(0, str(Path(__file__).parent))
-from tiny import tiny_llama  # noqa: E402
+from tiny import tiny_llama
 
 pytestmark = pytest.mark.slow
 

@@ -554,8 +554,11 @@ def test_r39_ctrl_c_in_process_without_checkpoints(tiny_model_dir, tiny_data, tm
 def test_r40_signal_exits_with_the_checkpoint_intact(tiny_model_dir, tiny_data, tmp_path, sig, code, said):
     out = tmp_path / "run"
     args = train_args(tiny_model_dir, tiny_data, out, max_steps=100000, save_steps=2, save_total_limit=1)
+    # SIGINT as a terminal delivers it: a test run in the background (`make test &`, some CI runners) hands its
+    # children SIGINT ignored, and Python then installs no KeyboardInterrupt handler; restore the default
     proc = subprocess.Popen([sys.executable, "-m", "grass_ft.cli", *args], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while time.time() < deadline and not list_checkpoints(out):
         time.sleep(0.05)

@@ -87,7 +87,9 @@ original = ck.save_model
 def save_model(model, path):
     original(model, path)
     if ".checkpoint-8-" in path:
-        Path(sys.argv[1]).write_text(path)
+        flag = Path(sys.argv[1])
+        flag.with_suffix(".tmp").write_text(path)
+        flag.with_suffix(".tmp").replace(flag)  # atomic: the test never reads a flag created but not yet written
         time.sleep(600)
 ck.save_model = save_model
 sys.exit(main(sys.argv[2:]))

@@ -56,7 +56,7 @@ def test_probe_only_leaves_every_weight_bit_identical():
 
 def test_only_drawn_blocks_change_and_new_blocks_move():
     cfg = TrainConfig(method="grass", gamma=1, probe_steps=1, sample_interval=1, update_interval=2, max_steps=12,
-                      lr=1e-2, tau=10.0)
+                      lr=1e-2, tau=10.0, train_embeddings=False, train_head=False)
     model = tiny_llama(layers=L)
     prepared = prepare(model, cfg)
     runner = StepRunner(prepared, max_grad_norm=1.0)
@@ -75,15 +75,38 @@ def test_only_drawn_blocks_change_and_new_blocks_move():
     assert len(drawn) >= 3  # the active set changed several times, and each newly drawn block moved
 
 
-def test_frozen_embeddings_and_head_do_not_move_but_lisa_trains_them():
-    for method, expect_emb in (("grass", False), ("lisa", True)):
+@pytest.mark.parametrize("method,keys,expect_emb", [
+    ("grass", {"train_embeddings": False, "train_head": False}, False),  # the paper's layout
+    ("grass", {}, True),  # the default: trained at every step, as LISA's
+    ("lisa", {"train_embeddings": False, "train_head": False}, True),  # LISA as shipped trains them whatever is set
+])
+def test_frozen_embeddings_and_head_do_not_move_but_lisa_trains_them(method, keys, expect_emb):
+    model = tiny_llama(layers=L)
+    before = snapshot(model)
+    run(TrainConfig(method=method, gamma=1, probe_steps=1, max_steps=4, lr=1e-2, **keys), model)
+    changed = moved(before, model)
+    for name in ("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"):
+        assert (name in changed) == expect_emb, (method, name)
+
+
+def test_uniform_control_at_its_defaults_is_lisa_with_offloaded_state():
+    """grass-uniform at its defaults (embeddings and head trained) draws the blocks LISA draws and makes the same
+    updates, so LISA's quality figures are the control's; only where the optimizer state lives differs (LISA: torch
+    AdamW, state on the device and never freed). Both optimizers run AdamW's fp32 arithmetic, in different kernels:
+    equal up to fp32 rounding (assert_close's float32 tolerance, as the plain-loop reference above)."""
+    data = batches(8)
+    out = {}
+    for method in ("grass-uniform", "lisa"):
         model = tiny_llama(layers=L)
-        before = snapshot(model)
-        cfg = TrainConfig(method=method, gamma=1, probe_steps=1, max_steps=4, lr=1e-2)
-        run(cfg, model)
-        changed = moved(before, model)
-        for name in ("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"):
-            assert (name in changed) == expect_emb, (method, name)
+        _, runner, results = run(TrainConfig(method=method, gamma=1, sample_interval=2, max_steps=8, lr=1e-2), model,
+                                 data=data)
+        out[method] = (snapshot(model), [r.active for r in results], runner.p)
+    (w_u, drawn_u, p_u), (w_l, drawn_l, p_l) = out["grass-uniform"], out["lisa"]
+    assert drawn_u == drawn_l and len({tuple(a) for a in drawn_u}) > 1
+    assert p_u.always == p_l.always != []
+    for n in w_l:
+        torch.testing.assert_close(w_u[n], w_l[n], msg=n)
+    assert p_u.offload and not p_l.offload
 
 
 @pytest.mark.parametrize("train_head", [False, True])
@@ -93,7 +116,8 @@ def test_train_head_trains_a_tied_head(train_head):
     model = tiny_llama(layers=L, tie=True)
     assert model.lm_head.weight is model.model.embed_tokens.weight
     before = snapshot(model)
-    run(TrainConfig(method="grass", gamma=1, probe_steps=1, max_steps=3, lr=1e-2, train_head=train_head), model)
+    run(TrainConfig(method="grass", gamma=1, probe_steps=1, max_steps=3, lr=1e-2, train_embeddings=False,
+                    train_head=train_head), model)
     changed = moved(before, model)
     assert ("model.embed_tokens.weight" in changed) == train_head
     assert ("model.norm.weight" in changed) == train_head
@@ -135,7 +159,10 @@ def test_offloaded_state_is_off_device_and_flat():
     assert len(lrunner.p.optimizer.state) > 0
 
 
-def test_gradient_checkpointing_with_lowest_block_frozen(monkeypatch):
+@pytest.mark.parametrize("embeddings_and_head", [False, True])
+def test_gradient_checkpointing_with_lowest_block_frozen(monkeypatch, embeddings_and_head):
+    """Checkpointed blocks 0-1 frozen: with the embeddings frozen backward stops above them; trained (the default),
+    it runs through the frozen checkpointed blocks down to the input embedding, which must then move."""
     import grass_ft.sampler as sampler_mod
     from grass_ft.models import enable_checkpointing
 
@@ -143,13 +170,15 @@ def test_gradient_checkpointing_with_lowest_block_frozen(monkeypatch):
     model = tiny_llama(layers=L)
     enable_checkpointing(model)
     before = snapshot(model)
-    cfg = TrainConfig(method="grass", gamma=1, probe_steps=2, sample_interval=100, max_steps=4, lr=1e-2)
+    cfg = TrainConfig(method="grass", gamma=1, probe_steps=2, sample_interval=100, max_steps=4, lr=1e-2,
+                      train_embeddings=embeddings_and_head, train_head=embeddings_and_head)
     prepared = prepare(model, cfg)
     runner = StepRunner(prepared)
     for t, mbs in enumerate(batches(4)):
         r = runner.train_step(t, mbs)
     assert r.active == [2]
-    assert moved(before, model) == set(prepared.layout.blocks[2])
+    assert moved(before, model) == set(prepared.layout.blocks[2]) | set(prepared.always)
+    assert ("model.embed_tokens.weight" in prepared.always) == embeddings_and_head
     assert runner.sampler.window.count.tolist() == [0, 0, 2, 0]  # only the trained block is measured after the probe
     assert runner.sampler.mgn.gt(0).all()  # the probe measured every block under checkpointing too
 

@@ -108,9 +108,10 @@ class TrainConfig:
                                        "false: max_steps counts optimizer updates, the probe comes on top")
     sample_interval: int = _f(10, "T_s: steps between re-draws of the active blocks")
     update_interval: int = _f(20, "T_u: steps between refreshes of the sampling probabilities (adaptive grass only)")
-    train_embeddings: bool = _f(False, "also train the input embeddings (LISA always does)")
-    train_head: bool = _f(False, "also train the final norm and LM head (LISA always does); with tied embeddings the head is the "
-                          "embedding matrix, which is then trained too")
+    train_embeddings: bool = _f(True, "also train the input embeddings at every step, as LISA does (on by default: "
+                                      "-0.10 nats at 200 updates, docs/DEFAULTS.md); false: the paper's layout")
+    train_head: bool = _f(True, "also train the final norm and LM head at every step, as LISA does (on by default); with "
+                                "tied embeddings the head is the embedding matrix, which is then trained too")
     reset_state_on_switch: bool = _f(False, "restart a block's Adam moments when it is re-drawn (BAdam) instead of resuming them")
     offload: bool | None = _f(None, "keep the optimizer state of blocks on the host, on the device only while they "
                                     "update (unset: on for grass/grass-static, off for lisa as shipped and fft)")

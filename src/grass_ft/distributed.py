@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -119,6 +120,15 @@ class Distributed:
         t = torch.tensor(values, dtype=torch.float64, device=self.device())
         dist.all_reduce(t)
         return t.tolist()  # host sync: the caller needs the numbers now (one per step, before the update)
+
+    def from_main(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` (a small picklable value, e.g. a verdict) on every rank; a collective, so also a
+        barrier."""
+        if not self.enabled:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, device=self.device())
+        return box[0]
 
     def close(self) -> None:
         if self.enabled and dist.is_initialized():

@@ -72,7 +72,7 @@ def prepare(model: nn.Module, cfg: TrainConfig) -> Prepared:
     return _REGISTRY[cfg.method](model, cfg)
 
 
-GRASS_FAMILY = ("grass", "grass-static", "grass-uniform")  # frozen embeddings/head, layer-wise offloaded state
+GRASS_FAMILY = ("grass", "grass-static", "grass-uniform")  # layer-wise offloaded state by default
 
 
 def step_budget(cfg: TrainConfig, sampler: LayerSampler | None) -> tuple[int, int]:

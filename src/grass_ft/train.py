@@ -219,10 +219,20 @@ def _run_train(cfg: TrainConfig, progress: bool, dist: Distributed, held: ExitSt
 
     # 3. Only now, once every rank has passed its checks, the output directory is created and a replaced run's
     #    files removed.
+    #    Rank 0 alone touches the directory; its verdict (e.g. another run holds the directory) stops every rank
+    #    with the same line, instead of leaving the others at a barrier until torchrun kills them.
     dist.barrier()
-    out = (prepare_output_dir(cfg.output_dir, resuming=checkpoint is not None, held=held) if main
-           else Path(cfg.output_dir))
-    dist.barrier()
+    out, refused = Path(cfg.output_dir), None
+    if main:
+        try:
+            out = prepare_output_dir(cfg.output_dir, resuming=checkpoint is not None, held=held)
+        except RunError as e:
+            refused = e
+    message = dist.from_main(str(refused) if refused else None)
+    if refused:
+        raise refused
+    if message:
+        raise RunError(message)
     torch.manual_seed(cfg.seed)
 
     # 4. Model, and the checks that need it.
@@ -317,13 +327,12 @@ def _run_train(cfg: TrainConfig, progress: bool, dist: Distributed, held: ExitSt
                     torch.cuda.reset_peak_memory_stats(device)
             for ev in res.events:
                 layers_f.write(json.dumps(ev) + "\n")
-            tokens = res.tokens  # all ranks' tokens of this step
-            total_tokens += tokens
+            total_tokens += res.tokens  # all ranks' tokens of this step
             train_time += res.seconds
             bookkeeping_time += res.bookkeeping_s
             losses.append(res.loss)
             state = optimizer_state_bytes(prepared.optimizer)
-            tps = tokens / res.seconds if res.seconds > 0 else 0.0
+            tps = res.tokens / res.seconds if res.seconds > 0 else 0.0
             record = None
             if step % cfg.logging_steps == 0 or step == n_steps - 1:
                 record = {
