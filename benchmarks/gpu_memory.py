@@ -86,6 +86,14 @@ def _import_project():
     sys.path.insert(0, str(ROOT / "benchmarks"))  # memory_estimate: fused_adamw, optimizer_tensors
 
 
+def _traits(method: str):
+    """What ``method`` can do, from the project's method registry."""
+    _import_project()
+    from grass_ft.registry import traits
+
+    return traits(method)
+
+
 # ---------------------------------------------------------------------------------------------- one arm
 
 
@@ -161,7 +169,7 @@ def run_arm(spec: dict) -> dict:
                           lr=spec["lr"], batch_size=spec["batch_size"], max_seq_len=spec["seq_len"],
                           max_steps=total_steps, dtype=spec["dtype"], seed=spec["seed"],
                           gradient_checkpointing=spec["checkpointing"], eval_samples=0)
-        sampling = cfg.method in ("grass", "grass-static", "lisa")  # gamma is bounded only where it is used
+        sampling = bool(_traits(cfg.method).sampling)  # gamma is bounded only where it is used
         errors = validate(cfg, num_blocks=config.num_hidden_layers if sampling else None,
                           known_methods=methods_mod.method_names())
         if errors:
@@ -456,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
     arms = [m.strip() for m in args.methods.split(",") if m.strip()]
     errors = [f"unknown model {m!r} (known: {', '.join(MODELS)})" for m in models if m not in MODELS and not smoke]
     errors += [f"unknown method {m!r} (known: {', '.join(METHODS)})" for m in arms if m not in METHODS]
-    sampling = any(METHODS[a]["method"] in ("grass", "lisa") for a in arms if a in METHODS)
+    sampling = any(_traits(METHODS[a]["method"]).sampling for a in arms if a in METHODS)
     blocks = [SMOKE_MODEL["num_hidden_layers"]] if smoke else [MODELS[m]["num_hidden_layers"] for m in models
                                                                if m in MODELS]
     if sampling and blocks and not 1 <= args.gamma <= min(blocks):
@@ -464,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"got {args.gamma}")
     if steps < 1:
         errors.append("--steps must be >= 1")
-    if any(METHODS[a]["method"] == "grass" for a in arms if a in METHODS) and not 1 <= probe < warmup:
+    if any(_traits(METHODS[a]["method"]).measures for a in arms if a in METHODS) and not 1 <= probe < warmup:
         errors.append(f"--probe-steps ({probe}) must be >= 1 and below --warmup ({warmup}), so that the measured "
                       f"steps are training steps")
     if errors:

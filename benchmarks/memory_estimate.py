@@ -564,12 +564,13 @@ def estimate_arm(model_name: str, arm: str, *, batch_size: int = 4, seq_len: int
     from grass_ft.config import TrainConfig
     from grass_ft.loss import loss_forward
     from grass_ft.models import enable_checkpointing
+    from grass_ft.registry import traits
     from grass_ft.step import StepRunner
 
     t0 = time.perf_counter()
     spec = ARMS[arm]
-    sampling = spec["method"] in ("grass", "grass-static", "lisa")
-    probe = 1 if spec["method"] in ("grass", "grass-static") else 0
+    sampling = bool(traits(spec["method"]).sampling)
+    probe = 1 if traits(spec["method"]).measures else 0
     n_steps = (lisa_switches + 1) if spec["method"] == "lisa" else \
         (probe + grass_train_steps if probe else steady_steps)
     config = build_config(model_name, attn)

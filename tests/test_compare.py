@@ -39,8 +39,9 @@ def test_per_method_keys_apply_to_their_method_only(tmp_path, tiny_model_dir, ti
     assert plan.warnings == []
 
 
-def test_default_methods_are_all_six(tmp_path, tiny_data):
-    assert plan_compare(None, {"data": str(tiny_data), "output_dir": str(tmp_path)}).methods == SIX
+def test_default_methods_are_the_six_and_the_default_method(tmp_path, tiny_data):
+    assert plan_compare(None, {"data": str(tiny_data), "output_dir": str(tmp_path)}).methods == [*SIX,
+                                                                                                   "grass-uniform"]
 
 
 def test_every_error_reported_at_once_shared_ones_once(tmp_path, tiny_model_dir, tiny_data):

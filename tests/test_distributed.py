@@ -31,7 +31,9 @@ def equal_length_data(path: Path, n: int = 48) -> Path:
 
 
 def keys(model, data, out, **kw):
-    base = {"model": model, "data": data, "output_dir": out, "max_steps": 10, "gamma": 2, "probe_steps": 2,
+    # method=grass, the paper's (probe, importance, refresh): the tests below count its 2 probe steps
+    base = {"model": model, "data": data, "output_dir": out, "method": "grass", "max_steps": 10, "gamma": 2,
+            "probe_steps": 2,
             "sample_interval": 2, "update_interval": 4, "eval_samples": 0, "lr": 1e-2, "seed": 5}
     base.update(kw)
     return {k: str(v) for k, v in base.items()}
@@ -54,15 +56,15 @@ def jsonl(path):
     return [json.loads(ln) for ln in Path(path).read_text().splitlines()]
 
 
-def one_and_two_processes(model_dir, tmp: Path, **two_kw):
+def one_and_two_processes(model_dir, tmp: Path, method: str = "grass", **two_kw):
     """The same run in one process (batch 4) and under torchrun in two (batch 2 each, checkpoints every 4 steps):
     returns ``(tmp, data, one, two)``."""
     data = equal_length_data(tmp / "eq.jsonl")
     one = tmp / "one"
-    run_train(build_config(None, keys(model_dir, data, one, batch_size=4), known_methods=method_names()),
-              progress=False)
+    run_train(build_config(None, keys(model_dir, data, one, batch_size=4, method=method),
+                           known_methods=method_names()), progress=False)
     two = tmp / "two"
-    torchrun(keys(model_dir, data, two, batch_size=2, save_steps=4, save_total_limit=0, **two_kw))
+    torchrun(keys(model_dir, data, two, batch_size=2, save_steps=4, save_total_limit=0, method=method, **two_kw))
     return tmp, data, one, two
 
 

@@ -101,8 +101,21 @@ def test_fsdp_resume_from_dcp_checkpoint_is_exact(runs, tiny_model_dir):
             == [{k: v for k, v in m.items() if k not in strip} for m in jsonl(two / "metrics.jsonl")])
 
 
+def test_fsdp_with_the_default_method_equals_one_process(tiny_model_dir, tmp_path):
+    """grass-uniform (the default: uniform draws, embeddings and head trained, offloaded state) under FSDP2 in two
+    processes: the same draws and, up to the tolerance above, the same weights as one unsharded process."""
+    _, _, one, two = one_and_two_processes(tiny_model_dir, tmp_path, method="grass-uniform", fsdp="true")
+    w0 = load_file(str(Path(tiny_model_dir) / "model.safetensors"))
+    assert_updates_close(weights(two), weights(one), w0, UPDATE_RTOL)
+    draws = [tuple(e["active"]) for e in jsonl(two / "layers.jsonl") if e["event"] == "draw"]
+    assert draws == [tuple(e["active"]) for e in jsonl(one / "layers.jsonl") if e["event"] == "draw"]
+    assert len(draws) == 5 and len(set(draws)) >= 2  # no probe: a draw every 2 of the 10 steps
+    assert jsonl(two / "layers.jsonl") == jsonl(two / "layers.rank1.jsonl")
+
+
 def test_fsdp_refuses_peft_methods_and_a_single_process(tiny_model_dir, tiny_data, tmp_path):
-    with pytest.raises(ConfigError, match=r"`fsdp` works with method grass, grass-static, lisa, fft \(not lora"):
+    with pytest.raises(ConfigError, match=r"`fsdp` works with method grass, grass-static, lisa, fft, grass-uniform "
+                                          r"\(not lora"):
         build_config(None, keys(tiny_model_dir, tiny_data, tmp_path / "a", method="lora", fsdp="true"),
                      known_methods=method_names())
     cfg = build_config(None, keys(tiny_model_dir, tiny_data, tmp_path / "b", fsdp="true"), known_methods=method_names())

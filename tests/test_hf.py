@@ -125,7 +125,7 @@ def test_gamma_and_probe_are_checked_against_the_model_and_the_trainer(tmp_path)
         Trainer(model=tiny_llama(len(TOK), layers=L), args=training_args(tmp_path), train_dataset=Features(),
                 data_collator=collator, callbacks=[GrassCallback(gamma=5)])
     with pytest.raises(ConfigError, match=r"`probe_steps` must be below the Trainer's max_steps=3"):
-        run(tmp_path, GrassCallback(gamma=1, probe_steps=3), max_steps=3)
+        run(tmp_path, GrassCallback(method="grass", gamma=1, probe_steps=3), max_steps=3)
 
 
 def test_untested_setups_are_refused_before_a_step(tmp_path):
@@ -192,7 +192,7 @@ def test_checkpointing_with_the_lowest_blocks_frozen(tmp_path, monkeypatch):
     import grass_ft.sampler as sampler_mod
 
     monkeypatch.setattr(sampler_mod, "draw", lambda logp, k, g: [2])  # blocks 0 and 1 stay frozen
-    grass = GrassCallback(gamma=1, probe_steps=2, sample_interval=100, **FROZEN)
+    grass = GrassCallback(method="grass", gamma=1, probe_steps=2, sample_interval=100, **FROZEN)
     model = tiny_llama(len(TOK), layers=L)
     needs_grad = []  # whether block 1's output requires grad, i.e. whether backward runs below block 2
     model.model.layers[1].register_forward_hook(lambda m, i, o: needs_grad.append(

@@ -202,3 +202,20 @@ def test_lisa_device_state_grows_with_drawn_blocks_grass_offload_stays_off_devic
     assert len(seen) >= 3 and lisa_device[-1] > lisa_device[0]
     # one host slab for every candidate block, allocated up front (offload.py): its size never changes
     assert grass_host == [8 * (numel(grass.model, grass.always) + sum(layout.numel))] * steps
+
+
+def test_registry_capabilities_match_what_the_builders_do():
+    """grass_ft.registry declares each method's capabilities once; the builders must do what it says (a sampler of
+    the declared kind, the declared default offload), and a builder needs a registry row."""
+    from grass_ft.methods import register_method
+    from grass_ft.registry import METHODS, traits
+
+    assert method_names() == list(METHODS)
+    for name in method_names():
+        t = traits(name)
+        prepared = prepare(tiny_llama(layers=L), TrainConfig(method=name, gamma=2, probe_steps=1, lora_r=R))
+        assert (prepared.sampler.kind if prepared.sampler else None) == t.sampling, name
+        assert prepared.offload == t.offload, name
+        assert t.measures == (prepared.sampler is not None and prepared.sampler.measure_steps > 0), name
+    with pytest.raises(ValueError, match="has no row in grass_ft.registry.METHODS"):
+        register_method("badam")

@@ -47,7 +47,7 @@ def test_report_to_tensorboard_writes_readable_event_files(tmp_path, tiny_model_
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    out = _run(tmp_path, tiny_model_dir, tiny_data, report_to="tensorboard", max_steps="8", probe_steps="2",
+    out = _run(tmp_path, tiny_model_dir, tiny_data, report_to="tensorboard", method="grass", max_steps="8", probe_steps="2",
                sample_interval="3", update_interval="4", save_steps="0")
     acc = EventAccumulator(str(out / "tensorboard"))
     acc.Reload()

@@ -25,7 +25,9 @@ from grass_ft.cli import main
 from grass_ft.config import ConfigError
 from grass_ft.errors import UserError
 
-T = {"max_steps": 3, "probe_steps": 1, "batch_size": 2, "max_seq_len": 192, "eval_samples": 0, "gamma": 2}
+# method=grass (the paper's, with a probe step): the step numbers the tests below expect count that probe step
+T = {"method": "grass", "max_steps": 3, "probe_steps": 1, "batch_size": 2, "max_seq_len": 192, "eval_samples": 0,
+     "gamma": 2}
 
 
 def train_args(model, data, out, **extra) -> list[str]:

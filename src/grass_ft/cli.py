@@ -12,9 +12,10 @@ import threading
 from contextlib import contextmanager
 from pathlib import Path
 
-from .config import METHODS_WITH_SAMPLING, ConfigError, TrainConfig, build_config, parse_overrides, unknown_key_message, validate
+from .config import ConfigError, TrainConfig, build_config, parse_overrides, unknown_key_message, validate
 from .errors import UserError
 from .models import ModelError
+from .registry import traits
 
 USAGE = """grass-ft COMMAND [--config FILE] [key=value ...]
 
@@ -51,7 +52,7 @@ def _config(args) -> TrainConfig:
     from .models import num_blocks_hint
 
     cfg = build_config(args.config, parse_overrides(args.overrides), known_methods=method_names())
-    n = num_blocks_hint(cfg.model) if cfg.method in METHODS_WITH_SAMPLING else None
+    n = num_blocks_hint(cfg.model) if traits(cfg.method).sampling else None
     errors = validate(cfg, num_blocks=n, known_methods=method_names()) if n is not None else []
     if errors:
         raise ConfigError(errors)

@@ -23,9 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from .config import ALIASES, METHODS_WITH_SAMPLING, ConfigError, TrainConfig, build_config, resolve_aliases, validate
+from .config import ALIASES, ConfigError, TrainConfig, build_config, resolve_aliases, validate
+from .registry import traits
 
-DEFAULT_METHODS = ("fft", "lora", "dora", "lisa", "grass", "grass-static")
+# the baselines, the paper's two GRASS arms, and the default method (docs/DEFAULTS.md)
+DEFAULT_METHODS = ("fft", "lora", "dora", "lisa", "grass", "grass-static", "grass-uniform")
 COMPARE_KEYS = ("methods", "output_dir")
 # Keys that define "the same data, seed and step budget": a per-method value is allowed but flagged.
 FAIRNESS_KEYS = ("model", "data", "eval_data", "task", "seed", "max_steps", "batch_size", "grad_accum", "max_seq_len",
@@ -122,7 +124,7 @@ def plan_compare(config_file: str | None, overrides: dict[str, str]) -> CompareP
         final[m] = {**shared, **own[m], "method": m, "output_dir": str(output_dir / m)}
         try:
             cfg = build_config(config_file, final[m], known_methods=known)
-            n = num_blocks_hint(cfg.model) if m in METHODS_WITH_SAMPLING else None
+            n = num_blocks_hint(cfg.model) if traits(m).sampling else None
             errs = validate(cfg, num_blocks=n, known_methods=known) if n is not None else []
             configs[m] = cfg
         except ConfigError as e:

@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from .errors import UserError
+from .registry import traits, with_fsdp
 
 
 # Names a transformers Trainer / TRL user already knows, accepted as aliases where the meaning is the same;
@@ -82,8 +83,9 @@ class TrainConfig:
                                "JSON/JSONL file in the LLM-Adapters schema (instruction, input, output, answer)")
     eval_data: str | None = _f(None, "held-out data (file or generator); default: a held-out split of `data`")
     task: str = _f("gsm8k", "answer rule that scores the evaluation (gsm8k = last number within 0.001)")
-    method: str = _f("grass", "fine-tuning method: grass, grass-static, lisa, fft, lora, dora, grass-uniform "
-                              "(GRASS with uniform draws: the control arm)")
+    method: str = _f("grass-uniform", "fine-tuning method: grass-uniform (GRASS's offloaded layer-wise training with "
+                                      "uniform draws, no probe: as good here at lower cost, docs/DEFAULTS.md), grass "
+                                      "(the paper's importance sampling), grass-static, lisa, fft, lora, dora")
     # data sources and formats (docs/DATA.md), logging sinks
     data_format: str = _f("auto", "format of `data` and `eval_data` rows: auto (from the columns), alpaca, "
                                   "prompt_completion, messages, text")
@@ -175,9 +177,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-METHODS_WITH_SAMPLING = ("grass", "grass-static", "grass-uniform", "lisa")
 LR_SCHEDULES = ("constant", "linear", "cosine")
-FSDP_METHODS = ("grass", "grass-static", "lisa", "fft")  # the others wrap the model in peft
 DTYPES = ("float32", "bfloat16")  # float16 needs a loss scaler, which the native loop does not have
 DATA_FORMATS = ("auto", "alpaca", "prompt_completion", "messages", "text")  # grass_ft.formats.FORMATS + auto
 DATA_FILE_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")
@@ -330,17 +330,18 @@ def validate(cfg: TrainConfig, num_blocks: int | None = None, known_methods: typ
     check("tau", math.isfinite(cfg.tau) and cfg.tau > 0, "must be > 0")
     check("alpha", 0 < cfg.alpha <= 1, "must be in (0, 1]")
     check("probe_steps", cfg.probe_steps >= 0, "must be >= 0")
-    if cfg.method == "grass-static":
-        check("probe_steps", cfg.probe_steps >= 1, "must be >= 1 for method grass-static (its probabilities come "
+    t = traits(cfg.method)
+    if t.measures and not t.refreshes:
+        check("probe_steps", cfg.probe_steps >= 1, f"must be >= 1 for method {cfg.method} (its probabilities come "
                                                    "from the probe alone)")
     check("probe_mode", cfg.probe_mode in ("measure", "train"), "must be measure or train")
     check("importance", cfg.importance in ("mgn", "relative"), "must be mgn or relative")
     if cfg.importance == "relative":
-        check("method", cfg.method == "grass", "must be grass with importance=relative (GRASS* never refreshes, "
-                                               "so its relative importance would stay uniform)")
-    if cfg.method in ("grass", "grass-static") and cfg.probe_mode == "train":
+        check("method", t.refreshes, "must be grass with importance=relative (GRASS* never refreshes, "
+                                     "so its relative importance would stay uniform)")
+    if t.measures and cfg.probe_mode == "train":
         check("probe_steps", cfg.probe_steps >= 1, "must be >= 1 with probe_mode=train (steps per group)")
-    if cfg.method in ("grass", "grass-static") and cfg.count_probe_steps and cfg.probe_mode == "measure":
+    if t.measures and cfg.count_probe_steps and cfg.probe_mode == "measure":
         check("probe_steps", cfg.probe_steps < cfg.max_steps, f"must be below max_steps={cfg.max_steps} "
                                                               f"(probe steps count toward max_steps)")
     check("sample_interval", cfg.sample_interval >= 1, "must be >= 1")
@@ -368,8 +369,8 @@ def validate(cfg: TrainConfig, num_blocks: int | None = None, known_methods: typ
     check("lora_dropout", 0 <= cfg.lora_dropout < 1, "must be in [0, 1)")
     check("lora_target_modules", cfg.lora_target_modules is None or bool(lora_targets(cfg.lora_target_modules)),
           "must be comma-separated module names such as q_proj,v_proj, or unset for all-linear")
-    check("fsdp", not cfg.fsdp or cfg.method in FSDP_METHODS,
-          f"works with method {', '.join(FSDP_METHODS)} (not {cfg.method}: peft adapters are not sharded yet)")
+    check("fsdp", not cfg.fsdp or t.fsdp,
+          f"works with method {', '.join(with_fsdp())} (not {cfg.method}: peft adapters are not sharded yet)")
     check("save_steps", cfg.save_steps >= 0, "must be >= 0 (0: no checkpoints)")
     check("save_total_limit", cfg.save_total_limit >= 0, "must be >= 0 (0: keep all)")
     check("data", bool(cfg.data), "must name a generator, a file, a directory or a hub data set")

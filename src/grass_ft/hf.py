@@ -34,12 +34,13 @@ from .config import ConfigError, TrainConfig, build_config, validate
 from .distributed import Distributed
 from .methods import prepare
 from .models import block_layout
+from .registry import with_sampling
 from .step import StepRunner
 
 METHOD_KEYS = ("method", "gamma", "tau", "alpha", "probe_steps", "sample_interval", "update_interval",
                "train_embeddings", "train_head", "reset_state_on_switch", "layers_attribute", "seed",
                "probe_mode", "importance")
-CALLBACK_METHODS = ("grass", "grass-static", "lisa", "grass-uniform")
+CALLBACK_METHODS = with_sampling()  # the methods that draw blocks (grass_ft.registry)
 # Run keys of the CLI that the Trainer owns: where to set them instead.
 _TRAINER_OWNS = {
     "model": "Trainer(model=...)", "data": "Trainer(train_dataset=...)", "eval_data": "Trainer(eval_dataset=...)",

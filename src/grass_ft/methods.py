@@ -17,6 +17,7 @@ from torch import nn
 
 from .config import TrainConfig
 from .models import BlockLayout, block_layout
+from .registry import METHODS, traits
 from .sampler import LayerSampler
 
 
@@ -55,6 +56,11 @@ _REGISTRY: dict[str, MethodFn] = {}
 
 
 def register_method(name: str) -> Callable[[MethodFn], MethodFn]:
+    """Registers the builder of ``name``, a method whose capabilities are declared in
+    :data:`grass_ft.registry.METHODS`."""
+    if name not in METHODS:
+        raise ValueError(f"method {name!r} has no row in grass_ft.registry.METHODS (its capabilities)")
+
     def deco(fn: MethodFn) -> MethodFn:
         _REGISTRY[name] = fn
         return fn
@@ -63,16 +69,14 @@ def register_method(name: str) -> Callable[[MethodFn], MethodFn]:
 
 
 def method_names() -> list[str]:
-    return list(_REGISTRY)
+    """The registered methods, in the registry's order."""
+    return [m for m in METHODS if m in _REGISTRY]
 
 
 def prepare(model: nn.Module, cfg: TrainConfig) -> Prepared:
     if cfg.method not in _REGISTRY:
         raise ValueError(f"`method` must be one of {', '.join(_REGISTRY)}, got {cfg.method!r}")
     return _REGISTRY[cfg.method](model, cfg)
-
-
-GRASS_FAMILY = ("grass", "grass-static", "grass-uniform")  # layer-wise offloaded state by default
 
 
 def step_budget(cfg: TrainConfig, sampler: LayerSampler | None) -> tuple[int, int]:
@@ -90,11 +94,11 @@ def step_budget(cfg: TrainConfig, sampler: LayerSampler | None) -> tuple[int, in
 
 
 def resolved_offload(cfg: TrainConfig) -> bool:
-    """``offload`` left unset takes the method's default: on for the GRASS family, off for LISA (as shipped)
-    and FFT."""
+    """``offload`` left unset takes the method's default (grass_ft.registry): on for the GRASS family, off for
+    LISA (as shipped), FFT and the adapters."""
     if cfg.offload is not None:
         return cfg.offload
-    return cfg.method in GRASS_FAMILY
+    return traits(cfg.method).offload
 
 
 def make_adamw(named: list[tuple[str, nn.Parameter]], cfg: TrainConfig, layout: BlockLayout | None,
@@ -188,9 +192,13 @@ def _dora(model: nn.Module, cfg: TrainConfig) -> Prepared:
     return _peft(model, cfg, dora=True)
 
 
-# Registered last: the order of the registry is the order error messages list the methods in.
 @register_method("grass-uniform")
 def _grass_uniform(model: nn.Module, cfg: TrainConfig) -> Prepared:
-    # The control arm: GRASS in every respect (frozen embeddings/head unless asked, layer-wise offloaded state,
-    # intervals) but uniform draws and no probe, so a difference to GRASS is the importance signal's alone.
+    # The default method (docs/DEFAULTS.md) and, in the experiment, the control arm: GRASS in every respect
+    # (embeddings/head as train_embeddings/train_head say, layer-wise offloaded state, intervals) but uniform
+    # draws and no probe, so a difference to GRASS is the importance signal's alone.
     return _sampling(model, cfg, "uniform", cfg.train_embeddings, cfg.train_head)
+
+
+if set(_REGISTRY) != set(METHODS):
+    raise RuntimeError(f"methods without a builder: {sorted(set(METHODS) - set(_REGISTRY))}")

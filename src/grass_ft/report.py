@@ -15,13 +15,12 @@ from typing import Any
 
 import yaml
 
-from .config import METHODS_WITH_SAMPLING
+from .registry import traits, with_sampling
 
 # One colour per method in every chart (tab10 entries).
 METHOD_COLORS = {"fft": "#444444", "lora": "#1f77b4", "dora": "#9467bd", "lisa": "#ff7f0e", "grass": "#2ca02c",
                  "grass-static": "#17becf", "grass-uniform": "#8c564b"}
 METHOD_STYLES = {"dora": "--", "grass-static": "--", "grass-uniform": ":"}  # dashed: a variant drawn over its sibling stays visible
-SAMPLING_METHODS = METHODS_WITH_SAMPLING  # one list: grass_ft.config
 FROZEN, PROBE, TRAINED = 0, 1, 2  # cell values of the block x step activity matrix
 
 # --------------------------------------------------------------------------------------------- reading runs
@@ -136,7 +135,7 @@ RESULT_COLUMNS = [  # (header with unit, cell) — docs/COMPARE.md explains each
     ("tokens/s", lambda r: _num(r.get("tokens_per_s"), ",.0f")),
     ("s/step", lambda r: _num(r.get("s_per_step"), ".3f")),
     ("MGN bookkeeping, % of step time", lambda r: _num(r.get("mgn_bookkeeping_fraction"), ".2f", 100)
-     if r.get("method") == "grass" else "–"),
+     if traits(r.get("method", "")).refreshes else "–"),
     ("run wall time, s", lambda r: _num(r.get("wall_s"), ".1f")),
     ("error", lambda r: (r.get("error") or "").replace("|", "\\|").replace("\n", " ")),
 ]
@@ -378,7 +377,7 @@ def plot_compare(out_dir: str | Path, rows: list[dict]) -> list[Path]:
     dirs = [(r["method"], Path(r.get("output_dir") or out_dir / r["method"])) for r in rows]
     runs = [load_run(d if d.is_dir() else out_dir / m, m) for m, d in dirs]
     paths = [plot_loss(runs, out_dir / "loss.png", "Training loss, all methods"),
-             plot_active_blocks([r for r in runs if r.method in SAMPLING_METHODS], out_dir / "active_blocks.png")]
-    paths += [plot_mgn(r, out_dir / f"mgn_{r.method}.png") for r in runs if r.method == "grass"]
+             plot_active_blocks([r for r in runs if r.method in with_sampling()], out_dir / "active_blocks.png")]
+    paths += [plot_mgn(r, out_dir / f"mgn_{r.method}.png") for r in runs if traits(r.method).refreshes]
     paths.append(plot_summary(rows, out_dir / "summary.png"))
     return [p for p in paths if p is not None]

@@ -34,12 +34,13 @@ from .checkpoint import (CHECKPOINT_RE, load_checkpoint, load_sharded_checkpoint
 from .export import write_loadable
 from .logging_sinks import MetricSinks
 from .distributed import Distributed, init_distributed
-from .config import METHODS_WITH_SAMPLING, ConfigError, TrainConfig, save_config, validate
+from .config import ConfigError, TrainConfig, save_config, validate
 from .divergence import DivergenceWatch, vocab_size
 from .loss import enable_supervised_loss, full_loss, loss_forward
 from .methods import Prepared, method_names, prepare, step_budget
 from .models import PACKAGED_NOTE, block_layout, enable_checkpointing, load_model, load_tokenizer
 from .preflight import FINISHED, RUN_FILES, RunError, preflight, supervised_features
+from .registry import traits
 from .step import StepRunner, lr_factor, optimizer_state_bytes
 
 
@@ -163,7 +164,7 @@ def evaluate_model(model, tokenizer, examples: list[dict], cfg: TrainConfig, des
 
 def validate_for_model(cfg: TrainConfig, model) -> None:
     """Checks that need the model: γ against the number of decoder blocks."""
-    if cfg.method in METHODS_WITH_SAMPLING:
+    if traits(cfg.method).sampling:
         layout = block_layout(model, cfg.layers_attribute)
         errors = validate(cfg, num_blocks=layout.num_blocks, known_methods=method_names())
         if errors:
