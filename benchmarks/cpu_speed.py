@@ -130,7 +130,10 @@ def write_markdown(path: Path, rows, arms, args) -> None:
         "Ratios from this run:",
         f"- offload overhead on CPU: GRASS with offload / without = "
         f"{off['s_per_step'] / no_off['s_per_step']:.2f}× step time (on a CPU host and device are the same "
-        f"memory, so this is the cost of the extra copies, not of a PCIe transfer).",
+        f"memory: this is the cost of the extra copies, not of a PCIe transfer"
+        + ("; below 1, the offloaded arm was the faster here, which the copies cannot explain: the arm without "
+           "offload allocates each newly drawn block's state on the device as it goes; not investigated further"
+           if off["s_per_step"] < no_off["s_per_step"] else "") + ").",
         f"- frozen embeddings and head: GRASS with them trained / frozen = "
         f"{trained['s_per_step'] / frozen['s_per_step']:.2f}× step time (frozen, backward stops below the lowest "
         f"active block and the 28M-parameter embedding gets no gradient).",
@@ -142,8 +145,9 @@ def write_markdown(path: Path, rows, arms, args) -> None:
         f"{by['lisa (as shipped)']['state_device_last_MiB']:.0f} MiB as new blocks were drawn; GRASS with offload "
         f"kept 0 MiB on the device between steps.",
         "",
-        "Step times depend on which blocks are drawn (backward runs down to the lowest active block); all GRASS arms "
-        "use the same seed and so the same draws.",
+        "Step times depend on which blocks are drawn (backward runs down to the lowest active block); the three "
+        "`grass` arms use the same seed and so the same draws; grass-uniform and LISA draw uniformly, from the same "
+        "seed as each other. 12 timed steps per arm: a guide, not a fine ranking.",
     ]
     path.write_text("\n".join(lines) + "\n")
     print(f"wrote {path}", file=sys.stderr)
