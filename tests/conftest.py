@@ -20,6 +20,18 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _clean_working_directory(tmp_path_factory):
+    # Defaults such as output_dir=runs/grass-ft are relative: run every test from an empty directory, so that what a
+    # developer's checkout holds (the run `make demo` leaves there) cannot change a test's outcome.
+    import os
+
+    before = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("cwd"))
+    yield
+    os.chdir(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     from tiny import save_tiny_model

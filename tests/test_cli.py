@@ -55,7 +55,7 @@ def test_yaml_errors(tmp_path, capsys):
     ok = tmp_path / "ok.yaml"
     ok.write_text("gamma: 2\ntau: 0.5\n")
     assert main(["validate", "--config", str(ok), "gamma=3"]) == 0
-    assert "method grass" in capsys.readouterr().out
+    assert "method grass-uniform" in capsys.readouterr().out
 
 
 def test_gamma_larger_than_block_count(tiny_model_dir, capsys):
