@@ -128,8 +128,8 @@ def _always_names(layout: BlockLayout, embeddings: bool, head: bool) -> list[str
     return list(dict.fromkeys(names))
 
 
-def _sampling(model: nn.Module, cfg: TrainConfig, kind: str, embeddings: bool, head: bool,
-              layerwise: bool = True) -> Prepared:
+def _sampling(model: nn.Module, cfg: TrainConfig, embeddings: bool, head: bool, layerwise: bool = True) -> Prepared:
+    kind = traits(cfg.method).sampling  # how blocks are drawn: the registry's row, stated once
     layout = block_layout(model, cfg.layers_attribute)
     always = _always_names(layout, embeddings, head)
     candidates = {n for b in layout.blocks for n in b} | set(always)
@@ -147,18 +147,18 @@ def _sampling(model: nn.Module, cfg: TrainConfig, kind: str, embeddings: bool, h
 
 @register_method("grass")
 def _grass(model: nn.Module, cfg: TrainConfig) -> Prepared:
-    return _sampling(model, cfg, "adaptive", cfg.train_embeddings, cfg.train_head)
+    return _sampling(model, cfg, cfg.train_embeddings, cfg.train_head)
 
 
 @register_method("grass-static")
 def _grass_static(model: nn.Module, cfg: TrainConfig) -> Prepared:
-    return _sampling(model, cfg, "static", cfg.train_embeddings, cfg.train_head)
+    return _sampling(model, cfg, cfg.train_embeddings, cfg.train_head)
 
 
 @register_method("lisa")
 def _lisa(model: nn.Module, cfg: TrainConfig) -> Prepared:
     # As LMFlow and axolotl ship it: uniform draws, embeddings and head trained at every step, torch AdamW.
-    return _sampling(model, cfg, "uniform", True, True, layerwise=False)
+    return _sampling(model, cfg, True, True, layerwise=False)
 
 
 @register_method("fft")
@@ -197,7 +197,7 @@ def _grass_uniform(model: nn.Module, cfg: TrainConfig) -> Prepared:
     # The default method (docs/DEFAULTS.md) and, in the experiment, the control arm: GRASS in every respect
     # (embeddings/head as train_embeddings/train_head say, layer-wise offloaded state, intervals) but uniform
     # draws and no probe, so a difference to GRASS is the importance signal's alone.
-    return _sampling(model, cfg, "uniform", cfg.train_embeddings, cfg.train_head)
+    return _sampling(model, cfg, cfg.train_embeddings, cfg.train_head)
 
 
 if set(_REGISTRY) != set(METHODS):
