@@ -93,6 +93,17 @@ COLORS = {"grass": "#2ca02c", "grass-uniform": "#7f7f7f", "grass-static": "#17be
 # with the same optimizer as GRASS and take GRASS's best rate (a grid each would double the cost).
 GRID = {"grass": (1e-4, 3e-4), "grass-uniform": (1e-4, 3e-4), "lisa": (1e-4, 3e-4), "fft": (1e-5, 3e-5),
         "lora": (3e-4, 1e-3)}
+# The edge rule (written 2026-11-29, before any rate beyond a grid was run): a grid whose best seed-1 rate is at one
+# of its ends has not tuned that arm, so the next rate beyond that end (the grids' factor of ~3) is run at seed 1 too,
+# once per end. An end is closed (None) where the 20-step sweep (docs/RESULTS.md, short-budget view; seed 42) ran the
+# rate beyond it and found it worse by more than its seeds' sd (0.02-0.03 nats): a constant rate that is already too
+# high after 20 updates does not become right over 200. Open: FFT above 3e-5 (1e-4 was only 0.015 behind at 20
+# steps) and every lower end (longer budgets favour lower rates). Closed: 1e-3 for GRASS, the control and LISA (0.08
+# and 0.18 behind), LoRA's 3e-3 (diverged: 2.02).
+BEYOND: dict[str, tuple[float | None, float | None]] = {  # arm -> (below the grid, above it)
+    "grass": (3e-5, None), "grass-uniform": (3e-5, None), "lisa": (3e-5, None), "fft": (3e-6, 1e-4),
+    "lora": (1e-4, None),
+}
 SHARES_LR = {"grass-static": "grass", "grass-trainprobe": "grass", "grass-relative": "grass", "grass-head": "grass"}
 FIRST_LR = 3e-4  # the GRASS family's and LISA's best rate in the 20-step protocol: the core comparison runs at it
 CORE = ("grass", "grass-uniform", "grass-static", "lisa", "grass-head")
@@ -169,17 +180,31 @@ def git_commit() -> tuple[str, bool]:
 # ------------------------------------------------------------------------------------------------ queue
 
 
+def _lowest_loss(arm: str, grid: tuple[float, ...], runs: dict[str, dict]) -> float | None:
+    found = {lr: runs[run_key(arm, 1, lr)]["figures"]["gsm_eval_loss"] for lr in grid
+             if run_key(arm, 1, lr) in runs}
+    return min(grid, key=lambda lr: (found[lr], lr)) if len(found) == len(grid) else None
+
+
+def beyond_edge(arm: str, runs: dict[str, dict]) -> float | None:
+    """The rate the edge rule (:data:`BEYOND`) adds to ``arm``'s seed-1 grid: the next one past the end its
+    recorded grid's best sits at, where that end is open; None while the grid is incomplete or its best is inside."""
+    best = _lowest_loss(arm, GRID[arm], runs)
+    below, above = BEYOND.get(arm, (None, None))
+    return below if best == min(GRID[arm]) else above if best == max(GRID[arm]) else None
+
+
+def seed1_grid(arm: str, runs: dict[str, dict]) -> tuple[float, ...]:
+    """``arm``'s seed-1 grid with the edge rule's rate, once the recorded runs call for it."""
+    extra = beyond_edge(arm, runs)
+    return tuple(sorted((*GRID[arm], extra))) if extra is not None else GRID[arm]
+
+
 def best_lr(arm: str, runs: dict[str, dict]) -> float | None:
-    """The arm's learning rate with the lowest GSM eval loss at seed 1, once its whole grid is recorded."""
+    """The arm's learning rate with the lowest GSM eval loss at seed 1, once its whole grid is recorded (with the
+    edge rule's rate where its base grid's best sits at an open end)."""
     source = SHARES_LR.get(arm, arm)
-    grid = GRID[source]
-    found = {}
-    for lr in grid:
-        r = runs.get(run_key(source, 1, lr))
-        if r is None:
-            return None
-        found[lr] = r["figures"]["gsm_eval_loss"]
-    return min(grid, key=lambda lr: (found[lr], lr))
+    return _lowest_loss(source, seed1_grid(source, runs), runs)
 
 
 def deciding(runs: dict[str, dict]) -> list[str]:
@@ -207,11 +232,11 @@ def queue(runs: dict[str, dict]) -> list[tuple[str, str, int, float | None]]:
         q += [("A' deciding seeds 4-5 @3e-4", arm, seed, FIRST_LR) for arm in DECIDING]
     # C0: the baselines' seed-1 grids before the variants: after phase A' they decide whether a baseline beats
     # every sampling arm (the `method` rule) and the issue's FFT target
-    q += [("C0 baselines' lr grid, seed 1", arm, 1, lr) for arm in ("fft", "lora") for lr in GRID[arm]]
+    q += [("C0 baselines' lr grid, seed 1", arm, 1, lr) for arm in ("fft", "lora") for lr in seed1_grid(arm, runs)]
     for seed in (1, 2, 3):  # B: the two variants, same rate
         q += [("B variants @3e-4", arm, seed, FIRST_LR) for arm in VARIANTS]
-    for arm, grid in GRID.items():  # C: the rest of each grid at seed 1
-        q += [("C lr grid, seed 1", arm, 1, lr) for lr in grid if not (arm in CORE and lr == FIRST_LR)]
+    for arm in GRID:  # C: the rest of each grid at seed 1 (with the edge rule's rate)
+        q += [("C lr grid, seed 1", arm, 1, lr) for lr in seed1_grid(arm, runs) if not (arm in CORE and lr == FIRST_LR)]
     for seed in (2, 3):  # D: the baselines at their best rate
         q += [("D baselines @best", arm, seed, best_lr(arm, runs)) for arm in ("fft", "lora")]
     for seed in (1, 2, 3):  # E: arms whose best rate is not the one phase A/B ran at
@@ -418,6 +443,9 @@ def cmd_run(ledger: Path, max_runs: int | None, phases: str | None) -> None:
         mine.unlink(missing_ok=True)
     done = 0
     while max_runs is None or done < max_runs:
+        if (WORK / "stop").exists():  # drain: every queue finishes its run, then exits (rm the file to go on)
+            print(f"[stop] {WORK / 'stop'} exists: not starting another run", flush=True)
+            return
         runs = runs_of(read_ledger(ledger))
         todo = [(ph, arm, seed, lr) for ph, arm, seed, lr in queue(runs)
                 if lr is not None and run_key(arm, seed, lr) not in runs and (not phases or ph[0] in phases)]
@@ -690,9 +718,9 @@ def report_md(records: list[dict]) -> str:
     L += targets_md(chosen)
     L += ["", "## Learning-rate grid (seed 1; GSM eval loss / arithmetic accuracy)", "",
           "| arm | rates | best |", "|---|---|---|"]
-    for arm, grid in GRID.items():
+    for arm in GRID:
         cells = []
-        for lr in grid:
+        for lr in seed1_grid(arm, runs):
             r = runs.get(run_key(arm, 1, lr))
             cells.append(f"{lr:g}: " + (f"{r['figures']['gsm_eval_loss']:.4f} / "
                                         f"{100 * r['figures']['arith_accuracy']:.1f} %" if r else "not yet"))
@@ -700,7 +728,9 @@ def report_md(records: list[dict]) -> str:
         L.append(f"| {LABELS[arm]} | {' · '.join(cells)} | {best:g} |" if best else
                  f"| {LABELS[arm]} | {' · '.join(cells)} | grid incomplete |")
     L += ["", "GRASS*, the training probe and the relative variant take GRASS's rate (same parameters, same "
-          "optimizer).",
+          "optimizer). Edge rule: where a grid's best sits at one of its ends, the next rate past that end is run too "
+          "(once), unless the 20-step sweep already found that rate clearly worse (`BEYOND` in "
+          "benchmarks/quality.py).",
           "", "## Every run", "", "| arm | seed | lr | GSM eval loss | accuracy, % | train CPU-s | wall-s | commit |",
           "|---|---|---|---|---|---|---|---|"]
     for r in sorted(runs.values(), key=lambda r: (list(ARMS).index(r["arm"]), r["seed"], r["lr"])):

@@ -87,9 +87,41 @@ def test_best_rate_waits_for_the_grid_and_variants_share_grass_rate():
     runs = {r["key"]: r for r in [fake_run("grass", 1, 3e-4, 1.0)]}
     assert quality.best_lr("grass", runs) is None and quality.best_lr("grass-static", runs) is None
     runs |= {r["key"]: r for r in [fake_run("grass", 1, 1e-4, 0.95)]}
+    assert quality.best_lr("grass", runs) is None  # 1e-4 is the grid's lower end: the edge rule runs 3e-5 first
+    runs |= {r["key"]: r for r in [fake_run("grass", 1, 3e-5, 0.97)]}
     assert quality.best_lr("grass", runs) == 1e-4 == quality.best_lr("grass-relative", runs)
     phases = {(ph[0], arm, seed, lr) for ph, arm, seed, lr in quality.queue(runs)}
     assert ("E", "grass", 2, 1e-4) in phases  # reruns at the better rate
+
+
+def test_a_best_rate_at_an_open_end_of_its_grid_runs_the_next_rate_before_it_counts():
+    runs = {r["key"]: r for r in [fake_run("fft", 1, 1e-5, 0.90), fake_run("fft", 1, 3e-5, 0.73)]}
+    assert quality.best_lr("fft", runs) is None  # 3e-5 is the top of FFT's grid, and that end is open
+    q = [(ph[:2], arm, seed, lr) for ph, arm, seed, lr in quality.queue(runs)]
+    assert ("C0", "fft", 1, 1e-4) in q and ("D ", "fft", 2, None) in q  # seeds 2-3 wait for the extended grid
+    runs |= {r["key"]: r for r in [fake_run("fft", 1, 1e-4, 0.75)]}
+    assert quality.best_lr("fft", runs) == 3e-5  # inside now; the rule adds one rate per end, never a second
+    assert ("C0", "fft", 1, 1e-4) in [(ph[:2], a, s, lr) for ph, a, s, lr in quality.queue(runs)]
+    runs[quality.run_key("fft", 1, 1e-4)]["figures"]["gsm_eval_loss"] = 0.70
+    assert quality.best_lr("fft", runs) == 1e-4
+    # a closed end: GRASS's 1e-3 lost clearly at 20 steps, so 3e-4 at the top of its grid is its best as it stands
+    runs = {r["key"]: r for r in [fake_run("grass", 1, 1e-4, 0.9), fake_run("grass", 1, 3e-4, 0.8)]}
+    assert quality.best_lr("grass", runs) == 3e-4 == quality.best_lr("grass-trainprobe", runs)
+    assert quality.seed1_grid("grass", runs) == (1e-4, 3e-4)
+    # the lower ends are open: a best at 1e-4 calls for 3e-5 (and the variants wait with GRASS)
+    runs[quality.run_key("grass", 1, 1e-4)]["figures"]["gsm_eval_loss"] = 0.7
+    assert quality.seed1_grid("grass", runs) == (3e-5, 1e-4, 3e-4)
+    assert quality.best_lr("grass", runs) is None is quality.best_lr("grass-relative", runs)
+
+
+def test_a_stop_file_drains_the_queue_before_its_next_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(quality, "WORK", tmp_path)
+    ledger = tmp_path / "ledger.jsonl"
+    quality.append_record({"record": "base", "key": f"base|protocol={quality.protocol_id()}"}, ledger)
+    (tmp_path / "stop").touch()
+    monkeypatch.setattr(quality, "child", lambda *a: pytest.fail("a run started despite the stop file"))
+    quality.cmd_run(ledger, None, None)
+    assert "[stop]" in capsys.readouterr().out and not list(tmp_path.glob("*.claim"))
 
 
 def test_report_from_the_ledger_alone(tmp_path):
