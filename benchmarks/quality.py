@@ -591,13 +591,20 @@ def targets_md(chosen: dict[str, dict[int, dict]]) -> list[str]:
         seeds = sorted(set(chosen[best]) & set(chosen.get(other, {})))
         return seeds, [chosen[best][s]["figures"][fig] - chosen[other][s]["figures"][fig] for s in seeds]
 
+    def layout(arm: str) -> str:
+        extra = ARMS[arm][1]
+        return "frozen" if (extra.get("train_embeddings"), extra.get("train_head")) == (False, False) else "trained"
+
     for other in ("lisa", "grass-uniform", "grass-static"):
         if other not in chosen or other == best:
             continue
         seeds, d = paired(other, "gsm_eval_loss")
         ci = paired_ci(d)
-        rows.append((f"GSM eval loss below {LABELS[other]}'s (interval below 0)", fmt_ci(ci, 4) + f", seeds {seeds}",
-                     ci is not None and ci[2] < 0))
+        # a comparator with the other embeddings/head layout measures the layout as much as the draws: say so
+        note = "" if layout(other) == layout(best) else (
+            f" (layouts differ: embeddings/head {layout(best)} here, {layout(other)} in {LABELS[other]})")
+        rows.append((f"GSM eval loss below {LABELS[other]}'s (interval below 0){note}",
+                     fmt_ci(ci, 4) + f", seeds {seeds}", ci is not None and ci[2] < 0))
     if "fft" in chosen:
         seeds, _ = paired("fft", "gsm_eval_loss")
         if seeds:

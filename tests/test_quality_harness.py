@@ -129,11 +129,18 @@ def test_report_from_the_ledger_alone(tmp_path):
     for seed, (g, u) in enumerate([(1.00, 0.98), (1.02, 0.99), (0.99, 0.97)], start=1):
         quality.append_record(fake_run("grass", seed, 3e-4, g), ledger)
         quality.append_record(fake_run("grass-uniform", seed, 3e-4, u), ledger)
+        quality.append_record(fake_run("lisa", seed, 3e-4, u + 0.1), ledger)
     quality.cmd_report(ledger, tmp_path / "docs")
     md = (tmp_path / "docs" / "quality.md").read_text()
     row = next(line for line in md.splitlines() if line.startswith("| GRASS − uniform control"))
     # paired differences +0.02, +0.03, +0.02: every seed worse, the interval excludes 0
     assert "+0.0233" in row and "excl. 0" in row
+    # the targets say which comparator trains the embeddings/head and which does not
+    targets = md.split("## Targets")[1].split("##")[0]
+    lisa_row = next(line for line in targets.splitlines() if "below LISA" in line)
+    control_row = next(line for line in targets.splitlines() if "below uniform control" in line)
+    assert "layouts differ: embeddings/head frozen here, trained in LISA" in lisa_row
+    assert "layouts differ" not in control_row
     assert (tmp_path / "docs" / "quality_updates.png").is_file() and (tmp_path / "docs" / "quality_cpu.png").is_file()
 
 
