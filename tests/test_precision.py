@@ -117,6 +117,21 @@ def test_make_adamw_gives_bf16_methods_masters_unless_turned_off():
     assert type(prepare(tiny_llama(torch.float32), TrainConfig(method="fft")).optimizer) is torch.optim.AdamW
 
 
+def test_torch_adamw_is_fused_on_cuda_and_the_per_tensor_loop_on_the_cpu():
+    """Stock torch AdamW (fp32, or master_weights=false) takes transformers' CUDA default, the fused kernel, on
+    CUDA; on the CPU torch's own default, as every recorded CPU figure."""
+    from grass_ft.config import TrainConfig
+    from grass_ft.methods import prepare
+
+    p = prepare(tiny_llama(torch.float32), TrainConfig(method="fft"))
+    assert type(p.optimizer) is torch.optim.AdamW and not p.optimizer.defaults["fused"]
+    if not torch.cuda.is_available():
+        pytest.skip("the CUDA half needs a CUDA device")
+    for method, dtype, keys in (("fft", torch.float32, {}), ("lisa", torch.bfloat16, {"master_weights": False})):
+        p = prepare(tiny_llama(dtype).cuda(), TrainConfig(method=method, gamma=1, **keys))
+        assert type(p.optimizer) is torch.optim.AdamW and p.optimizer.defaults["fused"] is True, method
+
+
 def test_float16_is_refused_by_the_config(capsys):
     from grass_ft.cli import main
 

@@ -113,7 +113,12 @@ def make_adamw(named: list[tuple[str, nn.Parameter]], cfg: TrainConfig, layout: 
     masters = cfg.master_weights and any(p.dtype in (torch.bfloat16, torch.float16) for _, p in named)
     # fsdp: always ours, whose name-keyed per-shard state grass_ft.fsdp saves through DCP (same numerics)
     if not (offload or layerwise or masters or cfg.fsdp):
-        return torch.optim.AdamW([p for _, p in named], lr=cfg.lr, weight_decay=cfg.weight_decay)
+        params = [p for _, p in named]
+        # on CUDA the fused kernel, as transformers' default optimizer there (adamw_torch_fused): one kernel per
+        # step and no foreach temporaries, so the baselines' memory is what their users get; the CPU keeps torch's
+        # per-tensor loop, which every recorded CPU figure used
+        fused = True if params and all(p.is_cuda for p in params) else None
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
     from .offload import LayerwiseOffloadAdamW
 
     group_fn = layout.group_key if layout is not None else None
