@@ -21,6 +21,7 @@ import socket
 import sys
 import time
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -188,45 +189,87 @@ def run_train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
 
 
 def _run_train(cfg: TrainConfig, progress: bool, dist: Distributed, held: ExitStack) -> dict[str, Any]:
-    main = dist.is_main
-    if cfg.fsdp:
-        from .fsdp import fsdp_unavailable
+    """The recipe: every check that needs no weights, then the output directory, the model, the method, a resume,
+    the loop, and the finished run's files. Each step is a helper below; only the loop carries state."""
+    _check_fsdp(cfg, dist)
+    inputs = _check_and_tokenize(cfg, dist)
+    out = _claim_output_dir(cfg, dist, held, resuming=inputs.checkpoint is not None)
+    model, device = _load_model(cfg, dist)
+    # batch_size is per process: each step takes batch_size x world_size examples, each rank its share
+    stream = data_mod.BatchStream(inputs.features, cfg.batch_size * dist.world_size, inputs.tokenizer.pad_token_id,
+                                  seed=cfg.seed, rank=dist.rank, world_size=dist.world_size)
+    # the model as loaded is evaluated before the method touches it (a resumed run reuses its checkpoint's figure)
+    before: dict[str, Any] = {}
+    if inputs.checkpoint is None:
+        if inputs.held_ex and dist.is_main and cfg.eval_before:
+            before = evaluate_model(model, inputs.tokenizer, inputs.held_ex, cfg, "before")
+        dist.barrier()
+    run = _set_up_method(cfg, model, dist)
+    if dist.is_main:
+        save_config(cfg, out / "config.yaml")
+    totals = _Totals()
+    if inputs.checkpoint is not None:
+        totals, before = _resume(cfg, inputs.checkpoint, run, stream, out, dist.is_main)
+    loop = _train_loop(cfg, dist, out, run, stream, inputs.tokenizer, totals, before, device, progress,
+                       appending=inputs.checkpoint is not None)
+    return _finish(cfg, dist, out, run, inputs, before, totals, loop, device)
 
-        if not dist.enabled:
-            raise ConfigError(["`fsdp` shards over two or more processes (torchrun --nproc_per_node=N ...); this "
-                               "run has one: drop fsdp=true"])
-        if fsdp_unavailable():
-            raise ConfigError([fsdp_unavailable()])
-    # 1. Every check that needs no model weights, before anything is written: output_dir, the checkpoint to
-    #    resume from (and that it belongs to this run), the data (format, tasks, one batch), the model source.
-    pf = preflight(cfg, dist.world_size)  # every rank: on a shared filesystem all reach the same verdict
-    checkpoint, loaded = pf.checkpoint, pf.loaded
-    train_ex, held_ex = loaded.train, loaded.held
+
+def _check_fsdp(cfg: TrainConfig, dist: Distributed) -> None:
+    """``fsdp`` needs two or more processes and a torch with FSDP2."""
+    if not cfg.fsdp:
+        return
+    from .fsdp import fsdp_unavailable
+
+    if not dist.enabled:
+        raise ConfigError(["`fsdp` shards over two or more processes (torchrun --nproc_per_node=N ...); this "
+                           "run has one: drop fsdp=true"])
+    if fsdp_unavailable():
+        raise ConfigError([fsdp_unavailable()])
+
+
+@dataclass
+class _Inputs:
+    """What the checks before the model found: the checkpoint to resume, the tokenizer, the training features and
+    the held-out examples."""
+    checkpoint: Path | None
+    tokenizer: Any
+    features: list
+    held_ex: list[dict]
+
+
+def _check_and_tokenize(cfg: TrainConfig, dist: Distributed) -> _Inputs:
+    """Every check that needs no model weights, before anything is written (output_dir, the checkpoint to resume
+    from and that it belongs to this run, the data: format, tasks, one batch; the model source), then the
+    tokenizer and the tokenisation: answers cut off by max_seq_len fail (all) or are left out with a warning
+    (some)."""
     from .evaluate import loss_only_tasks
 
-    loss_only_tasks(cfg.eval_loss_only_tasks, held_ex, cfg.task)  # a misspelt task fails here, not after training
-    if main:
+    pf = preflight(cfg, dist.world_size)  # every rank: on a shared filesystem all reach the same verdict
+    loaded = pf.loaded
+    loss_only_tasks(cfg.eval_loss_only_tasks, loaded.held, cfg.task)  # a misspelt task fails here, not after
+    if dist.is_main:
         for w in pf.warnings:
             warn(w)
-
-    # 2. Tokenizer and tokenisation, still before the model: answers cut off by max_seq_len fail (all) or are
-    #    left out with a warning (some).
     tokenizer = load_tokenizer(cfg.model)
     data_mod.prepare_tokenizer(tokenizer, cfg.chat_template, loaded.first_rows(), cfg.model)
-    features = data_mod.tokenize_dataset(train_ex, tokenizer, loaded.format, cfg.max_seq_len, cfg.train_on_inputs)
+    features = data_mod.tokenize_dataset(loaded.train, tokenizer, loaded.format, cfg.max_seq_len,
+                                         cfg.train_on_inputs)
     features, dropped = supervised_features(features, cfg, dist.world_size)
-    if dropped and main:
+    if dropped and dist.is_main:
         warn(dropped)
+    return _Inputs(pf.checkpoint, tokenizer, features, loaded.held)
 
-    # 3. Only now, once every rank has passed its checks, the output directory is created and a replaced run's
-    #    files removed.
-    #    Rank 0 alone touches the directory; its verdict (e.g. another run holds the directory) stops every rank
-    #    with the same line, instead of leaving the others at a barrier until torchrun kills them.
+
+def _claim_output_dir(cfg: TrainConfig, dist: Distributed, held: ExitStack, resuming: bool) -> Path:
+    """Only once every rank has passed its checks: create the output directory and remove a replaced run's files.
+    Rank 0 alone touches the directory; its verdict (e.g. another run holds the directory) stops every rank with
+    the same line, instead of leaving the others at a barrier until torchrun kills them."""
     dist.barrier()
     out, refused = Path(cfg.output_dir), None
-    if main:
+    if dist.is_main:
         try:
-            out = prepare_output_dir(cfg.output_dir, resuming=checkpoint is not None, held=held)
+            out = prepare_output_dir(cfg.output_dir, resuming=resuming, held=held)
         except RunError as e:
             refused = e
     message = dist.from_main(str(refused) if refused else None)
@@ -234,28 +277,41 @@ def _run_train(cfg: TrainConfig, progress: bool, dist: Distributed, held: ExitSt
         raise refused
     if message:
         raise RunError(message)
-    torch.manual_seed(cfg.seed)
+    return out
 
-    # 4. Model, and the checks that need it.
+
+def _load_model(cfg: TrainConfig, dist: Distributed):
+    """The model, checked against the config (γ against its blocks), on this rank's device."""
+    torch.manual_seed(cfg.seed)
     model = load_model(cfg.model, cfg.dtype)
     validate_for_model(cfg, model)
     device = dist.device()
     model.to(device)
     if cfg.gradient_checkpointing:
         enable_checkpointing(model)
+    return model, device
 
-    # batch_size is per process: each step takes batch_size x world_size examples, each rank its share
-    stream = data_mod.BatchStream(features, cfg.batch_size * dist.world_size, tokenizer.pad_token_id,
-                                  seed=cfg.seed, rank=dist.rank, world_size=dist.world_size)
 
-    # 5. Evaluation of the model as loaded (a resumed run reuses the figure its checkpoint recorded).
-    if checkpoint is None:
-        before = (evaluate_model(model, tokenizer, held_ex, cfg, "before")
-                  if (held_ex and main and cfg.eval_before) else {})
-        dist.barrier()
+@dataclass
+class _Method:
+    """The method set up for training: the prepared model/optimizer/sampler, its scheduler and step runner, the
+    divergence watch, the loss forward, the step budget and FSDP's reduce-scatter counter."""
+    prepared: Prepared
+    scheduler: Any
+    runner: StepRunner
+    watch: DivergenceWatch
+    forward: Any
+    n_steps: int
+    reduce_scatter: Any = None
 
-    # 6. The method: optimizer over every candidate parameter, sampler, scheduler. With fsdp the model is sharded
-    #    first (each block a unit), so that the optimizer holds, and offloads, this rank's shards only.
+    @property
+    def model(self):
+        return self.prepared.model  # lora/dora wrap the model in a peft model: train, save and evaluate that
+
+
+def _set_up_method(cfg: TrainConfig, model, dist: Distributed) -> _Method:
+    """Optimizer over every candidate parameter, sampler, scheduler. With fsdp the model is sharded first (each
+    block a unit), so that the optimizer holds, and offloads, this rank's shards only."""
     reduce_scatter = None
     if cfg.fsdp:
         from .fsdp import shard_model
@@ -268,100 +324,109 @@ def _run_train(cfg: TrainConfig, progress: bool, dist: Distributed, held: ExitSt
         enable_supervised_loss(model)
         forward = full_loss
     prepared: Prepared = prepare(model, cfg)
-    model = prepared.model  # lora/dora wrap the model in a peft model: train, save and evaluate that
     n_steps, total_updates = step_budget(cfg, prepared.sampler)  # count_probe_steps decides what max_steps counts
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         prepared.optimizer, lambda k: lr_factor(k, cfg.warmup_steps, total_updates, cfg.lr_schedule))
     runner = StepRunner(prepared, scheduler, grad_accum=cfg.grad_accum, max_grad_norm=cfg.max_grad_norm,
                         max_bad_steps=sys.maxsize, dist=dist, sharded=cfg.fsdp)
     # the runner would raise before the step is logged; the watch stops the run after it (same max_bad_steps)
-    watch = DivergenceWatch(cfg.max_bad_steps, vocab_size(model), cfg.lr)
+    watch = DivergenceWatch(cfg.max_bad_steps, vocab_size(prepared.model), cfg.lr)
+    return _Method(prepared, scheduler, runner, watch, forward, n_steps, reduce_scatter)
+
+
+@dataclass
+class _Totals:
+    """The running totals a checkpoint carries: the next step, tokens, seconds, per-step losses."""
+    step: int = 0
+    tokens: int = 0
+    train_time: float = 0.0
+    bookkeeping_time: float = 0.0
+    losses: list[float] = field(default_factory=list)
+
+    def state(self) -> dict[str, Any]:
+        return {"tokens": self.tokens, "train_time": self.train_time, "bookkeeping_time": self.bookkeeping_time,
+                "losses": self.losses}
+
+
+def _resume(cfg: TrainConfig, checkpoint: Path, run: _Method, stream, out: Path,
+            main: bool) -> tuple[_Totals, dict[str, Any]]:
+    """Weights, optimizer (by name), scheduler, sampler, RNG, data position and running totals from
+    ``checkpoint``; the logs are cut back to its step. Returns the totals and the "before" evaluation it recorded."""
+    load = load_sharded_checkpoint if cfg.fsdp else load_checkpoint
+    trainer_state, extra = load(checkpoint, run.model, run.prepared.optimizer, run.scheduler)
+    run.runner.load_state_dict(extra["runner"])
+    if "watch" in extra:
+        run.watch.load_state_dict(extra["watch"])
+    set_rng_state(extra["rng"])
+    stream.load_state_dict(trainer_state["data"])
+    start_step = trainer_state["step"]
     if main:
-        save_config(cfg, out / "config.yaml")
+        for log in ("metrics.jsonl", "layers.jsonl"):
+            truncate_jsonl(out / log, start_step)
+        tqdm.write(f"resumed from {checkpoint} at step {start_step}")
+    return _Totals(step=start_step, **trainer_state["totals"]), trainer_state["before"]
 
-    # 7. Resume: weights, optimizer (by name), scheduler, sampler, RNG, data position and running totals.
-    start_step, totals = 0, {"tokens": 0, "train_time": 0.0, "bookkeeping_time": 0.0, "losses": []}
-    if checkpoint is not None:
-        load = load_sharded_checkpoint if cfg.fsdp else load_checkpoint
-        trainer_state, extra = load(checkpoint, model, prepared.optimizer, scheduler)
-        runner.load_state_dict(extra["runner"])
-        if "watch" in extra:
-            watch.load_state_dict(extra["watch"])
-        set_rng_state(extra["rng"])
-        stream.load_state_dict(trainer_state["data"])
-        start_step, totals, before = trainer_state["step"], trainer_state["totals"], trainer_state["before"]
-        if main:
-            for log in ("metrics.jsonl", "layers.jsonl"):
-                truncate_jsonl(out / log, start_step)
-            tqdm.write(f"resumed from {checkpoint} at step {start_step}")
 
-    # 8. Train (a diverged run stops after its last step is logged).
+@dataclass
+class _LoopResult:
+    wall_s: float
+    train_peak: int
+    probe_peak: int | None
+    n_trainable: int  # every parameter
+    n_step_trainable: int  # those one (non-probe) step trains
+
+
+def _train_loop(cfg: TrainConfig, dist: Distributed, out: Path, run: _Method, stream, tokenizer, totals: _Totals,
+                before: dict[str, Any], device: torch.device, progress: bool, appending: bool) -> _LoopResult:
+    """The steps from ``totals.step`` to the budget: train, log, checkpoint. ``totals`` is updated in place; a
+    diverged run stops after its last step is logged."""
+    main, model = dist.is_main, run.model
     n_trainable = sum(p.numel() for p in model.parameters())
-    n_step_trainable = _trainable_count(prepared)  # now: saving below sets requires_grad on everything
+    n_step_trainable = _trainable_count(run.prepared)  # now: saving sets requires_grad on everything
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    mode = "a" if checkpoint is not None else "w"
+    mode = "a" if appending else "w"
     metrics_f = open(out / "metrics.jsonl" if main else os.devnull, mode, buffering=1)
     # rank 0 alone writes the trace; GRASS_FT_TRACE_ALL_RANKS=1 (a debugging aid, used by the tests) has every
     # other rank write its own to layers.rank<r>.jsonl so traces can be compared
     trace_all = os.environ.get("GRASS_FT_TRACE_ALL_RANKS") == "1"
     layers_path = out / "layers.jsonl" if main else (out / f"layers.rank{dist.rank}.jsonl" if trace_all else None)
     layers_f = open(layers_path or os.devnull, mode, buffering=1)
-    sinks = MetricSinks(cfg.report_to, out, cfg.to_dict(), enabled=main, resume_step=start_step)  # report_to
+    sinks = MetricSinks(cfg.report_to, out, cfg.to_dict(), enabled=main, resume_step=totals.step)  # report_to
     t_start = time.perf_counter()
-    total_tokens, train_time = totals["tokens"], totals["train_time"]
-    bookkeeping_time, losses = totals["bookkeeping_time"], totals["losses"]
     if device.type == "cuda":
         # the summary's peak is the training steps' own, not loading's or the "before" evaluation's
         torch.cuda.reset_peak_memory_stats(device)
     probe_peak = None
-    bar = tqdm(range(start_step, n_steps), desc=f"{cfg.method}", disable=not (progress and main), dynamic_ncols=True,
-               initial=start_step, total=n_steps)
+    n_steps = run.n_steps
+    bar = tqdm(range(totals.step, n_steps), desc=f"{cfg.method}", disable=not (progress and main),
+               dynamic_ncols=True, initial=totals.step, total=n_steps)
     try:
         for step in bar:
             batches = [{k: v.to(device) for k, v in stream.next_batch().items()} for _ in range(cfg.grad_accum)]
-            if reduce_scatter is not None:
-                reduce_scatter.bytes = 0
-            res = runner.train_step(step, batches, forward=forward)
-            if res.probe and not runner.is_probe(step + 1):  # GRASS's probe is over: its peak apart from training's
+            if run.reduce_scatter is not None:
+                run.reduce_scatter.bytes = 0
+            res = run.runner.train_step(step, batches, forward=run.forward)
+            if res.probe and not run.runner.is_probe(step + 1):  # GRASS's probe is over: its peak apart
                 probe_peak = peak_memory_bytes(device)
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
             for ev in res.events:
                 layers_f.write(json.dumps(ev) + "\n")
-            total_tokens += res.tokens  # all ranks' tokens of this step
-            train_time += res.seconds
-            bookkeeping_time += res.bookkeeping_s
-            losses.append(res.loss)
-            state = optimizer_state_bytes(prepared.optimizer)
+            totals.step = step + 1
+            totals.tokens += res.tokens  # all ranks' tokens of this step
+            totals.train_time += res.seconds
+            totals.bookkeeping_time += res.bookkeeping_s
+            totals.losses.append(res.loss)
             tps = res.tokens / res.seconds if res.seconds > 0 else 0.0
             record = None
             if step % cfg.logging_steps == 0 or step == n_steps - 1:
-                record = {
-                    "step": step, "loss": res.loss, "lr": scheduler.get_last_lr()[0], "grad_norm": res.grad_norm,
-                    "tokens_per_s": tps, "s_per_step": res.seconds, "probe": res.probe, "skipped": res.skipped,
-                    "active": res.active, "bookkeeping_s": res.bookkeeping_s,
-                    "optimizer_state_device_bytes": state["device"], "optimizer_state_host_bytes": state["host"],
-                    "peak_memory_bytes": peak_memory_bytes(device), "allreduce_bytes": dist.allreduce_bytes,
-                    "allreduce_fraction_of_fft": dist.allreduce_bytes / param_bytes,
-                    **({"reduce_scatter_bytes": reduce_scatter.bytes} if reduce_scatter is not None else {})}
+                record = _step_record(step, res, run, dist, device, param_bytes, tps)
                 metrics_f.write(json.dumps(record) + "\n")
             sinks.log_step(record, res.events, step)
-            watch.observe(step, res.loss, res.grad_norm, res.probe, res.skipped)
-            if (main or cfg.fsdp) and cfg.save_steps and (step + 1) % cfg.save_steps == 0 and step + 1 < n_steps:
-                totals = {"tokens": total_tokens, "train_time": train_time, "bookkeeping_time": bookkeeping_time,
-                          "losses": losses}
-                extra = {"runner": runner.state_dict(), "rng": rng_state(), "watch": watch.state_dict()}
-                trainer_state = {"data": stream.state_dict(), "totals": totals,
-                                 "before": {k: v for k, v in before.items() if k != "predictions"},
-                                 "run": run_keys(cfg.to_dict(), dist.world_size)}
-                with _writing(out / f"checkpoint-{step + 1}"):
-                    if cfg.fsdp:  # every rank writes its shards (no loadable copy: that would gather the model)
-                        save_sharded_checkpoint(out, step + 1, model, prepared.optimizer, scheduler, extra,
-                                                trainer_state, cfg.save_total_limit, main)
-                    else:
-                        save_checkpoint(out, step + 1, model, prepared.optimizer, scheduler, extra, trainer_state,
-                                        cfg.save_total_limit, tokenizer=tokenizer)
+            run.watch.observe(step, res.loss, res.grad_norm, res.probe, res.skipped)
             if cfg.save_steps and (step + 1) % cfg.save_steps == 0:
+                if (main or cfg.fsdp) and step + 1 < n_steps:
+                    _save_checkpoint(cfg, dist, out, run, stream, tokenizer, totals, before)
                 dist.barrier()  # no rank runs ahead of a checkpoint it may be killed and resumed from
             bar.set_postfix_str(f"loss {res.loss:.3f} | {'probe' if res.probe else 'blocks ' + _fmt_blocks(res.active)}"
                                 f" | {tps:.0f} tok/s")
@@ -370,29 +435,70 @@ def _run_train(cfg: TrainConfig, progress: bool, dist: Distributed, held: ExitSt
         metrics_f.close()
         layers_f.close()
         sinks.close()
-    wall_train = time.perf_counter() - t_start
+    wall_s = time.perf_counter() - t_start
     train_peak = peak_memory_bytes(device)  # before saving and the "after" evaluation (generation)
-    watch.check_end()
+    run.watch.check_end()
+    return _LoopResult(wall_s, train_peak, probe_peak, n_trainable, n_step_trainable)
 
-    # 9. Save, then evaluate the trained model. A sharded model is gathered, on the CPU of rank 0, into a plain
-    #    copy of the model (every rank takes part in the gather), which is saved and evaluated.
+
+def _step_record(step: int, res, run: _Method, dist: Distributed, device: torch.device, param_bytes: int,
+                 tps: float) -> dict[str, Any]:
+    """One line of metrics.jsonl."""
+    state = optimizer_state_bytes(run.prepared.optimizer)
+    return {
+        "step": step, "loss": res.loss, "lr": run.scheduler.get_last_lr()[0], "grad_norm": res.grad_norm,
+        "tokens_per_s": tps, "s_per_step": res.seconds, "probe": res.probe, "skipped": res.skipped,
+        "active": res.active, "bookkeeping_s": res.bookkeeping_s,
+        "optimizer_state_device_bytes": state["device"], "optimizer_state_host_bytes": state["host"],
+        "peak_memory_bytes": peak_memory_bytes(device), "allreduce_bytes": dist.allreduce_bytes,
+        "allreduce_fraction_of_fft": dist.allreduce_bytes / param_bytes,
+        **({"reduce_scatter_bytes": run.reduce_scatter.bytes} if run.reduce_scatter is not None else {})}
+
+
+def _save_checkpoint(cfg: TrainConfig, dist: Distributed, out: Path, run: _Method, stream, tokenizer,
+                     totals: _Totals, before: dict[str, Any]) -> None:
+    """checkpoint-<step>: what :func:`_resume` needs to continue bit for bit."""
+    extra = {"runner": run.runner.state_dict(), "rng": rng_state(), "watch": run.watch.state_dict()}
+    trainer_state = {"data": stream.state_dict(), "totals": totals.state(),
+                     "before": {k: v for k, v in before.items() if k != "predictions"},
+                     "run": run_keys(cfg.to_dict(), dist.world_size)}
+    with _writing(out / f"checkpoint-{totals.step}"):
+        if cfg.fsdp:  # every rank writes its shards (no loadable copy: that would gather the model)
+            save_sharded_checkpoint(out, totals.step, run.model, run.prepared.optimizer, run.scheduler, extra,
+                                    trainer_state, cfg.save_total_limit, dist.is_main)
+        else:
+            save_checkpoint(out, totals.step, run.model, run.prepared.optimizer, run.scheduler, extra,
+                            trainer_state, cfg.save_total_limit, tokenizer=tokenizer)
+
+
+def _gathered_model(cfg: TrainConfig, dist: Distributed, model, device: torch.device):
+    """The trained model, every parameter requiring grad again (as saved). A sharded model is gathered, on the
+    CPU of rank 0, into a plain copy of the model (every rank takes part in the gather)."""
     for p in model.parameters():
         p.requires_grad_(True)
-    if cfg.fsdp:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    if not cfg.fsdp:
+        return model
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if main:
-            model = load_model(cfg.model, cfg.dtype)
-            model.load_state_dict(full)
-            model.to(device)
-        del full
-    if not main:
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.is_main:
+        model = load_model(cfg.model, cfg.dtype)
+        model.load_state_dict(full)
+        model.to(device)
+    return model
+
+
+def _finish(cfg: TrainConfig, dist: Distributed, out: Path, run: _Method, inputs: _Inputs, before: dict[str, Any],
+            totals: _Totals, loop: _LoopResult, device: torch.device) -> dict[str, Any]:
+    """Save the trained model, evaluate it, merge a LoRA adapter if asked, and write summary.json last (rank 0;
+    the other ranks wait at the final barrier)."""
+    model = _gathered_model(cfg, dist, run.model, device)
+    if not dist.is_main:
         dist.barrier()  # rank 0 saves and evaluates
         return {"rank": dist.rank, "world_size": dist.world_size}
     with _writing(out / "final"):
-        final = save_final(model, tokenizer, out)
-    after = evaluate_model(model, tokenizer, held_ex, cfg, "after") if held_ex else {}
+        final = save_final(model, inputs.tokenizer, out)
+    after = evaluate_model(model, inputs.tokenizer, inputs.held_ex, cfg, "after") if inputs.held_ex else {}
     if after:
         from .evaluate import write_eval
 
@@ -401,15 +507,25 @@ def _run_train(cfg: TrainConfig, progress: bool, dist: Distributed, held: ExitSt
     if cfg.merge_lora and cfg.method in ("lora", "dora"):
         from .lora import save_merged
 
-        merged = save_merged(model, tokenizer, final)  # in place, so after the last use of the adapter model
+        merged = save_merged(model, inputs.tokenizer, final)  # in place, after the last use of the adapter model
+    summary = _summary(cfg, dist, run, inputs, before, after, totals, loop, final, merged)
+    write_json_atomic(out / "summary.json", summary)
+    dist.barrier()
+    return summary
 
-    state = optimizer_state_bytes(prepared.optimizer)
-    finite = [x for x in losses if math.isfinite(x)]  # a skipped non-finite step has no loss to average
+
+def _summary(cfg: TrainConfig, dist: Distributed, run: _Method, inputs: _Inputs, before: dict[str, Any],
+             after: dict[str, Any], totals: _Totals, loop: _LoopResult, final: Path,
+             merged: Path | None) -> dict[str, Any]:
+    """summary.json's contents."""
+    state = optimizer_state_bytes(run.prepared.optimizer)
+    finite = [x for x in totals.losses if math.isfinite(x)]  # a skipped non-finite step has no loss to average
     tail = finite[-10:]
-    summary = {
+    train_time = totals.train_time
+    return {
         "method": cfg.method, "model": cfg.model, "model_note": PACKAGED_NOTE.get(cfg.model, ""),
         "data": cfg.data, "task": cfg.task, "steps": cfg.max_steps, "seed": cfg.seed, "world_size": dist.world_size,
-        "eval_n": len(held_ex),
+        "eval_n": len(inputs.held_ex),
         "eval_loss_before": before.get("eval_loss"), "eval_loss": after.get("eval_loss"),
         "accuracy_before": before.get("accuracy"), "accuracy": after.get("accuracy"),
         "eval_loss_per_task_before": before.get("eval_loss_per_task"),
@@ -417,20 +533,17 @@ def _run_train(cfg: TrainConfig, progress: bool, dist: Distributed, held: ExitSt
         "accuracy_per_task_before": {t: d["accuracy"] for t, d in before.get("per_task", {}).items()} or None,
         "accuracy_per_task": {t: d["accuracy"] for t, d in after.get("per_task", {}).items()} or None,
         "final_train_loss": sum(tail) / len(tail) if tail else None,
-        "peak_memory_bytes": train_peak, "probe_peak_memory_bytes": probe_peak,
+        "peak_memory_bytes": loop.train_peak, "probe_peak_memory_bytes": loop.probe_peak,
         "optimizer_state_bytes": state["device"] + state["host"],
         "optimizer_state_device_bytes": state["device"], "optimizer_state_host_bytes": state["host"],
         "optimizer_state_peak_device_bytes": state["peak_device"],
-        "trainable_params": n_step_trainable, "total_params": n_trainable,
-        "tokens_per_s": total_tokens / train_time if train_time else 0.0,
-        "s_per_step": train_time / n_steps, "train_wall_s": wall_train,
-        "mgn_bookkeeping_fraction": bookkeeping_time / train_time if train_time else 0.0,
-        "skipped_steps": runner.skipped_steps, "offload": prepared.offload, "final_dir": str(final),
+        "trainable_params": loop.n_step_trainable, "total_params": loop.n_trainable,
+        "tokens_per_s": totals.tokens / train_time if train_time else 0.0,
+        "s_per_step": train_time / run.n_steps, "train_wall_s": loop.wall_s,
+        "mgn_bookkeeping_fraction": totals.bookkeeping_time / train_time if train_time else 0.0,
+        "skipped_steps": run.runner.skipped_steps, "offload": run.prepared.offload, "final_dir": str(final),
         "merged_dir": str(merged) if merged is not None else None,
     }
-    write_json_atomic(out / "summary.json", summary)
-    dist.barrier()
-    return summary
 
 
 @contextmanager
