@@ -553,7 +553,8 @@ def paired_ci(diffs: list[float]) -> tuple[float, float, float] | None:
 
 def chosen_runs(runs: dict[str, dict]) -> dict[str, dict[int, dict]]:
     """Per arm, its runs at the rate the table uses: the best rate once its seed-1 grid is complete, else
-    3e-4 (the core comparison's) where recorded, else the rate with most seeds."""
+    3e-4 (the core comparison's) where recorded, else the rate with most seeds (of those, the lowest seed-1 GSM
+    eval loss so far: a baseline is shown at its best rate yet, not at the first one of its grid)."""
     by_arm: dict[str, dict[float, dict[int, dict]]] = {}
     for r in runs.values():
         by_arm.setdefault(r["arm"], {}).setdefault(r["lr"], {})[r["seed"]] = r
@@ -561,7 +562,11 @@ def chosen_runs(runs: dict[str, dict]) -> dict[str, dict[int, dict]]:
     for arm, by_lr in by_arm.items():
         lr = best_lr(arm, runs)
         if lr not in by_lr:
-            lr = FIRST_LR if FIRST_LR in by_lr else max(by_lr, key=lambda k: len(by_lr[k]))
+            def rank(k: float) -> tuple[int, float]:
+                first = by_lr[k].get(1)
+                return len(by_lr[k]), -(first["figures"]["gsm_eval_loss"] if first else math.inf)
+
+            lr = FIRST_LR if FIRST_LR in by_lr else max(by_lr, key=rank)
         out[arm] = by_lr[lr]
     return out
 

@@ -114,6 +114,12 @@ def test_a_best_rate_at_an_open_end_of_its_grid_runs_the_next_rate_before_it_cou
     assert quality.best_lr("grass", runs) is None is quality.best_lr("grass-relative", runs)
 
 
+def test_an_incomplete_grid_shows_the_arm_at_its_best_rate_so_far():
+    runs = {r["key"]: r for r in [fake_run("fft", 1, 1e-5, 0.90), fake_run("fft", 1, 3e-5, 0.73)]}
+    assert quality.best_lr("fft", runs) is None  # waits for 1e-4 (edge rule)
+    assert {r["lr"] for r in quality.chosen_runs(runs)["fft"].values()} == {3e-5}
+
+
 def test_a_stop_file_drains_the_queue_before_its_next_run(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(quality, "WORK", tmp_path)
     ledger = tmp_path / "ledger.jsonl"
