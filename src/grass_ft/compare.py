@@ -74,10 +74,23 @@ def plan_compare(config_file: str | None, overrides: dict[str, str]) -> CompareP
             prefixed with their method.
     """
     from .methods import method_names
-    from .models import num_blocks_hint
 
     known = method_names()
     errors: list[str] = []
+    methods = _methods(overrides, known, errors)
+    if "method" in overrides:
+        errors.append("`method` is set per run by compare; choose the runs with methods=a,b,c")
+    output_dir = Path(overrides.get("output_dir", "runs/compare"))
+    shared, own, warnings = _split_keys(overrides, methods, known, errors)
+    configs, final = _method_configs(config_file, shared, own, methods, known, output_dir, errors)
+    if errors:
+        raise ConfigError(errors)
+    return ComparePlan(methods=methods, output_dir=output_dir, config_file=config_file, overrides=final,
+                       configs=configs, warnings=warnings)
+
+
+def _methods(overrides: dict[str, str], known: list[str], errors: list[str]) -> list[str]:
+    """The methods to run (``methods=a,b,c``, default :data:`DEFAULT_METHODS`), each once, known ones only."""
     methods = [m.strip() for m in overrides.get("methods", ",".join(DEFAULT_METHODS)).split(",") if m.strip()]
     bad = [m for m in methods if m not in known]
     if bad or not methods:
@@ -85,11 +98,13 @@ def plan_compare(config_file: str | None, overrides: dict[str, str]) -> CompareP
                       f"{overrides.get('methods', '')!r}")
     if len(set(methods)) != len(methods):
         errors.append(f"`methods` lists a method twice: {overrides['methods']!r}")
-    methods = [m for m in dict.fromkeys(methods) if m in known]
-    if "method" in overrides:
-        errors.append("`method` is set per run by compare; choose the runs with methods=a,b,c")
-    output_dir = Path(overrides.get("output_dir", "runs/compare"))
+    return [m for m in dict.fromkeys(methods) if m in known]
 
+
+def _split_keys(overrides: dict[str, str], methods: list[str], known: list[str],
+                errors: list[str]) -> tuple[dict[str, str], dict[str, dict[str, str]], list[str]]:
+    """Shared keys, per-method keys (``lora.lr=1e-3``) and a warning for each per-method key that breaks the
+    comparison's fairness (data, seed, step budget)."""
     shared: dict[str, str] = {}
     own: dict[str, dict[str, str]] = {m: {} for m in methods}
     warnings: list[str] = []
@@ -111,6 +126,15 @@ def plan_compare(config_file: str | None, overrides: dict[str, str]) -> CompareP
             if ALIASES.get(sub, sub) in FAIRNESS_KEYS:
                 warnings.append(f"`{key}` differs from the shared setting: {method} no longer runs on the same "
                                 f"data / seed / step budget as the others")
+    return shared, own, warnings
+
+
+def _method_configs(config_file: str | None, shared: dict[str, str], own: dict[str, dict[str, str]],
+                    methods: list[str], known: list[str], output_dir: Path,
+                    errors: list[str]) -> tuple[dict[str, TrainConfig], dict[str, dict[str, str]]]:
+    """Each method's validated config and its final keys; an error every method shares (a typo in a shared key)
+    is listed once, not once per method."""
+    from .models import num_blocks_hint
 
     per_method_errors: dict[str, list[str]] = {}
     configs: dict[str, TrainConfig] = {}
@@ -130,15 +154,11 @@ def plan_compare(config_file: str | None, overrides: dict[str, str]) -> CompareP
         except ConfigError as e:
             errs = e.errors
         per_method_errors[m] = errs
-    # an error every method shares (a typo in a shared key) is listed once, not once per method
     common = [e for e in per_method_errors[methods[0]] if all(e in v for v in per_method_errors.values())] \
         if methods else []
     errors += common
     errors += [f"{m}: {e}" for m in methods for e in per_method_errors[m] if e not in common]
-    if errors:
-        raise ConfigError(errors)
-    return ComparePlan(methods=methods, output_dir=output_dir, config_file=config_file, overrides=final,
-                       configs=configs, warnings=warnings)
+    return configs, final
 
 
 # ------------------------------------------------------------------------------------------ running
