@@ -95,14 +95,14 @@ GRID = {"grass": (1e-4, 3e-4), "grass-uniform": (1e-4, 3e-4), "lisa": (1e-4, 3e-
         "lora": (3e-4, 1e-3)}
 # The edge rule (written 2026-11-29, before any rate beyond a grid was run): a grid whose best seed-1 rate is at one
 # of its ends has not tuned that arm, so the next rate beyond that end (the grids' factor of ~3) is run at seed 1 too,
-# once per end. An end is closed (None) where the 20-step sweep (docs/RESULTS.md, short-budget view; seed 42) ran the
-# rate beyond it and found it worse by more than its seeds' sd (0.02-0.03 nats): a constant rate that is already too
-# high after 20 updates does not become right over 200. Open: FFT above 3e-5 (1e-4 was only 0.015 behind at 20
-# steps) and every lower end (longer budgets favour lower rates). Closed: 1e-3 for GRASS, the control and LISA (0.08
-# and 0.18 behind), LoRA's 3e-3 (diverged: 2.02).
-BEYOND: dict[str, tuple[float | None, float | None]] = {  # arm -> (below the grid, above it)
-    "grass": (3e-5, None), "grass-uniform": (3e-5, None), "lisa": (3e-5, None), "fft": (3e-6, 1e-4),
-    "lora": (1e-4, None),
+# once per end. As first written, an end was closed where the 20-step sweep had found the rate beyond it clearly
+# worse (1e-3 for GRASS, the control and LISA; 3e-3 for LoRA), on the premise that a rate too high at 20 updates
+# stays too high at 200. FFT's extension refuted that premise: 1e-4 was 0.015 nats behind 3e-5 at 20 steps and
+# 0.11 ahead at 200 (0.6196 vs 0.7283, seed 1). So since 2026-11-30 00:20 -- before any other rate beyond a grid ran
+# -- no end is closed: every arm gets one rate past each end its best reaches (FFT's one, 1e-4, is spent).
+BEYOND: dict[str, tuple[float, float]] = {  # arm -> (below the grid, above it)
+    "grass": (3e-5, 1e-3), "grass-uniform": (3e-5, 1e-3), "lisa": (3e-5, 1e-3), "fft": (3e-6, 1e-4),
+    "lora": (1e-4, 3e-3),
 }
 SHARES_LR = {"grass-static": "grass", "grass-trainprobe": "grass", "grass-relative": "grass", "grass-head": "grass"}
 FIRST_LR = 3e-4  # the GRASS family's and LISA's best rate in the 20-step protocol: the core comparison runs at it
@@ -190,7 +190,7 @@ def beyond_edge(arm: str, runs: dict[str, dict]) -> float | None:
     """The rate the edge rule (:data:`BEYOND`) adds to ``arm``'s seed-1 grid: the next one past the end its
     recorded grid's best sits at, where that end is open; None while the grid is incomplete or its best is inside."""
     best = _lowest_loss(arm, GRID[arm], runs)
-    below, above = BEYOND.get(arm, (None, None))
+    below, above = BEYOND[arm]
     return below if best == min(GRID[arm]) else above if best == max(GRID[arm]) else None
 
 
@@ -207,19 +207,25 @@ def best_lr(arm: str, runs: dict[str, dict]) -> float | None:
     return _lowest_loss(source, seed1_grid(source, runs), runs)
 
 
+def _ahead(arm: str, other: str, runs: dict[str, dict]) -> bool:
+    """Whether ``arm`` beats ``other`` on mean paired GSM eval loss over seeds 1-3, each at its best rate."""
+    lr_a, lr_o = best_lr(arm, runs), best_lr(other, runs)
+    if lr_a is None or lr_o is None:
+        return False
+    pairs = [(runs.get(run_key(arm, s, lr_a)), runs.get(run_key(other, s, lr_o))) for s in (1, 2, 3)]
+    return all(a and b for a, b in pairs) and statistics.fmean(
+        a["figures"]["gsm_eval_loss"] - b["figures"]["gsm_eval_loss"] for a, b in pairs) < 0
+
+
 def deciding(runs: dict[str, dict]) -> list[str]:
-    """The arms that get seeds 4-5: GRASS and the uniform control (they decide `method`), and each variant
-    whose seeds 1-3 beat GRASS on mean paired GSM eval loss (only a variant that may become the default needs five
-    seeds; one that is behind after three decides nothing). GRASS* is not a default candidate."""
+    """The arms that get seeds 4-5: GRASS and the uniform control (they decide `method`), each variant whose seeds
+    1-3 beat GRASS on mean paired GSM eval loss (only a variant that may become the default needs five seeds; one
+    that is behind after three decides nothing), and each baseline whose seeds 1-3 beat both sampling arms that
+    train the embeddings/head (LISA, `grass-head`: the best so far): it may become the default `method`, the others
+    have five seeds already. GRASS* is not a default candidate."""
     arms = ["grass", "grass-uniform"]
-    lr = best_lr("grass", runs)
-    for v in CANDIDATES[1:]:
-        if lr is None:
-            break
-        pairs = [(runs.get(run_key(v, s, lr)), runs.get(run_key("grass", s, lr))) for s in (1, 2, 3)]
-        if all(a and b for a, b in pairs) and statistics.fmean(
-                a["figures"]["gsm_eval_loss"] - b["figures"]["gsm_eval_loss"] for a, b in pairs) < 0:
-            arms.append(v)
+    arms += [v for v in CANDIDATES[1:] if _ahead(v, "grass", runs)]
+    arms += [b for b in ("fft", "lora") if _ahead(b, "lisa", runs) and _ahead(b, "grass-head", runs)]
     return arms
 
 
@@ -233,12 +239,16 @@ def queue(runs: dict[str, dict]) -> list[tuple[str, str, int, float | None]]:
     # C0: the baselines' seed-1 grids before the variants: after phase A' they decide whether a baseline beats
     # every sampling arm (the `method` rule) and the issue's FFT target
     q += [("C0 baselines' lr grid, seed 1", arm, 1, lr) for arm in ("fft", "lora") for lr in seed1_grid(arm, runs)]
-    for seed in (1, 2, 3):  # B: the two variants, same rate
-        q += [("B variants @3e-4", arm, seed, FIRST_LR) for arm in VARIANTS]
-    for arm in GRID:  # C: the rest of each grid at seed 1 (with the edge rule's rate)
-        q += [("C lr grid, seed 1", arm, 1, lr) for lr in seed1_grid(arm, runs) if not (arm in CORE and lr == FIRST_LR)]
+    # D, then C, before the variants (reordered 2026-11-30): FFT's seed-1 grid (1e-4: 0.6196) came out ahead of
+    # every sampling arm's seed 1, and whether a baseline beats them all -- each arm at its best rate -- decides
+    # `method` (DEFAULTS.md); the variants decide keys of `method=grass` only, no longer the default method.
     for seed in (2, 3):  # D: the baselines at their best rate
         q += [("D baselines @best", arm, seed, best_lr(arm, runs)) for arm in ("fft", "lora")]
+    for arm in ("lisa", *(a for a in GRID if a != "lisa")):  # C: the rest of each grid at seed 1 (with the edge
+        # rule's rate); LISA's first: it is the default method at its defaults, whose rate decides `lr`
+        q += [("C lr grid, seed 1", arm, 1, lr) for lr in seed1_grid(arm, runs) if not (arm in CORE and lr == FIRST_LR)]
+    for seed in (1, 2, 3):  # B: the two variants, same rate
+        q += [("B variants @3e-4", arm, seed, FIRST_LR) for arm in VARIANTS]
     for seed in (1, 2, 3):  # E: arms whose best rate is not the one phase A/B ran at
         for arm in CORE + VARIANTS:
             lr = best_lr(arm, runs)

@@ -104,14 +104,40 @@ def test_a_best_rate_at_an_open_end_of_its_grid_runs_the_next_rate_before_it_cou
     assert ("C0", "fft", 1, 1e-4) in [(ph[:2], a, s, lr) for ph, a, s, lr in quality.queue(runs)]
     runs[quality.run_key("fft", 1, 1e-4)]["figures"]["gsm_eval_loss"] = 0.70
     assert quality.best_lr("fft", runs) == 1e-4
-    # a closed end: GRASS's 1e-3 lost clearly at 20 steps, so 3e-4 at the top of its grid is its best as it stands
+    # no end is closed (FFT's own grid refuted the 20-step sweep's verdicts): GRASS's best at the top of its grid
+    # calls for 1e-3, and the variants, which share GRASS's rate, wait with it
     runs = {r["key"]: r for r in [fake_run("grass", 1, 1e-4, 0.9), fake_run("grass", 1, 3e-4, 0.8)]}
+    assert quality.seed1_grid("grass", runs) == (1e-4, 3e-4, 1e-3)
+    assert quality.best_lr("grass", runs) is None is quality.best_lr("grass-trainprobe", runs)
+    runs |= {r["key"]: r for r in [fake_run("grass", 1, 1e-3, 0.85)]}
     assert quality.best_lr("grass", runs) == 3e-4 == quality.best_lr("grass-trainprobe", runs)
-    assert quality.seed1_grid("grass", runs) == (1e-4, 3e-4)
-    # the lower ends are open: a best at 1e-4 calls for 3e-5 (and the variants wait with GRASS)
+    # the lower ends too: a best at 1e-4 calls for 3e-5 (and the variants wait with GRASS)
     runs[quality.run_key("grass", 1, 1e-4)]["figures"]["gsm_eval_loss"] = 0.7
     assert quality.seed1_grid("grass", runs) == (3e-5, 1e-4, 3e-4)
     assert quality.best_lr("grass", runs) is None is quality.best_lr("grass-relative", runs)
+
+
+def test_a_baseline_ahead_of_the_best_sampling_arms_gets_seeds_4_and_5_and_its_seeds_come_before_the_variants():
+    runs = {}
+    for arm, lrs in quality.GRID.items():
+        for lr in quality.seed1_grid(arm, runs):
+            runs |= {r["key"]: r for r in [fake_run(arm, 1, lr, 1.0 if lr == min(quality.GRID[arm]) else 0.9)]}
+    for arm in quality.GRID:  # each grid's best at its top: the edge rule's rate, a little worse
+        extra = quality.beyond_edge(arm, runs)
+        runs |= {r["key"]: r for r in [fake_run(arm, 1, extra, 0.95)]}
+    assert quality.best_lr("fft", runs) == 3e-5 and quality.best_lr("lisa", runs) == 3e-4
+    q = [(ph[0], arm, seed) for ph, arm, seed, lr in quality.queue(runs)]
+    assert q.index(("D", "fft", 2)) < q.index(("C", "lisa", 1)) < q.index(("C", "grass", 1)) \
+        < q.index(("B", "grass-trainprobe", 1))
+    for seed in (2, 3):
+        for arm, loss in (("fft", 0.80), ("lisa", 0.9), ("grass-head", 0.9)):
+            lr = quality.best_lr(arm, runs)
+            runs |= {r["key"]: r for r in [fake_run(arm, seed, lr, loss)]}
+    runs |= {r["key"]: r for r in [fake_run("grass-head", 1, 3e-4, 0.9)]}
+    assert "fft" in quality.deciding(runs)  # ahead of LISA and grass-head over seeds 1-3 (0.9, 0.8, 0.8 vs 0.9)
+    assert ("F", "fft", 4) in [(ph[0], arm, seed) for ph, arm, seed, lr in quality.queue(runs)]
+    runs[quality.run_key("fft", 2, 3e-5)]["figures"]["gsm_eval_loss"] = 1.2
+    assert "fft" not in quality.deciding(runs)  # behind on the mean: it decides nothing, no more seeds
 
 
 def test_an_incomplete_grid_shows_the_arm_at_its_best_rate_so_far():
