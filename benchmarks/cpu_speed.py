@@ -131,10 +131,8 @@ def write_markdown(path: Path, rows, arms, args) -> None:
         f"- offload overhead on CPU: GRASS with offload / without = "
         f"{off['s_per_step'] / no_off['s_per_step']:.2f}× step time. This ratio of whole steps is noise, not the "
         f"offload's cost: on a CPU host and device are the same memory, so offloading costs only the extra copies, "
-        f"which `benchmarks/offload_step_cpu.py` times alone — about +19 ms per optimizer step for 4 of SmolLM2's "
-        f"blocks (0.047 against 0.029 s; +0.5 s once, the first time each block's slab pages are touched), under "
-        f"1 % of a step — while forward and backward vary more than that between runs (runs of this command gave "
-        f"0.88× on 2026-11-29, 1.08× and 1.09× on 2026-11-30).",
+        f"which `benchmarks/offload_step_cpu.py` times alone (under 1 % of a step; its figures and earlier runs of "
+        f"this command in docs/RESULTS.md), while forward and backward vary more than that between runs.",
         f"- frozen embeddings and head: GRASS with them trained / frozen = "
         f"{trained['s_per_step'] / frozen['s_per_step']:.2f}× step time (frozen, backward stops below the lowest "
         f"active block and the 28M-parameter embedding gets no gradient).",
@@ -148,9 +146,8 @@ def write_markdown(path: Path, rows, arms, args) -> None:
         "",
         "Step times depend on which blocks are drawn (backward runs down to the lowest active block); the three "
         "`grass` arms use the same seed and so the same draws; grass-uniform and LISA draw uniformly, from the same "
-        "seed as each other. 12 timed steps per arm: a guide, not a fine ranking — repeated runs of this command on this "
-        "machine moved single ratios by up to ~15 % (GRASS with the embeddings/head trained: 0.85× FFT in one run, "
-        "0.72× in the next).",
+        "seed as each other. 12 timed steps per arm: a guide, not a fine ranking — repeated runs of this command on "
+        "this machine moved single ratios by up to ~15 % (docs/RESULTS.md).",
     ]
     path.write_text("\n".join(lines) + "\n")
     print(f"wrote {path}", file=sys.stderr)
