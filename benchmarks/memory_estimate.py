@@ -355,12 +355,15 @@ def real_samplers(forced: list[list[int]] | None = None):
 
 def fused_adamw(prepared) -> bool:
     """Replaces a plain ``torch.optim.AdamW`` (before its first step) with ``fused=True`` over the same parameters
-    and hyperparameters — transformers' default optimizer on CUDA; returns whether it did."""
+    and hyperparameters — transformers' default optimizer on CUDA; returns whether the optimizer is now fused. On
+    CUDA ``methods.make_adamw`` already made it fused (kept as is); fake CPU tensors need the swap."""
     import torch
 
     opt = prepared.optimizer
     if type(opt) is not torch.optim.AdamW or opt.state:
         return False
+    if opt.defaults.get("fused"):
+        return True
     g = opt.param_groups[0]
     prepared.optimizer = torch.optim.AdamW([p for group in opt.param_groups for p in group["params"]], lr=g["lr"],
                                            betas=g["betas"], eps=g["eps"], weight_decay=g["weight_decay"],
