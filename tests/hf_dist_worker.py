@@ -104,6 +104,10 @@ def main(out: Path, mode: str, batch: int, accum: int = 1, save_steps: int = 0, 
     if rank == 0:
         torch.save({n: p.detach().clone() for n, p in model.named_parameters()}, out / "weights.pt")
         (out / "log_history.json").write_text(json.dumps(trainer.state.log_history))
+    if dist.is_initialized():
+        # the Trainer (accelerate) leaves the process group to the script; without this, gloo's threads can outlive
+        # the interpreter and abort the exit ("terminate called without an active exception", pytorch#190489)
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

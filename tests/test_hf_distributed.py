@@ -34,7 +34,7 @@ def launch(out: Path, mode: str, nproc: int, **kw) -> None:
     args = [f"{k}={v}" for k, v in kw.items()]
     r = subprocess.run([*launcher, WORKER, str(out), mode, *args], env=env, capture_output=True, text=True,
                        timeout=300)
-    assert r.returncode == 0, r.stderr[-4000:]
+    assert r.returncode == 0, (r.returncode, r.stdout[-2000:], r.stderr[-4000:])
 
 
 @pytest.fixture(scope="module")
