@@ -751,8 +751,8 @@ def report_md(records: list[dict]) -> str:
                  f"| {LABELS[arm]} | {' · '.join(cells)} | grid incomplete |")
     L += ["", "GRASS*, the training probe and the relative variant take GRASS's rate (same parameters, same "
           "optimizer). Edge rule: where a grid's best sits at one of its ends, the next rate past that end is run too "
-          "(once), unless the 20-step sweep already found that rate clearly worse (`BEYOND` in "
-          "benchmarks/quality.py).",
+          "(once per end; no end is closed in advance: `BEYOND` in benchmarks/quality.py, and \"Learning rates\" in "
+          "docs/RESULTS.md for why).",
           "", "## Every run", "", "| arm | seed | lr | GSM eval loss | accuracy, % | train CPU-s | wall-s | commit |",
           "|---|---|---|---|---|---|---|---|"]
     for r in sorted(runs.values(), key=lambda r: (list(ARMS).index(r["arm"]), r["seed"], r["lr"])):
