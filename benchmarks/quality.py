@@ -249,11 +249,16 @@ def queue(runs: dict[str, dict]) -> list[tuple[str, str, int, float | None]]:
         q += [("C lr grid, seed 1", arm, 1, lr) for lr in seed1_grid(arm, runs) if not (arm in CORE and lr == FIRST_LR)]
     for seed in (1, 2, 3):  # B: the two variants, same rate
         q += [("B variants @3e-4", arm, seed, FIRST_LR) for arm in VARIANTS]
-    for seed in (1, 2, 3):  # E: arms whose best rate is not the one phase A/B ran at
-        for arm in CORE + VARIANTS:
-            lr = best_lr(arm, runs)
-            if lr is None or lr != FIRST_LR:
-                q.append(("E best-lr reruns", arm, seed, lr))
+    # E: arms whose best rate is not the one phase A/B ran at; LISA and `grass-head` first (reordered 2026-11-30,
+    # before any E run): they are the sampling arms a baseline must beat to become `method`, and phase F's verdict
+    # on FFT waits for their seeds 1-3 at their best rates
+    first = ("lisa", "grass-head")
+    for arms in (first, tuple(a for a in CORE + VARIANTS if a not in first)):
+        for seed in (1, 2, 3):
+            for arm in arms:
+                lr = best_lr(arm, runs)
+                if lr is None or lr != FIRST_LR:
+                    q.append(("E best-lr reruns", arm, seed, lr))
     for seed in (4, 5):  # F: five seeds for the arms that decide the defaults
         q += [("F seeds 4-5", arm, seed, best_lr(arm, runs)) for arm in deciding(runs)]
     seen, out = set(), []

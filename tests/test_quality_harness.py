@@ -92,6 +92,13 @@ def test_best_rate_waits_for_the_grid_and_variants_share_grass_rate():
     assert quality.best_lr("grass", runs) == 1e-4 == quality.best_lr("grass-relative", runs)
     phases = {(ph[0], arm, seed, lr) for ph, arm, seed, lr in quality.queue(runs)}
     assert ("E", "grass", 2, 1e-4) in phases  # reruns at the better rate
+    # the sampling arms a baseline must beat (LISA, grass-head) get their reruns before the others'
+    runs |= {r["key"]: r for lr, loss in ((1e-4, 0.9), (3e-4, 1.0), (3e-5, 0.95))
+             for r in [fake_run("lisa", 1, lr, loss)]}
+    e = [(arm, seed) for ph, arm, seed, lr in quality.queue(runs) if ph[0] == "E"]
+    # (LISA's seed 1 at 1e-4 is its grid's run, phase C)
+    assert e[:5] == [("grass-head", 1), ("lisa", 2), ("grass-head", 2), ("lisa", 3), ("grass-head", 3)]
+    assert e.index(("grass-head", 3)) < e.index(("grass", 2))
 
 
 def test_a_best_rate_at_an_open_end_of_its_grid_runs_the_next_rate_before_it_counts():
