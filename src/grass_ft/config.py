@@ -130,7 +130,8 @@ class TrainConfig:
                                                "all-linear = every linear layer but the LM head)")
     merge_lora: bool = _f(False, "LoRA/DoRA: also save the adapter merged into the base weights, as final/merged/")
     # optimisation
-    lr: float = _f(1e-4, "peak learning rate (AdamW)")
+    lr: float = _f(3e-4, "peak learning rate (AdamW); the default is the default method's best at 200 updates "
+                                "(docs/DEFAULTS.md); full fine-tuning wants less (1e-4 there), LoRA more (1e-3)")
     weight_decay: float = _f(0.0, "AdamW decoupled weight decay")
     warmup_steps: int = _f(0, "linear warm-up steps after the probe")
     lr_schedule: str = _f("constant", "learning-rate shape after warm-up: constant, linear, cosine")
