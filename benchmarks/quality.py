@@ -108,6 +108,7 @@ SHARES_LR = {"grass-static": "grass", "grass-trainprobe": "grass", "grass-relati
 FIRST_LR = 3e-4  # the GRASS family's and LISA's best rate in the 20-step protocol: the core comparison runs at it
 CORE = ("grass", "grass-uniform", "grass-static", "lisa", "grass-head")
 VARIANTS = ("grass-trainprobe", "grass-relative")
+BASELINES = ("fft", "lora")  # their seeds follow their own grids (phases C0, D)
 CANDIDATES = ("grass", *VARIANTS, "grass-head")  # the GRASS arms that can become the default
 # Phase A after three seeds (docs/RESULTS.md): the control no worse than GRASS, LISA and grass-head ahead of both by
 # about 0.09 nats. The arms whose comparison decides a default get seeds 4-5 next, before the variants and grids.
@@ -225,7 +226,7 @@ def deciding(runs: dict[str, dict]) -> list[str]:
     have five seeds already. GRASS* is not a default candidate."""
     arms = ["grass", "grass-uniform"]
     arms += [v for v in CANDIDATES[1:] if _ahead(v, "grass", runs)]
-    arms += [b for b in ("fft", "lora") if _ahead(b, "lisa", runs) and _ahead(b, "grass-head", runs)]
+    arms += [b for b in BASELINES if _ahead(b, "lisa", runs) and _ahead(b, "grass-head", runs)]
     return arms
 
 
@@ -238,29 +239,33 @@ def queue(runs: dict[str, dict]) -> list[tuple[str, str, int, float | None]]:
         q += [("A' deciding seeds 4-5 @3e-4", arm, seed, FIRST_LR) for arm in DECIDING]
     # C0: the baselines' seed-1 grids before the variants: after phase A' they decide whether a baseline beats
     # every sampling arm (the `method` rule) and the issue's FFT target
-    q += [("C0 baselines' lr grid, seed 1", arm, 1, lr) for arm in ("fft", "lora") for lr in seed1_grid(arm, runs)]
+    q += [("C0 baselines' lr grid, seed 1", arm, 1, lr) for arm in BASELINES for lr in seed1_grid(arm, runs)]
     # D, then C, before the variants (reordered 2026-11-30): FFT's seed-1 grid (1e-4: 0.6196) came out ahead of
     # every sampling arm's seed 1, and whether a baseline beats them all -- each arm at its best rate -- decides
     # `method` (DEFAULTS.md); the variants decide keys of `method=grass` only, no longer the default method.
     for seed in (2, 3):  # D: the baselines at their best rate
-        q += [("D baselines @best", arm, seed, best_lr(arm, runs)) for arm in ("fft", "lora")]
+        q += [("D baselines @best", arm, seed, best_lr(arm, runs)) for arm in BASELINES]
     for arm in ("lisa", *(a for a in GRID if a != "lisa")):  # C: the rest of each grid at seed 1 (with the edge
         # rule's rate); LISA's first: it is the default method at its defaults, whose rate decides `lr`
         q += [("C lr grid, seed 1", arm, 1, lr) for lr in seed1_grid(arm, runs) if not (arm in CORE and lr == FIRST_LR)]
+    # Then, reordered 2026-11-30 before any E or F run, everything that decides `method` before the variants (which
+    # decide keys of `method=grass` only): E for LISA and `grass-head` -- the sampling arms a baseline must beat --
+    # then F for a baseline ahead of both after 3 seeds; then B, the other arms' E and F.
+    method_arms = ("lisa", "grass-head")
+    deciders = deciding(runs)
+
+    def reruns(arms: tuple[str, ...]) -> list[tuple[str, str, int, float | None]]:  # E: not at phase A's rate
+        return [("E best-lr reruns", arm, seed, lr) for seed in (1, 2, 3) for arm in arms
+                if (lr := best_lr(arm, runs)) is None or lr != FIRST_LR]
+
+    def more_seeds(arms: list[str]) -> list[tuple[str, str, int, float | None]]:  # F: five seeds for deciders
+        return [("F seeds 4-5", arm, seed, best_lr(arm, runs)) for seed in (4, 5) for arm in arms]
+
+    q += reruns(method_arms) + more_seeds([a for a in deciders if a in BASELINES])
     for seed in (1, 2, 3):  # B: the two variants, same rate
         q += [("B variants @3e-4", arm, seed, FIRST_LR) for arm in VARIANTS]
-    # E: arms whose best rate is not the one phase A/B ran at; LISA and `grass-head` first (reordered 2026-11-30,
-    # before any E run): they are the sampling arms a baseline must beat to become `method`, and phase F's verdict
-    # on FFT waits for their seeds 1-3 at their best rates
-    first = ("lisa", "grass-head")
-    for arms in (first, tuple(a for a in CORE + VARIANTS if a not in first)):
-        for seed in (1, 2, 3):
-            for arm in arms:
-                lr = best_lr(arm, runs)
-                if lr is None or lr != FIRST_LR:
-                    q.append(("E best-lr reruns", arm, seed, lr))
-    for seed in (4, 5):  # F: five seeds for the arms that decide the defaults
-        q += [("F seeds 4-5", arm, seed, best_lr(arm, runs)) for arm in deciding(runs)]
+    q += reruns(tuple(a for a in CORE + VARIANTS if a not in method_arms))
+    q += more_seeds([a for a in deciders if a not in BASELINES])
     seen, out = set(), []
     for item in q:
         key = item[1:]
