@@ -22,7 +22,7 @@ import torch
 
 from grass_ft.checkpoint import check_same_run, checkpoint_problem, find_checkpoint, list_checkpoints
 from grass_ft.cli import main
-from grass_ft.config import ConfigError
+from grass_ft.config import ConfigError, TrainConfig
 from grass_ft.errors import UserError
 
 # method=grass (the paper's, with a probe step): the step numbers the tests below expect count that probe step
@@ -398,7 +398,7 @@ def test_r27_outputs_get_the_usual_directory_mode(finished):
 def test_r28_resume_refuses_another_runs_checkpoint(interrupted, tiny_model_dir, tiny_data, capsys):
     before = listing(interrupted)
     msg = fails(capsys, *train_args(tiny_model_dir, tiny_data, interrupted, seed=7, lr=5e-5, resume="auto"))
-    assert f"{interrupted / 'checkpoint-2'} belongs to a different run: lr=0.0001 there, 5e-05 here; seed=42 " \
+    assert f"{interrupted / 'checkpoint-2'} belongs to a different run: lr={TrainConfig().lr} there, 5e-05 here; seed=42 " \
            f"there, 7 here. Resume with the checkpoint's values" in msg
     assert listing(interrupted) == before
 
