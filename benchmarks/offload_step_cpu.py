@@ -42,7 +42,7 @@ def main() -> None:
         for active in SETS:
             for o in ((True, False) if rep % 2 == 0 else (False, True)):
                 for n, p in named:
-                    p.grad = torch.randn_like(p) * 1e-3 if any(f"layers.{b}." in n for b in active) else None
+                    p.grad = torch.randn_like(p) * 1e-3 if layout.block_of(n) in active else None
                 t = time.perf_counter()
                 opts[o].step()
                 times[(o, rep)].append(time.perf_counter() - t)

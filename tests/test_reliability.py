@@ -398,8 +398,8 @@ def test_r27_outputs_get_the_usual_directory_mode(finished):
 def test_r28_resume_refuses_another_runs_checkpoint(interrupted, tiny_model_dir, tiny_data, capsys):
     before = listing(interrupted)
     msg = fails(capsys, *train_args(tiny_model_dir, tiny_data, interrupted, seed=7, lr=5e-5, resume="auto"))
-    assert f"{interrupted / 'checkpoint-2'} belongs to a different run: lr={TrainConfig().lr} there, 5e-05 here; seed=42 " \
-           f"there, 7 here. Resume with the checkpoint's values" in msg
+    assert f"{interrupted / 'checkpoint-2'} belongs to a different run: lr={TrainConfig().lr} there, 5e-05 here; " \
+           f"seed=42 there, 7 here. Resume with the checkpoint's values" in msg
     assert listing(interrupted) == before
 
 
