@@ -104,6 +104,13 @@ BEYOND: dict[str, tuple[float, float]] = {  # arm -> (below the grid, above it)
     "grass": (3e-5, 1e-3), "grass-uniform": (3e-5, 1e-3), "lisa": (3e-5, 1e-3), "fft": (3e-6, 1e-4),
     "lora": (1e-4, 3e-3),
 }
+# Phase G (written 2026-11-30 05:50 UTC, before any FFT run above 1e-4): the edge rule's one rate past each end put
+# FFT's best at its extended grid's new top (1e-4). That cannot change the `method` decision -- a better FFT rate only
+# widens its lead -- but if the method rule makes a baseline the default, the `lr` rule makes the default rate that
+# baseline's best, and a best at an open end is not yet a best. So a baseline that may become the default method (it
+# is in `deciding`) and whose extended grid's best sits at the extension gets one more rate past it at seed 1, read
+# for the `lr` default only: `best_lr` ignores it, so its other seeds keep the rate they ran at.
+LR_CHECK: dict[str, tuple[float, float]] = {"fft": (1e-6, 3e-4), "lora": (3e-5, 1e-2)}  # arm -> (below, above)
 SHARES_LR = {"grass-static": "grass", "grass-trainprobe": "grass", "grass-relative": "grass", "grass-head": "grass"}
 FIRST_LR = 3e-4  # the GRASS family's and LISA's best rate in the 20-step protocol: the core comparison runs at it
 CORE = ("grass", "grass-uniform", "grass-static", "lisa", "grass-head")
@@ -208,6 +215,24 @@ def best_lr(arm: str, runs: dict[str, dict]) -> float | None:
     return _lowest_loss(source, seed1_grid(source, runs), runs)
 
 
+def lr_check(arm: str, runs: dict[str, dict]) -> float | None:
+    """Phase G's rate (:data:`LR_CHECK`) for a baseline whose extended seed-1 grid has its best at the edge rule's
+    rate; None where the best is inside or the grid is incomplete."""
+    extra, best = beyond_edge(arm, runs), best_lr(arm, runs)
+    if arm not in LR_CHECK or extra is None or best != extra:
+        return None
+    below, above = LR_CHECK[arm]
+    return below if best < min(GRID[arm]) else above
+
+
+def default_rate(arm: str, runs: dict[str, dict]) -> float | None:
+    """The rate the `lr` rule reads for ``arm``: its best at seed 1 over the extended grid and phase G's rate."""
+    best, extra = best_lr(arm, runs), lr_check(arm, runs)
+    if best is None or extra is None:
+        return best
+    return _lowest_loss(arm, (best, extra), runs)
+
+
 def _ahead(arm: str, other: str, runs: dict[str, dict]) -> bool:
     """Whether ``arm`` beats ``other`` on mean paired GSM eval loss over seeds 1-3, each at its best rate."""
     lr_a, lr_o = best_lr(arm, runs), best_lr(other, runs)
@@ -262,6 +287,8 @@ def queue(runs: dict[str, dict]) -> list[tuple[str, str, int, float | None]]:
         return [("F seeds 4-5", arm, seed, best_lr(arm, runs)) for seed in (4, 5) for arm in arms]
 
     q += reruns(method_arms) + more_seeds([a for a in deciders if a in BASELINES])
+    q += [("G default-rate check", arm, 1, lr) for arm in deciders if arm in BASELINES
+          if (lr := lr_check(arm, runs)) is not None]
     for seed in (1, 2, 3):  # B: the two variants, same rate
         q += [("B variants @3e-4", arm, seed, FIRST_LR) for arm in VARIANTS]
     q += reruns(tuple(a for a in CORE + VARIANTS if a not in method_arms))
@@ -752,17 +779,22 @@ def report_md(records: list[dict]) -> str:
           "| arm | rates | best |", "|---|---|---|"]
     for arm in GRID:
         cells = []
-        for lr in seed1_grid(arm, runs):
+        check = lr_check(arm, runs)
+        for lr in (*seed1_grid(arm, runs), *([check] if check is not None else [])):
             r = runs.get(run_key(arm, 1, lr))
             cells.append(f"{lr:g}: " + (f"{r['figures']['gsm_eval_loss']:.4f} / "
                                         f"{100 * r['figures']['arith_accuracy']:.1f} %" if r else "not yet"))
-        best = best_lr(arm, runs)
-        L.append(f"| {LABELS[arm]} | {' · '.join(cells)} | {best:g} |" if best else
+        best, default = best_lr(arm, runs), default_rate(arm, runs)
+        note = "" if check is None else f" (phase G's {check:g}: " + (
+            "not yet)" if default is None else f"best for the `lr` rule: {default:g})")
+        L.append(f"| {LABELS[arm]} | {' · '.join(cells)} | {best:g}{note} |" if best else
                  f"| {LABELS[arm]} | {' · '.join(cells)} | grid incomplete |")
     L += ["", "GRASS*, the training probe and the relative variant take GRASS's rate (same parameters, same "
           "optimizer). Edge rule: where a grid's best sits at one of its ends, the next rate past that end is run too "
           "(once per end; no end is closed in advance: `BEYOND` in benchmarks/quality.py, and \"Learning rates\" in "
-          "docs/RESULTS.md for why).",
+          "docs/RESULTS.md for why). Phase G: a baseline that may become the default method and whose best is the "
+          "edge rule's rate gets one more rate past it, read for the `lr` default only (`LR_CHECK`); its other "
+          "seeds keep the best column's rate.",
           "", "## Every run", "", "| arm | seed | lr | GSM eval loss | accuracy, % | train CPU-s | wall-s | commit |",
           "|---|---|---|---|---|---|---|---|"]
     for r in sorted(runs.values(), key=lambda r: (list(ARMS).index(r["arm"]), r["seed"], r["lr"])):

@@ -148,6 +148,32 @@ def test_a_baseline_ahead_of_the_best_sampling_arms_gets_seeds_4_and_5_and_its_s
     assert "fft" not in quality.deciding(runs)  # behind on the mean: it decides nothing, no more seeds
 
 
+def test_a_default_candidate_whose_best_is_the_edge_rules_rate_gets_one_more_rate_for_lr_only():
+    runs = {}
+    for arm, lrs in quality.GRID.items():  # every grid's best at its top end, then the edge rule's rate
+        for lr in lrs:
+            runs |= {r["key"]: r for r in [fake_run(arm, 1, lr, 1.0 if lr == min(lrs) else 0.9)]}
+        runs |= {r["key"]: r for r in [fake_run(arm, 1, quality.beyond_edge(arm, runs), 0.95)]}
+    runs[quality.run_key("fft", 1, 1e-4)]["figures"]["gsm_eval_loss"] = 0.6  # FFT's best: its extension, 1e-4
+    for seed in (2, 3):
+        runs |= {r["key"]: r for arm, lr, loss in (("fft", 1e-4, 0.6), ("lisa", 3e-4, 0.9), ("grass-head", 3e-4, 0.9))
+                 for r in [fake_run(arm, seed, lr, loss)]}
+    runs |= {r["key"]: r for r in [fake_run("grass-head", 1, 3e-4, 0.9)]}
+    assert "fft" in quality.deciding(runs) and quality.best_lr("fft", runs) == 1e-4
+    assert quality.lr_check("fft", runs) == 3e-4 and quality.lr_check("lora", runs) is None  # LoRA decides nothing
+    g = [(arm, seed, lr) for ph, arm, seed, lr in quality.queue(runs) if ph.startswith("G")]
+    assert g == [("fft", 1, 3e-4)]
+    assert quality.default_rate("fft", runs) is None  # waits for phase G's run
+    runs |= {r["key"]: r for r in [fake_run("fft", 1, 3e-4, 0.55)]}
+    assert quality.default_rate("fft", runs) == 3e-4  # read for `lr`; the method's seeds stay at 1e-4
+    assert quality.best_lr("fft", runs) == 1e-4 and {r["lr"] for r in quality.chosen_runs(runs)["fft"].values()} == {1e-4}
+    runs[quality.run_key("fft", 1, 3e-4)]["figures"]["gsm_eval_loss"] = 0.7
+    assert quality.default_rate("fft", runs) == 1e-4
+    # a best inside the extended grid needs no check
+    runs[quality.run_key("fft", 1, 3e-5)]["figures"]["gsm_eval_loss"] = 0.5
+    assert quality.lr_check("fft", runs) is None and quality.default_rate("fft", runs) == 3e-5
+
+
 def test_an_incomplete_grid_shows_the_arm_at_its_best_rate_so_far():
     runs = {r["key"]: r for r in [fake_run("fft", 1, 1e-5, 0.90), fake_run("fft", 1, 3e-5, 0.73)]}
     assert quality.best_lr("fft", runs) is None  # waits for 1e-4 (edge rule)
