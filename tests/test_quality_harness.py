@@ -148,6 +148,30 @@ def test_a_baseline_ahead_of_the_best_sampling_arms_gets_seeds_4_and_5_and_its_s
     assert "fft" not in quality.deciding(runs)  # behind on the mean: it decides nothing, no more seeds
 
 
+def test_a_variant_gets_seeds_4_and_5_when_ahead_of_grass_or_when_its_rule_lets_a_tie_win():
+    runs = {}
+    for lr, loss in ((1e-4, 0.9), (3e-4, 0.8), (1e-3, 0.95)):  # GRASS's grid: best 3e-4, inside
+        runs |= {r["key"]: r for r in [fake_run("grass", 1, lr, loss)]}
+    grass = {1: 0.80, 2: 0.82, 3: 0.78}
+    runs |= {r["key"]: r for s in (2, 3) for r in [fake_run("grass", s, 3e-4, grass[s])]}
+
+    def variant(arm, diffs):
+        return {r["key"]: r for s, d in zip((1, 2, 3), diffs) for r in [fake_run(arm, s, 3e-4, grass[s] + d)]}
+
+    # behind on the mean, interval across 0: a tie -- the training probe's rule lets it win, relative's does not
+    tie = variant("grass-trainprobe", (0.03, -0.02, 0.01)) | variant("grass-relative", (0.03, -0.02, 0.01))
+    arms = quality.deciding(runs | tie)
+    assert "grass-trainprobe" in arms and "grass-relative" not in arms
+    # clearly behind (interval above 0): neither
+    behind = variant("grass-trainprobe", (0.05, 0.06, 0.055)) | variant("grass-relative", (0.05, 0.06, 0.055))
+    assert not {"grass-trainprobe", "grass-relative"} & set(quality.deciding(runs | behind))
+    # ahead on the mean: both, whatever the interval
+    ahead = variant("grass-trainprobe", (-0.01, 0.005, -0.01)) | variant("grass-relative", (-0.01, 0.005, -0.01))
+    assert {"grass-trainprobe", "grass-relative"} <= set(quality.deciding(runs | ahead))
+    f = [(arm, seed) for ph, arm, seed, lr in quality.queue(runs | tie) if ph.startswith("F")]
+    assert ("grass-trainprobe", 4) in f and ("grass-trainprobe", 5) in f and ("grass-relative", 4) not in f
+
+
 def test_a_default_candidate_whose_best_is_the_edge_rules_rate_gets_one_more_rate_for_lr_only():
     runs = {}
     for arm, lrs in quality.GRID.items():  # every grid's best at its top end, then the edge rule's rate
@@ -166,7 +190,8 @@ def test_a_default_candidate_whose_best_is_the_edge_rules_rate_gets_one_more_rat
     assert quality.default_rate("fft", runs) is None  # waits for phase G's run
     runs |= {r["key"]: r for r in [fake_run("fft", 1, 3e-4, 0.55)]}
     assert quality.default_rate("fft", runs) == 3e-4  # read for `lr`; the method's seeds stay at 1e-4
-    assert quality.best_lr("fft", runs) == 1e-4 and {r["lr"] for r in quality.chosen_runs(runs)["fft"].values()} == {1e-4}
+    assert quality.best_lr("fft", runs) == 1e-4
+    assert {r["lr"] for r in quality.chosen_runs(runs)["fft"].values()} == {1e-4}
     runs[quality.run_key("fft", 1, 3e-4)]["figures"]["gsm_eval_loss"] = 0.7
     assert quality.default_rate("fft", runs) == 1e-4
     # a best inside the extended grid needs no check
