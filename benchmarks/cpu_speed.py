@@ -2,7 +2,7 @@
 
 Measures, in one process with the arms interleaved round by round (the machine is shared and noisy, so every
 arm sees the same conditions):
-- the default (grass-uniform: uniform draws, embeddings and head trained, offloaded state);
+- the layer-wise default (grass-uniform: uniform draws, embeddings and head trained, offloaded state);
 - GRASS with and without optimizer-state offload (the offload overhead ratio);
 - GRASS with embeddings and head frozen vs trained (backward stops below the lowest active block when frozen);
 - GRASS vs FFT and LISA (step-time ratio at the default γ);
@@ -34,7 +34,7 @@ from grass_ft.step import StepRunner, optimizer_state_bytes
 ARMS = {
     "fft": {"method": "fft"},
     "lisa (as shipped)": {"method": "lisa"},
-    "grass-uniform (the default)": {"method": "grass-uniform"},
+    "grass-uniform (layer-wise default)": {"method": "grass-uniform"},
     "grass, offload": {"method": "grass", "train_embeddings": False, "train_head": False},
     "grass, no offload": {"method": "grass", "offload": False, "train_embeddings": False, "train_head": False},
     "grass, emb+head trained": {"method": "grass"},
@@ -124,7 +124,7 @@ def write_markdown(path: Path, rows, arms, args) -> None:
                      f"{r['state_device_last_MiB']:.0f} | {r['state_host_last_MiB']:.0f} |")
     off, no_off = by["grass, offload"], by["grass, no offload"]
     frozen, trained = by["grass, offload"], by["grass, emb+head trained"]
-    default = by["grass-uniform (the default)"]
+    default = by["grass-uniform (layer-wise default)"]
     lines += [
         "",
         "Ratios from this run:",
@@ -137,7 +137,7 @@ def write_markdown(path: Path, rows, arms, args) -> None:
         f"{trained['s_per_step'] / frozen['s_per_step']:.2f}× step time (frozen, backward stops below the lowest "
         f"active block and the 28M-parameter embedding gets no gradient).",
         f"- GRASS / FFT step time = {off['ratio_to_fft']:.2f}; LISA (as shipped) / FFT = "
-        f"{by['lisa (as shipped)']['ratio_to_fft']:.2f}; the default (grass-uniform, embeddings and head trained) "
+        f"{by['lisa (as shipped)']['ratio_to_fft']:.2f}; the layer-wise default (grass-uniform, embeddings and head trained) "
         f"/ FFT = {default['ratio_to_fft']:.2f}, / LISA = "
         f"{default['s_per_step'] / by['lisa (as shipped)']['s_per_step']:.2f}.",
         f"- LISA-as-shipped device state grew from {by['lisa (as shipped)']['state_device_first_MiB']:.0f} to "

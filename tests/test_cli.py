@@ -55,11 +55,23 @@ def test_yaml_errors(tmp_path, capsys):
     ok = tmp_path / "ok.yaml"
     ok.write_text("gamma: 2\ntau: 0.5\n")
     assert main(["validate", "--config", str(ok), "gamma=3"]) == 0
-    assert "method grass-uniform" in capsys.readouterr().out
+    cap = capsys.readouterr()
+    assert "method fft" in cap.out  # the default method, which ignores gamma and tau -- and says so
+    assert ("grass-ft validate: warning: gamma=3, tau=0.5: for the layer-sampling methods only; method=fft trains "
+            "every parameter and ignores them (method=grass-uniform trains gamma blocks at a time)") in cap.err
+
+
+def test_layer_sampling_keys_at_their_defaults_or_with_a_sampling_method_draw_no_warning(capsys):
+    for argv in ([], ["method=grass-uniform", "gamma=3"], ["method=lora", "lora_r=8"]):
+        assert main(["validate", *argv]) == 0
+        assert "warning" not in capsys.readouterr().err
+    assert main(["validate", "method=lora", "sample_interval=5"]) == 0
+    assert ("warning: sample_interval=5: for the layer-sampling methods only; method=lora trains every adapter "
+            "and ignores it") in capsys.readouterr().err
 
 
 def test_gamma_larger_than_block_count(tiny_model_dir, capsys):
-    out = err(capsys, "validate", f"model={tiny_model_dir}", "gamma=9")
+    out = err(capsys, "validate", f"model={tiny_model_dir}", "method=grass-uniform", "gamma=9")
     assert "`gamma` must be between 1 and 4 (the model has 4 decoder blocks), got 9" in out
 
 

@@ -7,8 +7,9 @@ import pytest
 
 from grass_ft.cli import main
 from grass_ft.compare import error_message, plan_compare
-from grass_ft.config import ConfigError, TrainConfig
+from grass_ft.config import ConfigError
 from grass_ft.report import FROZEN, PROBE, TRAINED, activity_matrix, results_markdown
+from grass_ft.registry import traits
 
 SIX = ["fft", "lora", "dora", "lisa", "grass", "grass-static"]
 
@@ -31,7 +32,8 @@ def test_per_method_keys_apply_to_their_method_only(tmp_path, tiny_model_dir, ti
     plan = plan_compare(None, overrides(*tiny_keys(tiny_model_dir, tiny_data, tmp_path / "cmp"),
                                         "methods=fft,lora,grass", "lora.lr=2e-4", "grass.gamma=3"))
     assert plan.methods == ["fft", "lora", "grass"]
-    assert plan.configs["lora"].lr == 2e-4 and plan.configs["fft"].lr == TrainConfig().lr  # the shared default
+    assert plan.configs["lora"].lr == 2e-4 and plan.configs["fft"].lr == traits("fft").lr != traits("grass").lr \
+        == plan.configs["grass"].lr  # lr unset: each method's own rate
     assert plan.configs["grass"].gamma == 3 and plan.configs["fft"].gamma == 2
     argv = plan.argv("lora")
     assert argv[1:4] == ["-m", "grass_ft.cli", "train"]

@@ -45,3 +45,18 @@ def test_compare_resolves_aliases_per_method():
     assert plan.configs["fft"].lr == 1e-4 and plan.configs["lora"].lr == 2e-4
     assert plan.configs["fft"].batch_size == plan.configs["lora"].batch_size == 4
     assert any("`lora.max_steps` differs" in w for w in plan.warnings)
+
+
+def test_lr_unset_takes_the_methods_own_rate_and_config_yaml_records_it(tmp_path):
+    from grass_ft.config import TrainConfig
+    from grass_ft.registry import METHODS, traits
+
+    assert len({t.lr for t in METHODS.values()}) > 1  # the rates differ, so a shared default would mis-tune some
+    for method in METHODS:
+        assert build_config(None, {"method": method}).lr == traits(method).lr
+    assert TrainConfig().lr == traits(TrainConfig().method).lr
+    assert build_config(None, {"method": "lora", "lr": "5e-5"}).lr == 5e-5  # a rate given always wins
+    cfg = build_config(None, {"method": "lora"})
+    save_config(cfg, tmp_path / "config.yaml")  # the resolved rate, so a resume or a rerun does not depend on
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["lr"] == traits("lora").lr  # the registry
+    assert build_config(str(tmp_path / "config.yaml"), {"method": "fft"}).lr == traits("lora").lr

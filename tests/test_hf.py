@@ -120,6 +120,15 @@ def test_keys_are_validated_through_the_config_all_at_once():
     assert (cb.config.gamma, cb.config.train_head) == (2, False)
 
 
+def test_the_callbacks_default_method_is_the_best_sampling_arm_not_the_clis():
+    from grass_ft.config import TrainConfig
+    from grass_ft.registry import DEFAULT_SAMPLING, traits
+
+    assert not traits(TrainConfig().method).sampling  # `grass-ft train`'s default samples no layers (fft)
+    assert GrassCallback().config.method == DEFAULT_SAMPLING == "grass-uniform"
+    assert traits(DEFAULT_SAMPLING).sampling == "uniform"
+
+
 def test_gamma_and_probe_are_checked_against_the_model_and_the_trainer(tmp_path):
     with pytest.raises(ConfigError, match=r"`gamma` must be between 1 and 4 \(the model has 4 decoder blocks\)"):
         Trainer(model=tiny_llama(len(TOK), layers=L), args=training_args(tmp_path), train_dataset=Features(),

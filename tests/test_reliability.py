@@ -22,8 +22,9 @@ import torch
 
 from grass_ft.checkpoint import check_same_run, checkpoint_problem, find_checkpoint, list_checkpoints
 from grass_ft.cli import main
-from grass_ft.config import ConfigError, TrainConfig
+from grass_ft.config import ConfigError
 from grass_ft.errors import UserError
+from grass_ft.registry import traits
 
 # method=grass (the paper's, with a probe step): the step numbers the tests below expect count that probe step
 T = {"method": "grass", "max_steps": 3, "probe_steps": 1, "batch_size": 2, "max_seq_len": 192, "eval_samples": 0,
@@ -398,7 +399,7 @@ def test_r27_outputs_get_the_usual_directory_mode(finished):
 def test_r28_resume_refuses_another_runs_checkpoint(interrupted, tiny_model_dir, tiny_data, capsys):
     before = listing(interrupted)
     msg = fails(capsys, *train_args(tiny_model_dir, tiny_data, interrupted, seed=7, lr=5e-5, resume="auto"))
-    assert f"{interrupted / 'checkpoint-2'} belongs to a different run: lr={TrainConfig().lr} there, 5e-05 here; " \
+    assert f"{interrupted / 'checkpoint-2'} belongs to a different run: lr={traits('grass').lr} there, 5e-05 here; " \
            f"seed=42 there, 7 here. Resume with the checkpoint's values" in msg
     assert listing(interrupted) == before
 
@@ -534,6 +535,38 @@ def test_r38_one_bad_step_is_skipped_and_summary_is_strict_json(tiny_model_dir, 
     s = strict_json(out / "summary.json")
     assert s["skipped_steps"] == 1 and math.isfinite(s["final_train_loss"])
     assert s["eval_loss"] is None  # unset values are null, never NaN
+
+
+def test_r38b_out_of_device_memory_is_one_line_naming_the_keys_that_fit_and_keeps_the_checkpoint(
+        tiny_model_dir, tiny_data, tmp_path, capsys, monkeypatch):
+    """A device that runs out of memory (the default `fft` keeps all its optimizer state there) is the user's to
+    fix by keys: one line, exit 2, the checkpoint already written intact, nothing that looks finished."""
+    from grass_ft.step import StepRunner
+
+    real, calls = StepRunner.train_step, [0]
+
+    def oom_at_second(self, *args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(StepRunner, "train_step", oom_at_second)
+    out = tmp_path / "run"
+    msg = fails(capsys, *train_args(tiny_model_dir, tiny_data, out, method="fft", save_steps=1))
+    assert msg.strip().splitlines()[-1:] == [  # after the warning that fft ignores T's gamma and probe_steps
+        "grass-ft train: error: out of device memory with method=fft (CUDA out of memory. Tried to allocate 2.00 "
+        "GiB); the run is not finished (no final/, checkpoints already written are intact). To fit: method=grass-uniform "
+        "trains gamma blocks at a time with their optimizer state on the host (far below fft's peak: "
+        "docs/gpu_memory.md), or lower batch_size (with grad_accum to keep the batch) or max_seq_len, or set "
+        "gradient_checkpointing=true"]
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-1"]
+    assert checkpoint_problem(out / "checkpoint-1") is None
+    assert not (out / "final").exists() and not (out / "summary.json").exists()
+    calls[0] = 0  # LISA keeps its state on the device too: offload is the first key to try
+    msg = fails(capsys, *train_args(tiny_model_dir, tiny_data, tmp_path / "lisa", method="lisa", max_steps=2))
+    assert msg.strip().endswith("To fit: lower gamma (now 2), set offload=true, or lower batch_size (with "
+                                "grad_accum to keep the batch) or max_seq_len, or set gradient_checkpointing=true")
 
 
 # ------------------------------------------------------------------------------------------------ signals

@@ -34,7 +34,7 @@ from .config import ConfigError, TrainConfig, build_config, validate
 from .distributed import Distributed
 from .methods import prepare
 from .models import block_layout
-from .registry import with_sampling
+from .registry import DEFAULT_SAMPLING, with_sampling
 from .step import StepRunner
 
 METHOD_KEYS = ("method", "gamma", "tau", "alpha", "probe_steps", "sample_interval", "update_interval",
@@ -78,7 +78,8 @@ def callback_config(keys: dict[str, Any]) -> TrainConfig:
             close = difflib.get_close_matches(str(key), METHOD_KEYS, n=1)
             hint = f" (did you mean `{close[0]}`?)" if close else ""
             errors.append(f"unknown key `{key}`{hint}; GrassCallback keys: {', '.join(METHOD_KEYS)}")
-    ours = {k: v for k, v in keys.items() if k in METHOD_KEYS}
+    # the callback only samples: its default method is the best sampling arm, not `grass-ft train`'s default
+    ours = {"method": DEFAULT_SAMPLING, **{k: v for k, v in keys.items() if k in METHOD_KEYS}}
     try:
         cfg = build_config(overrides={**ours, "max_steps": _NO_PROBE_LIMIT}, known_methods=CALLBACK_METHODS)
     except ConfigError as e:
@@ -236,10 +237,11 @@ class GrassCallback(TrainerCallback, ExportableState):
     ``state.global_step``; probe steps count toward ``max_steps`` and the Trainer's LR schedule.
 
     Args:
-        **keys: the CLI's method keys: ``method`` (grass, grass-static, lisa, grass-uniform), ``gamma``, ``tau``,
-            ``alpha``, ``probe_steps``, ``sample_interval``, ``update_interval``, ``train_embeddings``,
-            ``train_head``, ``reset_state_on_switch``, ``layers_attribute``, ``seed``, ``probe_mode``,
-            ``importance``; defaults and meaning as in :class:`~grass_ft.config.TrainConfig`.
+        **keys: the CLI's method keys: ``method`` (grass-uniform, the default; grass, grass-static, lisa),
+            ``gamma``, ``tau``, ``alpha``, ``probe_steps``, ``sample_interval``, ``update_interval``,
+            ``train_embeddings``, ``train_head``, ``reset_state_on_switch``, ``layers_attribute``, ``seed``,
+            ``probe_mode``, ``importance``; defaults and meaning as in :class:`~grass_ft.config.TrainConfig`
+            (but ``method``: the CLI's default, fft, samples no layers).
 
     Raises:
         ConfigError: listing every unknown key or bad value, each by name.

@@ -17,7 +17,7 @@ from typing import Any
 
 from . import data as data_mod
 from .checkpoint import CHECKPOINT_RE, check_same_run, checkpoint_run, find_checkpoint, run_keys
-from .config import ConfigError, TrainConfig
+from .config import ConfigError, TrainConfig, ignored_keys_warning
 from .errors import UserError
 from .models import check_model_source
 
@@ -141,6 +141,8 @@ def preflight(cfg: TrainConfig, world_size: int = 1, check_dir: bool = True, gen
     if check_dir:
         attempt(check_output_dir, cfg)
     pf.checkpoint = attempt(resolve_resume, cfg, world_size, pf.warnings)
+    if (ignored := ignored_keys_warning(cfg)) is not None:
+        pf.warnings.append(ignored)
     pf.loaded = attempt(_load_data, cfg, world_size, generate)
     attempt(check_model_source, cfg.model)
     if len(errors) == 1:

@@ -22,11 +22,13 @@ class MethodTraits:
             ``static`` (probe only: GRASS*), ``uniform`` (no probe) — or None for no layer sampling.
         fsdp: can shard with FSDP2 (``fsdp=true``); a peft-wrapped model cannot yet.
         offload: the default of ``offload``: block optimizer state on the host between steps.
+        lr: the default of ``lr``: the method's best rate in the 200-update experiment (docs/DEFAULTS.md).
     """
 
     sampling: str | None = None
     fsdp: bool = False
     offload: bool = False
+    lr: float = 3e-4
 
     def __post_init__(self) -> None:
         assert self.sampling is None or self.sampling in SAMPLING_KINDS, self.sampling
@@ -43,15 +45,19 @@ class MethodTraits:
 
 
 # The order is the order error messages and help lines list the methods in.
+# Rates: each arm's best of its seed-1 grid at 200 updates (GRASS*'s is GRASS's; DoRA, not in that experiment,
+# takes LoRA's).
 METHODS: dict[str, MethodTraits] = {
-    "grass": MethodTraits("adaptive", fsdp=True, offload=True),
-    "grass-static": MethodTraits("static", fsdp=True, offload=True),
-    "lisa": MethodTraits("uniform", fsdp=True),  # as shipped: torch AdamW, state on the device
-    "fft": MethodTraits(fsdp=True),
-    "lora": MethodTraits(),  # peft adapters: not sharded yet
-    "dora": MethodTraits(),
-    "grass-uniform": MethodTraits("uniform", fsdp=True, offload=True),
+    "grass": MethodTraits("adaptive", fsdp=True, offload=True, lr=3e-4),
+    "grass-static": MethodTraits("static", fsdp=True, offload=True, lr=3e-4),
+    "lisa": MethodTraits("uniform", fsdp=True, lr=3e-4),  # as shipped: torch AdamW, state on the device
+    "fft": MethodTraits(fsdp=True, lr=1e-4),
+    "lora": MethodTraits(lr=1e-3),  # peft adapters: not sharded yet
+    "dora": MethodTraits(lr=1e-3),
+    "grass-uniform": MethodTraits("uniform", fsdp=True, offload=True, lr=3e-4),
 }
+# GrassCallback's default `method` (it only samples): the best sampling arm of the 200-update experiment.
+DEFAULT_SAMPLING = "grass-uniform"
 
 
 def traits(method: str) -> MethodTraits:

@@ -38,7 +38,7 @@ from .distributed import Distributed, init_distributed
 from .config import ConfigError, TrainConfig, save_config, validate
 from .divergence import DivergenceWatch, vocab_size
 from .loss import enable_supervised_loss, full_loss, loss_forward
-from .methods import Prepared, method_names, prepare, step_budget
+from .methods import Prepared, method_names, prepare, resolved_offload, step_budget
 from .models import PACKAGED_NOTE, block_layout, enable_checkpointing, load_model, load_tokenizer
 from .preflight import FINISHED, RUN_FILES, RunError, preflight, supervised_features
 from .registry import traits
@@ -184,8 +184,28 @@ def run_train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     try:
         with ExitStack() as held:  # the output directory's lock, for as long as the run lasts
             return _run_train(cfg, progress, dist, held)
+    except torch.OutOfMemoryError as e:
+        raise RunError(out_of_memory_message(cfg, e)) from None
     finally:
         dist.close()
+
+
+def out_of_memory_message(cfg: TrainConfig, error: BaseException) -> str:
+    """The one line for a device that ran out of memory: what ran out, that nothing looks finished, and the keys
+    that need less memory -- first, for a method that keeps all its optimizer state on the device (the default
+    `fft` among them), the offloaded layer-wise method."""
+    said = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    lower = "lower batch_size (with grad_accum to keep the batch) or max_seq_len, or set gradient_checkpointing=true"
+    if traits(cfg.method).sampling:
+        offload = "" if resolved_offload(cfg) else "set offload=true, "
+        fix = f"lower gamma (now {cfg.gamma}), {offload}or {lower}"
+    elif cfg.method == "fft":
+        fix = (f"method=grass-uniform trains gamma blocks at a time with their optimizer state on the host "
+               f"(far below fft's peak: docs/gpu_memory.md), or {lower}")
+    else:
+        fix = lower[0].upper() + lower[1:]
+    return (f"out of device memory with method={cfg.method} ({said}); the run is not finished (no final/, "
+            f"checkpoints already written are intact). To fit: {fix}")
 
 
 def _run_train(cfg: TrainConfig, progress: bool, dist: Distributed, held: ExitStack) -> dict[str, Any]:
