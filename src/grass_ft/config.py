@@ -135,7 +135,8 @@ class TrainConfig:
     merge_lora: bool = _f(False, "LoRA/DoRA: also save the adapter merged into the base weights, as final/merged/")
     # optimisation
     lr: float | None = _f(None, "peak learning rate (AdamW); unset: the method's best rate at 200 updates "
-                                "(docs/DEFAULTS.md): " + ", ".join(f"{m} {t.lr:.0e}".replace("e-0", "e-") for m, t in METHODS.items()))
+                                "(docs/DEFAULTS.md): " + ", ".join(f"{m} {t.lr:.0e}".replace("e-0", "e-")
+                                                                   for m, t in METHODS.items()))
     weight_decay: float = _f(0.0, "AdamW decoupled weight decay")
     warmup_steps: int = _f(0, "linear warm-up steps after the probe")
     lr_schedule: str = _f("constant", "learning-rate shape after warm-up: constant, linear, cosine")
