@@ -31,13 +31,17 @@ from grass_ft.methods import prepare
 from grass_ft.models import PACKAGED_NOTE, load_model_and_tokenizer
 from grass_ft.step import StepRunner, optimizer_state_bytes
 
+# The paper's probe (the first steps read every block's gradient and update nothing; here the two untimed steps).
+# It was the default when these arms were designed; the default is now probe_mode=train, so the GRASS arms say so.
+MEASURE = {"probe_mode": "measure"}
 ARMS = {
     "fft": {"method": "fft"},
     "lisa (as shipped)": {"method": "lisa"},
     "grass-uniform (layer-wise default)": {"method": "grass-uniform"},
-    "grass, offload": {"method": "grass", "train_embeddings": False, "train_head": False},
-    "grass, no offload": {"method": "grass", "offload": False, "train_embeddings": False, "train_head": False},
-    "grass, emb+head trained": {"method": "grass"},
+    "grass, offload": {"method": "grass", "train_embeddings": False, "train_head": False, **MEASURE},
+    "grass, no offload": {"method": "grass", "offload": False, "train_embeddings": False, "train_head": False,
+                          **MEASURE},
+    "grass, emb+head trained": {"method": "grass", **MEASURE},
 }
 
 

@@ -97,8 +97,10 @@ def estimate(model_key: str, arm: str, ranks: int, batch: int, seq: int, gamma: 
                 slabs: list[torch.Tensor] = []
             else:  # grass-ft's fsdp=true path: its sharding, and its optimizer on each rank's local shards
                 shard_model(model, mesh=mesh)
+                # the paper's layout and probe (the measuring probe was the default when this was designed; the
+                # default is now probe_mode=train, whose group sweep draws from a generator fake tensors cannot read)
                 tcfg = TrainConfig(method="grass", gamma=gamma, fsdp=True, offload=True, master_weights=True,
-                                   train_embeddings=False, train_head=False)  # the paper's layout
+                                   train_embeddings=False, train_head=False, probe_mode="measure")
                 opt = prepare(model, tcfg).optimizer
                 assert type(opt).__name__ == "LayerwiseOffloadAdamW", type(opt)
                 model.requires_grad_(False)

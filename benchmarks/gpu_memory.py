@@ -58,16 +58,20 @@ SMOKE_MODEL = dict(label="tiny Llama (smoke)", hidden_size=64, intermediate_size
 # LayerwiseOffloadAdamW with offload=False (its fp32 moments stay on the device); "grass-static" is GRASS*
 # (probe-only importance); "lora"/"dora" use the paper's table rank r=128 on every linear layer but the head.
 FROZEN = dict(train_embeddings=False, train_head=False)
+# The paper's probe (the first probe_steps steps read every block's gradient and update nothing), whose peak the
+# report gives apart. It was the default when these arms were designed; the default is now probe_mode=train, so the
+# GRASS arms say so.
+MEASURE = dict(probe_mode="measure")
 METHODS: dict[str, dict] = {
     # stock pure-bf16 torch AdamW, as the paper's FFT and LISA as shipped (master_weights defaults to true)
     "fft": dict(method="fft", master_weights=False, supervised_only_loss=False),
     "lora": dict(method="lora", lora_r=128, supervised_only_loss=False),
     "dora": dict(method="dora", lora_r=128, supervised_only_loss=False),
     "lisa": dict(method="lisa", master_weights=False, supervised_only_loss=False),
-    "grass-no-offload": dict(method="grass", offload=False, **FROZEN),
-    "grass": dict(method="grass", offload=True, **FROZEN),
-    "grass-static": dict(method="grass-static", offload=True, **FROZEN),
-    "grass-head": dict(method="grass", offload=True, train_embeddings=True, train_head=True),
+    "grass-no-offload": dict(method="grass", offload=False, **FROZEN, **MEASURE),
+    "grass": dict(method="grass", offload=True, **FROZEN, **MEASURE),
+    "grass-static": dict(method="grass-static", offload=True, **FROZEN, **MEASURE),
+    "grass-head": dict(method="grass", offload=True, train_embeddings=True, train_head=True, **MEASURE),
 }
 DEFAULT_METHODS = "fft,lora,dora,lisa,grass-no-offload,grass,grass-static,grass-head"
 

@@ -33,6 +33,9 @@ def run_arm(method: str, supervised_only: bool, args, root: Path) -> dict:
             f"max_seq_len={args.seq}", f"max_steps={args.steps}", f"train_samples={args.batch * args.steps}",
             "eval_samples=0", "eval_before=false", f"probe_steps={args.warmup}", f"seed={args.seed}",
             f"supervised_only_loss={str(supervised_only).lower()}", f"output_dir={out}"]
+    if method in ("grass", "grass-static"):
+        # the paper's probe, whose steps are the warm-up: the default when this was designed (now probe_mode=train)
+        keys.append("probe_mode=measure")
     t0 = time.perf_counter()
     r = subprocess.run([sys.executable, "-m", "grass_ft.cli", "train", "--quiet", *keys],
                        capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})

@@ -68,18 +68,22 @@ THREADS = 1
 # The paper's layout: embeddings and head frozen. It was the default when the experiment was designed; the
 # default is now on (the result of the grass-head arm), so the arms that mean the paper's layout say so.
 FROZEN = {"train_embeddings": False, "train_head": False}
+# The paper's probe: the first probe_steps steps read every block's gradient and update nothing. It was the default
+# when the experiment was designed; the default is now probe_mode=train (the result of the grass-trainprobe arm), so
+# the arms that mean the paper's probe say so.
+MEASURE = {"probe_mode": "measure"}
 # arm -> (method, extra keys). Every arm gets PROTOCOL and its lr.
 ARMS: dict[str, tuple[str, dict[str, Any]]] = {
-    "grass": ("grass", FROZEN),
+    "grass": ("grass", {**FROZEN, **MEASURE}),
     "grass-uniform": ("grass-uniform", FROZEN),
-    "grass-static": ("grass-static", FROZEN),
+    "grass-static": ("grass-static", {**FROZEN, **MEASURE}),
     "lisa": ("lisa", {}),
     "grass-trainprobe": ("grass", {**FROZEN, "probe_mode": "train"}),
-    "grass-relative": ("grass", {**FROZEN, "importance": "relative"}),
+    "grass-relative": ("grass", {**FROZEN, **MEASURE, "importance": "relative"}),
     # GRASS with the embeddings and the head trained at every step, as LISA does: added after LISA's seed-1 run
     # beat GRASS and the uniform control by 0.1 nats, to tell what LISA gains from its always-trained parameters
     # (LISA − control) from what importance sampling gains with them (this arm − LISA)
-    "grass-head": ("grass", {"train_embeddings": True, "train_head": True}),
+    "grass-head": ("grass", {"train_embeddings": True, "train_head": True, **MEASURE}),
     "fft": ("fft", {}),
     "lora": ("lora", {}),
 }

@@ -47,6 +47,8 @@ PROTOCOL = {
     "sample_interval": 5, "update_interval": 10,
     # the layout these tables were measured with (the default then; docs/DEFAULTS.md); lisa trains them anyway
     "train_embeddings": "false", "train_head": "false",
+    # and the paper's measuring probe (the default then; now probe_mode=train); only grass and grass-static read it
+    "probe_mode": "measure",
 }
 GSM, ARITH = "gsm_symbolic", "basic_arithmetic"
 # GRASS variants of the sweep: (name, overrides); each is compared with GRASS at its defaults.

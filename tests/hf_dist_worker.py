@@ -28,7 +28,9 @@ from grass_ft.hf import GrassCallback, GrassTrainer  # noqa: E402
 from tiny import char_tokenizer, tiny_llama  # noqa: E402
 
 TOK = char_tokenizer()
-KEYS = dict(method="grass", gamma=2, probe_steps=2, sample_interval=2, update_interval=2, tau=0.5, seed=5)
+# the paper's method and probe (2 steps that read every block and update nothing): the tests count them
+KEYS = dict(method="grass", gamma=2, probe_steps=2, sample_interval=2, update_interval=2, tau=0.5, seed=5,
+            probe_mode="measure")
 MAX_STEPS = 6  # 4 examples a step, 25 examples: within the first epoch
 
 

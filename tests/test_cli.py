@@ -31,7 +31,8 @@ def err(capsys, *argv):
     (["data=/nonexistent/train.jsonl"], "`data` file '/nonexistent/train.jsonl' does not exist"),
     (["task=nosuchtask"], "no answer rule for task 'nosuchtask'"),
     (["method=grass-static", "probe_steps=0"], "`probe_steps` must be >= 1 for method grass-static"),
-    (["method=grass", "max_steps=5", "probe_steps=5"], "`probe_steps` must be below max_steps=5"),
+    (["method=grass", "max_steps=5", "probe_steps=5", "probe_mode=measure"],  # the paper's probe updates nothing
+     "`probe_steps` must be below max_steps=5"),
     (["gamma"], "argument 'gamma' is not key=value"),
 ])
 def test_bad_config_single_error(capsys, args, message):

@@ -33,7 +33,7 @@ def equal_length_data(path: Path, n: int = 48) -> Path:
 def keys(model, data, out, **kw):
     # method=grass, the paper's (probe, importance, refresh): the tests below count its 2 probe steps
     base = {"model": model, "data": data, "output_dir": out, "method": "grass", "max_steps": 10, "gamma": 2,
-            "probe_steps": 2,
+            "probe_steps": 2, "probe_mode": "measure",
             "sample_interval": 2, "update_interval": 4, "eval_samples": 0, "lr": 1e-2, "seed": 5}
     base.update(kw)
     return {k: str(v) for k, v in base.items()}

@@ -65,7 +65,7 @@ def test_family_blocks_heads_and_grass_steps(name):
     assert head_names <= set(layout.embeddings if tied else layout.head)
 
     cfg = TrainConfig(method="grass", gamma=1, probe_steps=1, sample_interval=2, update_interval=2, lr=1e-2,
-                      max_steps=5, offload=True)
+                      max_steps=5, offload=True, probe_mode="measure")  # the paper's probe: step 0 updates nothing
     prepared = prepare(model, cfg)
     runner = StepRunner(prepared, max_grad_norm=1.0)
     data = batches(5, seq=10)

@@ -21,6 +21,7 @@ TOK = char_tokenizer()
 EMB = {"model.embed_tokens.weight"}
 HEAD = {"model.norm.weight", "lm_head.weight"}
 FROZEN = {"train_embeddings": False, "train_head": False}  # the paper's layout (the default trains both)
+MEASURE = {"probe_mode": "measure"}  # the paper's probe: reads every block, updates nothing (the default trains)
 
 
 def examples():
@@ -134,7 +135,7 @@ def test_gamma_and_probe_are_checked_against_the_model_and_the_trainer(tmp_path)
         Trainer(model=tiny_llama(len(TOK), layers=L), args=training_args(tmp_path), train_dataset=Features(),
                 data_collator=collator, callbacks=[GrassCallback(gamma=5)])
     with pytest.raises(ConfigError, match=r"`probe_steps` must be below the Trainer's max_steps=3"):
-        run(tmp_path, GrassCallback(method="grass", gamma=1, probe_steps=3), max_steps=3)
+        run(tmp_path, GrassCallback(method="grass", gamma=1, probe_steps=3, **MEASURE), max_steps=3)
 
 
 def test_untested_setups_are_refused_before_a_step(tmp_path):
@@ -160,7 +161,7 @@ def test_optimizer_built_from_frozen_params_is_refused(tmp_path):
 def test_probe_updates_nothing_not_even_weight_decay(tmp_path):
     model = tiny_llama(len(TOK), layers=L)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    grass = GrassCallback(method="grass", gamma=2, probe_steps=5)
+    grass = GrassCallback(method="grass", gamma=2, probe_steps=5, **MEASURE)
     _, trainer, _ = run(tmp_path, grass, model=model, log=StepLog(grass, stop_at=5), max_steps=8,
                         weight_decay=0.1, gradient_accumulation_steps=2)
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
@@ -172,12 +173,14 @@ def test_probe_updates_nothing_not_even_weight_decay(tmp_path):
 
 
 @pytest.mark.parametrize("keys,ckpt,trained_always", [
-    ({"method": "grass"}, False, EMB | HEAD),  # the default: embeddings, final norm and head at every step
-    ({"method": "grass"}, True, EMB | HEAD),
-    ({"method": "grass", **FROZEN}, False, set()),
-    ({"method": "grass", **FROZEN}, True, set()),
-    ({"method": "grass-static", "train_embeddings": True, "train_head": False}, False, EMB),
-    ({"method": "grass", "train_embeddings": False, "train_head": True, "reset_state_on_switch": True}, False, HEAD),
+    # the default layout: embeddings, final norm and head at every step
+    ({"method": "grass", **MEASURE}, False, EMB | HEAD),
+    ({"method": "grass", **MEASURE}, True, EMB | HEAD),
+    ({"method": "grass", **FROZEN, **MEASURE}, False, set()),
+    ({"method": "grass", **FROZEN, **MEASURE}, True, set()),
+    ({"method": "grass-static", "train_embeddings": True, "train_head": False, **MEASURE}, False, EMB),
+    ({"method": "grass", "train_embeddings": False, "train_head": True, "reset_state_on_switch": True, **MEASURE},
+     False, HEAD),
     ({"method": "lisa"}, True, EMB | HEAD),
 ])
 def test_exactly_the_drawn_blocks_move(tmp_path, keys, ckpt, trained_always):
@@ -201,7 +204,7 @@ def test_checkpointing_with_the_lowest_blocks_frozen(tmp_path, monkeypatch):
     import grass_ft.sampler as sampler_mod
 
     monkeypatch.setattr(sampler_mod, "draw", lambda logp, k, g: [2])  # blocks 0 and 1 stay frozen
-    grass = GrassCallback(method="grass", gamma=1, probe_steps=2, sample_interval=100, **FROZEN)
+    grass = GrassCallback(method="grass", gamma=1, probe_steps=2, sample_interval=100, **FROZEN, **MEASURE)
     model = tiny_llama(len(TOK), layers=L)
     needs_grad = []  # whether block 1's output requires grad, i.e. whether backward runs below block 2
     model.model.layers[1].register_forward_hook(lambda m, i, o: needs_grad.append(

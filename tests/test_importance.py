@@ -60,7 +60,7 @@ def test_recorder_modes_read_the_same_rms_and_count_drops():
 def test_native_loop_a_non_finite_gradient_does_not_poison_importance(poisoned_step):
     model = tiny_llama(layers=L)
     cfg = TrainConfig(method="grass", gamma=2, probe_steps=3, sample_interval=2, update_interval=4, max_steps=12,
-                      lr=1e-3, max_grad_norm=1.0)
+                      lr=1e-3, max_grad_norm=1.0, probe_mode="measure")
     runner = StepRunner(prepare(model, cfg), max_grad_norm=1.0)
     clock = [0]
     handles = [poison(p, {poisoned_step}, clock) for layer in model.model.layers for p in layer.parameters()]
@@ -95,7 +95,8 @@ def test_trainer_loop_a_non_finite_gradient_does_not_poison_importance(tmp_path)
 
     # step 1 is in the probe: the recorder frees every gradient, so the Trainer's model stays finite
     handles = [poison(p, {1}, clock) for layer in model.model.layers for p in layer.parameters()]
-    grass = GrassCallback(method="grass", gamma=2, probe_steps=3, sample_interval=2, update_interval=2)
+    grass = GrassCallback(method="grass", gamma=2, probe_steps=3, sample_interval=2, update_interval=2,
+                          probe_mode="measure")
     trainer = Trainer(model=model, args=training_args(tmp_path, max_steps=9), train_dataset=Features(),
                       data_collator=collator, callbacks=[grass, Clock()])
     trainer.train()
@@ -205,14 +206,16 @@ def test_uniform_control_is_grass_with_uniform_draws():
 
 def test_count_probe_steps_decides_what_max_steps_counts():
     model = tiny_llama(layers=L)
-    counted = TrainConfig(method="grass", probe_steps=4, max_steps=20)
-    extra = TrainConfig(method="grass", probe_steps=4, max_steps=20, count_probe_steps=False)
+    # the paper's probe (it updates nothing): whether its steps count toward max_steps decides the updates
+    counted = TrainConfig(method="grass", probe_steps=4, max_steps=20, probe_mode="measure")
+    extra = TrainConfig(method="grass", probe_steps=4, max_steps=20, count_probe_steps=False, probe_mode="measure")
     sampler = prepare(model, counted).sampler
     assert step_budget(counted, sampler) == (20, 16)
     assert step_budget(extra, sampler) == (24, 20)
     assert step_budget(TrainConfig(method="fft", max_steps=20, count_probe_steps=False), None) == (20, 20)
     # with the probe on top, probe_steps may exceed max_steps
-    build_config(overrides={"method": "grass", "probe_steps": 30, "max_steps": 20, "count_probe_steps": "false"})
+    build_config(overrides={"method": "grass", "probe_steps": 30, "max_steps": 20, "count_probe_steps": "false",
+                            "probe_mode": "measure"})
 
 
 @pytest.mark.parametrize("counted", [True, False])
@@ -222,7 +225,7 @@ def test_the_cli_loop_honours_count_probe_steps(tmp_path, tiny_model_dir, tiny_d
     from grass_ft.train import run_train
 
     cfg = TrainConfig(method="grass", model=str(tiny_model_dir), data=str(tiny_data), gamma=2, probe_steps=2,
-                      max_steps=4, batch_size=2, eval_samples=0, count_probe_steps=counted,
+                      max_steps=4, batch_size=2, eval_samples=0, count_probe_steps=counted, probe_mode="measure",
                       output_dir=str(tmp_path / "run"))
     run_train(cfg, progress=False)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

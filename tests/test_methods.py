@@ -176,7 +176,7 @@ def test_lisa_device_state_grows_with_drawn_blocks_grass_offload_stays_off_devic
     data = batches(steps)
     lisa = prepare(tiny_llama(layers=layers), TrainConfig(method="lisa", gamma=1, sample_interval=1, lr=1e-3))
     grass = prepare(tiny_llama(layers=layers), TrainConfig(method="grass", gamma=1, sample_interval=1,
-                                                           probe_steps=1, lr=1e-3))
+                                                           probe_steps=1, lr=1e-3, probe_mode="measure"))
     assert not lisa.offload and grass.offload
     runners = {"lisa": StepRunner(lisa), "grass": StepRunner(grass)}
     seen: set[int] = set()
@@ -213,9 +213,14 @@ def test_registry_capabilities_match_what_the_builders_do():
     assert method_names() == list(METHODS)
     for name in method_names():
         t = traits(name)
-        prepared = prepare(tiny_llama(layers=L), TrainConfig(method=name, gamma=2, probe_steps=1, lora_r=R))
-        assert (prepared.sampler.kind if prepared.sampler else None) == t.sampling, name
-        assert prepared.offload == t.offload, name
-        assert t.measures == (prepared.sampler is not None and prepared.sampler.measure_steps > 0), name
+        for mode in ("measure", "train"):
+            prepared = prepare(tiny_llama(layers=L), TrainConfig(method=name, gamma=2, probe_steps=1, lora_r=R,
+                                                                 probe_mode=mode))
+            assert (prepared.sampler.kind if prepared.sampler else None) == t.sampling, name
+            assert prepared.offload == t.offload, name
+            # a measuring method has a probe (steps before the first importance draw) in either probe mode
+            assert t.measures == (prepared.sampler is not None and prepared.sampler.start > 0), (name, mode)
+            if mode == "measure":  # the paper's probe: steps that update nothing
+                assert t.measures == (prepared.sampler is not None and prepared.sampler.measure_steps > 0), name
     with pytest.raises(ValueError, match="has no row in grass_ft.registry.METHODS"):
         register_method("badam")

@@ -47,8 +47,8 @@ def test_report_to_tensorboard_writes_readable_event_files(tmp_path, tiny_model_
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    out = _run(tmp_path, tiny_model_dir, tiny_data, report_to="tensorboard", method="grass", max_steps="8", probe_steps="2",
-               sample_interval="3", update_interval="4", save_steps="0")
+    out = _run(tmp_path, tiny_model_dir, tiny_data, report_to="tensorboard", method="grass", max_steps="8",
+               probe_steps="2", probe_mode="measure", sample_interval="3", update_interval="4", save_steps="0")
     acc = EventAccumulator(str(out / "tensorboard"))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
@@ -88,7 +88,8 @@ def test_grass_callback_adds_grass_metrics_to_trainer_logs_and_tensorboard(tmp_p
 
     from grass_ft.hf import GrassCallback
 
-    grass = GrassCallback(method="grass", gamma=2, probe_steps=2, sample_interval=2, update_interval=3)
+    grass = GrassCallback(method="grass", gamma=2, probe_steps=2, sample_interval=2, update_interval=3,
+                          probe_mode="measure")  # the paper's probe: two steps that train nothing
     trainer = Trainer(model=tiny_llama(len(TOK), layers=4), args=training_args(tmp_path, max_steps=6),
                       train_dataset=Features(), data_collator=collator,
                       callbacks=[grass, TensorBoardCallback()])  # the reporter after GrassCallback

@@ -72,6 +72,20 @@ def test_arms_of_the_papers_layout_stay_frozen_whatever_the_default():
 ARMS_FROZEN = ("grass", "grass-uniform", "grass-static", "grass-trainprobe", "grass-relative")
 
 
+def test_arms_of_the_papers_probe_stay_measuring_whatever_the_default():
+    """The ledger's GRASS, GRASS*, relative-importance and grass-head runs used the paper's measuring probe (the
+    default when they ran); the default is now the training probe, so those arms must pin it (a key of the arm,
+    not the default), and the training-probe arm must train."""
+    for arm in ARMS_MEASURE:
+        assert quality.ARMS[arm][1].get("probe_mode") == "measure", arm
+        assert quality.arm_config(arm, 1, 3e-4).probe_mode == "measure", arm
+    assert quality.ARMS["grass-trainprobe"][1].get("probe_mode") == "train"
+    assert quality.arm_config("grass-trainprobe", 1, 3e-4).probe_mode == "train"
+
+
+ARMS_MEASURE = ("grass", "grass-static", "grass-relative", "grass-head")
+
+
 def test_plan_prices_each_run_at_its_methods_recorded_cost():
     runs = {r["key"]: r for r in [fake_run("grass", 1, 3e-4, 1.0), fake_run("lisa", 1, 3e-4, 1.0)]}
     runs[quality.run_key("lisa", 1, 3e-4)]["figures"]["train_cpu_s"] = 1000.0

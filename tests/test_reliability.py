@@ -26,9 +26,10 @@ from grass_ft.config import ConfigError
 from grass_ft.errors import UserError
 from grass_ft.registry import traits
 
-# method=grass (the paper's, with a probe step): the step numbers the tests below expect count that probe step
-T = {"method": "grass", "max_steps": 3, "probe_steps": 1, "batch_size": 2, "max_seq_len": 192, "eval_samples": 0,
-     "gamma": 2}
+# method=grass (the paper's, with its measuring probe step, which updates nothing): the step numbers the tests below
+# expect count that probe step
+T = {"method": "grass", "max_steps": 3, "probe_steps": 1, "probe_mode": "measure", "batch_size": 2,
+     "max_seq_len": 192, "eval_samples": 0, "gamma": 2}
 
 
 def train_args(model, data, out, **extra) -> list[str]:
@@ -554,7 +555,7 @@ def test_r38b_out_of_device_memory_is_one_line_naming_the_keys_that_fit_and_keep
     monkeypatch.setattr(StepRunner, "train_step", oom_at_second)
     out = tmp_path / "run"
     msg = fails(capsys, *train_args(tiny_model_dir, tiny_data, out, method="fft", save_steps=1))
-    assert msg.strip().splitlines()[-1:] == [  # after the warning that fft ignores T's gamma and probe_steps
+    assert msg.strip().splitlines()[-1:] == [  # after the warning that fft ignores T's sampling keys
         "grass-ft train: error: out of device memory with method=fft (CUDA out of memory. Tried to allocate 2.00 "
         "GiB); the run is not finished (no final/, checkpoints already written are intact). To fit: method=grass-uniform "
         "trains gamma blocks at a time with their optimizer state on the host (far below fft's peak: "
@@ -567,6 +568,17 @@ def test_r38b_out_of_device_memory_is_one_line_naming_the_keys_that_fit_and_keep
     msg = fails(capsys, *train_args(tiny_model_dir, tiny_data, tmp_path / "lisa", method="lisa", max_steps=2))
     assert msg.strip().endswith("To fit: lower gamma (now 2), set offload=true, or lower batch_size (with "
                                 "grad_accum to keep the batch) or max_seq_len, or set gradient_checkpointing=true")
+
+
+def test_r38c_a_training_probe_sweep_that_lasts_the_whole_run_is_warned(tiny_model_dir, tiny_data, tmp_path,
+                                                                        capsys):
+    """The training probe visits every block gamma at a time: 4 blocks, gamma 2, probe_steps 2 take 4 steps."""
+    args = train_args(tiny_model_dir, tiny_data, tmp_path / "a", probe_mode="train", probe_steps=2, max_steps=4)
+    assert ("grass-ft: warning: probe_mode=train: the sweep over 4 blocks, gamma=2 at a time and probe_steps=2 steps "
+            "each, takes 4 steps, the whole run of 4: method=grass will never draw by importance. Raise max_steps or "
+            "gamma, lower probe_steps, or set probe_mode=measure") in runs(capsys, *args)
+    assert "warning" not in runs(capsys, *train_args(tiny_model_dir, tiny_data, tmp_path / "b", probe_mode="train",
+                                                     probe_steps=2, max_steps=5))  # step 4 draws by importance
 
 
 # ------------------------------------------------------------------------------------------------ signals

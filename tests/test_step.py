@@ -45,7 +45,7 @@ def moved(before, model):
 def test_probe_only_leaves_every_weight_bit_identical():
     model = tiny_llama(layers=L)
     before = snapshot(model)
-    cfg = TrainConfig(method="grass", gamma=2, probe_steps=5, max_steps=6, lr=1e-2)
+    cfg = TrainConfig(method="grass", gamma=2, probe_steps=5, max_steps=6, lr=1e-2, probe_mode="measure")
     _, runner, res = run(cfg, model, steps=5)
     assert all(r.probe for r in res)
     assert moved(before, model) == set()
@@ -171,7 +171,7 @@ def test_gradient_checkpointing_with_lowest_block_frozen(monkeypatch, embeddings
     enable_checkpointing(model)
     before = snapshot(model)
     cfg = TrainConfig(method="grass", gamma=1, probe_steps=2, sample_interval=100, max_steps=4, lr=1e-2,
-                      train_embeddings=embeddings_and_head, train_head=embeddings_and_head)
+                      train_embeddings=embeddings_and_head, train_head=embeddings_and_head, probe_mode="measure")
     prepared = prepare(model, cfg)
     runner = StepRunner(prepared)
     for t, mbs in enumerate(batches(4)):

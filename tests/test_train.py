@@ -20,8 +20,9 @@ def test_output_contract_on_tiny_model(tiny_model_dir, tiny_data, tmp_path):
     out = tmp_path / "run"
     cfg = build_config(None, {"model": str(tiny_model_dir), "data": str(tiny_data), "output_dir": str(out),
                               "method": "grass", "max_steps": "14", "batch_size": "2", "gamma": "2", "probe_steps": "3",
-                              "sample_interval": "4", "update_interval": "5", "eval_samples": "4",
-                              "max_new_tokens": "4", "eval_batch_size": "4"}, known_methods=method_names())
+                              "probe_mode": "measure", "sample_interval": "4", "update_interval": "5",
+                              "eval_samples": "4", "max_new_tokens": "4", "eval_batch_size": "4"},
+                       known_methods=method_names())
     summary = run_train(cfg, progress=False)
 
     assert yaml.safe_load((out / "config.yaml").read_text())["gamma"] == 2
@@ -75,8 +76,8 @@ def test_output_contract_on_tiny_model(tiny_model_dir, tiny_data, tmp_path):
 def test_grass_static_never_refreshes(tiny_model_dir, tiny_data, tmp_path):
     cfg = build_config(None, {"model": str(tiny_model_dir), "data": str(tiny_data), "output_dir": str(tmp_path),
                               "method": "grass-static", "max_steps": "12", "batch_size": "2", "gamma": "1",
-                              "probe_steps": "2", "sample_interval": "2", "update_interval": "2",
-                              "eval_samples": "0"}, known_methods=method_names())
+                              "probe_steps": "2", "probe_mode": "measure", "sample_interval": "2",
+                              "update_interval": "2", "eval_samples": "0"}, known_methods=method_names())
     run_train(cfg, progress=False)
     events = read_jsonl(tmp_path / "layers.jsonl")
     assert {e["event"] for e in events} == {"probe", "draw"}
@@ -89,9 +90,9 @@ def test_real_smollm2_end_to_end(tmp_path):
     """A few GRASS steps on the packaged SmolLM2-135M-Instruct through the console command."""
     out = tmp_path / "smol"
     r = subprocess.run([sys.executable, "-m", "grass_ft.cli", "train", "--quiet", f"output_dir={out}",
-                        "method=grass", "max_steps=4", "probe_steps=1", "sample_interval=2", "update_interval=2", "gamma=2",
-                        "batch_size=2", "train_samples=16", "eval_samples=4", "eval_batch_size=4",
-                        "max_new_tokens=12", "max_seq_len=128"],
+                        "method=grass", "max_steps=4", "probe_steps=1", "probe_mode=measure", "sample_interval=2",
+                        "update_interval=2", "gamma=2", "batch_size=2", "train_samples=16", "eval_samples=4",
+                        "eval_batch_size=4", "max_new_tokens=12", "max_seq_len=128"],
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "eval loss" in r.stdout and "accuracy" in r.stdout

@@ -103,10 +103,11 @@ class TrainConfig:
     gamma: int = _f(4, "γ: number of decoder blocks trainable at a time")
     tau: float = _f(1.0, "τ: softmax temperature over the normalised MGN (large = uniform, small = top-γ)")
     alpha: float = _f(0.5, "α: EMA weight of the newest MGN window at each refresh, in (0, 1]")
-    probe_steps: int = _f(4, "T_p: probe steps at the start (gradients read, nothing updated); with probe_mode=train, "
-                             "steps each group of γ blocks trains while its gradients are read")
-    probe_mode: str = _f("measure", "measure: the paper's probe (every block's gradient read, nothing updated); "
-                                    "train: the first steps train the blocks γ at a time, all once, reading them")
+    probe_steps: int = _f(4, "T_p: with probe_mode=train, steps each group of γ blocks trains while its gradients "
+                             "are read; with measure, probe steps at the start (gradients read, nothing updated)")
+    probe_mode: str = _f("train", "train: the first steps train the blocks γ at a time, all once, reading their "
+                                  "gradients (as good as measure at 200 updates, no update lost: docs/DEFAULTS.md); "
+                                  "measure: the paper's probe (every block's gradient read, nothing updated)")
     importance: str = _f("mgn", "block importance: mgn (the paper's mean gradient norm) or relative (MGN / the "
                                 "block's own probe reading: how far its gradient has fallen; grass only)")
     count_probe_steps: bool = _f(True, "measuring-probe steps count toward max_steps (the paper's accounting); "

@@ -190,6 +190,17 @@ def run_train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
         dist.close()
 
 
+def sweep_outlasts_run(cfg: TrainConfig, sampler, n_steps: int) -> str | None:
+    """A warning when a training probe's sweep (every block once, gamma at a time, probe_steps steps each) lasts
+    the whole run, so that a method that measures importance never draws by it; None otherwise."""
+    if sampler is None or not traits(cfg.method).measures or sampler.sweep_steps < n_steps:
+        return None
+    return (f"probe_mode=train: the sweep over {sampler.num_blocks} blocks, gamma={cfg.gamma} at a time and "
+            f"probe_steps={cfg.probe_steps} steps each, takes {sampler.sweep_steps} steps, the whole run of "
+            f"{n_steps}: method={cfg.method} will never draw by importance. Raise max_steps or gamma, lower "
+            f"probe_steps, or set probe_mode=measure")
+
+
 def out_of_memory_message(cfg: TrainConfig, error: BaseException) -> str:
     """The one line for a device that ran out of memory: what ran out, that nothing looks finished, and the keys
     that need less memory -- first, for a method that keeps all its optimizer state on the device (the default
@@ -345,6 +356,8 @@ def _set_up_method(cfg: TrainConfig, model, dist: Distributed) -> _Method:
         forward = full_loss
     prepared: Prepared = prepare(model, cfg)
     n_steps, total_updates = step_budget(cfg, prepared.sampler)  # count_probe_steps decides what max_steps counts
+    if dist.is_main and (short := sweep_outlasts_run(cfg, prepared.sampler, n_steps)):
+        warn(short)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         prepared.optimizer, lambda k: lr_factor(k, cfg.warmup_steps, total_updates, cfg.lr_schedule))
     runner = StepRunner(prepared, scheduler, grad_accum=cfg.grad_accum, max_grad_norm=cfg.max_grad_norm,
