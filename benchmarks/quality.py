@@ -749,8 +749,9 @@ def report_md(records: list[dict]) -> str:
     L = ["# 200-update quality experiment (generated from the ledger by `make quality`; do not edit)", "",
          f"Ledger: `docs/results/quality_ledger.jsonl`, protocol `{protocol_id()}`. **{len(runs)} runs recorded**; "
          f"the queue plans {n_planned} runs ({n_done} done; phase E adds up to {n_cond} reruns where an arm's best "
-         f"rate is not 3e-4). **Partial until every planned run is in.** Continue with "
-         f"`nice -n 19 python benchmarks/quality.py run` (skips recorded runs).", ""]
+         f"rate is not 3e-4). " + ("**Complete: every planned run is in.**" if n_done == n_planned and not n_cond
+                                   else "**Partial until every planned run is in.** Continue with "
+                                        "`nice -n 19 python benchmarks/quality.py run` (skips recorded runs)."), ""]
     L += cost_lines(runs, q)
     if base:
         b = base["figures"]

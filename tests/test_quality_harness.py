@@ -237,6 +237,7 @@ def test_report_from_the_ledger_alone(tmp_path):
         quality.append_record(fake_run("lisa", seed, 3e-4, u + 0.1), ledger)
     quality.cmd_report(ledger, tmp_path / "docs")
     md = (tmp_path / "docs" / "quality.md").read_text()
+    assert "**Partial until every planned run is in.**" in md and "Complete" not in md  # a few runs of the plan
     row = next(line for line in md.splitlines() if line.startswith("| GRASS − uniform control"))
     # paired differences +0.02, +0.03, +0.02: every seed worse, the interval excludes 0
     assert "+0.0233" in row and "excl. 0" in row
