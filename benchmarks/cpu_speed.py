@@ -26,14 +26,13 @@ from pathlib import Path
 
 import torch
 
-from grass_ft.config import TrainConfig
+from grass_ft.config import PAPER_PROBE, TrainConfig
 from grass_ft.methods import prepare
 from grass_ft.models import PACKAGED_NOTE, load_model_and_tokenizer
 from grass_ft.step import StepRunner, optimizer_state_bytes
 
-# The paper's probe (the first steps read every block's gradient and update nothing; here the two untimed steps).
-# It was the default when these arms were designed; the default is now probe_mode=train, so the GRASS arms say so.
-MEASURE = {"probe_mode": "measure"}
+# The paper's probe (here the two untimed steps): the default when these arms were designed, no longer.
+MEASURE = PAPER_PROBE
 ARMS = {
     "fft": {"method": "fft"},
     "lisa (as shipped)": {"method": "lisa"},
@@ -141,8 +140,8 @@ def write_markdown(path: Path, rows, arms, args) -> None:
         f"{trained['s_per_step'] / frozen['s_per_step']:.2f}× step time (frozen, backward stops below the lowest "
         f"active block and the 28M-parameter embedding gets no gradient).",
         f"- GRASS / FFT step time = {off['ratio_to_fft']:.2f}; LISA (as shipped) / FFT = "
-        f"{by['lisa (as shipped)']['ratio_to_fft']:.2f}; the layer-wise default (grass-uniform, embeddings and head trained) "
-        f"/ FFT = {default['ratio_to_fft']:.2f}, / LISA = "
+        f"{by['lisa (as shipped)']['ratio_to_fft']:.2f}; the layer-wise default (grass-uniform, embeddings and head "
+        f"trained) / FFT = {default['ratio_to_fft']:.2f}, / LISA = "
         f"{default['s_per_step'] / by['lisa (as shipped)']['s_per_step']:.2f}.",
         f"- LISA-as-shipped device state grew from {by['lisa (as shipped)']['state_device_first_MiB']:.0f} to "
         f"{by['lisa (as shipped)']['state_device_last_MiB']:.0f} MiB as new blocks were drawn; GRASS with offload "

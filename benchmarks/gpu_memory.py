@@ -34,6 +34,8 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+from grass_ft.config import PAPER_LAYOUT, PAPER_PROBE
+
 ROOT = Path(__file__).resolve().parent.parent
 GiB = 2**30
 MiB = 2**20
@@ -57,11 +59,8 @@ SMOKE_MODEL = dict(label="tiny Llama (smoke)", hidden_size=64, intermediate_size
 # default (embeddings and head trained at every step, docs/DEFAULTS.md); "grass-no-offload" is the same sampler and
 # LayerwiseOffloadAdamW with offload=False (its fp32 moments stay on the device); "grass-static" is GRASS*
 # (probe-only importance); "lora"/"dora" use the paper's table rank r=128 on every linear layer but the head.
-FROZEN = dict(train_embeddings=False, train_head=False)
-# The paper's probe (the first probe_steps steps read every block's gradient and update nothing), whose peak the
-# report gives apart. It was the default when these arms were designed; the default is now probe_mode=train, so the
-# GRASS arms say so.
-MEASURE = dict(probe_mode="measure")
+# The paper's layout and probe (its peak reported apart): the defaults when these arms were designed, no longer.
+FROZEN, MEASURE = PAPER_LAYOUT, PAPER_PROBE
 METHODS: dict[str, dict] = {
     # stock pure-bf16 torch AdamW, as the paper's FFT and LISA as shipped (master_weights defaults to true)
     "fft": dict(method="fft", master_weights=False, supervised_only_loss=False),

@@ -45,6 +45,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from grass_ft.config import PAPER_LAYOUT, PAPER_PROBE
+
 ROOT = Path(__file__).resolve().parent.parent
 GiB = 2**30
 GB = 1e9
@@ -79,10 +81,9 @@ PAPER_MODELS = ["tinyllama", "gemma-2b", "llama2-7b"]
 # host, supervised-only chunked loss. "-sup" arms are baselines with our supervised-only loss, for a like-for-like
 # comparison of the optimizer/sampling alone.
 STOCK = dict(master_weights=False, supervised_only_loss=False)
-FROZEN = dict(train_embeddings=False, train_head=False)
-# The paper's probe (one step that reads every block's gradient and updates nothing), whose peak is reported apart.
-# It was the default when these arms were designed; the default is now probe_mode=train, so the GRASS arms say so.
-MEASURE = dict(probe_mode="measure")
+# The paper's layout and probe (one step that reads every block's gradient and updates nothing, its peak reported
+# apart): the defaults when these arms were designed, no longer, so the GRASS arms say so.
+FROZEN, MEASURE = PAPER_LAYOUT, PAPER_PROBE
 ARMS: dict[str, dict[str, Any]] = {
     "fft": dict(method="fft", **STOCK),
     "lora": dict(method="lora", lora_r=128, **STOCK),

@@ -47,6 +47,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from grass_ft.config import PAPER_LAYOUT, PAPER_PROBE
+
 ROOT = Path(__file__).resolve().parent.parent
 LEDGER = ROOT / "docs" / "results" / "quality_ledger.jsonl"
 DOCS = ROOT / "docs" / "results"
@@ -65,13 +67,9 @@ CURVE_SUBSET = 64  # the first 64 GSM-style problems: the curve's eval (a full 2
 MAX_NEW_TOKENS = 16
 THREADS = 1
 
-# The paper's layout: embeddings and head frozen. It was the default when the experiment was designed; the
-# default is now on (the result of the grass-head arm), so the arms that mean the paper's layout say so.
-FROZEN = {"train_embeddings": False, "train_head": False}
-# The paper's probe: the first probe_steps steps read every block's gradient and update nothing. It was the default
-# when the experiment was designed; the default is now probe_mode=train (the result of the grass-trainprobe arm), so
-# the arms that mean the paper's probe say so.
-MEASURE = {"probe_mode": "measure"}
+# The paper's layout and probe were the defaults when the experiment was designed; the defaults are now the
+# results of the grass-head and grass-trainprobe arms, so the arms that mean the paper's GRASS say so.
+FROZEN, MEASURE = PAPER_LAYOUT, PAPER_PROBE
 # arm -> (method, extra keys). Every arm gets PROTOCOL and its lr.
 ARMS: dict[str, tuple[str, dict[str, Any]]] = {
     "grass": ("grass", {**FROZEN, **MEASURE}),
@@ -237,26 +235,31 @@ def default_rate(arm: str, runs: dict[str, dict]) -> float | None:
     return _lowest_loss(arm, (best, extra), runs)
 
 
-def _ahead(arm: str, other: str, runs: dict[str, dict]) -> bool:
-    """Whether ``arm`` beats ``other`` on mean paired GSM eval loss over seeds 1-3, each at its best rate."""
+def _first_three(arm: str, other: str, runs: dict[str, dict]) -> list[float] | None:
+    """``arm`` − ``other`` GSM eval loss paired by seed over seeds 1-3, each at its best rate; None until all six
+    runs are recorded."""
     lr_a, lr_o = best_lr(arm, runs), best_lr(other, runs)
     if lr_a is None or lr_o is None:
-        return False
+        return None
     pairs = [(runs.get(run_key(arm, s, lr_a)), runs.get(run_key(other, s, lr_o))) for s in (1, 2, 3)]
-    return all(a and b for a, b in pairs) and statistics.fmean(
-        a["figures"]["gsm_eval_loss"] - b["figures"]["gsm_eval_loss"] for a, b in pairs) < 0
+    if not all(a and b for a, b in pairs):
+        return None
+    return [a["figures"]["gsm_eval_loss"] - b["figures"]["gsm_eval_loss"] for a, b in pairs]
+
+
+def _ahead(arm: str, other: str, runs: dict[str, dict]) -> bool:
+    """Whether ``arm`` beats ``other`` on mean paired GSM eval loss over seeds 1-3, each at its best rate."""
+    diffs = _first_three(arm, other, runs)
+    return diffs is not None and statistics.fmean(diffs) < 0
 
 
 def _ties(arm: str, other: str, runs: dict[str, dict]) -> bool:
     """Whether ``arm`` and ``other``'s paired 95 % interval on GSM eval loss over seeds 1-3, each at its best rate,
     includes 0 (no difference resolved)."""
-    lr_a, lr_o = best_lr(arm, runs), best_lr(other, runs)
-    if lr_a is None or lr_o is None:
+    diffs = _first_three(arm, other, runs)
+    if diffs is None:
         return False
-    pairs = [(runs.get(run_key(arm, s, lr_a)), runs.get(run_key(other, s, lr_o))) for s in (1, 2, 3)]
-    if not all(a and b for a, b in pairs):
-        return False
-    _, lo, hi = paired_ci([a["figures"]["gsm_eval_loss"] - b["figures"]["gsm_eval_loss"] for a, b in pairs])
+    _, lo, hi = paired_ci(diffs)
     return lo <= 0 <= hi
 
 
@@ -270,8 +273,8 @@ WINS_BY_TYING = ("grass-trainprobe",)
 def deciding(runs: dict[str, dict]) -> list[str]:
     """The arms that get seeds 4-5: GRASS and the uniform control (they decide `method`), each variant whose seeds
     1-3 beat GRASS on mean paired GSM eval loss (only a variant that may become the default needs five seeds; one
-    that is behind after three decides nothing, unless its rule lets a tie win: :data:`WINS_BY_TYING`), and each baseline whose seeds 1-3 beat both sampling arms that
-    train the embeddings/head (LISA, `grass-head`: the best so far): it may become the default `method`, the others
+    that is behind after three decides nothing, unless its rule lets a tie win: :data:`WINS_BY_TYING`), and each
+    baseline whose seeds 1-3 beat both sampling arms that train the embeddings/head (LISA, `grass-head`: the best so far): it may become the default `method`, the others
     have five seeds already. GRASS* is not a default candidate."""
     arms = ["grass", "grass-uniform"]
     arms += [v for v in CANDIDATES[1:]
