@@ -553,13 +553,14 @@ def estimate_arm(model_name: str, arm: str, *, batch_size: int = 4, seq_len: int
                  attn: str = "sdpa", gamma: int = 2, lisa_switches: int = 2, steady_steps: int = 2,
                  grass_train_steps: int = 1,
                  fused: bool = True, dtype: str = "bfloat16", fake: bool = True, seed: int = 0,
-                 profile: bool = False) -> dict[str, Any]:
+                 profile: bool = False, spec: dict[str, Any] | None = None) -> dict[str, Any]:
     """Runs the arm's training steps (fake tensors by default) and returns the per-step device/host replays.
 
     Steps: FFT/LoRA/DoRA ``steady_steps`` (the first creates the optimizer state); LISA ``lisa_switches + 1``
     (a fresh uniform draw at every step, so its state grows); GRASS/GRASS* one probe step then
     ``grass_train_steps`` training steps (a re-draw at each; nothing of the optimizer stays on the device, so
     later steps repeat the first one's device peak). ``fake=False`` runs the same with real tensors (CPU).
+    ``spec`` (TrainConfig fields, ``method`` among them) replaces the named arm's (the planner's grid).
     """
     _import_project()
     import warnings
@@ -575,7 +576,7 @@ def estimate_arm(model_name: str, arm: str, *, batch_size: int = 4, seq_len: int
     from grass_ft.step import StepRunner
 
     t0 = time.perf_counter()
-    spec = ARMS[arm]
+    spec = ARMS[arm] if spec is None else spec
     sampling = bool(traits(spec["method"]).sampling)
     probe = 1 if traits(spec["method"]).measures else 0
     n_steps = (lisa_switches + 1) if spec["method"] == "lisa" else \

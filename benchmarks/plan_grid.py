@@ -1,0 +1,132 @@
+#!/usr/bin/env python
+"""The planner's reference grid: the FakeTensor estimator (benchmarks/memory_estimate.py) run on the settings
+`grass-ft plan` prints, at the library's own defaults (fp32 masters, supervised-only chunked loss), so that the
+planner's analytic model (grass_ft.planner) is fitted and tested against what the code really allocates.
+
+    python benchmarks/plan_grid.py             # run every grid point not yet recorded (resumable), then summarise
+    python benchmarks/plan_grid.py --list      # the grid, one line per point, recorded or not
+    python benchmarks/plan_grid.py --only llama2-7b
+
+Records: docs/results/plan_grid.jsonl, one JSON line per grid point (the estimator's record plus ``point``, the
+grid point's name, and ``spec``, its TrainConfig fields). tests/test_planner.py holds the planner within 5% of every
+record's training peak; the test reads the records only, so it is fast.
+
+The grid (batch 4 x 1024, bf16, sdpa; the paper's setting) is subsampled, not a full product — each axis the
+planner models is varied once around the default, on each of TinyLlama-1.1B, Gemma-2B and LLaMA-2-7B:
+- method at its defaults: fft; fft with the optimizer on the host (offload); lora r8 and r128; dora r32; lisa
+  (γ = 2, three draws); grass-uniform (the layer-wise default, no probe) at γ = 1, 2, 4 and all blocks;
+- the layer-wise layout: embeddings/head frozen (the paper's), and the state kept on the device (offload=false);
+- masters off (pure-bf16 AdamW, as the paper ran its baselines): fft, lisa, grass-uniform γ = 2;
+- gradient checkpointing off: fft, lisa, grass-uniform γ = 2, lora r8.
+The draws are the estimator's worst case (distinct blocks at every draw, block 0 in the last: backward reaches the
+input). grass, grass-static and badam allocate what grass-uniform does at the same γ (their draws differ, not
+their bytes; grass's measuring probe is covered by the stock records of docs/results/memory_estimate.jsonl).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "src"))
+
+import memory_estimate as me  # noqa: E402  (after the path set-up: a plain checkout has no installed package)
+
+RECORDS = ROOT / "docs" / "results" / "plan_grid.jsonl"
+GRID_MODELS = ("llama2-7b", "tinyllama", "gemma-2b")
+BATCH, SEQ = 4, 1024
+
+
+def grid(models=GRID_MODELS) -> list[dict[str, Any]]:
+    """Grid points: ``{"point", "model", "spec", "gamma", "checkpointing"}``."""
+    points = []
+
+    def add(model, name, spec, gamma=2, ckpt=True):
+        points.append({"point": f"{model}/{name}/ckpt-{'on' if ckpt else 'off'}", "model": model, "spec": spec,
+                       "gamma": gamma, "checkpointing": ckpt})
+
+    for m in models:
+        blocks = me.MODELS[m]["num_hidden_layers"]
+        add(m, "fft", {"method": "fft"})
+        add(m, "fft-offload", {"method": "fft", "offload": True})
+        add(m, "lora-r8", {"method": "lora", "lora_r": 8})
+        add(m, "lora-r128", {"method": "lora", "lora_r": 128})
+        add(m, "dora-r32", {"method": "dora", "lora_r": 32})
+        add(m, "lisa", {"method": "lisa"})
+        for g in (1, 2, 4, blocks):
+            add(m, f"grass-uniform-g{g}", {"method": "grass-uniform"}, gamma=g)
+        add(m, "grass-uniform-paper-layout", {"method": "grass-uniform", "train_embeddings": False,
+                                              "train_head": False})
+        add(m, "grass-uniform-no-offload", {"method": "grass-uniform", "offload": False})
+        for name, spec in (("fft", {"method": "fft"}), ("lisa", {"method": "lisa"}),
+                           ("grass-uniform", {"method": "grass-uniform"})):
+            add(m, f"{name}-no-masters", {**spec, "master_weights": False})
+        for name, spec in (("fft", {"method": "fft"}), ("lisa", {"method": "lisa"}),
+                           ("grass-uniform", {"method": "grass-uniform"}), ("lora-r8", {"method": "lora", "lora_r": 8})):
+            add(m, name, spec, ckpt=False)
+    return points
+
+
+def load(path: Path = RECORDS) -> dict[str, dict]:
+    """Records by grid point, the last one winning."""
+    out: dict[str, dict] = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                out[r["point"]] = r
+    return out
+
+
+def run_point(p: dict[str, Any]) -> dict[str, Any]:
+    rec = me.estimate_arm(p["model"], p["spec"]["method"], batch_size=BATCH, seq_len=SEQ,
+                          checkpointing=p["checkpointing"], gamma=p["gamma"], spec=p["spec"])
+    rec.update(point=p["point"], spec=p["spec"])
+    rec["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                   text=True).stdout.strip()
+    return rec
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--only", default=None, help=f"comma-separated models of {', '.join(GRID_MODELS)}")
+    ap.add_argument("--list", action="store_true", help="print the grid and which points are recorded")
+    ap.add_argument("--records", default=str(RECORDS))
+    args = ap.parse_args(argv)
+    models = tuple(m.strip() for m in args.only.split(",")) if args.only else GRID_MODELS
+    bad = [m for m in models if m not in me.MODELS]
+    if bad:
+        print(f"plan_grid.py: unknown model {bad[0]!r} (known: {', '.join(GRID_MODELS)})", file=sys.stderr)
+        return 2
+    path = Path(args.records)
+    done = load(path)
+    points = grid(models)
+    if args.list:
+        for p in points:
+            r = done.get(p["point"])
+            state = f"{r['train_peak'] / 2**30:.2f} GiB" if r and r.get("status") == "ok" else "to run"
+            print(f"{p['point']:<55} {state}")
+        return 0
+    failed = 0
+    for p in points:
+        if done.get(p["point"], {}).get("status") == "ok":
+            continue
+        print(f"[plan_grid] {p['point']} ...", file=sys.stderr, flush=True)
+        rec = run_point(p)
+        failed += rec["status"] != "ok"
+        with path.open("a") as f:
+            f.write(json.dumps(rec) + "\n")
+        print(f"[plan_grid]   {rec['status']} {me._g(rec.get('train_peak'))} GiB, host "
+              f"{me._g(rec.get('host_bytes'))} GiB, {rec['wall_s']:.0f} s {rec.get('error', '')}",
+              file=sys.stderr, flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
