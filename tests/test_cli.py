@@ -25,7 +25,7 @@ def err(capsys, *argv):
     (["tau=-1"], "`tau` must be > 0, got -1.0"),
     (["alpha=0"], r"`alpha` must be in \(0, 1\], got 0.0"),
     (["alpha=1.5"], r"`alpha` must be in \(0, 1\], got 1.5"),
-    (["method=badam"], "`method` must be one of grass, grass-static, lisa, fft"),
+    (["method=badam"], "`method` must be auto or one of grass, grass-static, lisa, fft"),
     (["gamma=0"], "`gamma` must be at least 1, got 0"),
     (["lr_schedule=step"], "`lr_schedule` must be one of constant, linear, cosine, got 'step'"),
     (["data=/nonexistent/train.jsonl"], "`data` file '/nonexistent/train.jsonl' does not exist"),
@@ -57,7 +57,10 @@ def test_yaml_errors(tmp_path, capsys):
     ok.write_text("gamma: 2\ntau: 0.5\n")
     assert main(["validate", "--config", str(ok), "gamma=3"]) == 0
     cap = capsys.readouterr()
-    assert "method fft" in cap.out  # the default method, which ignores gamma and tau -- and says so
+    assert "method auto" in cap.out and "warning" not in cap.err  # the default: auto may choose a sampling method
+    assert main(["validate", "--config", str(ok), "gamma=3", "method=fft"]) == 0
+    cap = capsys.readouterr()
+    assert "method fft" in cap.out  # a method that ignores gamma and tau -- and says so
     assert ("grass-ft validate: warning: gamma=3, tau=0.5: for the layer-sampling methods only; method=fft trains "
             "every parameter and ignores them (method=grass-uniform trains gamma blocks at a time)") in cap.err
 

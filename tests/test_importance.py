@@ -207,8 +207,9 @@ def test_uniform_control_is_grass_with_uniform_draws():
 def test_count_probe_steps_decides_what_max_steps_counts():
     model = tiny_llama(layers=L)
     # the paper's probe (it updates nothing): whether its steps count toward max_steps decides the updates
-    counted = TrainConfig(method="grass", probe_steps=4, max_steps=20, probe_mode="measure")
-    extra = TrainConfig(method="grass", probe_steps=4, max_steps=20, count_probe_steps=False, probe_mode="measure")
+    counted = TrainConfig(method="grass", gamma=4, probe_steps=4, max_steps=20, probe_mode="measure")
+    extra = TrainConfig(method="grass", gamma=4, probe_steps=4, max_steps=20, count_probe_steps=False,
+                        probe_mode="measure")
     sampler = prepare(model, counted).sampler
     assert step_budget(counted, sampler) == (20, 16)
     assert step_budget(extra, sampler) == (24, 20)

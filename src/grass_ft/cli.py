@@ -20,7 +20,10 @@ from .registry import traits
 USAGE = """grass-ft COMMAND [--config FILE] [key=value ...]
 
 commands:
-  train          fine-tune (default: GRASS on SmolLM2-135M-Instruct, GSM-style data, offline)
+  plan           what fits your device and host, every method and gamma, before any weight loads:
+                 plan model=DIR_WITH_CONFIG_JSON device_memory=24GiB [batch_size=4 max_seq_len=1024 ...]
+  train          fine-tune (default: method=auto, the most capable setting that fits, on SmolLM2-135M-Instruct,
+                 GSM-style data, offline)
   eval           evaluate a model or adapter directory: model=PATH data=FILE|DIR|GENERATOR task=NAME
   validate       check a configuration and report every error at once
   prepare-model  convert the packaged SmolLM2-135M-Instruct GGUF file to a safetensors cache (once)
@@ -136,6 +139,50 @@ def cmd_validate(argv: list[str]) -> int:
     return 0
 
 
+PLAN_KEYS = {"format": "table or json", "nproc": "processes of the run (with fsdp=true: each holds 1/nproc of the "
+                                                 "weights, gradients and optimizer state)",
+             "rows": "all: every gamma in the table (default: 1, 2, 4, ..., all blocks and the largest that fits)"}
+
+
+def cmd_plan(argv: list[str]) -> int:
+    """What fits the device and the host, for every setting, and the one to run (docs/PLAN.md)."""
+    from .planner import detect_budgets
+    from .planner.table import build_plan, render
+
+    args = _parser("grass-ft plan").parse_args(argv)
+    if args.help:
+        print("usage: grass-ft plan [--config FILE] [key=value ...]\n\nthe keys of `grass-ft train` (model, batch_size, "
+              "max_seq_len, dtype, gradient_checkpointing, fsdp, device_memory, host_memory, memory_margin, ...) and:\n"
+              + "\n".join(f"  {k:<24} {v}" for k, v in PLAN_KEYS.items()))
+        return 0
+    kv = parse_overrides(args.overrides)
+    extra = {k: kv.pop(k) for k in list(kv) if k in PLAN_KEYS}
+    errors = []
+    fmt = extra.get("format", "table")
+    if fmt not in ("table", "json"):
+        errors.append(f"`format` must be table or json, got {fmt!r}")
+    nproc = extra.get("nproc", "1")
+    if not str(nproc).isdigit() or int(nproc) < 1:
+        errors.append(f"`nproc` must be an integer >= 1, got {nproc!r}")
+    if extra.get("rows", "all") != "all":
+        errors.append(f"`rows` must be all, got {extra['rows']!r}")
+    try:
+        from .methods import method_names
+
+        cfg = build_config(args.config, kv, known_methods=method_names())
+    except ConfigError as e:
+        raise ConfigError(errors + e.errors) from None
+    if errors:
+        raise ConfigError(errors)
+    budgets = detect_budgets(cfg.device_memory, cfg.host_memory)
+    plan = build_plan(cfg, budgets, world_size=int(nproc) if cfg.fsdp else 1, margin=cfg.memory_margin)
+    if fmt == "json":
+        print(json.dumps(plan.to_json(), indent=1))
+    else:
+        print(render(plan, cfg, every_gamma="rows" in extra))
+    return 0
+
+
 def cmd_eval(argv: list[str]) -> int:
     from .evaluate import run_eval
 
@@ -224,8 +271,8 @@ def cmd_plot(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "validate": cmd_validate, "prepare-model": cmd_prepare_model,
-            "compare": cmd_compare, "plot": cmd_plot}
+COMMANDS = {"train": cmd_train, "plan": cmd_plan, "eval": cmd_eval, "validate": cmd_validate,
+            "prepare-model": cmd_prepare_model, "compare": cmd_compare, "plot": cmd_plot}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -83,12 +83,11 @@ class TrainConfig:
                                "JSON/JSONL file in the LLM-Adapters schema (instruction, input, output, answer)")
     eval_data: str | None = _f(None, "held-out data (file or generator); default: a held-out split of `data`")
     task: str = _f("gsm8k", "answer rule that scores the evaluation (gsm8k = last number within 0.001)")
-    method: str = _f("fft", "fine-tuning method: fft (full fine-tuning: the lowest held-out loss at 200 updates, "
-                            "but about 3.5x grass-uniform's device memory on LLaMA-2-7B by our estimate, "
-                            "docs/DEFAULTS.md), "
-                            "grass-uniform (GRASS's offloaded layer-wise training with uniform draws, no probe: the "
-                            "best of them, for when fft does not fit), grass (the paper's importance sampling), "
-                            "grass-static, lisa, lora, dora")
+    method: str = _f("auto", "fine-tuning method: auto (the most capable setting that fits the device and the "
+                             "host, chosen at start by the planner: docs/PLAN.md), fft (full fine-tuning), "
+                             "grass-uniform (GRASS's offloaded layer-wise training with uniform draws, no probe: the "
+                             "layer-wise default), grass (the paper's importance sampling), grass-static, lisa, lora, "
+                             "dora")
     # data sources and formats (docs/DATA.md), logging sinks
     data_format: str = _f("auto", "format of `data` and `eval_data` rows: auto (from the columns), alpaca, "
                                   "prompt_completion, messages, text")
@@ -100,7 +99,8 @@ class TrainConfig:
     report_to: str = _f("none", "extra metric sinks besides metrics.jsonl: none, tensorboard, wandb (offline), "
                                 "comma-separated")
     # GRASS
-    gamma: int = _f(4, "γ: number of decoder blocks trainable at a time")
+    gamma: int | str = _f("auto", "γ: number of decoder blocks trainable at a time; auto: the largest that fits the "
+                                  "device (docs/PLAN.md)")
     tau: float = _f(1.0, "τ: softmax temperature over the normalised MGN (large = uniform, small = top-γ)")
     alpha: float = _f(0.5, "α: EMA weight of the newest MGN window at each refresh, in (0, 1]")
     probe_steps: int = _f(4, "T_p: with probe_mode=train, steps each group of γ blocks trains while its gradients "
@@ -127,6 +127,12 @@ class TrainConfig:
     gradient_checkpointing: bool = _f(False, "recompute activations in backward (non-reentrant, works with frozen "
                                              "lower blocks)")
     layers_attribute: str | None = _f(None, "dotted path of the decoder-block list (e.g. model.layers) for models not auto-detected")
+    # memory planning (grass-ft plan; method=auto, gamma=auto)
+    device_memory: str | None = _f(None, "device memory a setting may use, e.g. 24GiB or 80GB (unset: the free memory "
+                                         "of the GPU, or the available RAM on a CPU-only machine)")
+    host_memory: str | None = _f(None, "host memory for the optimizer state kept off the device, e.g. 64GiB (unset: "
+                                       "the available RAM)")
+    memory_margin: float = _f(0.1, "share of each memory budget method=auto / gamma=auto leave free, in [0, 1)")
     # LoRA / DoRA (peft); ignored by the other methods
     lora_r: int = _f(32, "LoRA/DoRA rank r (32 as in the DoRA/LLM-Adapters recipes; the GRASS paper's table uses 128)")
     lora_alpha: float | None = _f(None, "LoRA/DoRA scale numerator; the update is scaled by alpha / r (unset: 2 x lora_r)")
@@ -173,9 +179,16 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         # `lr` unset takes the method's own rate (the registry's); dataclasses.replace(cfg, method=...) keeps the
-        # rate already resolved, as it keeps every other key
-        if self.lr is None:
+        # rate already resolved, as it keeps every other key. With method=auto it stays unset until the planner
+        # has chosen the method (grass_ft.planner.resolve).
+        if self.lr is None and self.method != "auto":
             self.lr = traits(self.method).lr
+
+    @property
+    def auto(self) -> bool:
+        """``method``, or the ``gamma`` of a layer-sampling method, is still ``auto`` (resolved once, at the start of
+        a run; a method that samples no layers reads no ``gamma``)."""
+        return self.method == "auto" or (self.gamma == "auto" and bool(traits(self.method).sampling))
 
     @classmethod
     def help_lines(cls) -> list[str]:
@@ -190,6 +203,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+AUTO_KEYS = ("method", "gamma")  # keys whose value may be `auto`: chosen by the planner at the start of a run
 LR_SCHEDULES = ("constant", "linear", "cosine")
 DTYPES = ("float32", "bfloat16")  # float16 needs a loss scaler, which the native loop does not have
 DATA_FORMATS = ("auto", "alpaca", "prompt_completion", "messages", "text")  # grass_ft.formats.FORMATS + auto
@@ -277,7 +291,8 @@ def parse_overrides(args: list[str]) -> dict[str, str]:
 
 
 def build_config(config_file: str | None = None, overrides: dict[str, Any] | None = None,
-                 num_blocks: int | None = None, known_methods: typing.Sequence[str] = ()) -> TrainConfig:
+                 num_blocks: int | None = None, known_methods: typing.Sequence[str] = (),
+                 auto_method: bool = True) -> TrainConfig:
     """Merge a YAML file and ``key=value`` overrides into a validated :class:`TrainConfig`.
 
     Raises:
@@ -308,12 +323,15 @@ def build_config(config_file: str | None = None, overrides: dict[str, Any] | Non
         if key not in known:
             errors.append(unknown_key_message(str(key), known))
             continue
+        if key in AUTO_KEYS and str(value).strip().lower() == "auto":
+            values[key] = "auto"
+            continue
         try:
-            values[key] = _coerce(key, value, hints[key])
+            values[key] = _coerce(key, value, int if key == "gamma" else hints[key])
         except ValueError as e:
             errors.append(str(e))
     cfg = TrainConfig(**values)
-    errors.extend(validate(cfg, num_blocks, known_methods, skip=set(raw) - set(values)))
+    errors.extend(validate(cfg, num_blocks, known_methods, skip=set(raw) - set(values), auto_method=auto_method))
     if errors:
         raise ConfigError(errors)
     return cfg
@@ -334,7 +352,7 @@ SAMPLING_KEYS = ("gamma", "tau", "alpha", "probe_steps", "probe_mode", "importan
 def ignored_keys_warning(cfg: TrainConfig) -> str | None:
     """One line when layer-sampling keys are set away from their defaults for a method that samples no layers
     (e.g. ``gamma=8`` with the default ``fft``), which would otherwise be ignored silently; None otherwise."""
-    if traits(cfg.method).sampling:
+    if traits(cfg.method).sampling or cfg.method == "auto":  # auto may choose a layer-sampling method
         return None
     defaults = TrainConfig()
     changed = [f"{k}={getattr(cfg, k)}" for k in SAMPLING_KEYS if getattr(cfg, k) != getattr(defaults, k)]
@@ -346,7 +364,7 @@ def ignored_keys_warning(cfg: TrainConfig) -> str | None:
 
 
 def validate(cfg: TrainConfig, num_blocks: int | None = None, known_methods: typing.Sequence[str] = (),
-             skip: set[str] | None = None) -> list[str]:
+             skip: set[str] | None = None, auto_method: bool = True) -> list[str]:
     """Every range and consistency error of ``cfg``.
 
     ``num_blocks`` (once the model is known) bounds gamma; ``known_methods`` comes from the method registry,
@@ -359,9 +377,14 @@ def validate(cfg: TrainConfig, num_blocks: int | None = None, known_methods: typ
         if key not in skip and not ok:
             errs.append(f"`{key}` {msg}, got {getattr(cfg, key)!r}")
 
-    if known_methods:
-        check("method", cfg.method in known_methods, f"must be one of {', '.join(known_methods)}")
-    if num_blocks is not None:
+    if known_methods:  # auto_method: the planner may choose (grass-ft train); not where the front end fixes it
+        check("method", (auto_method and cfg.method == "auto") or cfg.method in known_methods,
+              f"must be {'auto or ' if auto_method else ''}one of {', '.join(known_methods)}")
+    if cfg.gamma == "auto":
+        pass
+    elif not isinstance(cfg.gamma, int):
+        check("gamma", False, "must be an integer or auto")
+    elif num_blocks is not None:
         check("gamma", 1 <= cfg.gamma <= num_blocks,
               f"must be between 1 and {num_blocks} (the model has {num_blocks} decoder blocks)")
     else:
@@ -385,7 +408,14 @@ def validate(cfg: TrainConfig, num_blocks: int | None = None, known_methods: typ
                                                               f"(probe steps count toward max_steps)")
     check("sample_interval", cfg.sample_interval >= 1, "must be >= 1")
     check("update_interval", cfg.update_interval >= 1, "must be >= 1")
-    check("lr", math.isfinite(cfg.lr) and cfg.lr > 0, "must be > 0")
+    check("lr", cfg.lr is None or (math.isfinite(cfg.lr) and cfg.lr > 0), "must be > 0")
+    for key in ("device_memory", "host_memory"):
+        if key not in skip and getattr(cfg, key) is not None:
+            try:
+                parse_size(key, getattr(cfg, key))
+            except ConfigError as e:
+                errs.extend(e.errors)
+    check("memory_margin", 0 <= cfg.memory_margin < 1, "must be in [0, 1)")
     check("weight_decay", cfg.weight_decay >= 0, "must be >= 0")
     check("warmup_steps", cfg.warmup_steps >= 0, "must be >= 0")
     check("lr_schedule", cfg.lr_schedule in LR_SCHEDULES, f"must be one of {', '.join(LR_SCHEDULES)}")
@@ -434,6 +464,28 @@ def validate(cfg: TrainConfig, num_blocks: int | None = None, known_methods: typ
         except ValueError as e:
             errs.append(f"`task`: {e}")
     return errs
+
+
+_SIZE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(key: str, text: str | int | float) -> int:
+    """Bytes of ``24GiB`` / ``80 GB`` / ``512MiB`` (GB = 10^9 B, GiB = 2^30 B: card vendors print the first,
+    ``nvidia-smi`` and torch the second).
+
+    Raises:
+        ConfigError: one line naming ``key``, the value and the allowed form.
+    """
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    unit = m.group(2).lower() if m else ""
+    if m is None or unit not in _SIZE_UNITS or float(m.group(1)) <= 0:
+        hint = " (add a unit)" if m is not None and not unit else ""
+        raise ConfigError([f"`{key}` must be a size such as 24GiB or 80GB (units: {', '.join(_SIZE_UNITS)}; "
+                           f"GB = 10^9 bytes, GiB = 2^30), got {text!r}{hint}"])
+    return int(float(m.group(1)) * _SIZE_UNITS[unit])
 
 
 def lora_targets(spec: str | None) -> list[str] | str:

@@ -39,7 +39,8 @@ from .step import StepRunner
 
 METHOD_KEYS = ("method", "gamma", "tau", "alpha", "probe_steps", "sample_interval", "update_interval",
                "train_embeddings", "train_head", "reset_state_on_switch", "layers_attribute", "seed",
-               "probe_mode", "importance")
+               "probe_mode", "importance", "max_seq_len", "device_memory", "host_memory", "memory_margin")
+_CALLBACK_GAMMA = 4  # the callback's gamma unless given (gamma=auto: the planner's, at on_train_begin)
 CALLBACK_METHODS = with_sampling()  # the methods that draw blocks (grass_ft.registry)
 # Run keys of the CLI that the Trainer owns: where to set them instead.
 _TRAINER_OWNS = {
@@ -79,9 +80,10 @@ def callback_config(keys: dict[str, Any]) -> TrainConfig:
             hint = f" (did you mean `{close[0]}`?)" if close else ""
             errors.append(f"unknown key `{key}`{hint}; GrassCallback keys: {', '.join(METHOD_KEYS)}")
     # the callback only samples: its default method is the best sampling arm, not `grass-ft train`'s default
-    ours = {"method": DEFAULT_SAMPLING, **{k: v for k, v in keys.items() if k in METHOD_KEYS}}
+    ours = {"method": DEFAULT_SAMPLING, "gamma": _CALLBACK_GAMMA, **{k: v for k, v in keys.items() if k in METHOD_KEYS}}
     try:
-        cfg = build_config(overrides={**ours, "max_steps": _NO_PROBE_LIMIT}, known_methods=CALLBACK_METHODS)
+        cfg = build_config(overrides={**ours, "max_steps": _NO_PROBE_LIMIT}, known_methods=CALLBACK_METHODS,
+                           auto_method=False)
     except ConfigError as e:
         errors.extend(e.errors)
     if errors:
@@ -263,10 +265,33 @@ class GrassCallback(TrainerCallback, ExportableState):
 
     # ------------------------------------------------------------------------------------------ checks
 
+    def _resolve_gamma(self, model: nn.Module, args) -> None:
+        """``gamma=auto``: the largest γ the planner expects to fit this device at the Trainer's batch size and the
+        callback's ``max_seq_len`` (its layer-wise rows: offloaded state, as the callback moves the state of blocks
+        that leave to the host), resolved once and logged."""
+        if self.config.gamma != "auto":
+            return
+        from .planner import detect_budgets
+        from .planner.resolve import choice_line
+        from .planner.table import NothingFits, build_plan, nothing_fits_message
+
+        dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+        cfg = dataclasses.replace(self.config, batch_size=args.per_device_train_batch_size, dtype=dtype,
+                                  gradient_checkpointing=bool(args.gradient_checkpointing), offload=True)
+        device = next(model.parameters()).device.type
+        budgets = detect_budgets(cfg.device_memory, cfg.host_memory, "cuda" if device == "cuda" else "cpu")
+        plan = build_plan(cfg, budgets, margin=cfg.memory_margin, config=model.config)
+        if plan.recommended is None:
+            raise NothingFits(nothing_fits_message(plan, cfg))
+        gamma = plan.recommended.setting.gamma
+        self.config = dataclasses.replace(self.config, gamma=gamma)
+        self._args["gamma"] = gamma  # a resumed Trainer restores this gamma, it does not plan again
+        print(f"GrassCallback: {choice_line({'resolved': {'gamma': gamma}, 'device_memory': f'{budgets.device / 2**30:.2f}GiB', 'host_memory': f'{budgets.host / 2**30:.2f}GiB', 'margin': cfg.memory_margin, 'predicted_device_bytes': plan.recommended.prediction.device, 'predicted_host_bytes': plan.recommended.prediction.host})}")
+
     def _checked_layout(self, model: nn.Module, max_steps: int | None = None):
         layout = block_layout(model, self.config.layers_attribute)
         cfg = dataclasses.replace(self.config, max_steps=max_steps or _NO_PROBE_LIMIT)
-        errors = validate(cfg, num_blocks=layout.num_blocks, known_methods=CALLBACK_METHODS)
+        errors = validate(cfg, num_blocks=layout.num_blocks, known_methods=CALLBACK_METHODS, auto_method=False)
         if errors:
             # the Trainer's name for the step budget
             raise ConfigError([e.replace(f"max_steps={max_steps}", f"the Trainer's max_steps={max_steps}")
@@ -274,13 +299,14 @@ class GrassCallback(TrainerCallback, ExportableState):
         return layout
 
     def on_init_end(self, args, state, control, model=None, **kwargs):
-        if model is not None:  # fail at Trainer(...) rather than at train() when gamma is too large
+        if model is not None and self.config.gamma != "auto":  # fail at Trainer(...), not at train(), on a bad gamma
             self._checked_layout(model)
 
     # ------------------------------------------------------------------------------------------- events
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         _refuse_untested(args, self._without_ddp)
+        self._resolve_gamma(model, args)
         self._checked_layout(model, state.max_steps)
         self._dist = _trainer_distributed(args)
         opt = _unwrap(optimizer)

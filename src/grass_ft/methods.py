@@ -74,6 +74,9 @@ def method_names() -> list[str]:
 
 
 def prepare(model: nn.Module, cfg: TrainConfig) -> Prepared:
+    if cfg.auto:
+        raise ValueError(f"method={cfg.method} gamma={cfg.gamma}: `auto` is resolved by the planner before a method "
+                         f"is prepared (grass_ft.planner.resolve.resolve)")
     if cfg.method not in _REGISTRY:
         raise ValueError(f"`method` must be one of {', '.join(_REGISTRY)}, got {cfg.method!r}")
     return _REGISTRY[cfg.method](model, cfg)
@@ -122,8 +125,10 @@ def make_adamw(named: list[tuple[str, nn.Parameter]], cfg: TrainConfig, layout: 
     from .offload import LayerwiseOffloadAdamW
 
     group_fn = layout.group_key if layout is not None else None
+    # reset_state_on_switch restarts a re-drawn block's moments, so the host need not keep those of undrawn blocks
+    lean = layerwise and offload and cfg.reset_state_on_switch
     return LayerwiseOffloadAdamW(named, lr=cfg.lr, weight_decay=cfg.weight_decay, group_fn=group_fn, offload=offload,
-                                 master_weights=cfg.master_weights)
+                                 master_weights=cfg.master_weights, host_lean=lean)
 
 
 def _always_names(layout: BlockLayout, embeddings: bool, head: bool) -> list[str]:

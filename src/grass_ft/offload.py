@@ -144,12 +144,17 @@ class LayerwiseOffloadAdamW(torch.optim.Optimizer):
             update that (the parameter receives it rounded). False reproduces pure low-precision AdamW, which
             loses every update smaller than half a unit in the last place of the weight.
         chunk_size: Most elements of one parameter updated at once; bounds the step's device memory.
+        host_lean: With ``offload``, a group's host records exist only while the group trains: allocated at its
+            first step, and at :meth:`release` its moments are dropped and only its fp32 masters kept (4 bytes a
+            parameter instead of 12; nothing with ``master_weights=False``). For layer-wise training that restarts
+            the moments of a re-drawn block anyway (``reset_state_on_switch``, BAdam's practice), so nothing the
+            update reads is lost.
     """
 
     def __init__(self, named_parameters: Iterable[tuple[str, Tensor]], lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2, *,
                  group_fn: Callable[[str], str] | None = None, offload: bool = True, master_weights: bool = True,
-                 chunk_size: int = DEFAULT_CHUNK_SIZE):
+                 chunk_size: int = DEFAULT_CHUNK_SIZE, host_lean: bool = False):
         errors = []
         if not 0.0 <= lr:
             errors.append(f"`lr` must be >= 0, got {lr}")
@@ -194,6 +199,8 @@ class LayerwiseOffloadAdamW(torch.optim.Optimizer):
         self._by_name: dict[str, Tensor] = {}
         self._store: dict[str, Tensor] = {}  # group key -> its records: a view of a host slab, or a device tensor
         self._slabs: list[Tensor] = []  # host memory, allocated outside step(): once here, once per later group
+        self._lean = host_lean and offload
+        self._parked: dict[str, Tensor] = {}  # host_lean: group key -> the fp32 masters of a released group
         self._steps: dict[str, int] = {}  # param name -> AdamW step count (a Python int: no tensor, no sync)
         self._master_set: set[str] = set()  # names whose master holds the weights (set at the first update)
         self._streams: dict[torch.device, tuple[torch.cuda.Stream, torch.cuda.Stream]] = {}
@@ -233,14 +240,14 @@ class LayerwiseOffloadAdamW(torch.optim.Optimizer):
         else:
             self._allocate_host([key])
 
-    def _allocate_host(self, keys: list[str]) -> None:
+    def _allocate_host(self, keys: list[str], lean_ok: bool = False) -> None:
         """One host slab for these groups' records; each group's store is a view into it. No-op without offload.
 
         Allocated with ``torch.empty``: a record is only read after it was written (moments are zeroed and the
         master filled on the device at a parameter's first step), so untouched pages cost no resident memory on
         the CPU; with CUDA the slab is page-locked in one call, at its exact size.
         """
-        if not self._offload:
+        if not self._offload or (self._lean and not lean_ok):  # host_lean: a group's records come at its first step
             return
         slab = torch.empty(sum(self._size[k] for k in keys), dtype=torch.float32)
         from torch._subclasses.fake_tensor import FakeTensor
@@ -285,6 +292,8 @@ class LayerwiseOffloadAdamW(torch.optim.Optimizer):
                 if self._chunks[name] and self._chunks[name][0].master:
                     self._master_set.add(name)
         self._peak_bytes = 0 if self._offload else self._device_store_bytes()
+        if self._lean:
+            self._claim_host({self._group_of[w.chunk.name] for work in by_device.values() for w in work})
         for device, work in by_device.items():
             if self._offload:
                 peak = self._run_offloaded(device, work)
@@ -415,6 +424,53 @@ class LayerwiseOffloadAdamW(torch.optim.Optimizer):
             self._last_h2d[device], self._last_d2h[device] = arrived[-1], written[-1]
         return ring.nbytes + sum(t.nbytes for t in temps.values())
 
+    def _claim_host(self, keys: set[str]) -> None:
+        """host_lean: host records for the groups about to step that have none, their masters put back from
+        where :meth:`release` parked them (the moments start at zero: their step counts were dropped)."""
+        new = sorted(k for k in keys if k not in self._store)
+        if not new:
+            return
+        self._allocate_lean(new)
+        for key in new:
+            parked = self._parked.pop(key, None)
+            if parked is None:
+                continue
+            names, offset = [n for n, g in self._group_of.items() if g == key], 0
+            for name in names:
+                numel = _local(self._by_name[name]).numel()
+                self._scatter(name, 2, parked[offset:offset + numel])
+                offset += numel
+
+    def _allocate_lean(self, keys: list[str]) -> None:
+        """One host tensor per group (pinned with CUDA), so that a released group's memory is returned."""
+        for key in keys:
+            self._allocate_host([key], lean_ok=True)
+
+    def release(self, keys: str | Iterable[str]) -> None:
+        """host_lean: the groups ``keys`` leave the active set: their moments and step counts are dropped, their
+        fp32 masters kept (parked, 4 bytes a parameter); the next step of a group starts its moments at zero.
+        Without host_lean, only the moments restart (as :meth:`reset_state`), nothing is freed."""
+        keys = [keys] if isinstance(keys, str) else list(keys)
+        if not self._lean:
+            self.reset_state(keys)
+            return
+        self._wait_host()
+        for key in keys:
+            if key not in self._size:
+                raise ValueError(f"release: unknown group key {key!r}")
+            store = self._store.pop(key, None)
+            names = [n for n, g in self._group_of.items() if g == key]
+            if store is None:
+                continue
+            if any(n in self._master_set for n in names):
+                parts = [store[c.offset + 2 * c.length:c.offset + 3 * c.length] for n in names
+                         for c in self._chunks[n]]
+                self._parked[key] = torch.cat(parts) if parts else torch.empty(0)
+            for n in names:
+                self._steps.pop(n, None)
+            self._slabs = [t for t in self._slabs if t.untyped_storage().data_ptr()
+                           != store.untyped_storage().data_ptr()]
+
     def _wait_host(self) -> None:
         """Blocks until no copy into or out of the host store is in flight, before the host touches it."""
         for event in [*self._last_h2d.values(), *self._last_d2h.values()]:
@@ -448,14 +504,21 @@ class LayerwiseOffloadAdamW(torch.optim.Optimizer):
         """Optimizer bytes (moments and masters): on the device now, peak on the device during the last step
         (ring slots, compute buffers, and without offload the stores), in host memory, and whether that is pinned.
         """
-        host = sum(t.nbytes for t in self._slabs)
+        host = sum(t.nbytes for t in self._slabs) + sum(t.nbytes for t in self._parked.values())
         return {"device_state_bytes": self._device_store_bytes(), "peak_device_state_bytes": self._peak_bytes,
                 "host_state_bytes": host, "host_pinned": self._pinned}
 
     def _gather(self, name: str, part: int) -> Tensor:
         """Part 0/1/2 (exp_avg, exp_avg_sq, master) of a parameter's chunk records, as one CPU tensor."""
-        store = self._store[self._group_of[name]]
+        key = self._group_of[name]
         p = _local(self._by_name[name])
+        if key not in self._store and part == 2 and key in self._parked:  # a released group's master
+            offset = 0
+            for n in (n for n, g in self._group_of.items() if g == key):
+                if n == name:
+                    return self._parked[key][offset:offset + p.numel()].clone().view(p.shape)
+                offset += _local(self._by_name[n]).numel()
+        store = self._store[key]
         out = torch.empty(p.numel(), dtype=torch.float32)
         for c in self._chunks[name]:
             out[c.start:c.start + c.length].copy_(store[c.offset + part * c.length:c.offset + (part + 1) * c.length])
@@ -527,6 +590,11 @@ class LayerwiseOffloadAdamW(torch.optim.Optimizer):
         self._wait_host()
         self._steps.clear()
         self._master_set.clear()
+        if self._lean:  # the loaded groups' records exist again; the others have none until their next step
+            self._store.clear()
+            self._slabs.clear()
+            self._parked.clear()
+            self._allocate_lean(sorted({self._group_of[n] for n in loaded_state}))
         for name, s in loaded_state.items():
             key = self._group_of[name]
             if key not in self._store:  # offload=False: the group's device store, as its first step makes it
@@ -539,3 +607,6 @@ class LayerwiseOffloadAdamW(torch.optim.Optimizer):
             if has_master and "master" in s:
                 self._scatter(name, 2, s["master"])
                 self._master_set.add(name)
+        if self._lean:  # a group saved with its masters only (released when saved) is parked again
+            idle = {self._group_of[n] for n in loaded_state} - {self._group_of[n] for n in self._steps}
+            self.release(sorted(idle))

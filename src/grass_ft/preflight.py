@@ -21,8 +21,12 @@ from .config import ConfigError, TrainConfig, ignored_keys_warning
 from .errors import UserError
 from .models import check_model_source
 
+# Keys method=auto / gamma=auto may set (grass_ft.planner.memory.Setting.overrides), and the rate that follows.
+AUTO_SETS = frozenset({"method", "gamma", "lr", "offload", "gradient_checkpointing", "train_embeddings", "train_head",
+                       "reset_state_on_switch", "master_weights", "lora_r"})
+
 # What a run writes into output_dir; a directory holding any of these (or a checkpoint) holds a run.
-RUN_FILES = ("config.yaml", "metrics.jsonl", "layers.jsonl", "summary.json", "final", "eval.json",
+RUN_FILES = ("config.yaml", "plan.json", "metrics.jsonl", "layers.jsonl", "summary.json", "final", "eval.json",
              "predictions.jsonl")
 FINISHED = ("summary.json", "final")
 
@@ -78,7 +82,10 @@ def resolve_resume(cfg: TrainConfig, world_size: int, warnings: list[str]) -> Pa
     """The checkpoint this run resumes from (None: start fresh), after checking it belongs to this run."""
     checkpoint = find_checkpoint(Path(cfg.output_dir), cfg.resume, warnings)
     if checkpoint is not None:
-        check_same_run(checkpoint, checkpoint_run(checkpoint), run_keys(cfg.to_dict(), world_size))
+        current = run_keys(cfg.to_dict(), world_size)
+        if cfg.auto:  # the keys auto sets are compared after the recorded choice is applied (grass_ft.planner.resolve)
+            current = {k: v for k, v in current.items() if k not in AUTO_SETS}
+        check_same_run(checkpoint, checkpoint_run(checkpoint), current)
     return checkpoint
 
 

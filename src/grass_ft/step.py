@@ -138,6 +138,10 @@ class StepRunner:
             if self._recorder.mode == "probe":
                 self._recorder.detach()
             new_blocks = set(self.sampler.active) - previous
+            left = previous - set(self.sampler.active)
+            if self.p.reset_state_on_switch and left and hasattr(self.p.optimizer, "release"):
+                # their moments will restart when they are drawn again: the host-lean layout frees them now
+                self.p.optimizer.release([self.p.layout.group_key(self.p.layout.blocks[b][0]) for b in sorted(left)])
             if self.p.reset_state_on_switch and new_blocks & self._ever_active:
                 self._reset_state(sorted(new_blocks & self._ever_active))
             self._ever_active |= set(self.sampler.active)

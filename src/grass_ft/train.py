@@ -12,6 +12,7 @@ continues it, and nothing in it is touched until every check that needs no model
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
 import math
@@ -37,11 +38,13 @@ from .logging_sinks import MetricSinks
 from .distributed import Distributed, init_distributed
 from .config import ConfigError, TrainConfig, save_config, validate
 from .divergence import DivergenceWatch, vocab_size
+from .errors import UserError
 from .loss import enable_supervised_loss, full_loss, loss_forward
 from .methods import Prepared, method_names, prepare, resolved_offload, step_budget
 from .models import PACKAGED_NOTE, block_layout, enable_checkpointing, load_model, load_tokenizer
 from .preflight import FINISHED, RUN_FILES, RunError, preflight, supervised_features
 from .registry import traits
+from .planner.resolve import choice_line, write_record
 from .step import StepRunner, lr_factor, optimizer_state_bytes
 
 
@@ -206,6 +209,11 @@ def out_of_memory_message(cfg: TrainConfig, error: BaseException) -> str:
     that need less memory -- first, for a method that keeps all its optimizer state on the device (the default
     `fft` among them), the offloaded layer-wise method."""
     said = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    fitting = _fitting_settings(cfg)
+    if fitting:
+        return (f"out of device memory with method={cfg.method} ({said}); the run is not finished (no final/, "
+                f"checkpoints already written are intact). Settings the planner expects to fit this device: "
+                f"{'; '.join(fitting)} (grass-ft plan lists them all)")
     lower = "lower batch_size (with grad_accum to keep the batch) or max_seq_len, or set gradient_checkpointing=true"
     if traits(cfg.method).sampling:
         offload = "" if resolved_offload(cfg) else "set offload=true, "
@@ -219,12 +227,43 @@ def out_of_memory_message(cfg: TrainConfig, error: BaseException) -> str:
             f"checkpoints already written are intact). To fit: {fix}")
 
 
+def _fitting_settings(cfg: TrainConfig, most: int = 4) -> list[str]:
+    """The best fitting setting of each family, in the planner's order of preference, for this GPU's total memory
+    (empty on a CPU, or when the planner cannot price the model)."""
+    if not torch.cuda.is_available():
+        return []
+    from dataclasses import replace
+
+    from .planner import detect_budgets
+    from .planner.sizes import format_size
+    from .planner.table import build_plan
+
+    try:
+        total = format_size(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
+        auto = replace(cfg, method="auto", gamma="auto", offload=None)
+        plan = build_plan(auto, detect_budgets(total, cfg.host_memory, "cuda"), margin=cfg.memory_margin)
+    except Exception:  # noqa: BLE001 - the advice must never hide the out-of-memory error itself
+        return []
+    out = []
+    for family in ("fft", "fft-offload", "layer-wise", "layer-wise host-lean", "paper layout", "lora"):
+        rows = [r for r in plan.rows if r.family == family and r.fits and not r.lisa_long_run]
+        if rows:
+            best = max(rows, key=lambda r: (r.setting.gamma or 0, r.setting.lora_r or 0))
+            out.append(" ".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}"
+                                for k, v in best.setting.overrides().items()))
+    return out[:most]
+
+
 def _run_train(cfg: TrainConfig, progress: bool, dist: Distributed, held: ExitStack) -> dict[str, Any]:
     """The recipe: every check that needs no weights, then the output directory, the model, the method, a resume,
     the loop, and the finished run's files. Each step is a helper below; only the loop carries state."""
     _check_fsdp(cfg, dist)
     inputs = _check_and_tokenize(cfg, dist)
+    cfg, choice = _resolve_auto(cfg, dist)  # after the checks that need no weights: bad input fails first
     out = _claim_output_dir(cfg, dist, held, resuming=inputs.checkpoint is not None)
+    if choice is not None and dist.is_main:
+        tqdm.write(f"grass-ft: {choice_line(choice)}", file=sys.stderr)
+        write_record(out, choice)
     model, device = _load_model(cfg, dist)
     # batch_size is per process: each step takes batch_size x world_size examples, each rank its share
     stream = data_mod.BatchStream(inputs.features, cfg.batch_size * dist.world_size, inputs.tokenizer.pad_token_id,
@@ -242,8 +281,29 @@ def _run_train(cfg: TrainConfig, progress: bool, dist: Distributed, held: ExitSt
     if inputs.checkpoint is not None:
         totals, before = _resume(cfg, inputs.checkpoint, run, stream, out, dist.is_main)
     loop = _train_loop(cfg, dist, out, run, stream, inputs.tokenizer, totals, before, device, progress,
-                       appending=inputs.checkpoint is not None)
-    return _finish(cfg, dist, out, run, inputs, before, totals, loop, device)
+                       appending=inputs.checkpoint is not None, choice=choice)
+    return _finish(cfg, dist, out, run, inputs, before, totals, loop, device, choice)
+
+
+def _resolve_auto(cfg: TrainConfig, dist: Distributed) -> tuple[TrainConfig, dict[str, Any] | None]:
+    """``method=auto`` / ``gamma=auto`` chosen by the planner on rank 0's device (every rank takes rank 0's
+    choice, or its one-line refusal), logged as one line; a resumed run keeps the choice it recorded."""
+    if not cfg.auto:
+        return cfg, None
+    from .planner.resolve import resolve
+
+    verdict: tuple[str, Any] = ("ok", None)
+    if dist.is_main:
+        try:
+            resolved, record = resolve(cfg, dist.device().type, dist.world_size)
+            verdict = ("ok", (dataclasses.asdict(resolved), record))
+        except UserError as e:
+            verdict = ("error", str(e))
+    kind, value = dist.from_main(verdict)
+    if kind == "error":
+        raise RunError(value)
+    resolved, record = value
+    return TrainConfig(**resolved), record
 
 
 def _check_fsdp(cfg: TrainConfig, dist: Distributed) -> None:
@@ -410,7 +470,8 @@ class _LoopResult:
 
 
 def _train_loop(cfg: TrainConfig, dist: Distributed, out: Path, run: _Method, stream, tokenizer, totals: _Totals,
-                before: dict[str, Any], device: torch.device, progress: bool, appending: bool) -> _LoopResult:
+                before: dict[str, Any], device: torch.device, progress: bool, appending: bool,
+                choice: dict[str, Any] | None = None) -> _LoopResult:
     """The steps from ``totals.step`` to the budget: train, log, checkpoint. ``totals`` is updated in place; a
     diverged run stops after its last step is logged."""
     main, model = dist.is_main, run.model
@@ -451,6 +512,8 @@ def _train_loop(cfg: TrainConfig, dist: Distributed, out: Path, run: _Method, st
             totals.bookkeeping_time += res.bookkeeping_s
             totals.losses.append(res.loss)
             tps = res.tokens / res.seconds if res.seconds > 0 else 0.0
+            if choice is not None and main and step == totals.step - 1 and "measured_peak_bytes" not in choice:
+                _log_peak_against_plan(choice, device)
             record = None
             if step % cfg.logging_steps == 0 or step == n_steps - 1:
                 record = _step_record(step, res, run, dist, device, param_bytes, tps)
@@ -472,6 +535,16 @@ def _train_loop(cfg: TrainConfig, dist: Distributed, out: Path, run: _Method, st
     train_peak = peak_memory_bytes(device)  # before saving and the "after" evaluation (generation)
     run.watch.check_end()
     return _LoopResult(wall_s, train_peak, probe_peak, n_trainable, n_step_trainable)
+
+
+def _log_peak_against_plan(choice: dict[str, Any], device: torch.device) -> None:
+    """After the first step of this process: the real peak beside the planner's prediction (summary.json keeps
+    both)."""
+    from .planner.resolve import peak_line
+
+    choice["measured_peak_bytes"] = peak_memory_bytes(device)
+    line, off = peak_line(choice, choice["measured_peak_bytes"], device.type)
+    (warn if off else lambda m: tqdm.write(f"grass-ft: {m}", file=sys.stderr))(line)
 
 
 def _step_record(step: int, res, run: _Method, dist: Distributed, device: torch.device, param_bytes: int,
@@ -522,7 +595,8 @@ def _gathered_model(cfg: TrainConfig, dist: Distributed, model, device: torch.de
 
 
 def _finish(cfg: TrainConfig, dist: Distributed, out: Path, run: _Method, inputs: _Inputs, before: dict[str, Any],
-            totals: _Totals, loop: _LoopResult, device: torch.device) -> dict[str, Any]:
+            totals: _Totals, loop: _LoopResult, device: torch.device,
+            choice: dict[str, Any] | None = None) -> dict[str, Any]:
     """Save the trained model, evaluate it, merge a LoRA adapter if asked, and write summary.json last (rank 0;
     the other ranks wait at the final barrier)."""
     model = _gathered_model(cfg, dist, run.model, device)
@@ -542,6 +616,8 @@ def _finish(cfg: TrainConfig, dist: Distributed, out: Path, run: _Method, inputs
 
         merged = save_merged(model, inputs.tokenizer, final)  # in place, after the last use of the adapter model
     summary = _summary(cfg, dist, run, inputs, before, after, totals, loop, final, merged)
+    if choice is not None:
+        summary["auto"] = {k: v for k, v in choice.items() if k != "predicted_parts_bytes"}
     write_json_atomic(out / "summary.json", summary)
     dist.barrier()
     return summary
