@@ -281,3 +281,17 @@ def test_nothing_fits_is_one_line_naming_the_smallest(tiny_model_dir, tiny_data,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no setting of model" in err[0] and "the smallest" in err[0] and "needs" in err[0]
     assert not (out / "final").exists() and not (out / "summary.json").exists()
+
+
+def test_grass_callback_resolves_gamma_auto_at_train_begin(tmp_path):
+    from test_hf import L, run
+
+    from grass_ft import GrassCallback
+
+    assert GrassCallback().config.gamma == 4  # the callback's own default, unless asked for auto
+    roomy = GrassCallback(gamma="auto", max_seq_len=64, device_memory="1GiB", host_memory="8GiB")
+    run(tmp_path / "roomy", roomy, max_steps=2)
+    assert roomy.config.gamma == L and roomy.runner.sampler.gamma == L  # every block fits
+    tight = GrassCallback(gamma="auto", max_seq_len=64, device_memory="1KiB", host_memory="8GiB")
+    with pytest.raises(Exception, match="no setting of model"):
+        run(tmp_path / "tight", tight, max_steps=2)

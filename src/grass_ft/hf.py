@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
+from transformers.utils import logging as hf_logging
 from transformers.trainer_callback import ExportableState
 
 from .config import ConfigError, TrainConfig, build_config, validate
@@ -40,6 +41,7 @@ from .step import StepRunner
 METHOD_KEYS = ("method", "gamma", "tau", "alpha", "probe_steps", "sample_interval", "update_interval",
                "train_embeddings", "train_head", "reset_state_on_switch", "layers_attribute", "seed",
                "probe_mode", "importance", "max_seq_len", "device_memory", "host_memory", "memory_margin")
+logger = hf_logging.get_logger("grass_ft")
 _CALLBACK_GAMMA = 4  # the callback's gamma unless given (gamma=auto: the planner's, at on_train_begin)
 CALLBACK_METHODS = with_sampling()  # the methods that draw blocks (grass_ft.registry)
 # Run keys of the CLI that the Trainer owns: where to set them instead.
@@ -271,22 +273,26 @@ class GrassCallback(TrainerCallback, ExportableState):
         that leave to the host), resolved once and logged."""
         if self.config.gamma != "auto":
             return
-        from .planner import detect_budgets
+        from .planner import detect_budgets, format_size
         from .planner.resolve import choice_line
         from .planner.table import NothingFits, build_plan, nothing_fits_message
 
         dtype = str(next(model.parameters()).dtype).replace("torch.", "")
-        cfg = dataclasses.replace(self.config, batch_size=args.per_device_train_batch_size, dtype=dtype,
+        name = getattr(model.config, "_name_or_path", "") or type(model).__name__
+        cfg = dataclasses.replace(self.config, model=name, batch_size=args.per_device_train_batch_size, dtype=dtype,
                                   gradient_checkpointing=bool(args.gradient_checkpointing), offload=True)
         device = next(model.parameters()).device.type
         budgets = detect_budgets(cfg.device_memory, cfg.host_memory, "cuda" if device == "cuda" else "cpu")
         plan = build_plan(cfg, budgets, margin=cfg.memory_margin, config=model.config)
         if plan.recommended is None:
             raise NothingFits(nothing_fits_message(plan, cfg))
-        gamma = plan.recommended.setting.gamma
-        self.config = dataclasses.replace(self.config, gamma=gamma)
-        self._args["gamma"] = gamma  # a resumed Trainer restores this gamma, it does not plan again
-        print(f"GrassCallback: {choice_line({'resolved': {'gamma': gamma}, 'device_memory': f'{budgets.device / 2**30:.2f}GiB', 'host_memory': f'{budgets.host / 2**30:.2f}GiB', 'margin': cfg.memory_margin, 'predicted_device_bytes': plan.recommended.prediction.device, 'predicted_host_bytes': plan.recommended.prediction.host})}")
+        row = plan.recommended
+        self.config = dataclasses.replace(self.config, gamma=row.setting.gamma)
+        self._args["gamma"] = row.setting.gamma  # a resumed Trainer restores this gamma, it does not plan again
+        record = {"resolved": {"gamma": row.setting.gamma}, "device_memory": format_size(budgets.device),
+                  "host_memory": format_size(budgets.host), "margin": cfg.memory_margin,
+                  "predicted_device_bytes": row.prediction.device, "predicted_host_bytes": row.prediction.host}
+        logger.warning("GrassCallback: %s", choice_line(record))
 
     def _checked_layout(self, model: nn.Module, max_steps: int | None = None):
         layout = block_layout(model, self.config.layers_attribute)
