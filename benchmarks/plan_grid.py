@@ -137,13 +137,14 @@ def report(path: Path = ROOT / "docs" / "results" / "plan_grid.md") -> None:
             if r.get("status") == "ok" and r["model"] in me.PAPER_MODELS]
     recs += [(r, r["spec"]) for r in load().values() if r.get("status") == "ok"]
     rows = compare(recs)
-    worst = max(abs(r["planned"] / r["estimate"] - 1) for r in rows)
+    worst = max(abs(r["planned"] / r["estimate"] - 1) for r in rows if "dora" not in r["point"])
+    worst_dora = max((abs(r["planned"] / r["estimate"] - 1) for r in rows if "dora" in r["point"]), default=0.0)
     lines = ["# The planner against the FakeTensor estimator", "",
              f"_{len(rows)} records (docs/results/plan_grid.jsonl: the library's defaults; "
              "docs/results/memory_estimate.jsonl: the paper's stock baselines), batch 4 x 1024, bf16; every figure "
              "an ESTIMATE, no GPU. Rendered by `python benchmarks/plan_grid.py --report`._", "",
-             f"Largest deviation: {worst:.1%}. tests/test_planner.py holds every record within 5% (DoRA: 10%, "
-             "docs/PLAN.md says why) and the host figures exactly.", "",
+             f"Largest deviation: {worst:.1%} (DoRA: {worst_dora:.1%}). tests/test_planner.py holds every record "
+             "within 5% (DoRA: 20%, docs/PLAN.md says why) and the host figures exactly.", "",
              "| record | estimator GiB | planner GiB | planner / estimator | host GiB (both) |", "|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["model"], r["point"])):
         host = f"{r['host'] / 2**30:.2f}" if r["host"] == r["planned_host"] else \
