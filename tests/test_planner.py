@@ -295,3 +295,14 @@ def test_grass_callback_resolves_gamma_auto_at_train_begin(tmp_path):
     tight = GrassCallback(gamma="auto", max_seq_len=64, device_memory="1KiB", host_memory="8GiB")
     with pytest.raises(Exception, match="no setting of model"):
         run(tmp_path / "tight", tight, max_steps=2)
+
+
+@pytest.mark.parametrize("method", ["grass-uniform", "fft"])
+def test_exact_true_runs_the_whole_model_and_agrees_with_the_plan(tiny_model_dir, capsys, method):
+    """exact=true: grass-ft's own training step on the whole (tiny) model on fake tensors, beside the plan's figure
+    for the same row (the analytic model is within 5% of such runs on the paper's models)."""
+    out = _plan_json(capsys, f"model={tiny_model_dir}", f"method={method}", "gamma=auto", "device_memory=1GiB",
+                     "host_memory=8GiB", "batch_size=4", "max_seq_len=64", "exact=true")
+    exact = out["exact"]
+    assert exact["device_gib"] > 0
+    assert abs(exact["device_gib"] / exact["planned_device_gib"] - 1) <= 0.05

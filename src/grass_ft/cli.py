@@ -141,7 +141,10 @@ def cmd_validate(argv: list[str]) -> int:
 
 PLAN_KEYS = {"format": "table or json", "nproc": "processes of the run (with fsdp=true: each holds 1/nproc of the "
                                                  "weights, gradients and optimizer state)",
-             "rows": "all: every gamma in the table (default: 1, 2, 4, ..., all blocks and the largest that fits)"}
+             "rows": "all: every gamma in the table (default: 1, 2, 4, ..., all blocks and the largest that fits)",
+             "exact": "true: also run grass-ft's training step on the whole model on fake tensors for the recommended "
+                      "setting (or the method/gamma given) and print its peak beside the plan's (about a minute for "
+                      "7B)"}
 
 
 def cmd_plan(argv: list[str]) -> int:
@@ -166,6 +169,9 @@ def cmd_plan(argv: list[str]) -> int:
         errors.append(f"`nproc` must be an integer >= 1, got {nproc!r}")
     if extra.get("rows", "all") != "all":
         errors.append(f"`rows` must be all, got {extra['rows']!r}")
+    exact = str(extra.get("exact", "false")).lower()
+    if exact not in ("true", "false"):
+        errors.append(f"`exact` must be true or false, got {extra['exact']!r}")
     try:
         from .methods import method_names
 
@@ -176,11 +182,30 @@ def cmd_plan(argv: list[str]) -> int:
         raise ConfigError(errors)
     budgets = detect_budgets(cfg.device_memory, cfg.host_memory)
     plan = build_plan(cfg, budgets, world_size=int(nproc) if cfg.fsdp else 1, margin=cfg.memory_margin)
+    checked = _exact(plan, cfg) if exact == "true" else None
     if fmt == "json":
-        print(json.dumps(plan.to_json(), indent=1))
+        print(json.dumps({**plan.to_json(), **({"exact": checked} if checked else {})}, indent=1))
     else:
         print(render(plan, cfg, every_gamma="rows" in extra))
+        if checked:
+            print(f"exact: {checked['label']}: {checked['device_gib']:.2f} GiB on the device (the plan: "
+                  f"{checked['planned_device_gib']:.2f}), {checked['host_gib']:.2f} GiB on the host, from the whole "
+                  f"model's training step on fake tensors")
     return 0
+
+
+def _exact(plan, cfg: TrainConfig) -> dict | None:
+    """The whole-model fake run of the recommended row (or of the method/gamma given when nothing fits)."""
+    from .planner.exact import exact_peak
+    from .planner.shape import load_model_config
+
+    row = plan.recommended or next((r for r in plan.rows if r.setting.method == cfg.method and
+                                    r.setting.gamma in (cfg.gamma, None)), None)
+    if row is None:
+        return None
+    got = exact_peak(load_model_config(cfg.model), cfg, row.setting)
+    return {"label": row.setting.label, "device_gib": got["device"] / 2**30, "host_gib": got["host"] / 2**30,
+            "planned_device_gib": row.prediction.device / 2**30}
 
 
 def cmd_eval(argv: list[str]) -> int:
