@@ -72,6 +72,9 @@ def arm_import(smoke: bool, limit: float, work: Path) -> dict:
     import grass_ft
 
     fig["grass_ft"] = str(Path(grass_ft.__file__).resolve().parent)
+    from gpu_memory import _git_rev  # beside this script
+
+    fig["commit"] = _git_rev()
     for pkg in ("transformers", "peft"):
         try:
             fig[pkg] = __import__(pkg).__version__
@@ -82,7 +85,7 @@ def arm_import(smoke: bool, limit: float, work: Path) -> dict:
     if not smoke and not fig["cuda_available"]:
         return {"status": "fail", "note": "no CUDA device is available (run with --smoke on a CPU)", **fig}
     where = f"{fig['device']} ({fig['device_gib']} GiB)" if fig["cuda_available"] else "no CUDA device (smoke)"
-    return {"status": "ok", "note": f"torch {fig['torch']}, {where}", **fig}
+    return {"status": "ok", "note": f"commit {fig['commit']}, torch {fig['torch']}, {where}", **fig}
 
 
 class _Outcomes:
@@ -312,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     summary = {"check": "gpu_check", "mode": "smoke (CPU)" if args.smoke else "CUDA",
                "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-               "commit": _commit(), "deadline_s": deadline, "arms": []}
+               "commit": None, "deadline_s": deadline, "arms": []}  # the commit: from the import arm
     lines: list[str] = []
 
     def say(line: str) -> None:
@@ -320,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(line)
         (out / "gpu_check.txt").write_text("\n".join(lines) + "\n")
 
-    say(f"[gpu_check] {summary['mode']}, commit {summary['commit']}, {summary['date']}, deadline {deadline:.0f} s")
+    say(f"[gpu_check] {summary['mode']}, {summary['date']}, deadline {deadline:.0f} s")
     import_failed = False
     for name, bound in ARMS:
         bound = bounds.get(name, bound)
@@ -335,6 +338,7 @@ def main(argv: list[str] | None = None) -> int:
             status, note, fig, rc = _run_arm(name, limit, args.smoke, work)
         seconds = time.monotonic() - started
         import_failed = import_failed or (name == "import" and status == "fail")
+        summary["commit"] = summary["commit"] or fig.get("commit")
         summary["arms"].append({"arm": name, "status": status, "seconds": round(seconds, 1), "bound_s": bound,
                                 "limit_s": round(max(limit, 0), 1), "exit": rc, "note": note, **fig})
         say(f"[gpu_check] {name}: {status} ({seconds:.0f} s of {max(limit, 0):.0f} s)" + (f": {note}" if note else ""))
@@ -350,17 +354,6 @@ def main(argv: list[str] | None = None) -> int:
     if import_failed and not args.smoke and not summary["arms"][0].get("cuda_available", True):
         return 2
     return 1 if counts["fail"] else 0
-
-
-def _commit() -> str:
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                             timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return (rev + ("+dirty" if dirty else "")) if rev else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 if __name__ == "__main__":

@@ -393,7 +393,8 @@ def test_gpu_check_bounds_each_arm_on_its_own(tmp_path):
     for arm, line in zip(ARMS_AFTER_IMPORT, lines[2:-1], strict=True):
         assert line.startswith(f"[gpu_check] {arm}: fail (") and line.endswith("timed out after 2 s"), line
     assert lines[-1].startswith("[gpu_check] summary: 1 ok, 0 skip, 6 fail in ")
-    assert all(a["limit_s"] == 2 and a["seconds"] < 10 for a in summary["arms"][1:])
+    # killed at the bound: 2 s, then at most the 5 s SIGTERM grace before SIGKILL, plus a loaded machine's start-up
+    assert all(a["limit_s"] == 2 and a["seconds"] < 20 for a in summary["arms"][1:])
 
 
 def test_gpu_check_skips_what_follows_a_failed_import_and_keeps_the_deadline(tmp_path):
@@ -470,13 +471,13 @@ def test_cuda_fused_adamw_resume_then_step(tiny_model_dir, tiny_data, tmp_path):
 @pytest.mark.gpu
 @needs_cuda
 def test_cuda_pinning_fallback_leaves_no_stale_error(monkeypatch):
-    """Defect 3: a real failed cudaHostRegister (invalid flags) leaves a real error; the fallback clears it, so the
+    """Defect 3: a real failed cudaHostRegister (a null pointer) leaves a real error; the fallback clears it, so the
     next kernel launch does not report it, and the optimizer steps from torch's pinned memory."""
     real = torch.cuda.cudart()
 
     class Failing:
         def cudaHostRegister(self, ptr, size, flags):  # noqa: N802 - the CUDA name
-            return real.cudaHostRegister(ptr, size, 0xFF)  # cudaErrorInvalidValue, left as the last error
+            return real.cudaHostRegister(0, size, 0)  # a null pointer: cudaErrorInvalidValue, left as the last error
 
         def __getattr__(self, name):
             return getattr(real, name)
@@ -525,7 +526,7 @@ def test_cuda_fsdp_checkpoint_copies_no_optimizer_state_to_the_gpu(one_gpu_group
     base = torch.cuda.memory_allocated()
     path = ckpt.save_sharded_checkpoint(tmp_path, 1, model, opt, sched, {}, {}, 0, is_main=True)
     ckpt.load_sharded_checkpoint(path, model, opt, sched)
-    torch.cuda.synchronize()
+    torch.cuda.synchronize()  # every copy of the save and the load is done before the peak is read
     grown = torch.cuda.max_memory_allocated() - base
     # Before the fix every state tensor was on the device at once inside dcp.save: grown >= state_bytes, 12 B per
     # parameter (moments and fp32 master). Now at most the weights (2 B per parameter, bf16) may be staged there.

@@ -153,7 +153,9 @@ def optimizer_state_to_dtensors(state: dict, params: dict[str, nn.Parameter]) ->
     out = {}
     for name, entry in state.items():
         p = params[name]
-        mesh = meshes.setdefault(id(p.device_mesh), host_mesh(p.device_mesh))
+        if id(p.device_mesh) not in meshes:  # one host mesh per parameter mesh (FSDP2: one for all)
+            meshes[id(p.device_mesh)] = host_mesh(p.device_mesh)
+        mesh = meshes[id(p.device_mesh)]
         out[name] = {k: (DTensor.from_local(v, mesh, p.placements, shape=p.shape, stride=p.stride(),
                                             run_check=False) if v.dim() > 0 else v)
                      for k, v in entry.items()}
