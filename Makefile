@@ -52,7 +52,8 @@ cpu-speed: setup
 memory-estimate: setup
 	$(BIN)/python benchmarks/memory_estimate.py $(FORCE)
 
-# On a machine with one CUDA GPU: pytest -m gpu and the GPU memory benchmark, under 8 minutes (outputs in $$OUT).
+# On a machine with one CUDA GPU: the gpu-marked tests, fused AdamW resume, pure bf16, the pinning fallback, measured
+# memory against the estimate, one 7B step; one line per arm, at most 6 minutes (outputs in $$OUT; docs/gpu_memory.md).
 gpu-check: setup
 	PYTHON=$(BIN)/python bash benchmarks/gpu_check.sh
 

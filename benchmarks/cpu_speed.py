@@ -26,6 +26,10 @@ from pathlib import Path
 
 import torch
 
+try:
+    import grass_ft  # noqa: F401
+except ImportError:  # a plain checkout, without `pip install -e .`: this tree's package
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 from grass_ft.config import PAPER_PROBE, TrainConfig
 from grass_ft.methods import prepare
 from grass_ft.models import PACKAGED_NOTE, load_model_and_tokenizer

@@ -45,6 +45,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+try:
+    import grass_ft  # noqa: F401
+except ImportError:  # a plain checkout, without `pip install -e .`: this tree's package
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 from grass_ft.config import PAPER_LAYOUT, PAPER_PROBE
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -17,10 +17,16 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
+try:
+    import grass_ft  # noqa: F401
+except ImportError:  # a plain checkout, without `pip install -e .`: this tree's package
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 from grass_ft.models import block_layout, load_model_and_tokenizer
 from grass_ft.offload import LayerwiseOffloadAdamW
 

@@ -99,18 +99,38 @@ def test_without_cuda_exits_with_a_message():
     assert "no CUDA device" in proc.stderr and "--smoke" in proc.stderr
 
 
+ARMS_OF_THE_CHECK = ["import", "gpu_tests", "fused_adamw_resume", "pure_bf16", "pinning_fallback", "memory_tinyllama",
+                     "step_7b"]
+
+
 def test_gpu_check_smoke(tmp_path):
-    """benchmarks/gpu_check.sh --smoke: the one-GPU check's sequence on a CPU (GPU tests collected, the benchmark in
-    its tiny smoke mode), outputs under $OUT, a report with each part's exit code."""
+    """benchmarks/gpu_check.sh --smoke: every arm of the one-GPU check in its CPU form (the GPU tests collected and
+    skipped, the memory arms on the tiny model), one line each and a summary line; every figure in
+    $OUT/summary.json, beside only the printed lines and the logs' archive."""
     script = SCRIPT.parent / "gpu_check.sh"
-    env = {k: v for k, v in os.environ.items() if k != "GPU_MEMORY_FAKE_OOM"}
-    env.update({"OMP_NUM_THREADS": "1", "OUT": str(tmp_path / "out"), "PYTHON": sys.executable})
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k not in ("GPU_MEMORY_FAKE_OOM", "GPU_CHECK_BOUNDS",
+                                                            "GPU_CHECK_DEADLINE")}
+    env.update({"OMP_NUM_THREADS": "1", "OUT": str(out), "PYTHON": sys.executable})
     proc = subprocess.run(["bash", str(script), "--smoke"], capture_output=True, text=True, env=env, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = (tmp_path / "out" / "gpu_check.md").read_text()
-    assert "- pytest_gpu: exit 0" in report and "- gpu_memory_smoke: exit 0" in report
-    assert "all parts passed" in report
-    rows = _rows((tmp_path / "out" / "gpu_memory_smoke.md").read_text())
-    assert list(rows) == ["fft", "lisa", "grass"] and all(r[2] == "ok" for r in rows.values())
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    status = {ln.split(":")[0].removeprefix("[gpu_check] "): ln.split(": ")[1].split()[0] for ln in lines[1:-1]}
+    assert list(status) == ARMS_OF_THE_CHECK
+    assert status == {"import": "ok", "gpu_tests": "skip", "fused_adamw_resume": "skip", "pure_bf16": "skip",
+                      "pinning_fallback": "skip", "memory_tinyllama": "ok", "step_7b": "ok"}
+    assert lines[-1].startswith("[gpu_check] summary: 3 ok, 4 skip, 0 fail in ")
+    assert sorted(p.name for p in out.iterdir()) == ["gpu_check.txt", "logs.tar.gz", "summary.json"]
+    assert (out / "gpu_check.txt").read_text().splitlines() == lines
+    summary = json.loads((out / "summary.json").read_text())
+    arms = {a["arm"]: a for a in summary["arms"]}
+    assert summary["total_s"] <= summary["deadline_s"] == 360 and all(a["seconds"] <= a["limit_s"] + 1
+                                                                     for a in arms.values())
+    assert arms["import"]["grass_ft"] == str(SCRIPT.parent.parent / "src" / "grass_ft")
+    assert arms["gpu_tests"]["skipped"] >= 10 and arms["fused_adamw_resume"]["skipped"] == 2  # collected, skipped
+    rows = {r["method"]: r for r in arms["memory_tinyllama"]["rows"]}
+    assert list(rows) == ["fft", "lisa", "grass"] and all(r["status"] == "ok" and r["peak_gib"] > 0
+                                                          for r in rows.values())
+    assert arms["step_7b"]["need_host_gib"] > 70 and arms["step_7b"]["rows"][0]["method"] == "grass"
     bad = subprocess.run(["bash", str(script), "--bogus"], capture_output=True, text=True, env=env, timeout=60)
-    assert bad.returncode == 2 and "unknown argument" in bad.stderr
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "--bogus" in bad.stderr

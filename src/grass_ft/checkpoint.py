@@ -118,9 +118,29 @@ def load_optimizer_state_by_name(optimizer: torch.optim.Optimizer, model: torch.
     for group, sg in zip(optimizer.param_groups, saved["param_groups"]):
         group.update({k: v for k, v in sg.items() if k != "param_names"})
     optimizer.state.clear()
+    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
     for name, s in saved["state"].items():
         p = params[name]
-        optimizer.state[p] = {k: (v.to(p.device) if torch.is_tensor(v) and v.dim() > 0 else v) for k, v in s.items()}
+        optimizer.state[p] = {k: place_state(k, v, p, group_of[id(p)]) for k, v in s.items()}
+
+
+def place_state(key: str, value: Any, param: torch.Tensor, group: dict[str, Any]) -> Any:
+    """A loaded torch-optimizer state value, on the device and in the dtype the optimizer kind expects
+    (``torch.optim.Optimizer.load_state_dict``'s own policy; our loader bypasses it to key state by name).
+
+    ``step`` stays a CPU scalar for the per-tensor and foreach AdamW, but fused and capturable AdamW keep it on
+    the parameter's device in fp32 and refuse a CPU one beside CUDA parameters; every other tensor goes to the
+    parameter's device, in its dtype when it is floating point.
+    """
+    if not torch.is_tensor(value):
+        return value
+    if key == "step":
+        if group.get("fused") or group.get("capturable"):
+            return value.to(device=param.device, dtype=torch.float32)
+        return value
+    if param.is_floating_point():
+        return value.to(device=param.device, dtype=param.dtype)
+    return value.to(device=param.device)
 
 
 # ----------------------------------------------------------------------------------------------- save / find
@@ -253,16 +273,59 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> tuple[dict[str, 
 
 
 def rng_state() -> dict[str, Any]:
+    """This process's random state: torch's CPU generator and, once CUDA is in use, its current device's (only
+    that one: another process, or another GPU count on resume, owns the others)."""
     state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def gather_rng_states() -> dict[str, Any]:
+    """Every rank's :func:`rng_state`, in rank order, for a checkpoint. Under torch.distributed it is a
+    collective: every rank calls it, though rank 0 alone may write the checkpoint."""
+    import torch.distributed as dist
+
+    mine = rng_state()
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return {"per_rank": [mine]}
+    states: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(states, mine)
+    return {"per_rank": states}
+
+
+def set_rng_state(state: dict[str, Any], rank: int | None = None, world_size: int | None = None) -> str | None:
+    """Restore this rank's random state from :func:`gather_rng_states`'s record (or an older checkpoint's
+    ``{"torch", "cuda": [every GPU's]}``, read as rank 0's). ``rank``/``world_size`` default to torch.distributed's.
+
+    Returns a warning for the caller to show when the checkpoint was written by another number of processes:
+    rank r then takes saved rank r mod N's state, so random draws and the data order differ from an
+    uninterrupted run.
+    """
+    import torch.distributed as dist
+
+    if rank is None or world_size is None:
+        on = dist.is_available() and dist.is_initialized()
+        rank, world_size = (dist.get_rank(), dist.get_world_size()) if on else (0, 1)
+    if "per_rank" in state:
+        saved = state["per_rank"]
+    else:  # written before per-rank states: rank 0's, with the CUDA state of every GPU it saw
+        cuda = state.get("cuda")
+        saved = [{"torch": state["torch"], **({"cuda": cuda} if cuda is not None else {})}]
+    mine = saved[rank % len(saved)]
+    torch.set_rng_state(mine["torch"])
+    cuda = mine.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        if isinstance(cuda, (list, tuple)):  # the old record: every GPU's, though this run may see fewer
+            index = torch.cuda.current_device()
+            cuda = cuda[index] if index < len(cuda) else None
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda)
+    if len(saved) != world_size:
+        return (f"the checkpoint holds the random state of {len(saved)} process(es) and this run has {world_size}: "
+                f"each rank resumes from saved rank (its rank mod {len(saved)}), so random draws and the data order "
+                f"differ from an uninterrupted run")
+    return None
 
 
 def truncate_jsonl(path: Path, before_step: int) -> None:

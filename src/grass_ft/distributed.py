@@ -18,6 +18,7 @@ failure mode. Low-precision gradients are summed in fp32 (see :func:`reduce_dtyp
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -171,6 +172,23 @@ def _buckets(grads: list[torch.Tensor]) -> list[list[torch.Tensor]]:
     return out
 
 
+def gpu_per_process(world: int) -> bool:
+    """Whether every process on this machine has a GPU of its own (nccl needs one each). With fewer GPUs than
+    processes (``LOCAL_WORLD_SIZE``, as torchrun sets it), every process trains on the CPU over gloo instead, and
+    local rank 0 says so in one line (issue 29: torchrun's 2 processes on a 1-GPU machine)."""
+    if not torch.cuda.is_available():
+        return False
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    gpus = torch.cuda.device_count()
+    if gpus >= local_world:
+        return True
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        print(f"grass-ft: warning: {local_world} processes on this machine but {gpus} CUDA device(s): every "
+              f"process trains on the CPU (gloo); start at most {gpus} per machine to train on the GPUs",
+              file=sys.stderr, flush=True)
+    return False
+
+
 def init_distributed() -> Distributed:
     """Join the process group torchrun / accelerate launch describe in the environment (nccl on GPUs, gloo on
     CPU); a plain single process when ``WORLD_SIZE`` is unset or 1."""
@@ -178,8 +196,8 @@ def init_distributed() -> Distributed:
     if world <= 1:
         return Distributed()
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if torch.cuda.is_available():
+    backend = "nccl" if gpu_per_process(world) else "gloo"
+    if backend == "nccl":
         torch.cuda.set_device(local)
     if not dist.is_initialized():
         dist.init_process_group(backend=backend)

@@ -27,7 +27,8 @@ from .importance import grad_rms
 from .models import find_blocks
 
 try:  # FSDP2 with a pluggable reduce-scatter (set_custom_reduce_scatter): recent torch only
-    from torch.distributed.fsdp import FSDPModule, fully_shard
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
     from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultReduceScatter
     from torch.distributed.tensor import DTensor
     _MISSING = None
@@ -60,16 +61,21 @@ class CountingReduceScatter(DefaultReduceScatter):
         return super().__call__(output_tensor, input_tensor, group, op, async_op)
 
 
-def shard_model(model: nn.Module, layers_attribute: str | None = None, mesh=None) -> CountingReduceScatter:
+def shard_model(model: nn.Module, layers_attribute: str | None = None, mesh=None,
+                reduce_dtype: torch.dtype | None = torch.float32) -> CountingReduceScatter:
     """``fully_shard`` every decoder block, then the root (embeddings, final norm, head); in place.
 
     Returns the counter every unit's reduce-scatter goes through. Needs an initialised process group; ``mesh``
-    defaults to FSDP2's (all ranks, on this process's device type).
+    defaults to FSDP2's (all ranks, on this process's device type). Gradients are reduce-scattered in
+    ``reduce_dtype`` (fp32 by default, as the data-parallel path's all-reduce, :func:`grass_ft.distributed.reduce_dtype`:
+    summing bf16 in bf16 rounds every partial sum to 8 bits) and arrive in the parameters' dtype; ``None`` reduces
+    in the gradients' own dtype. Parameters are gathered in their own dtype (no ``param_dtype`` cast).
     """
+    policy = MixedPrecisionPolicy(reduce_dtype=reduce_dtype)
     _, blocks = find_blocks(model, layers_attribute)
     for block in blocks:
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
     counter = CountingReduceScatter()
     for module in model.modules():
         if isinstance(module, FSDPModule):
@@ -122,21 +128,43 @@ def grad_norm_value(norm: torch.Tensor) -> float:
 # ------------------------------------------------------------------------- optimizer state <-> DTensors
 
 
+def host_mesh(mesh: DeviceMesh) -> DeviceMesh:
+    """``mesh``'s ranks and process groups as a CPU mesh: DTensors on it keep host tensors on the host.
+
+    ``DTensor.from_local`` moves a local tensor onto its mesh's device type, so wrapping the offloaded optimizer's
+    host state with the parameters' (CUDA) mesh would copy all of it onto the GPU at once for a checkpoint: about
+    39 GB per GPU for LLaMA-2-7B (issue 29). The process groups are the parameters' own, so DCP's plan (each
+    shard's offsets, from the mesh coordinate) is the same, and no collective runs on this mesh. A CPU mesh is
+    rebuilt too, so that the CPU tests run this path.
+    """
+    if mesh.ndim == 1:
+        return DeviceMesh.from_group(mesh.get_group(), "cpu", mesh.mesh)
+    names = mesh.mesh_dim_names or tuple(f"dim{i}" for i in range(mesh.ndim))
+    return DeviceMesh.from_group([mesh.get_group(i) for i in range(mesh.ndim)], "cpu", mesh.mesh,
+                                 mesh_dim_names=names)
+
+
 def optimizer_state_to_dtensors(state: dict, params: dict[str, nn.Parameter]) -> dict:
     """:meth:`LayerwiseOffloadAdamW.state_dict`'s per-rank shards, each wrapped as a DTensor with its parameter's
-    mesh and placement, so ``torch.distributed.checkpoint`` saves one global tensor per name (and can reshard
-    it); the scalar ``step`` stays a plain tensor (the same on every rank)."""
+    placement, so ``torch.distributed.checkpoint`` saves one global tensor per name (and can reshard it); the
+    scalar ``step`` stays a plain tensor (the same on every rank). The shards stay where they are, on the host
+    (:func:`host_mesh`): DCP writes them from there, and no optimizer state visits the GPU."""
+    meshes: dict[int, DeviceMesh] = {}
     out = {}
     for name, entry in state.items():
         p = params[name]
-        out[name] = {k: (DTensor.from_local(v.to(local(p).device), p.device_mesh, p.placements, shape=p.shape,
-                                            stride=p.stride(), run_check=False) if v.dim() > 0 else v)
+        if id(p.device_mesh) not in meshes:  # one host mesh per parameter mesh (FSDP2: one for all)
+            meshes[id(p.device_mesh)] = host_mesh(p.device_mesh)
+        mesh = meshes[id(p.device_mesh)]
+        out[name] = {k: (DTensor.from_local(v, mesh, p.placements, shape=p.shape, stride=p.stride(),
+                                            run_check=False) if v.dim() > 0 else v)
                      for k, v in entry.items()}
     return out
 
 
 def optimizer_state_template(layout: dict[str, list[str]], params: dict[str, nn.Parameter]) -> dict:
-    """Empty DTensors of the right placement for every (name, key) a checkpoint holds, for DCP to load into."""
+    """Empty host DTensors of the right placement for every (name, key) a checkpoint holds, for DCP to load into
+    (it reads each shard from the file into them, on the host)."""
     empty = {name: {k: (torch.zeros((), dtype=torch.float32) if k == "step"
                         else torch.empty(local(params[name]).shape, dtype=torch.float32)) for k in keys}
              for name, keys in layout.items()}
@@ -144,5 +172,6 @@ def optimizer_state_template(layout: dict[str, list[str]], params: dict[str, nn.
 
 
 def optimizer_state_from_dtensors(state: dict) -> dict:
-    """The inverse of :func:`optimizer_state_to_dtensors`: this rank's shards as CPU tensors."""
+    """The inverse of :func:`optimizer_state_to_dtensors`: this rank's shards as CPU tensors (no copy: they are
+    there already)."""
     return {name: {k: local(v).cpu() for k, v in entry.items()} for name, entry in state.items()}

@@ -110,6 +110,7 @@ def _register_pinned(t: Tensor) -> bool:
     """
     ptr = t.untyped_storage().data_ptr()
     if int(torch.cuda.cudart().cudaHostRegister(ptr, t.untyped_storage().nbytes(), 0)) != 0:
+        _clear_last_cuda_error()
         return False
 
     def unregister(ptr: int = ptr) -> None:
@@ -121,6 +122,39 @@ def _register_pinned(t: Tensor) -> bool:
     # (as torch's stager does); a tensor's Python object lives as long as its TensorImpl
     weakref.finalize(t, unregister).atexit = False
     return True
+
+
+def _clear_last_cuda_error() -> None:
+    """Resets this thread's CUDA "last error" after a runtime call that failed and was handled.
+
+    A failed ``cudaHostRegister`` leaves its error there, and torch's check after the next kernel launch
+    (``cudaGetLastError``) would report it as that kernel's, far from its cause (issue 29). torch binds no
+    ``cudaGetLastError``; a one-element launch runs that check, which reads and resets the error and raises it.
+    """
+    try:
+        torch.empty(1, device=torch.device("cuda", torch.cuda.current_device())).fill_(1.0)
+    except RuntimeError:  # the stale error, read (and so reset) by the launch check
+        pass
+
+
+_fallback_warned = False  # the pinned-memory fallback is said once per process, not once per slab
+
+
+def _pinned_empty(numel: int) -> Tensor:
+    """fp32 host memory from torch's caching pinned allocator (rounded up to a power of two)."""
+    return torch.empty(numel, dtype=torch.float32, pin_memory=True)
+
+
+def _pin(slab: Tensor) -> Tensor:
+    """``slab`` page-locked in place; where registration fails, a fresh slab of torch's pinned allocator."""
+    global _fallback_warned
+    if _register_pinned(slab):
+        return slab
+    if not _fallback_warned:
+        _fallback_warned = True
+        warnings.warn("cudaHostRegister failed; the optimizer's host slab is pinned through torch's caching host "
+                      "allocator instead (rounded up to a power of two)", stacklevel=4)
+    return _pinned_empty(slab.numel())
 
 
 class LayerwiseOffloadAdamW(torch.optim.Optimizer):
@@ -191,7 +225,9 @@ class LayerwiseOffloadAdamW(torch.optim.Optimizer):
         self._offload = offload
         self._master_weights = master_weights
         self._chunk_size = chunk_size
-        self._pin = offload and torch.cuda.is_available()  # pinned host memory makes the copies truly async
+        # pinned host memory makes the copies truly async; only for parameters on a GPU: a CPU model on a machine
+        # with one must not page-lock its whole state nor create a CUDA context (issue 29)
+        self._pin = offload and any(_local(p).is_cuda for g in groups.values() for p in g["params"])
         self._pinned = False
         self._size: dict[str, int] = {}  # group key -> elements of its store (all its chunks' records)
         self._chunks: dict[str, list[_Chunk]] = {}  # param name -> its chunks
@@ -254,13 +290,8 @@ class LayerwiseOffloadAdamW(torch.optim.Optimizer):
 
         # a fake slab (a memory estimate under FakeTensorMode) has no memory to pin
         if self._pin and not isinstance(slab, FakeTensor) and slab.numel() > 0:
-            if _register_pinned(slab):
-                self._pinned = True
-            else:
-                warnings.warn("cudaHostRegister failed; the optimizer's host slab is pinned through torch's "
-                              "caching host allocator instead (rounded up to a power of two)", stacklevel=3)
-                slab = torch.empty(slab.numel(), dtype=torch.float32, pin_memory=True)
-                self._pinned = True
+            slab = _pin(slab)
+            self._pinned = True
         self._slabs.append(slab)
         offset = 0
         for k in keys:

@@ -69,6 +69,45 @@ class StepResult:
     active: list[int]
     events: list[dict] = field(default_factory=list)
     bookkeeping_s: float = 0.0
+    wall_s: float | None = None  # the host's wall time of the call; None: ``seconds`` (see StepClock)
+
+    def __post_init__(self) -> None:
+        if self.wall_s is None:
+            self.wall_s = self.seconds
+
+
+class StepClock:
+    """Times :meth:`StepRunner.train_step`: on the host clock, and on CUDA on the compute stream's own timeline.
+
+    On a GPU the step returns once its last kernels are queued: the offloaded optimizer step is still running,
+    so the host clock would log its launch time (issue 29). A timed step records CUDA events around itself and
+    waits for the closing one (one synchronisation, where a figure is recorded); its ``seconds`` is the events'
+    span, exact even when the previous step's kernels were still running at its start. An untimed step adds no
+    synchronisation and reports the host time. ``wall`` is always the host time, sync included, so that the sum
+    over a run's steps is its wall time.
+    """
+
+    def __init__(self, device: torch.device | None):
+        self.cuda = device is not None and device.type == "cuda"
+        self._t0 = 0.0
+        self._start = None
+
+    def start(self) -> None:
+        self._t0 = time.perf_counter()
+        if self.cuda:
+            self._start = torch.cuda.Event(enable_timing=True)
+            self._start.record()
+
+    def stop(self, timed: bool) -> tuple[float, float]:
+        """``(seconds, wall)`` of the step begun by :meth:`start`."""
+        if not (self.cuda and timed):
+            wall = time.perf_counter() - self._t0
+            return wall, wall
+        end = torch.cuda.Event(enable_timing=True)
+        end.record()
+        # the figure is recorded now: wait for the step's queued kernels (the optimizer's update) so that they count
+        end.synchronize()
+        return self._start.elapsed_time(end) / 1e3, time.perf_counter() - self._t0
 
 
 class StepRunner:
@@ -85,10 +124,13 @@ class StepRunner:
             after the last backward, the probe's per parameter; draws are checked equal); ``None``: one process.
         sharded: the model is FSDP2-sharded (``fsdp=true``): FSDP2 reduce-scatters the gradients itself, and the
             per-block norms are summed over the shards (:func:`grass_ft.fsdp.sharded_block_rms`).
+        timed: which steps' ``seconds`` must include their device work (on CUDA, one synchronisation each: see
+            :class:`StepClock`); ``None``: every step. The native loop times the steps it logs.
     """
 
     def __init__(self, prepared: Prepared, scheduler=None, grad_accum: int = 1, max_grad_norm: float = 0.0,
-                 max_bad_steps: int = 5, dist: Distributed | None = None, sharded: bool = False):
+                 max_bad_steps: int = 5, dist: Distributed | None = None, sharded: bool = False,
+                 timed: Callable[[int], bool] | None = None):
         self.p = prepared
         self.scheduler = scheduler
         self.grad_accum = grad_accum
@@ -97,6 +139,8 @@ class StepRunner:
         self.dist = dist if dist is not None else Distributed()
         self.sharded = sharded
         self.params = dict(prepared.model.named_parameters())
+        self.timed = timed
+        self.clock = StepClock(next((p.device for p in self.params.values() if p.is_cuda), None))
         self.bad_in_a_row = 0
         self.skipped_steps = 0
         self._ever_active: set[int] = set()
@@ -227,7 +271,7 @@ class StepRunner:
         :func:`grass_ft.loss.loss_forward` (supervised positions only, unless ``supervised_only_loss=false``).
         A step none of whose micro-batches has a supervised token is skipped like a non-finite one (no update).
         """
-        t0 = time.perf_counter()
+        self.clock.start()
         events = self.begin_step(step)
         model = self.p.model
         model.train()
@@ -258,9 +302,10 @@ class StepRunner:
         grad_norm, skipped = self.finish_step(step, n_bad == 0 and n_supervised > 0)
         active = [] if self.sampler is None else list(self.sampler.active)
         loss = loss_sum / n_finite if n_bad == 0 and n_finite else float("nan")
+        seconds, wall = self.clock.stop(self.timed is None or self.timed(step))
         return StepResult(step=step, loss=loss, grad_norm=grad_norm, tokens=int(tokens),
-                          seconds=time.perf_counter() - t0, probe=self.is_probe(step), skipped=skipped,
-                          active=active, events=events, bookkeeping_s=bookkeeping)
+                          seconds=seconds, probe=self.is_probe(step), skipped=skipped,
+                          active=active, events=events, bookkeeping_s=bookkeeping, wall_s=wall)
 
     # ------------------------------------------------------------------------------------------ state
 

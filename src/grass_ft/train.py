@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from . import data as data_mod
 from .atomic import atomic_dir, remove_dir, remove_stale_temporaries, write_json_atomic
-from .checkpoint import (CHECKPOINT_RE, load_checkpoint, load_sharded_checkpoint, rng_state, run_keys,
+from .checkpoint import (CHECKPOINT_RE, gather_rng_states, load_checkpoint, load_sharded_checkpoint, run_keys,
                          save_checkpoint, save_sharded_checkpoint, set_rng_state, truncate_jsonl)
 from .export import write_loadable
 from .logging_sinks import MetricSinks
@@ -421,7 +421,8 @@ def _set_up_method(cfg: TrainConfig, model, dist: Distributed) -> _Method:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         prepared.optimizer, lambda k: lr_factor(k, cfg.warmup_steps, total_updates, cfg.lr_schedule))
     runner = StepRunner(prepared, scheduler, grad_accum=cfg.grad_accum, max_grad_norm=cfg.max_grad_norm,
-                        max_bad_steps=sys.maxsize, dist=dist, sharded=cfg.fsdp)
+                        max_bad_steps=sys.maxsize, dist=dist, sharded=cfg.fsdp,
+                        timed=lambda s: s % cfg.logging_steps == 0 or s == n_steps - 1)  # the logged steps
     # the runner would raise before the step is logged; the watch stops the run after it (same max_bad_steps)
     watch = DivergenceWatch(cfg.max_bad_steps, vocab_size(prepared.model), cfg.lr)
     return _Method(prepared, scheduler, runner, watch, forward, n_steps, reduce_scatter)
@@ -450,7 +451,9 @@ def _resume(cfg: TrainConfig, checkpoint: Path, run: _Method, stream, out: Path,
     run.runner.load_state_dict(extra["runner"])
     if "watch" in extra:
         run.watch.load_state_dict(extra["watch"])
-    set_rng_state(extra["rng"])
+    note = set_rng_state(extra["rng"])  # this rank's own
+    if note and main:
+        warn(note)
     stream.load_state_dict(trainer_state["data"])
     start_step = trainer_state["step"]
     if main:
@@ -508,7 +511,7 @@ def _train_loop(cfg: TrainConfig, dist: Distributed, out: Path, run: _Method, st
                 layers_f.write(json.dumps(ev) + "\n")
             totals.step = step + 1
             totals.tokens += res.tokens  # all ranks' tokens of this step
-            totals.train_time += res.seconds
+            totals.train_time += res.wall_s
             totals.bookkeeping_time += res.bookkeeping_s
             totals.losses.append(res.loss)
             tps = res.tokens / res.seconds if res.seconds > 0 else 0.0
@@ -521,8 +524,9 @@ def _train_loop(cfg: TrainConfig, dist: Distributed, out: Path, run: _Method, st
             sinks.log_step(record, res.events, step)
             run.watch.observe(step, res.loss, res.grad_norm, res.probe, res.skipped)
             if cfg.save_steps and (step + 1) % cfg.save_steps == 0:
+                rng = gather_rng_states() if step + 1 < n_steps else None  # every rank's: all ranks call it
                 if (main or cfg.fsdp) and step + 1 < n_steps:
-                    _save_checkpoint(cfg, dist, out, run, stream, tokenizer, totals, before)
+                    _save_checkpoint(cfg, dist, out, run, stream, tokenizer, totals, before, rng)
                 dist.barrier()  # no rank runs ahead of a checkpoint it may be killed and resumed from
             bar.set_postfix_str(f"loss {res.loss:.3f} | {'probe' if res.probe else 'blocks ' + _fmt_blocks(res.active)}"
                                 f" | {tps:.0f} tok/s")
@@ -562,9 +566,10 @@ def _step_record(step: int, res, run: _Method, dist: Distributed, device: torch.
 
 
 def _save_checkpoint(cfg: TrainConfig, dist: Distributed, out: Path, run: _Method, stream, tokenizer,
-                     totals: _Totals, before: dict[str, Any]) -> None:
-    """checkpoint-<step>: what :func:`_resume` needs to continue bit for bit."""
-    extra = {"runner": run.runner.state_dict(), "rng": rng_state(), "watch": run.watch.state_dict()}
+                     totals: _Totals, before: dict[str, Any], rng: dict[str, Any]) -> None:
+    """checkpoint-<step>: what :func:`_resume` needs to continue bit for bit (``rng``: every rank's random state,
+    :func:`~grass_ft.checkpoint.gather_rng_states`)."""
+    extra = {"runner": run.runner.state_dict(), "rng": rng, "watch": run.watch.state_dict()}
     trainer_state = {"data": stream.state_dict(), "totals": totals.state(),
                      "before": {k: v for k, v in before.items() if k != "predictions"},
                      "run": run_keys(cfg.to_dict(), dist.world_size)}
@@ -579,7 +584,8 @@ def _save_checkpoint(cfg: TrainConfig, dist: Distributed, out: Path, run: _Metho
 
 def _gathered_model(cfg: TrainConfig, dist: Distributed, model, device: torch.device):
     """The trained model, every parameter requiring grad again (as saved). A sharded model is gathered, on the
-    CPU of rank 0, into a plain copy of the model (every rank takes part in the gather)."""
+    CPU of rank 0, into a plain copy of the model that stays there (every rank takes part in the gather): final/
+    is saved from the host, and no full copy lands beside the shards on rank 0's GPU (issue 29)."""
     for p in model.parameters():
         p.requires_grad_(True)
     if not cfg.fsdp:
@@ -590,7 +596,6 @@ def _gathered_model(cfg: TrainConfig, dist: Distributed, model, device: torch.de
     if dist.is_main:
         model = load_model(cfg.model, cfg.dtype)
         model.load_state_dict(full)
-        model.to(device)
     return model
 
 
@@ -605,6 +610,8 @@ def _finish(cfg: TrainConfig, dist: Distributed, out: Path, run: _Method, inputs
         return {"rank": dist.rank, "world_size": dist.world_size}
     with _writing(out / "final"):
         final = save_final(model, inputs.tokenizer, out)
+    if cfg.fsdp and inputs.held_ex:
+        model.to(device)  # final/ is saved from the host copy; only the evaluation needs the weights on the device
     after = evaluate_model(model, inputs.tokenizer, inputs.held_ex, cfg, "after") if inputs.held_ex else {}
     if after:
         from .evaluate import write_eval
