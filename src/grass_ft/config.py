@@ -438,7 +438,7 @@ def validate(cfg: TrainConfig, num_blocks: int | None = None, known_methods: typ
     check("lora_dropout", 0 <= cfg.lora_dropout < 1, "must be in [0, 1)")
     check("lora_target_modules", cfg.lora_target_modules is None or bool(lora_targets(cfg.lora_target_modules)),
           "must be comma-separated module names such as q_proj,v_proj, or unset for all-linear")
-    check("fsdp", not cfg.fsdp or t.fsdp,
+    check("fsdp", not cfg.fsdp or cfg.method == "auto" or t.fsdp,
           f"works with method {', '.join(with_fsdp())} (not {cfg.method}: peft adapters are not sharded yet)")
     check("save_steps", cfg.save_steps >= 0, "must be >= 0 (0: no checkpoints)")
     check("save_total_limit", cfg.save_total_limit >= 0, "must be >= 0 (0: keep all)")

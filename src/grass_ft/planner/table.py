@@ -164,7 +164,7 @@ def _settings(cfg: TrainConfig, shape: ModelShape, ckpts: tuple[bool, ...], worl
             out.append(("lisa", Setting(method="lisa", gamma=g, gradient_checkpointing=ck,
                                         label=f"lisa gamma={g} as shipped, {'long run' if long_run else 'first draw'}"
                                               f"{tag}", **common), long_run))
-        for kind in ("lora", "dora"):
+        for kind in () if cfg.fsdp else ("lora", "dora"):  # peft adapters are not sharded (registry: fsdp)
             for r in LORA_RANKS:
                 out.append((kind, Setting(method=kind, lora_r=r, gradient_checkpointing=ck,
                                           label=f"{kind} r={r}{tag}", **common), False))
