@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.grass-ft-installed
 
-.PHONY: setup demo test test-fast results quality quality-run cpu-speed memory-estimate gpu-check clean
+.PHONY: setup demo test test-fast cpu-matrix results quality quality-run cpu-speed memory-estimate gpu-check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,12 @@ test: setup
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# The tests under every CPU kernel set (ATEN_CPU_CAPABILITY) and thread count this CPU has, one line per cell
+# (tools/cpu_matrix.sh; issue 28). Another selection: make cpu-matrix MATRIX='-m "not slow" tests/test_loss.py'
+MATRIX ?= -m "not slow"
+cpu-matrix: setup
+	PYTHON=$(BIN)/python bash tools/cpu_matrix.sh $(MATRIX)
 
 # The measured comparison of docs/RESULTS.md (about 2 hours on 2 cores; resumes where it stopped).
 results: setup

@@ -3,6 +3,7 @@
     python -m torch.distributed.run --nproc_per_node=2 tests/hf_dist_worker.py OUT grass batch=2
     python tests/hf_dist_worker.py OUT grass batch=4                      # one process
     ... OUT grass batch=2 accum=2 save_steps=3 resume=CHECKPOINT          # accumulation, checkpoints, resume
+    ... OUT grass batch=2 optim=sgd                                       # the Trainer's optimizer (adamw_torch)
 
 ``grass``: GrassTrainer + GrassCallback. ``ddp``: the plain Trainer, DDP with ``find_unused_parameters=True``, and a
 callback that freezes all but block 0 at every step (a layer-sampled run as LISA users run it under DDP), with a
@@ -82,13 +83,14 @@ class CountingTrainer(Trainer):
         return loss
 
 
-def main(out: Path, mode: str, batch: int, accum: int = 1, save_steps: int = 0, resume: str | None = None) -> None:
+def main(out: Path, mode: str, batch: int, accum: int = 1, save_steps: int = 0, resume: str | None = None,
+         optim: str = "adamw_torch") -> None:
     model = tiny_llama(len(TOK), layers=4, seed=1 if resume else 0)  # a resumed run starts from other weights
     save = dict(save_strategy="steps", save_steps=save_steps) if save_steps else dict(save_strategy="no")
     args = TrainingArguments(output_dir=str(out), max_steps=MAX_STEPS, per_device_train_batch_size=batch,
                              gradient_accumulation_steps=accum, learning_rate=1e-2, report_to=[], **save,
                              logging_steps=1, use_cpu=True,
-                             disable_tqdm=True, seed=0, optim="adamw_torch", lr_scheduler_type="constant",
+                             disable_tqdm=True, seed=0, optim=optim, lr_scheduler_type="constant",
                              train_sampling_strategy="sequential", ddp_find_unused_parameters=(mode == "ddp"),
                              ddp_broadcast_buffers=False)
     collate = lambda f: data_mod.collate(f, TOK.pad_token_id)  # noqa: E731
@@ -116,4 +118,4 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     kw = dict(a.split("=", 1) for a in sys.argv[3:])
     main(Path(sys.argv[1]), sys.argv[2], int(kw["batch"]), int(kw.get("accum", 1)), int(kw.get("save_steps", 0)),
-         kw.get("resume"))
+         kw.get("resume"), kw.get("optim", "adamw_torch"))

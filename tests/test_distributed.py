@@ -75,51 +75,55 @@ def runs(tiny_model_dir, tmp_path_factory):
 
 # Two processes and one process with the same global batch compute the same gradients in exact arithmetic (equal
 # token counts per rank, so the mean of the ranks' mean losses is the global mean loss), but not the same floats:
-# one process reduces each weight gradient over the 4 examples' positions in one GEMM, two processes over 2 each
-# and then add the two halves in the all-reduce. What may differ is therefore the fp32 rounding of those sums:
-# each gradient element is a sum of n <= batch x seq_len = 4 x 64 = 256 terms, rounded differently, so it moves by
-# at most about n * u * sum|terms| with u = 2**-24, i.e. n * u ~ 1.5e-5 relative where the terms do not cancel.
-# Adam turns that into updates:
-# - an element with |g| >> eps keeps its update to within ~2 * 1.5e-5 relative (m_hat and sqrt(v_hat) move
-#   together), and the weights after U = 8 updates feed later gradients, which can grow the difference a few-fold;
-# - an element whose gradient is a cancellation (true value ~0, the rounding noise comparable to eps = 1e-8) is
-#   normalised by Adam into an update of up to ~(1 - beta1) / sqrt(1 - beta2) * lr ~ 3 lr per step, whatever the
-#   noise's sign: a max-abs comparison of weights is machine-dependent for such elements (issue 13: 4.4e-5 at
-#   lr 1e-2 on another x86), but they carry a tiny share of a tensor's update norm.
-# So weights are compared by each tensor's *update* (w - w0), in norm: ||dw_2 - dw_1|| <= UPDATE_RTOL ||dw_1||,
-# with UPDATE_RTOL = 1e-3 (~30x the 2 * 1.5e-5 per-element bound, for the feedback over 8 steps and the
-# cancellation elements). What this test is for -- a missed all-reduce, a rank training on the wrong shard, a
-# bucket unflattened into the wrong parameters -- changes the update by O(1) of its norm (checked by mutating
-# distributed.py: see docs/DISTRIBUTED.md). A wrong averaging divisor need not show in the weights (Adam and norm
-# clipping are invariant to a gradient's scale up to eps; here it does, through clipping at max_grad_norm=1), so
-# the gradient norm rank 0 logs is compared too:
-# at the first update the weights are still bit-identical (the probe updates nothing) and only the rounding above
-# separates the norms (GRAD_NORM_RTOL_FIRST = 1e-4, ~7x n * u); later steps also see the weight differences,
-# bounded as above (UPDATE_RTOL). A divisor off by world_size doubles or halves the norm.
-UPDATE_RTOL = 1e-3
-GRAD_NORM_RTOL_FIRST = 1e-4
+# one process reduces each weight gradient over the 4 examples' positions in one GEMM, two processes over 2 each and
+# then add the two halves in the all-reduce, and the upstream gradients of another batch shape may be reduced along
+# the hidden size in another order. Each gradient element is therefore within n u of its terms' magnitude (n =
+# batch x seq_len = 4 x 64 = 256 positions, u = 2**-24: 1.5e-5) plus, first order, the upstream reductions (<= 16
+# matmuls of K <= 64: 6e-5): GRAD_NORM_RTOL 1e-4 for the norm of the gradient, at the first update only -- where the
+# weights are still bit-identical (the probe updates nothing). After that no bound exists on the runs' weights:
+# AdamW turns a cancelling gradient element's rounding noise into an update of ~lr whatever its sign (issue 13 saw
+# 4.4e-5 at lr 1e-2 on another x86; issue 28), and later gradients see those weights. So the numbers of the two
+# runs are compared where the arithmetic bounds them -- the first update's norm here, and every step's gradients
+# in lockstep (equal weights before each step) in test_two_processes_compute_one_process_gradients_in_lockstep --
+# while the runs end to end are compared by what is exact: the draws, the traces, the bytes, and resume.
+# A wrong averaging divisor doubles or halves the norm; a missed all-reduce or a rank on the wrong shard of the
+# batch changes it by O(1) (checked by mutating distributed.py: docs/DISTRIBUTED.md).
+GRAD_NORM_RTOL = 1e-4
+WORKER = str(Path(__file__).parent / "dist_lockstep_worker.py")
 
 
-def assert_updates_close(w: dict, ref: dict, w0: dict, rtol: float = UPDATE_RTOL) -> None:
-    for k in ref:
-        update = (ref[k].double() - w0[k].double()).norm()
-        if update == 0:  # trained in neither run (no arithmetic at all): bit-identical
-            assert torch.equal(w[k], w0[k]), k
-            continue
-        diff = (w[k].double() - ref[k].double()).norm()
-        assert diff <= rtol * update, f"{k}: update differs by {float(diff / update):.2e} of its norm (> {rtol})"
-
-
-def test_two_processes_equal_one_with_same_global_batch(runs, tiny_model_dir):
-    _, _, one, two = runs
-    w0 = load_file(str(Path(tiny_model_dir) / "model.safetensors"))
-    assert_updates_close(weights(two), weights(one), w0)
+def first_update_norms(one: Path, two: Path) -> None:
+    """The first update's gradient norm of the one- and two-process runs agree (the bound above), and both runs
+    logged the same steps."""
     m1, m2 = jsonl(one / "metrics.jsonl"), jsonl(two / "metrics.jsonl")
     norms = [(a["step"], a["grad_norm"], b["grad_norm"]) for a, b in zip(m1, m2) if not a["probe"]]
     assert [s for s, _, _ in norms] == list(range(2, 10))
-    for i, (step, g1, g2) in enumerate(norms):
-        assert g2 == pytest.approx(g1, rel=GRAD_NORM_RTOL_FIRST if i == 0 else UPDATE_RTOL), step
+    step, g1, g2 = norms[0]
+    assert g2 == pytest.approx(g1, rel=GRAD_NORM_RTOL), step
+
+
+def lockstep(tmp: Path, method: str, *flags: str) -> dict:
+    """tests/dist_lockstep_worker.py under torchrun (flags: fsdp, accum=N, checkpointing): every update step's
+    gradients against one process's, at equal weights."""
+    out = tmp / "-".join(["lockstep", method, *flags])
+    out.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", WORKER, str(out),
+                        method, *flags], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return json.loads((out / "lockstep.json").read_text())
+
+
+def test_two_processes_equal_one_with_same_global_batch(runs):
+    _, _, one, two = runs
+    first_update_norms(one, two)
     assert json.loads((two / "summary.json").read_text())["world_size"] == 2
+
+
+def test_two_processes_compute_one_process_gradients_in_lockstep(tmp_path):
+    res = lockstep(tmp_path, "grass")
+    assert res["compared"] == 8  # every update step (2 probe steps of 10 update nothing)
+    assert len({tuple(a) for a in res["draws"] if a}) >= 2  # across re-draws
 
 
 def test_identical_traces_on_both_ranks_and_several_switches(runs):
@@ -149,6 +153,7 @@ def test_allreduce_bytes_are_the_active_share(runs, tiny_model_dir):
             assert m["allreduce_bytes"] == block_numel * 4, m["step"]
             continue
         numel = sum(layout.numel[b] for b in m["active"]) + always_numel  # the drawn blocks and the always-trained
+        # bytes / (4 x params) against numel / params: integers below 2**53 divided once in float64, <= 1 ulp
         assert m["allreduce_fraction_of_fft"] == pytest.approx(numel / total, rel=1e-6)
         assert m["allreduce_bytes"] == numel * 4
 

@@ -144,7 +144,12 @@ def test_choice_logprobs_match_hand_computation(model, tok, mc_examples):
         for label, value in s.items():
             got.append(value)
             want.append(_hand_logprob(model, tok, ex, label))
-    # batched (right-padded) and unpadded forwards differ only by float32 summation order
+    # batched (right-padded) and unpadded forwards differ only by float32 summation order: the padded positions
+    # are masked to exact zeros, and the reductions along the hidden size (K <= 128, 2 blocks, the head K = 64)
+    # may be blocked differently for another batch shape. First order, each value -- a sum over the ~10 target
+    # tokens of a log-softmax over 400 logits of std ~8 (the head is N(0, 1): |value| up to ~220) -- moves by
+    # the reductions' K u ~ 64 x 6e-8 ~ 4e-6 of its terms' magnitude per matmul on its path, ~1e-5 over the
+    # path: rtol 1e-5 of the value, and atol 1e-4 for values near 0 (a term's rounding, |z| u x 10 tokens x K)
     torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-5, atol=1e-4)
     preds = ev.score_choices(model, tok, mc_examples, None, batch_size=4, progress=False)
     assert preds == [choice_target(max(s, key=s.get)) for s in scores]
@@ -228,6 +233,10 @@ def test_eval_loss_matches_hand_computation(model, tok):
     want = torch.tensor(total / count)
     for batch_size in (1, 2, 4):  # token-weighted: independent of how examples are batched
         got = torch.tensor(ev.eval_loss(model, tok, examples, max_seq_len=200, batch_size=batch_size))
+        # both are sums of the same per-token cross-entropies (float64 on the host here, fp32 per batch there)
+        # over the ~10^3 target tokens, divided by the same count: the fp32 batch sums add ~n u of a mean loss
+        # ~6 (n <= 200 tokens per row: ~1e-5 relative of a row's sum) -- assert_close's float32 default (rtol
+        # 1.3e-6 + atol 1e-5) holds for the mean, where those errors average over the rows
         torch.testing.assert_close(got, want)
 
 
@@ -306,6 +315,8 @@ def test_run_eval_on_peft_adapter(tmp_path, saved_model, tok):
     with peft_model.disable_adapter():
         plain = ev.choice_logprobs(peft_model, tok, arc, None, 4, False)
     flat = lambda scores: torch.tensor([v for s in scores for v in s.values()])  # noqa: E731
+    # the same weights (safetensors round-trips fp32 bit for bit) and the same ops: equal, so the default float32
+    # tolerance is only headroom; the base model differs by the adapter's effect, O(1) in a log-probability
     torch.testing.assert_close(flat(from_disk), flat(in_memory))
     assert not torch.allclose(flat(from_disk), flat(plain))
 
@@ -349,6 +360,9 @@ def test_eval_loss_by_task_matches_per_task_calls(model, tok):
     examples = [dict(ex, task="gsm8k") for ex in gsm] + [dict(ex, task="mc") for ex in mc]
     overall, per_task = ev.eval_loss_by_task(model, tok, examples, max_seq_len=200, batch_size=3)
     assert set(per_task) == {"gsm8k", "mc"}
+    # per-task and overall means of the same per-token losses, grouped into other batches: the fp32 batch sums
+    # differ by reordering (n u of the sum, n <= 200 tokens per row, ~1e-5 relative of a row's loss sum); the
+    # means over ~10^3 tokens (~6 nats) stay inside the float32 default (atol 1e-5 + rtol 1.3e-6 x 6 ~ 1.8e-5)
     for name, subset in (("gsm8k", examples[:len(gsm)]), ("mc", examples[len(gsm):])):
         torch.testing.assert_close(torch.tensor(per_task[name]),
                                    torch.tensor(ev.eval_loss(model, tok, subset, max_seq_len=200, batch_size=1)))
@@ -374,6 +388,8 @@ def test_evaluate_entry_point_keys_loss_and_accuracy_by_one_task_rule(model, tok
     assert set(res["per_task"]) == {"gsm8k", "boolq"} and res["per_task"]["gsm8k"]["n"] == 3
     assert res["n"] == 4
     # the overall loss is the token-weighted mean of the per-task ones, and equals eval_loss on all rows
+    # the same batches (batch_size 2) in the same order through the same code: equal up to the float64 division
+    # of the token-weighted sums (<= 2 ulps), far inside rel 1e-6
     assert res["eval_loss"] == pytest.approx(ev.eval_loss(model, tok, rows, 128, 2), rel=1e-6)
     only = ev.evaluate(model, tok, rows, task="gsm8k", loss_only="BOOLQ", max_new_tokens=2, batch_size=2,
                        max_seq_len=128, progress=False)

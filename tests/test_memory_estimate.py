@@ -102,7 +102,7 @@ def test_probe_hook_allocates_no_full_size_copy():
     # one chunk's fp32 copy (and a few scalars), not the 2 x 4 B x numel of an fp32 copy and its square
     assert peak <= NORM_CHUNK * 4 + 1024
     assert p.grad is None
-    assert rec.flush() == {0: pytest.approx(0.5)}  # r = sqrt(sum(0.25) / N) = 0.5, exact in fp32
+    assert rec.flush() == {0: pytest.approx(0.5)}  # r = sqrt(sum(0.25) / N) = 0.5: every step exact in fp32
     rec.detach()
 
 

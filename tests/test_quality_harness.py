@@ -22,7 +22,9 @@ def test_t_quantile_matches_the_printed_tables(df, want):
 def test_paired_interval_by_hand():
     diffs = [0.01, 0.03, 0.02]  # mean 0.02, sd 0.01, n 3: half-width 4.3027 * 0.01 / sqrt(3)
     m, lo, hi = quality.paired_ci(diffs)
-    half = 4.302653 * 0.01 / math.sqrt(3)
+    half = 4.302653 * 0.01 / math.sqrt(3)  # t(0.975, 2) to 7 digits: the interval's half-width to ~1e-6 relative
+    # the mean of 3 float64 values is exact to an ulp (isclose's default rel_tol 1e-9); the half-width uses
+    # t_quantile (Simpson's rule, 4 decimals checked above: ~1e-4 relative), hence rel_tol 1e-3
     assert math.isclose(m, 0.02) and math.isclose(hi - m, half, rel_tol=1e-3) and math.isclose(m - lo, half,
                                                                                                   rel_tol=1e-3)
     assert quality.paired_ci([0.1]) is None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -145,7 +146,8 @@ def test_r06_non_utf8_data_names_the_line(tmp_path, tiny_model_dir, capsys):
     data.write_bytes(("\n".join(rows[:2]) + "\n").encode() + latin1)
     out = tmp_path / "run"
     msg = fails(capsys, *train_args(tiny_model_dir, data, out))
-    assert f"{data}:3: not valid UTF-8 (byte 0xe9); save the file as UTF-8" in msg
+    offset = len(("\n".join(rows[:2]) + "\n").encode()) + len('{"instruction": "caf')
+    assert f"{data}:3: not valid UTF-8 (byte 0xe9 at offset {offset}); save the file as UTF-8" in msg
     assert not out.exists()  # R24: no empty output_dir when a data check fails
     assert f"{data}:3: not valid UTF-8" in fails(capsys, "validate", f"data={data}", f"output_dir={out}")
 
@@ -591,9 +593,12 @@ def test_r39_ctrl_c_in_process_without_checkpoints(tiny_model_dir, tiny_data, tm
         raise KeyboardInterrupt
 
     monkeypatch.setattr(StepRunner, "train_step", interrupt)
-    err = fails(capsys, *train_args(tiny_model_dir, tiny_data, tmp_path / "run"), code=130)
-    assert err.strip() == ("grass-ft train: interrupted; no checkpoint was written (save_steps=N writes them), so "
-                           "nothing can be resumed")
+    args = train_args(tiny_model_dir, tiny_data, tmp_path / "run")
+    err = fails(capsys, *args, code=130)
+    assert err.strip() == (f"grass-ft train: interrupted; no checkpoint was written (save_steps=N writes them); "
+                           f"`{shlex.join(['grass-ft', *map(str, args), 'resume=auto'])}` starts the run again")
+    monkeypatch.undo()  # the printed command works from that state (issue 28): it trains the run to the end
+    assert main(shlex.split(err.split("`")[1])[1:]) == 0 and (tmp_path / "run" / "summary.json").is_file()
 
 
 @pytest.mark.parametrize("sig,code,said", [(signal.SIGINT, 130, "interrupted"),
@@ -615,7 +620,7 @@ def test_r40_signal_exits_with_the_checkpoint_intact(tiny_model_dir, tiny_data, 
     assert "Traceback" not in err and err.strip().splitlines()[-1].startswith(
         f"grass-ft train: {said}; the newest checkpoint, ")
     newest = find_checkpoint(out, "auto")
-    assert f"{newest}, is intact: resume=auto continues from it" in err
+    assert f"{newest}, is intact: `{shlex.join(['grass-ft', *args, 'resume=auto'])}` continues from it" in err
     assert checkpoint_problem(newest) is None and not (out / "final").exists()
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
 

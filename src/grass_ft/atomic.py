@@ -41,12 +41,23 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     try:
         tmp.chmod(0o777 & ~_umask())
         yield tmp
+        _usual_modes(tmp)
         if target.exists():
             remove_dir(target)
         tmp.rename(target)  # atomic on one filesystem
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _usual_modes(root: Path) -> None:
+    """Give every file under ``root`` the mode a new file gets (0644 under umask 022): writers that go through a
+    private temporary file (transformers' ``save_pretrained`` writes ``model.safetensors`` so) leave 0600, which
+    other users of a shared run directory cannot read (issue 28)."""
+    mode = 0o666 & ~_umask()
+    for p in root.rglob("*"):
+        if p.is_file() and not p.is_symlink() and (p.stat().st_mode & 0o777) != mode:
+            p.chmod(mode)
 
 
 def remove_dir(path: Path) -> None:

@@ -20,7 +20,10 @@ checkpoint (a file missing, truncated or unreadable) with a warning and takes th
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
+import os
 import re
 import zipfile
 from contextlib import nullcontext
@@ -65,7 +68,32 @@ def run_keys(config: dict[str, Any], world_size: int = 1) -> dict[str, Any]:
     for k in ("model", "data"):
         if isinstance(run.get(k), str) and Path(run[k]).exists():
             run[k] = str(Path(run[k]).resolve())
-    return {**run, "world_size": world_size}
+    fingerprint = data_fingerprint(run.get("data"))
+    return {**run, "world_size": world_size, **({"data_sha256": fingerprint} if fingerprint else {})}
+
+
+def data_fingerprint(spec: Any) -> str | None:
+    """SHA-256 (first 16 hex digits) of a local data file's bytes, or of a data directory's files (names and
+    bytes); None for a generator or hub data set, which the other run keys pin. The same path with other contents
+    (issue 28: an edited file under resume=auto) is another run."""
+    p = Path(spec) if isinstance(spec, str) else None
+    if p is None or not p.exists():
+        return None
+    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
+    return _hash_files(str(p), tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+
+
+@functools.lru_cache(maxsize=8)
+def _hash_files(root: str, stamp: tuple[tuple[str, int, int], ...]) -> str:
+    """The hash of the files in ``stamp`` (path, size, mtime): read once per process while none of them changes
+    (a run records it in every checkpoint)."""
+    h = hashlib.sha256()
+    for path, _, _ in stamp:
+        h.update(os.path.relpath(path, root).encode() + b"\0")
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()[:16]
 
 
 def check_same_run(path: Path, recorded: dict[str, Any] | None, current: dict[str, Any]) -> None:
@@ -74,8 +102,9 @@ def check_same_run(path: Path, recorded: dict[str, Any] | None, current: dict[st
     if recorded is None:
         raise CheckpointError(f"{path} does not record the run that wrote it (written by an older grass-ft), so "
                               f"resuming from it cannot be checked; start a new run")
-    diff = [f"{k}={recorded[k]!r} there, {current[k]!r} here" for k in current
-            if k in recorded and recorded[k] != current[k]]
+    diff = [f"{k}={recorded[k]!r} there, {current[k]!r} here" + (" (the data file changed since the run began)"
+                                                                   if k == "data_sha256" else "")
+            for k in current if k in recorded and recorded[k] != current[k]]
     if diff:
         raise CheckpointError(f"{path} belongs to a different run: {'; '.join(diff)}. Resume with the "
                               f"checkpoint's values, or start a new run (another output_dir, or "

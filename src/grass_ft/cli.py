@@ -12,7 +12,7 @@ import threading
 from contextlib import contextmanager
 from pathlib import Path
 
-from .config import ConfigError, TrainConfig, build_config, parse_overrides, unknown_key_message, validate
+from .config import ConfigError, TrainConfig, _coerce, build_config, parse_overrides, unknown_key_message, validate
 from .errors import UserError
 from .models import ModelError
 from .registry import traits
@@ -84,10 +84,25 @@ def _sigterm_interrupts():
         signal.signal(signal.SIGTERM, previous)
 
 
+@contextmanager
+def _signals_held():
+    """SIGINT and SIGTERM ignored for a moment (main thread only): while the interruption's message is composed
+    and printed, a second Ctrl-C would otherwise replace it with a bare "interrupted"."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def cmd_train(argv: list[str]) -> int:
     from .train import print_summary, run_train
 
-    args = _parser("grass-ft train").parse_args(argv)
+    args = _parser("grass-ft train").parse_intermixed_args(argv)
     if args.help:
         print("usage: grass-ft train [--config FILE] [--quiet] [key=value ...]\n\n" + _keys_help())
         return 0
@@ -103,16 +118,12 @@ def cmd_train(argv: list[str]) -> int:
         with _sigterm_interrupts():
             summary = run_train(cfg, progress=not args.quiet)
     except KeyboardInterrupt as e:
-        from .checkpoint import find_checkpoint
+        from .train import interrupted_state
 
-        try:
-            newest = find_checkpoint(Path(cfg.output_dir), "auto")
-        except UserError:
-            newest = None
-        state = (f"the newest checkpoint, {newest}, is intact: resume=auto continues from it" if newest
-                 else "no checkpoint was written (save_steps=N writes them), so nothing can be resumed")
-        how = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
-        print(f"grass-ft train: {how}; {state}", file=sys.stderr)
+        with _signals_held():  # a second Ctrl-C must not cut short the line that says what is on disk
+            state = interrupted_state(cfg, getattr(e, "run_stage", None), ["grass-ft", "train", *argv])
+            how = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+            print(f"grass-ft train: {how}; {state}", file=sys.stderr)
         return 128 + signal.SIGTERM if isinstance(e, Terminated) else 130
     if "method" in summary:  # rank 0 of a multi-process run, or the only process
         print_summary(summary)
@@ -124,7 +135,7 @@ def cmd_validate(argv: list[str]) -> int:
     generators by name only; output_dir; the checkpoint to resume; the model directory or hub id)."""
     from .preflight import preflight
 
-    args = _parser("grass-ft validate").parse_args(argv)
+    args = _parser("grass-ft validate").parse_intermixed_args(argv)
     if args.help:
         print("usage: grass-ft validate [--config FILE] [key=value ...]\n\n" + _keys_help())
         return 0
@@ -152,7 +163,7 @@ def cmd_plan(argv: list[str]) -> int:
     from .planner import detect_budgets
     from .planner.table import build_plan, render
 
-    args = _parser("grass-ft plan").parse_args(argv)
+    args = _parser("grass-ft plan").parse_intermixed_args(argv)
     if args.help:
         print("usage: grass-ft plan [--config FILE] [key=value ...]\n\nthe keys of `grass-ft train` (model, batch_size, "
               "max_seq_len, dtype, gradient_checkpointing, fsdp, device_memory, host_memory, memory_margin, ...) and:\n"
@@ -209,20 +220,26 @@ def _exact(plan, cfg: TrainConfig) -> dict | None:
 
 
 def cmd_eval(argv: list[str]) -> int:
-    from .evaluate import run_eval
+    from .evaluate import check_eval_output_dir, evaluate_run_model, run_eval, run_of
 
-    args = _parser("grass-ft eval").parse_args(argv)
+    args = _parser("grass-ft eval").parse_intermixed_args(argv)
     # task unset: each example's own "task" key, else the data's folder name; otherwise task= is required
     allowed = {"model": None, "data": None, "task": None, "eval_samples": "100", "output_dir": "runs/eval",
                "mode": "generate", "max_new_tokens": "160", "batch_size": "16", "max_seq_len": "256",
-               "chat_template": None}
+               "chat_template": None, "overwrite_output_dir": "false"}
     if args.help:
         print("usage: grass-ft eval model=PATH data=FILE|DIR|GENERATOR [task=NAME] [eval_samples=N] "
-              "[output_dir=DIR] [mode=generate|loglik] [max_new_tokens=N] [batch_size=N] [chat_template=FILE.jinja]")
+              "[output_dir=DIR] [mode=generate|loglik] [max_new_tokens=N] [batch_size=N] [chat_template=FILE.jinja] "
+              "[overwrite_output_dir=true]\n       grass-ft eval model=RUN/final [output_dir=DIR]   (the run's own "
+              "held-out examples and evaluation settings)")
         return 0
     kv = parse_overrides(args.overrides)
     errors = [unknown_key_message(k, allowed) for k in kv if k not in allowed]
-    errors += [f"`{k}` is required" for k in ("model", "data") if k not in kv]
+    run = run_of(kv["model"]) if kv.get("model") and "data" not in kv else None
+    errors += [f"`{k}` is required" for k in ("model", "data") if k not in kv and not (k == "data" and run)]
+    if run is not None:  # the run's held-out examples, with the run's task and evaluation settings
+        errors += [f"`{k}` is the run's own without data= (its config.yaml); give data= to evaluate other examples"
+                   for k in kv if k in allowed and k not in ("model", "output_dir", "overwrite_output_dir")]
     if kv.get("task"):
         from .tasks import canonical_task
 
@@ -231,17 +248,28 @@ def cmd_eval(argv: list[str]) -> int:
         except ValueError as e:
             errors.append(f"`task`: {e}")
     vals = {**{k: v for k, v in allowed.items() if v is not None}, **kv}
-    for k in ("eval_samples", "max_new_tokens", "batch_size", "max_seq_len"):
+    for k, least in (("eval_samples", 1), ("max_new_tokens", 1), ("batch_size", 1), ("max_seq_len", 8)):
         if k in vals and not str(vals[k]).lstrip("-").isdigit():
             errors.append(f"`{k}` must be an integer, got {vals[k]!r}")
+        elif k in vals and int(vals[k]) < least:
+            errors.append(f"`{k}` must be >= {least}, got {vals[k]!r}")
     if vals.get("mode") not in ("generate", "loglik"):
         errors.append(f"`mode` must be generate or loglik, got {vals.get('mode')!r}")
+    try:
+        overwrite = _coerce("overwrite_output_dir", vals["overwrite_output_dir"], bool)
+    except ValueError as e:
+        errors.append(str(e))
+        overwrite = False
+    errors += [] if errors else check_eval_output_dir(vals["output_dir"], overwrite)
     if errors:
         raise ConfigError(errors)
-    res = run_eval(vals["model"], vals["data"], vals.get("task"), int(vals["eval_samples"]), vals["output_dir"],
-                   mode=vals["mode"], max_new_tokens=int(vals["max_new_tokens"]),
-                   batch_size=int(vals["batch_size"]), max_seq_len=int(vals["max_seq_len"]),
-                   chat_template=vals.get("chat_template"))
+    if run is not None:
+        res = evaluate_run_model(vals["model"], vals["output_dir"])
+    else:
+        res = run_eval(vals["model"], vals["data"], vals.get("task"), int(vals["eval_samples"]), vals["output_dir"],
+                       mode=vals["mode"], max_new_tokens=int(vals["max_new_tokens"]),
+                       batch_size=int(vals["batch_size"]), max_seq_len=int(vals["max_seq_len"]),
+                       chat_template=vals.get("chat_template"))
     acc = "n/a (no example with a gold answer)" if res["accuracy"] is None else f"{res['accuracy']:.1%}"
     print(f"accuracy {acc} on n={res['n']}" +
           "".join(f"\n  {t}: {r['accuracy']:.1%} (n={r['n']})" for t, r in res.get("per_task", {}).items()) +
@@ -263,7 +291,7 @@ def cmd_compare(argv: list[str]) -> int:
     """Exit 0 when every method finished, 1 when one failed (it is in the table with its error), 2 on bad keys."""
     from .compare import plan_compare, run_compare
 
-    args = _parser("grass-ft compare").parse_args(argv)
+    args = _parser("grass-ft compare").parse_intermixed_args(argv)
     if args.help:
         print("usage: grass-ft compare [--config FILE] [--quiet] [methods=a,b,...] [output_dir=DIR] [key=value ...] "
               "[METHOD.key=value ...]\n\n  methods     comma-separated (default: fft,lora,dora,lisa,grass,grass-static)"
@@ -287,13 +315,26 @@ def cmd_plot(argv: list[str]) -> int:
         return 0
     for d in map(Path, argv):
         if (d / "results.json").is_file():
-            paths = plot_compare(d, json.loads((d / "results.json").read_text()))
+            paths = plot_compare(d, _compare_rows(d / "results.json"))
         elif (d / "metrics.jsonl").is_file():
             paths = plot_run(d)
         else:
             raise RunError(f"{d} is neither a run directory (metrics.jsonl) nor a compare directory (results.json)")
         print(f"{d}: wrote {', '.join(p.name for p in paths) or 'no charts (no logged steps)'}")
     return 0
+
+
+def _compare_rows(path: Path) -> list[dict]:
+    """The rows of a compare's results.json (one object per method), or one line saying what is wrong with it."""
+    from .report import read_json
+
+    rows = read_json(path)
+    if not (isinstance(rows, list) and all(isinstance(r, dict) and "method" in r for r in rows)):
+        from .train import RunError
+
+        raise RunError(f"{path} is not a compare's results (expected a list with one object per method, each with "
+                       f"`method`); `grass-ft compare` rewrites it")
+    return rows
 
 
 COMMANDS = {"train": cmd_train, "plan": cmd_plan, "eval": cmd_eval, "validate": cmd_validate,

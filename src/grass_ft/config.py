@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from .errors import UserError
+from .errors import UserError, not_utf8
 from .registry import METHODS, traits, with_fsdp
 
 
@@ -212,11 +212,15 @@ REPORT_TO = ("none", "tensorboard", "wandb")
 
 
 class ConfigError(UserError, ValueError):
-    """One or more configuration errors; ``errors`` holds each message, ``str()`` lists them all."""
+    """One or more configuration errors; ``errors`` holds each message, ``str()`` lists them all (one error: one
+    line, as every other bad input gets)."""
 
     def __init__(self, errors: list[str]):
         self.errors = list(errors)
-        super().__init__("invalid configuration:\n" + "\n".join(f"  - {e}" for e in self.errors))
+        if len(self.errors) == 1:
+            super().__init__(f"invalid configuration: {self.errors[0]}")
+        else:
+            super().__init__("invalid configuration:\n" + "\n".join(f"  - {e}" for e in self.errors))
 
 
 def unknown_key_message(key: str, known: typing.Iterable[str]) -> str:
@@ -302,9 +306,11 @@ def build_config(config_file: str | None = None, overrides: dict[str, Any] | Non
     if config_file is not None:
         path = Path(config_file)
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except OSError as e:
             raise ConfigError([f"config file {path}: {e.strerror}"]) from None
+        except UnicodeDecodeError as e:
+            raise ConfigError([not_utf8(path, e)]) from None
         except yaml.YAMLError as e:
             raise ConfigError([f"config file {path}: not valid YAML ({e})"]) from None
         if not isinstance(loaded, dict):
@@ -370,8 +376,8 @@ def validate(cfg: TrainConfig, num_blocks: int | None = None, known_methods: typ
     ``num_blocks`` (once the model is known) bounds gamma; ``known_methods`` comes from the method registry,
     which sits above this module, so the caller passes it in.
     """
-    skip = skip or set()
-    errs: list[str] = []
+    errs: list[str] = non_finite_errors(cfg, skip or set())
+    skip = (skip or set()) | {e.split("`")[1] for e in errs}  # one error per key: inf is not also "must be > 0"
 
     def check(key: str, ok: bool, msg: str) -> None:
         if key not in skip and not ok:
@@ -443,6 +449,8 @@ def validate(cfg: TrainConfig, num_blocks: int | None = None, known_methods: typ
     check("save_steps", cfg.save_steps >= 0, "must be >= 0 (0: no checkpoints)")
     check("save_total_limit", cfg.save_total_limit >= 0, "must be >= 0 (0: keep all)")
     check("data", bool(cfg.data), "must name a generator, a file, a directory or a hub data set")
+    check("output_dir", bool(str(cfg.output_dir).strip()), "must name a directory (empty would write the run into "
+                                                           "the current directory)")
     if "data" not in skip and cfg.data and cfg.data.endswith(DATA_FILE_SUFFIXES) and not Path(cfg.data).is_file():
         errs.append(f"`data` file {cfg.data!r} does not exist")
     if cfg.eval_data and cfg.eval_data.endswith(DATA_FILE_SUFFIXES) and not Path(cfg.eval_data).is_file():
@@ -486,6 +494,13 @@ def parse_size(key: str, text: str | int | float) -> int:
         raise ConfigError([f"`{key}` must be a size such as 24GiB or 80GB (units: {', '.join(_SIZE_UNITS)}; "
                            f"GB = 10^9 bytes, GiB = 2^30), got {text!r}{hint}"])
     return int(float(m.group(1)) * _SIZE_UNITS[unit])
+
+
+def non_finite_errors(cfg: Any, skip: set[str] = frozenset()) -> list[str]:
+    """An error for every float key holding ``inf`` or ``nan`` (``float("inf")`` parses, and ``weight_decay=inf``
+    once trained 4 steps into a model of NaN that exited 0: issue 28); range checks never see such a value."""
+    return [f"`{f.name}` must be a finite number, got {getattr(cfg, f.name)!r}" for f in dataclasses.fields(cfg)
+            if f.name not in skip and isinstance(getattr(cfg, f.name), float) and not math.isfinite(getattr(cfg, f.name))]
 
 
 def lora_targets(spec: str | None) -> list[str] | str:

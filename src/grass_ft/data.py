@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from . import formats
-from .errors import UserError
+from .errors import UserError, not_utf8
 from .formats import IGNORE_INDEX, FormatError
 from .tasks import gold_answer
 
@@ -78,12 +78,7 @@ def read_json_objects(path: str | Path) -> list[tuple[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file {path} does not exist")
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: not valid UTF-8 (byte 0x{raw[e.start]:02x}); save the file as UTF-8") from None
+    text = read_utf8(path)
     if not text.strip():
         raise DataError(f"data file {path} is empty")
     if text.lstrip().startswith("["):
@@ -105,6 +100,18 @@ def read_json_objects(path: str | Path) -> list[tuple[str, Any]]:
     if not out:
         raise DataError(f"data file {path} holds no examples")
     return out
+
+
+def read_utf8(path: Path) -> str:
+    """The text of a data file: UTF-8, with or without the byte-order mark Windows tools write (Excel, Notepad).
+
+    Raises:
+        DataError: the file is not UTF-8, naming the line, the byte offset and the encoding to save it in.
+    """
+    try:
+        return path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(not_utf8(path, e)) from None
 
 
 def load_json_examples(path: str | Path) -> list[dict[str, Any]]:
@@ -181,6 +188,8 @@ def _load_dataset(spec: str, split: str, config: str | None, streaming: bool = F
             if path.suffix not in DATA_SUFFIXES:
                 raise DataError(f"data file {spec}: unsupported type {path.suffix or '(none)'}; use "
                                 f"{', '.join(DATA_SUFFIXES)}")
+            if path.suffix == ".csv":
+                read_utf8(path)  # datasets' own error for another encoding names neither the file nor the byte
             return datasets.load_dataset(DATA_SUFFIXES[path.suffix], data_files=str(path), split="train",
                                          streaming=streaming)
         return datasets.load_dataset(str(Path(spec).expanduser()) if kind == "dir" else spec, config,

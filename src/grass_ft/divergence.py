@@ -4,14 +4,20 @@ A step is *bad* when its loss or gradient norm is non-finite (the update was ski
 *stuck*: the loss sits at ln(vocabulary size), the cross-entropy of a uniform guess, with a zero or non-finite
 gradient norm. That is what a far too large learning rate leaves (issue 13: ``lr=1e6`` gave loss ln(V) and
 grad_norm 0 from step 2 while the run exited 0). The run stops with :class:`DivergenceError` after
-``max_bad_steps`` bad steps in a row, and at the end it fails, instead of saving ``final/``, if its last step
-was stuck or every update step since the last good one was bad.
+``max_bad_steps`` bad steps in a row, and at the end it fails, instead of saving ``final/``, if it ended on bad
+steps: every update step since the last good one was bad (issue 28: ``lr=1e30 max_grad_norm=0`` ended on a NaN step
+after a good one and exited 0 with NaN weights, because the rule then demanded that *every* step was bad).
+
+Independently of the losses, the weights themselves are checked (:func:`nonfinite_tensors`) before a checkpoint
+or ``final/`` is written: a model with an inf or NaN weight is never saved as if it were sound.
 """
 
 from __future__ import annotations
 
 import math
 from typing import Any
+
+import torch
 
 from .errors import DivergenceError
 
@@ -48,6 +54,7 @@ class DivergenceWatch:
         self.streak_start: int | None = None
         self.updates = 0
         self.last: dict[str, Any] | None = None  # the latest bad step: step, loss, grad_norm, stuck
+        self.last_good: int | None = None  # the latest update step that was not bad
 
     def is_stuck(self, loss: float, grad_norm: float | None) -> bool:
         if self.uniform_loss is None or grad_norm is None or not math.isfinite(loss):
@@ -62,7 +69,7 @@ class DivergenceWatch:
         self.updates += 1
         stuck = self.is_stuck(loss, grad_norm)
         if not (skipped or stuck):
-            self.streak, self.streak_start, self.last = 0, None, None
+            self.streak, self.streak_start, self.last, self.last_good = 0, None, None, step
             return
         self.streak += 1
         self.streak_start = step if self.streak_start is None else self.streak_start
@@ -71,15 +78,17 @@ class DivergenceWatch:
             raise DivergenceError(self._message())
 
     def check_end(self) -> None:
-        """At the end of training: refuse to save a model whose last step was stuck, or whose every update
-        step since the last good one was bad (a run shorter than ``max_bad_steps`` that never recovered)."""
-        if self.last is not None and (self.last["stuck"] or self.streak >= min(self.max_bad_steps, self.updates)):
+        """At the end of training: refuse to save a model that ended on bad steps (stuck, or non-finite since the
+        last good step): a run shorter than ``max_bad_steps``, or one that went bad in its last steps, that never
+        recovered. A bad step followed by a good one is only counted (``skipped_steps``)."""
+        if self.last is not None:
             raise DivergenceError(self._message())
 
     def _message(self) -> str:
         last = self.last or {}
+        good = f" (the last good step was {self.last_good})" if self.last_good is not None else ""
         hint = (f"lower `lr` (now {self.lr:g}), keep `max_grad_norm` > 0, or check the data for examples without "
-                f"answer tokens; no final/ or summary.json was written")
+                f"answer tokens; no final/ or summary.json was written{good}")
         if last.get("stuck"):
             gn = "zero" if last["grad_norm"] == 0 else "non-finite"
             return (f"training diverged at step {self.streak_start}: the loss is {last['loss']:.4f} = ln(vocabulary "
@@ -88,10 +97,33 @@ class DivergenceWatch:
         return (f"training diverged at step {self.streak_start}: {self.streak} consecutive step(s) up to step "
                 f"{last.get('step')} had a non-finite loss or gradient norm; {hint}")
 
+    def weights_message(self, step: int, first: str, n_bad: int, total: int) -> str:
+        """The line for weights that are not finite after ``step``: which tensors, which step broke them (the
+        last one that updated with a finite loss, when a bad streak followed it) and what to try."""
+        broke = (f"step {self.last_good}'s update broke them (every later step had a non-finite loss or gradient)"
+                 if self.last is not None and self.last_good is not None else
+                 f"an update up to step {step} broke them")
+        shown = first + (f" and {n_bad - 1} more" if n_bad > 1 else "")
+        return (f"training diverged: after step {step} the weights are not finite ({n_bad} of {total} tensors: "
+                f"{shown}); {broke}. Lower `lr` (now {self.lr:g}), keep `max_grad_norm` > 0 and `weight_decay` "
+                f"small; no final/ or summary.json was written")
+
     def state_dict(self) -> dict[str, Any]:
         return {"streak": self.streak, "streak_start": self.streak_start, "updates": self.updates,
-                "last": self.last}
+                "last": self.last, "last_good": self.last_good}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.streak, self.streak_start = int(state["streak"]), state["streak_start"]
         self.updates, self.last = int(state["updates"]), state["last"]
+        self.last_good = state.get("last_good")  # absent from checkpoints written before issue 28
+
+
+def nonfinite_tensors(named) -> list[str]:
+    """Names of the tensors in ``named`` (``(name, tensor)`` pairs) holding an inf or NaN; a sharded (DTensor)
+    parameter is read through its local shard, so this is no collective."""
+    bad = []
+    for name, t in named:
+        local = t.to_local() if hasattr(t, "to_local") else t
+        if local.is_floating_point() and not bool(torch.isfinite(local).all()):
+            bad.append(name)
+    return bad

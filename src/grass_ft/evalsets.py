@@ -143,7 +143,7 @@ def load_bigbench(path: str | Path, task: str = "bigbench") -> list[dict[str, An
     if not p.is_file():
         raise DataError(f"BIG-bench task file {p} does not exist")
     try:
-        obj = json.loads(p.read_text(encoding="utf-8"))
+        obj = json.loads(data_mod.read_utf8(p))
     except json.JSONDecodeError as e:
         raise DataError(f"{p}:{e.lineno}: not valid JSON ({e.msg})") from None
     if not isinstance(obj, dict) or not isinstance(obj.get("examples"), list):

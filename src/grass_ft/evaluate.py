@@ -159,6 +159,83 @@ def load_for_eval(model_path: str | Path):
     return load_model_and_tokenizer(str(model_path))
 
 
+def _check_loglik(examples: Sequence[dict[str, Any]], task: str | None, data: Any) -> None:
+    """``mode=loglik`` needs answer options for every scored example; fail before the model loads, not after."""
+    from grass_ft.tasks import choices_for
+
+    for i, ex in enumerate(examples):
+        if scorable(ex):
+            try:
+                choices_for(ex, example_task(ex, task))
+            except ValueError as e:
+                raise ConfigError([f"`mode` loglik: evaluation data {data}, example {i}: {e}"]) from None
+
+
+def run_of(model_path: str | Path) -> Path | None:
+    """The training run a model directory belongs to (its ``final/`` or a ``checkpoint-N`` beside the run's
+    ``config.yaml``), or None."""
+    from grass_ft.checkpoint import CHECKPOINT_RE
+
+    p = Path(model_path)
+    if (p.name == "final" or CHECKPOINT_RE.match(p.name)) and (p.parent / "config.yaml").is_file():
+        return p.parent
+    return None
+
+
+def evaluate_run_model(model_path: str | Path, output_dir: str | Path, progress: bool = True) -> dict[str, Any]:
+    """Evaluate a run's model (``final/`` or a checkpoint) on that run's held-out examples, with its evaluation
+    settings, exactly as the run's own evaluation after training does; writes ``eval.json`` and
+    ``predictions.jsonl``. What ``grass-ft eval model=RUN/final`` does without ``data=`` (issue 28: an
+    evaluation cut short after ``final/`` was written is finished this way).
+
+    Raises:
+        DataError: the run holds out no examples (``eval_samples=0``), or its data cannot be read any more.
+    """
+    from grass_ft.config import build_config
+    from grass_ft.data import load_data
+
+    run = run_of(model_path)
+    cfg = build_config(str(run / "config.yaml"))
+    held = load_data(cfg).held if cfg.eval_samples else []
+    if not held:
+        raise DataError(f"the run in {run} holds out no examples (eval_samples=0); give data=FILE (and task=NAME) "
+                        f"to evaluate {model_path} on")
+    model, tokenizer = load_for_eval(model_path)
+    prepare_tokenizer(tokenizer, cfg.chat_template, held, cfg.model)
+    model.to("cuda" if torch.cuda.is_available() else "cpu")
+    start = time.perf_counter()
+    result = evaluate(model, tokenizer, held, task=cfg.task, loss_only=cfg.eval_loss_only_tasks,
+                      max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size, max_seq_len=cfg.max_seq_len,
+                      progress=progress)
+    result.update(label="after", model=str(model_path), data=cfg.eval_data or cfg.data,
+                  wall_time_s=round(time.perf_counter() - start, 3))
+    write_eval(output_dir, result)
+    return result
+
+
+def check_eval_output_dir(output_dir: str, overwrite: bool) -> list[str]:
+    """``grass-ft eval``'s output directory: named, a directory (or creatable), and holding no evaluation it would
+    replace unless ``overwrite``. Returns the errors; one warning line names what ``overwrite`` replaces."""
+    import sys
+
+    out = Path(output_dir)
+    if not str(output_dir).strip():
+        return ["`output_dir` must name a directory (empty would write into the current directory)"]
+    existing = next(p for p in [out, *out.absolute().parents] if p.exists())
+    if not existing.is_dir():
+        return [f"`output_dir` {output_dir!r} is not writable: Not a directory ({existing})"]
+    held = [n for n in ("eval.json", "predictions.jsonl") if (out / n).exists()]
+    if not held:
+        return []
+    whose = "a training run's evaluation" if (out / "config.yaml").is_file() else "an earlier evaluation"
+    if not overwrite:
+        return [f"`output_dir` {output_dir!r} already holds {' and '.join(held)} ({whose}); pass "
+                f"overwrite_output_dir=true to replace them, or choose another output_dir"]
+    print(f"grass-ft eval: warning: overwrite_output_dir: replacing {' and '.join(held)} ({whose}) in {out}",
+          file=sys.stderr)
+    return []
+
+
 def model_note(model_path: str | Path) -> str | None:
     """A caveat to report with results, e.g. that a packaged model's weights went through 4-bit quantisation."""
     from grass_ft.models import PACKAGED_NOTE
@@ -213,6 +290,8 @@ def run_eval(model_path: str | Path, data: str | Path, task: str | None = None, 
     if task is None and any(scorable(ex) and not ex.get("task") for ex in examples):
         raise DataError(f"evaluation data {data}: examples without a `task` key need task=NAME (the answer rule, "
                         f"e.g. gsm8k)")
+    if mode == "loglik":
+        _check_loglik(examples, task, data)
     start = time.perf_counter()
     model, tokenizer = load_for_eval(model_path)
     prepare_tokenizer(tokenizer, chat_template, examples, str(model_path))  # chat rows need a template

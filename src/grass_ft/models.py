@@ -338,19 +338,29 @@ def num_blocks_hint(spec: str) -> int | None:
 
     Lets ``grass-ft validate`` and ``train`` check ``gamma`` before anything heavy is loaded.
     """
-    path = packaged_model_dir(spec, convert=False) if spec in PACKAGED and _prepared(spec) else Path(spec)
-    cfg_file = Path(path) / "config.json"
-    if not cfg_file.is_file():
-        return None
-    try:
-        cfg = json.loads(cfg_file.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    cfg = cfg.get("text_config", cfg)
+    cfg = _text_config(spec)
     for key in ("num_hidden_layers", "n_layer", "num_layers"):
         if isinstance(cfg.get(key), int):
             return cfg[key]
     return None
+
+
+def vocab_size_hint(spec: str) -> int | None:
+    """Rows of the input embedding from a local model's ``config.json`` (``vocab_size``), None if unknown."""
+    size = _text_config(spec).get("vocab_size")
+    return size if isinstance(size, int) else None
+
+
+def _text_config(spec: str) -> dict:
+    """A local (or prepared packaged) model's ``config.json``, its ``text_config`` for a multimodal wrapper; empty
+    when there is none to read (a hub id, a missing or damaged file: the model check reports those)."""
+    path = packaged_model_dir(spec, convert=False) if spec in PACKAGED and _prepared(spec) else Path(spec)
+    cfg_file = Path(path) / "config.json"
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return cfg.get("text_config", cfg) if isinstance(cfg, dict) else {}
 
 
 def _prepared(name: str) -> bool:

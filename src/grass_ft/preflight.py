@@ -99,10 +99,25 @@ def check_held_out(cfg: TrainConfig, held: list[dict[str, Any]], loss_only: set[
         task = str(ex.get("task") or cfg.task)
         if task in loss_only:
             continue
+        if not str(ex.get("answer") or "").strip():
+            raise data_mod.DataError(f"{source}: held-out example {i}: {no_answer_hint(ex, task)}")
         try:
             parse_gold(canonical_task(task), ex.get("answer", ""))
         except ValueError as e:
             raise data_mod.DataError(f"{source}: held-out example {i}: {e}") from None
+
+
+def no_answer_hint(example: dict[str, Any], task: str) -> str:
+    """Why a held-out example without a gold answer cannot be scored, and the two ways on: an ``answer`` field (for
+    rows that have a prompt), or scoring the held-out loss only."""
+    from .formats import has_prompt, row_format
+
+    fmt = row_format(example)
+    loss_only = f"eval_loss_only_tasks={task} to score the held-out loss only (or eval_samples=0)"
+    if not has_prompt(example):
+        return (f"format {fmt} rows have no prompt to answer, so task={task} cannot score them; set {loss_only}")
+    return (f"no gold answer to score it by task={task} (format {fmt} rows carry none): add an `answer` field to "
+            f"the rows (and set task= to its answer rule), or set {loss_only}")
 
 
 def check_batch(n: int, cfg: TrainConfig, world_size: int, what: str = "training examples") -> None:
@@ -157,6 +172,24 @@ def preflight(cfg: TrainConfig, world_size: int = 1, check_dir: bool = True, gen
     if errors:
         raise ConfigError([str(e) for e in errors])
     return pf
+
+
+def check_token_ids(features, cfg: TrainConfig) -> None:
+    """Every token id the tokenizer produced has a row in the model's embedding (a tokenizer from another model,
+    or one with added tokens the model was never resized for, fails here, not as an IndexError mid-step).
+
+    Raises:
+        ModelError: naming the largest id, the model's vocabulary size and the fix.
+    """
+    from .models import ModelError, vocab_size_hint
+
+    vocab = vocab_size_hint(cfg.model)
+    ids = features["input_ids"] if hasattr(features, "select") else [f["input_ids"] for f in features]
+    top = max((max(row) for row in ids if len(row)), default=-1)
+    if vocab is not None and top >= vocab:
+        raise ModelError(f"the tokenizer of model {cfg.model!r} produces token id {top}, but the model's vocabulary "
+                         f"has {vocab} rows (vocab_size in its config.json): the tokenizer does not belong to this "
+                         f"model; use the tokenizer files saved with the model (or resize its embeddings first)")
 
 
 def supervised_features(features: list[dict[str, list[int]]], cfg: TrainConfig,

@@ -58,12 +58,29 @@ class Run:
         return max((m["step"] for m in self.metrics), default=-1) + 1
 
 
+def read_json(path: Path) -> Any:
+    """A JSON file written by grass-ft, or one line naming it and where it is damaged (a killed copy, an edit)."""
+    from .errors import UserError, not_utf8
+
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise UserError(not_utf8(path, e)) from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); the file is damaged") from None
+
+
 def load_run(path: str | Path, method: str | None = None) -> Run:
     path = Path(path)
     config: dict[str, Any] = {}
     if (path / "config.yaml").is_file():
-        config = yaml.safe_load((path / "config.yaml").read_text()) or {}
-    summary = json.loads((path / "summary.json").read_text()) if (path / "summary.json").is_file() else {}
+        try:
+            config = yaml.safe_load((path / "config.yaml").read_text()) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            from .errors import UserError
+
+            raise UserError(f"{path / 'config.yaml'}: not valid YAML ({str(e).splitlines()[0]})") from None
+    summary = read_json(path / "summary.json") if (path / "summary.json").is_file() else {}
     return Run(path=path, method=method or config.get("method") or summary.get("method") or path.name,
                metrics=read_jsonl(path / "metrics.jsonl"), events=read_jsonl(path / "layers.jsonl"),
                summary=summary, config=config)

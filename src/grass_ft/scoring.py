@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from grass_ft.data import IGNORE_INDEX, collate, tokenize_example
+from grass_ft.data import IGNORE_INDEX, DataError, collate, tokenize_example
 from grass_ft.formats import has_prompt, prompt_ids, prompt_text
 from grass_ft.tasks import (answers_match, canonical_task, choice_target, choices_for, example_task, extract_answer,
                             parse_gold)
@@ -312,6 +312,7 @@ def eval_loss_by_task(model: torch.nn.Module, tokenizer, examples: Sequence[dict
         model.train(was_training)
     count = sum(n for _, n in sums.values())
     if count == 0:
-        raise ValueError(f"no output tokens to score: every example's prompt fills max_seq_len={max_seq_len}")
+        raise DataError(f"no output tokens to score: every example's prompt fills max_seq_len={max_seq_len}; "
+                        f"raise max_seq_len")
     return (sum(v for v, _ in sums.values()) / count,
             {t: v / n for t, (v, n) in sums.items() if n > 0})

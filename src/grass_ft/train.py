@@ -38,11 +38,11 @@ from .logging_sinks import MetricSinks
 from .distributed import Distributed, init_distributed
 from .config import ConfigError, TrainConfig, save_config, validate
 from .divergence import DivergenceWatch, vocab_size
-from .errors import UserError
+from .errors import DivergenceError, UserError
 from .loss import enable_supervised_loss, full_loss, loss_forward
 from .methods import Prepared, method_names, prepare, resolved_offload, step_budget
 from .models import PACKAGED_NOTE, block_layout, enable_checkpointing, load_model, load_tokenizer
-from .preflight import FINISHED, RUN_FILES, RunError, preflight, supervised_features
+from .preflight import FINISHED, RUN_FILES, RunError, check_token_ids, preflight, supervised_features
 from .registry import traits
 from .planner.resolve import choice_line, write_record
 from .step import StepRunner, lr_factor, optimizer_state_bytes
@@ -99,17 +99,21 @@ def output_dir_lock(out: Path):
 
 
 def prepare_output_dir(path: str | Path, resuming: bool = False,
-                       held: ExitStack | None = None) -> Path:
+                       held: ExitStack | None = None, decide=None) -> Path:
     """Create ``path`` (after :func:`~grass_ft.preflight.preflight` allowed it) and clear what this run replaces.
 
     With ``held``, the directory is locked for the run (:func:`output_dir_lock`, released when ``held`` closes)
-    before anything in it is removed.
+    before anything in it is removed, and ``decide()`` runs under the lock: the checks made before it (without the
+    lock) may be stale, since another run may have finished there meanwhile (issue 28: the second run deleted the
+    first's finished run). A directory this run created is removed again if the run leaves it empty.
 
     Removes the hidden temporaries a killed write left, then a previous run's outputs: all of them for a new
     run (the checks allowed that only for an empty directory or with ``overwrite_output_dir``); for a resumed
     run only ``final/``, ``summary.json`` and the evaluation files, so that a run that fails never looks finished.
     """
     out = Path(path)
+    if held is not None and not out.exists():
+        held.callback(_remove_if_empty, out)  # runs after the lock is released (an ExitStack unwinds in reverse)
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write-test"
@@ -119,6 +123,8 @@ def prepare_output_dir(path: str | Path, resuming: bool = False,
         raise RunError(f"`output_dir` {str(out)!r} is not writable: {e.strerror}") from None
     if held is not None:
         held.enter_context(output_dir_lock(out))
+    if decide is not None:
+        decide()
     removed = remove_stale_temporaries(out)
     if removed:
         warn(f"removed {len(removed)} unfinished temporary file(s) a killed run left in {out}: {', '.join(removed)}")
@@ -135,6 +141,14 @@ def prepare_output_dir(path: str | Path, resuming: bool = False,
         elif path_.exists():
             path_.unlink()
     return out
+
+
+def _remove_if_empty(out: Path) -> None:
+    """Remove ``out`` if nothing is in it (a run that failed before writing anything leaves no directory)."""
+    try:
+        out.rmdir()
+    except OSError:
+        pass  # not empty (the run wrote something, or another run did): kept
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -159,10 +173,13 @@ def save_final(model, tokenizer, out: Path) -> Path:
 def evaluate_model(model, tokenizer, examples: list[dict], cfg: TrainConfig, desc: str) -> dict[str, Any]:
     """Held-out eval loss (overall and per task) and accuracy through :func:`grass_ft.evaluate.evaluate`, the
     entry point ``grass-ft eval`` uses too; tasks in ``eval_loss_only_tasks`` get an eval loss only."""
+    from transformers.utils import logging as hf_logging
+
     from .evaluate import evaluate
 
     res = evaluate(model, tokenizer, examples, task=cfg.task, loss_only=cfg.eval_loss_only_tasks,
-                   max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size, max_seq_len=cfg.max_seq_len)
+                   max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size, max_seq_len=cfg.max_seq_len,
+                   progress=hf_logging.is_progress_bar_enabled())  # off under --quiet, as transformers' own bars
     return {**res, "label": desc} if res else {}
 
 
@@ -184,13 +201,73 @@ def run_train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     Under torchrun / accelerate launch every rank runs this; rank 0 alone writes files and evaluates.
     """
     dist = init_distributed()
+    stage = RunStage()
     try:
         with ExitStack() as held:  # the output directory's lock, for as long as the run lasts
-            return _run_train(cfg, progress, dist, held)
+            return _run_train(cfg, progress, dist, held, stage)
     except torch.OutOfMemoryError as e:
         raise RunError(out_of_memory_message(cfg, e)) from None
+    except DivergenceError as e:
+        raise DivergenceError(f"{e}; {_kept_checkpoint(cfg)}") from None
+    except KeyboardInterrupt as e:
+        e.run_stage = stage  # what the interrupted run had done: the CLI's message names what works from there
+        raise
     finally:
         dist.close()
+
+
+@dataclass
+class RunStage:
+    """How far a run got, for the message of an interruption: whether it had claimed its output directory (before
+    that, nothing in it was touched)."""
+    claimed: bool = False
+
+
+def _kept_checkpoint(cfg: TrainConfig) -> str:
+    """What a diverged run leaves to go back to: its newest checkpoint (every checkpoint holds finite weights)."""
+    newest = _newest_checkpoint(Path(cfg.output_dir))
+    if newest is None:
+        return "no checkpoint was written before it (save_steps=N keeps one to go back to)"
+    return (f"the checkpoints from before it went bad are kept, the newest {newest} (a resume must keep lr, so a "
+            f"lower lr starts a new run: another output_dir, or overwrite_output_dir=true)")
+
+
+def _newest_checkpoint(out: Path) -> Path | None:
+    """The checkpoint ``resume=auto`` would take in ``out`` (None: none, or every one damaged)."""
+    from .checkpoint import find_checkpoint
+
+    try:
+        return find_checkpoint(out, "auto")
+    except UserError:
+        return None
+
+
+def interrupted_state(cfg: TrainConfig, stage: RunStage | None, command: list[str]) -> str:
+    """The half of an interruption's line that says what is on disk and the command that works from there.
+
+    Args:
+        cfg: the interrupted run's configuration.
+        stage: how far it got (None: unknown, read from the disk alone).
+        command: the ``grass-ft train`` command line that was interrupted.
+    """
+    import shlex
+
+    out = Path(cfg.output_dir)
+    again = shlex.join([a for a in command if a.split("=")[0] not in ("resume", "resume_from_checkpoint")]
+                       + ["resume=auto"])
+    if stage is not None and not stage.claimed:
+        return f"nothing in {out} was touched; `{shlex.join(command)}` starts the run"
+    if (out / "final").is_dir() and not (out / "summary.json").exists():
+        if cfg.eval_samples == 0:
+            return f"training finished: {out / 'final'} holds the trained model (summary.json was not written)"
+        overwrite = " overwrite_output_dir=true" if (out / "eval.json").exists() else ""
+        return (f"training finished and {out / 'final'} holds the trained model, but the evaluation after it was "
+                f"cut short (no summary.json): `grass-ft eval model={shlex.quote(str(out / 'final'))} "
+                f"output_dir={shlex.quote(str(out))}{overwrite}` evaluates it on the run's held-out examples")
+    newest = _newest_checkpoint(out)
+    if newest is not None:
+        return f"the newest checkpoint, {newest}, is intact: `{again}` continues from it"
+    return f"no checkpoint was written (save_steps=N writes them); `{again}` starts the run again"
 
 
 def sweep_outlasts_run(cfg: TrainConfig, sampler, n_steps: int) -> str | None:
@@ -254,13 +331,15 @@ def _fitting_settings(cfg: TrainConfig, most: int = 4) -> list[str]:
     return out[:most]
 
 
-def _run_train(cfg: TrainConfig, progress: bool, dist: Distributed, held: ExitStack) -> dict[str, Any]:
+def _run_train(cfg: TrainConfig, progress: bool, dist: Distributed, held: ExitStack,
+               stage: RunStage) -> dict[str, Any]:
     """The recipe: every check that needs no weights, then the output directory, the model, the method, a resume,
     the loop, and the finished run's files. Each step is a helper below; only the loop carries state."""
     _check_fsdp(cfg, dist)
     inputs = _check_and_tokenize(cfg, dist)
     cfg, choice = _resolve_auto(cfg, dist)  # after the checks that need no weights: bad input fails first
-    out = _claim_output_dir(cfg, dist, held, resuming=inputs.checkpoint is not None)
+    out = _claim_output_dir(cfg, dist, held, inputs.checkpoint)
+    stage.claimed = True
     if choice is not None and dist.is_main:
         tqdm.write(f"grass-ft: {choice_line(choice)}", file=sys.stderr)
         write_record(out, choice)
@@ -346,13 +425,14 @@ def _check_and_tokenize(cfg: TrainConfig, dist: Distributed) -> _Inputs:
     data_mod.prepare_tokenizer(tokenizer, cfg.chat_template, loaded.first_rows(), cfg.model)
     features = data_mod.tokenize_dataset(loaded.train, tokenizer, loaded.format, cfg.max_seq_len,
                                          cfg.train_on_inputs)
+    check_token_ids(features, cfg)
     features, dropped = supervised_features(features, cfg, dist.world_size)
     if dropped and dist.is_main:
         warn(dropped)
     return _Inputs(pf.checkpoint, tokenizer, features, loaded.held)
 
 
-def _claim_output_dir(cfg: TrainConfig, dist: Distributed, held: ExitStack, resuming: bool) -> Path:
+def _claim_output_dir(cfg: TrainConfig, dist: Distributed, held: ExitStack, checkpoint: Path | None) -> Path:
     """Only once every rank has passed its checks: create the output directory and remove a replaced run's files.
     Rank 0 alone touches the directory; its verdict (e.g. another run holds the directory) stops every rank with
     the same line, instead of leaving the others at a barrier until torchrun kills them."""
@@ -360,8 +440,9 @@ def _claim_output_dir(cfg: TrainConfig, dist: Distributed, held: ExitStack, resu
     out, refused = Path(cfg.output_dir), None
     if dist.is_main:
         try:
-            out = prepare_output_dir(cfg.output_dir, resuming=resuming, held=held)
-        except RunError as e:
+            out = prepare_output_dir(cfg.output_dir, resuming=checkpoint is not None, held=held,
+                                     decide=lambda: _decide_under_lock(cfg, dist.world_size, checkpoint))
+        except UserError as e:
             refused = e
     message = dist.from_main(str(refused) if refused else None)
     if refused:
@@ -371,11 +452,51 @@ def _claim_output_dir(cfg: TrainConfig, dist: Distributed, held: ExitStack, resu
     return out
 
 
+def _refuse_broken_weights(model, what: str, fix: str, error=None) -> None:
+    """Weights that hold an inf or NaN before training are broken where they came from; training them would
+    only be reported, wrongly, as a divergence ("lower lr")."""
+    from .divergence import nonfinite_tensors
+    from .models import ModelError
+
+    bad = nonfinite_tensors(model.named_parameters())
+    if bad:
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        raise (error or ModelError)(f"{what} holds weights that are not finite ({bad[0]}{more}): {fix}")
+
+
+def _decide_under_lock(cfg: TrainConfig, world_size: int, checkpoint: Path | None) -> None:
+    """The output directory's checks again, now that this run holds its lock: a run that finished (or wrote a
+    checkpoint) there since the checks before tokenising is refused like any other, and nothing is removed."""
+    from .preflight import check_output_dir, resolve_resume
+
+    check_output_dir(cfg)
+    now = resolve_resume(cfg, world_size, [])
+    if now != checkpoint:
+        raise RunError(f"`output_dir` {cfg.output_dir!r} changed while this run was starting (another run wrote "
+                       f"{now or 'to it'}); nothing was removed: run the command again")
+
+
+def _check_finite_weights(cfg: TrainConfig, dist: Distributed, run: _Method, step: int) -> None:
+    """Every rank: refuse to go on to a checkpoint or final/ from weights holding an inf or NaN. With fsdp each
+    rank holds a shard, so the count is summed over ranks (a collective: every rank calls this)."""
+    from .divergence import nonfinite_tensors
+
+    params = list(run.model.named_parameters())
+    bad = nonfinite_tensors(params)
+    n_bad = dist.sum_floats([len(bad)])[0] if cfg.fsdp else len(bad)
+    if n_bad:
+        first = bad[0] if bad else "on another rank's shard"
+        raise DivergenceError(run.watch.weights_message(step, first, int(n_bad), len(params)))
+
+
 def _load_model(cfg: TrainConfig, dist: Distributed):
     """The model, checked against the config (γ against its blocks), on this rank's device."""
     torch.manual_seed(cfg.seed)
     model = load_model(cfg.model, cfg.dtype)
     validate_for_model(cfg, model)
+    _refuse_broken_weights(model, f"model {cfg.model!r}", "the model files are damaged or were saved from a "
+                                                          "diverged run (training would report it, wrongly, as a "
+                                                          "divergence); use a sound copy")
     device = dist.device()
     model.to(device)
     if cfg.gradient_checkpointing:
@@ -448,6 +569,12 @@ def _resume(cfg: TrainConfig, checkpoint: Path, run: _Method, stream, out: Path,
     ``checkpoint``; the logs are cut back to its step. Returns the totals and the "before" evaluation it recorded."""
     load = load_sharded_checkpoint if cfg.fsdp else load_checkpoint
     trainer_state, extra = load(checkpoint, run.model, run.prepared.optimizer, run.scheduler)
+    if not cfg.fsdp:  # (a sharded model's shards are checked at its next checkpoint, by every rank together)
+        from .checkpoint import CheckpointError
+
+        _refuse_broken_weights(run.model, f"checkpoint {checkpoint}", "it was written from a broken model (or "
+                               "damaged since); resume from an older checkpoint with resume=PATH, or start a new run",
+                               CheckpointError)
     run.runner.load_state_dict(extra["runner"])
     if "watch" in extra:
         run.watch.load_state_dict(extra["watch"])
@@ -525,8 +652,9 @@ def _train_loop(cfg: TrainConfig, dist: Distributed, out: Path, run: _Method, st
             run.watch.observe(step, res.loss, res.grad_norm, res.probe, res.skipped)
             if cfg.save_steps and (step + 1) % cfg.save_steps == 0:
                 rng = gather_rng_states() if step + 1 < n_steps else None  # every rank's: all ranks call it
-                if (main or cfg.fsdp) and step + 1 < n_steps:
-                    _save_checkpoint(cfg, dist, out, run, stream, tokenizer, totals, before, rng)
+                if step + 1 < n_steps and _sound_to_save(cfg, dist, run, step):
+                    if main or cfg.fsdp:
+                        _save_checkpoint(cfg, dist, out, run, stream, tokenizer, totals, before, rng)
                 dist.barrier()  # no rank runs ahead of a checkpoint it may be killed and resumed from
             bar.set_postfix_str(f"loss {res.loss:.3f} | {'probe' if res.probe else 'blocks ' + _fmt_blocks(res.active)}"
                                 f" | {tps:.0f} tok/s")
@@ -537,6 +665,7 @@ def _train_loop(cfg: TrainConfig, dist: Distributed, out: Path, run: _Method, st
         sinks.close()
     wall_s = time.perf_counter() - t_start
     train_peak = peak_memory_bytes(device)  # before saving and the "after" evaluation (generation)
+    _check_finite_weights(cfg, dist, run, n_steps - 1)  # nor saved as final/ (the weights' own line first)
     run.watch.check_end()
     return _LoopResult(wall_s, train_peak, probe_peak, n_trainable, n_step_trainable)
 
@@ -549,6 +678,19 @@ def _log_peak_against_plan(choice: dict[str, Any], device: torch.device) -> None
     choice["measured_peak_bytes"] = peak_memory_bytes(device)
     line, off = peak_line(choice, choice["measured_peak_bytes"], device.type)
     (warn if off else lambda m: tqdm.write(f"grass-ft: {m}", file=sys.stderr))(line)
+
+
+def _sound_to_save(cfg: TrainConfig, dist: Distributed, run: _Method, step: int) -> bool:
+    """Whether the checkpoint due after ``step`` may be written (every rank decides the same). Weights holding an
+    inf or NaN stop the run here; a run in a streak of bad steps skips the checkpoint with a warning, since it
+    would prune the checkpoints from before the run went bad, the ones worth going back to."""
+    _check_finite_weights(cfg, dist, run, step)
+    if run.watch.last is None:
+        return True
+    if dist.is_main and step + 1 - run.watch.streak_start <= cfg.save_steps:  # once per streak
+        warn(f"no checkpoint is written while steps are bad (since step {run.watch.streak_start}); the "
+             f"checkpoints from before are kept")
+    return False
 
 
 def _step_record(step: int, res, run: _Method, dist: Distributed, device: torch.device, param_bytes: int,
@@ -635,8 +777,8 @@ def _summary(cfg: TrainConfig, dist: Distributed, run: _Method, inputs: _Inputs,
              merged: Path | None) -> dict[str, Any]:
     """summary.json's contents."""
     state = optimizer_state_bytes(run.prepared.optimizer)
-    finite = [x for x in totals.losses if math.isfinite(x)]  # a skipped non-finite step has no loss to average
-    tail = finite[-10:]
+    # the last 10 steps' losses, the non-finite (skipped) ones left out: never a figure from further back
+    tail = [x for x in totals.losses[-10:] if math.isfinite(x)]
     train_time = totals.train_time
     return {
         "method": cfg.method, "model": cfg.model, "model_note": PACKAGED_NOTE.get(cfg.model, ""),
@@ -669,7 +811,22 @@ def _writing(path: Path):
     try:
         yield
     except OSError as e:
+        interrupt = _interrupt_behind(e)
+        if interrupt is not None:  # Ctrl-C mid-write (issue 28: "Bad file descriptor" from a torn-down file)
+            raise interrupt from None
         raise RunError(f"cannot write {path}: {e.strerror or e}; earlier checkpoints are intact") from None
+
+
+def _interrupt_behind(error: BaseException) -> KeyboardInterrupt | None:
+    """The Ctrl-C or SIGTERM that an OSError was raised while handling (a second Ctrl-C, or the first one
+    tearing down a file being written, turns into e.g. EBADF on close): the run was interrupted, not refused
+    by the disk, and the interruption's own message says what is on disk."""
+    seen = error.__context__
+    while seen is not None:
+        if isinstance(seen, KeyboardInterrupt):
+            return seen
+        seen = seen.__context__
+    return None
 
 
 def _trainable_count(prepared: Prepared) -> int:
