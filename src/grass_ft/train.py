@@ -341,7 +341,6 @@ def _run_train(cfg: TrainConfig, progress: bool, dist: Distributed, held: ExitSt
     out = _claim_output_dir(cfg, dist, held, inputs.checkpoint)
     stage.claimed = True
     if choice is not None and dist.is_main:
-        tqdm.write(f"grass-ft: {choice_line(choice)}", file=sys.stderr)
         write_record(out, choice)
     model, device = _load_model(cfg, dist)
     # batch_size is per process: each step takes batch_size x world_size examples, each rank its share
@@ -354,6 +353,8 @@ def _run_train(cfg: TrainConfig, progress: bool, dist: Distributed, held: ExitSt
             before = evaluate_model(model, inputs.tokenizer, inputs.held_ex, cfg, "before")
         dist.barrier()
     run = _set_up_method(cfg, model, dist)
+    if choice is not None and dist.is_main:  # logged as training starts: a failure before it stays one line
+        tqdm.write(f"grass-ft: {choice_line(choice)}", file=sys.stderr)
     if dist.is_main:
         save_config(cfg, out / "config.yaml")
     totals = _Totals()
