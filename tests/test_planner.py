@@ -306,3 +306,21 @@ def test_exact_true_runs_the_whole_model_and_agrees_with_the_plan(tiny_model_dir
     exact = out["exact"]
     assert exact["device_gib"] > 0
     assert abs(exact["device_gib"] / exact["planned_device_gib"] - 1) <= 0.05
+
+
+def test_out_of_memory_lists_the_settings_the_planner_expects_to_fit(tiny_model_dir, monkeypatch):
+    """On a GPU that ran out of memory, the one line names the best fitting setting of each family (offload
+    included), planned for the card's total memory; on a CPU the fixed advice stays."""
+    import types
+
+    from grass_ft.train import out_of_memory_message
+
+    cfg = build_config(None, {"model": str(tiny_model_dir), "method": "fft", "batch_size": "4", "max_seq_len": "64",
+                              "host_memory": "8GiB"}, known_methods=method_names())
+    assert "method=grass-uniform trains gamma blocks" in out_of_memory_message(cfg, torch.OutOfMemoryError("x"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace(total_memory=2**30))
+    line = out_of_memory_message(cfg, torch.OutOfMemoryError("CUDA out of memory"))
+    assert "\n" not in line and "Settings the planner expects to fit this device: method=fft" in line
+    assert "method=fft offload=true" in line and "method=grass-uniform gamma=4" in line
