@@ -68,7 +68,8 @@ def grid(models=GRID_MODELS) -> list[dict[str, Any]]:
                            ("grass-uniform", {"method": "grass-uniform"})):
             add(m, f"{name}-no-masters", {**spec, "master_weights": False})
         for name, spec in (("fft", {"method": "fft"}), ("lisa", {"method": "lisa"}),
-                           ("grass-uniform", {"method": "grass-uniform"}), ("lora-r8", {"method": "lora", "lora_r": 8})):
+                           ("grass-uniform", {"method": "grass-uniform"}),
+                           ("lora-r8", {"method": "lora", "lora_r": 8})):
             add(m, name, spec, ckpt=False)
     return points
 
@@ -98,7 +99,8 @@ def _setting(rec: dict, spec: dict):
     from grass_ft.methods import resolved_offload
     from grass_ft.planner import Setting
 
-    cfg = TrainConfig(**spec, gamma=rec.get("gamma") or 2, dtype=rec["dtype"], gradient_checkpointing=rec["checkpointing"])
+    cfg = TrainConfig(**spec, gamma=rec.get("gamma") or 2, dtype=rec["dtype"],
+                      gradient_checkpointing=rec["checkpointing"])
     return Setting(method=cfg.method, gamma=rec.get("gamma"), lora_r=cfg.lora_r, offload=resolved_offload(cfg),
                    master_weights=cfg.master_weights, train_embeddings=cfg.train_embeddings, train_head=cfg.train_head,
                    reset_state_on_switch=cfg.reset_state_on_switch, gradient_checkpointing=cfg.gradient_checkpointing,
@@ -124,19 +126,25 @@ def compare(records: list[tuple[dict, dict]]) -> list[dict[str, Any]]:
         drawn = len({b for st in rec["steps"][:k] for b in st["active"]})
         p = predict(shapes[rec["model"]], profiles[key], s, drawn_blocks=drawn,
                     active_blocks=rec["steps"][k]["active"] or None)
-        rows.append({"model": rec["model"], "point": rec.get("point") or f"{rec['model']}/{rec['arm']} (stock)",
+        rows.append({"model": rec["model"], "method": s.method,
+                     "point": rec.get("point") or f"{rec['model']}/{rec['arm']} (stock)",
                      "estimate": rec["train_peak"], "planned": p.device, "host": rec.get("host_bytes") or 0,
                      "planned_host": p.host_resident})
     return rows
 
 
+def records() -> list[tuple[dict, dict]]:
+    """``(record, spec)`` of every estimator record on the paper's models: the stock arms of
+    docs/results/memory_estimate.jsonl and this grid's."""
+    recs = [(r, me.ARMS[r["arm"]]) for r in me.load_records(ROOT / "docs/results/memory_estimate.jsonl")
+            if r.get("status") == "ok" and r["model"] in me.PAPER_MODELS]
+    return recs + [(r, r["spec"]) for r in load().values() if r.get("status") == "ok"]
+
+
 def report(path: Path = ROOT / "docs" / "results" / "plan_grid.md") -> None:
     """docs/results/plan_grid.md: every record beside the planner's figure (the evidence tests/test_planner.py
     holds)."""
-    recs = [(r, me.ARMS[r["arm"]]) for r in me.load_records(ROOT / "docs/results/memory_estimate.jsonl")
-            if r.get("status") == "ok" and r["model"] in me.PAPER_MODELS]
-    recs += [(r, r["spec"]) for r in load().values() if r.get("status") == "ok"]
-    rows = compare(recs)
+    rows = compare(records())
     worst = max(abs(r["planned"] / r["estimate"] - 1) for r in rows if "dora" not in r["point"])
     worst_dora = max((abs(r["planned"] / r["estimate"] - 1) for r in rows if "dora" in r["point"]), default=0.0)
     lines = ["# The planner against the FakeTensor estimator", "",
@@ -145,7 +153,8 @@ def report(path: Path = ROOT / "docs" / "results" / "plan_grid.md") -> None:
              "an ESTIMATE, no GPU. Rendered by `python benchmarks/plan_grid.py --report`._", "",
              f"Largest deviation: {worst:.1%} (DoRA: {worst_dora:.1%}). tests/test_planner.py holds every record "
              "within 5% (DoRA: 20%, docs/PLAN.md says why) and the host figures exactly.", "",
-             "| record | estimator GiB | planner GiB | planner / estimator | host GiB (both) |", "|---|---|---|---|---|"]
+             "| record | estimator GiB | planner GiB | planner / estimator | host GiB (both) |",
+             "|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["model"], r["point"])):
         host = f"{r['host'] / 2**30:.2f}" if r["host"] == r["planned_host"] else \
             f"{r['host'] / 2**30:.2f} vs {r['planned_host'] / 2**30:.2f}"

@@ -165,8 +165,8 @@ def cmd_plan(argv: list[str]) -> int:
 
     args = _parser("grass-ft plan").parse_intermixed_args(argv)
     if args.help:
-        print("usage: grass-ft plan [--config FILE] [key=value ...]\n\nthe keys of `grass-ft train` (model, batch_size, "
-              "max_seq_len, dtype, gradient_checkpointing, fsdp, device_memory, host_memory, memory_margin, ...) and:\n"
+        print("usage: grass-ft plan [--config FILE] [key=value ...]\n\nthe keys of `grass-ft train` (model, "
+              "batch_size, max_seq_len, dtype, gradient_checkpointing, fsdp, device_memory, host_memory, memory_margin, ...) and:\n"
               + "\n".join(f"  {k:<24} {v}" for k, v in PLAN_KEYS.items()))
         return 0
     kv = parse_overrides(args.overrides)

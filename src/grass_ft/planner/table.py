@@ -132,7 +132,8 @@ def profile_for(config, cfg: TrainConfig, checkpointing: bool, adapters: bool) -
 # ------------------------------------------------------------------------------------------------ settings
 
 
-def _settings(cfg: TrainConfig, shape: ModelShape, ckpts: tuple[bool, ...], world_size: int) -> list[tuple[str, Setting, bool]]:
+def _settings(cfg: TrainConfig, shape: ModelShape, ckpts: tuple[bool, ...],
+              world_size: int) -> list[tuple[str, Setting, bool]]:
     """``(family, setting, lisa_long_run)`` for every row of the plan."""
     common = dict(master_weights=cfg.master_weights, supervised_only_loss=cfg.supervised_only_loss, dtype=cfg.dtype,
                   world_size=world_size, fsdp=cfg.fsdp)
