@@ -9,18 +9,10 @@ from grass_ft.methods import prepare
 from grass_ft.registry import traits
 from grass_ft.sampler import LayerSampler, cyclic_group
 from grass_ft.step import StepRunner
+from test_step import batches
 from tiny import tiny_llama
 
 L = 4
-
-
-def batches(n, bs=2, seq=12, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(3, 100, (bs, seq), generator=g)
-        out.append([{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}])
-    return out
 
 
 def test_cyclic_groups_go_in_order_and_wrap():
