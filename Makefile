@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.grass-ft-installed
 
-.PHONY: setup demo test test-fast cpu-matrix results quality quality-run cpu-speed memory-estimate gpu-check clean
+.PHONY: setup demo test test-fast cpu-matrix results quality quality-run frontier frontier-run cpu-speed memory-estimate gpu-check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,14 @@ quality: setup
 
 quality-run: setup
 	nice -n 19 $(BIN)/python benchmarks/quality.py run
+
+# The frontier experiment (docs/RESULTS.md, issue 27): docs/results/frontier.md and its plots from the ledger alone
+# (seconds), and its queue, one run at a time (CPU-hours; skips recorded runs, resumes anywhere).
+frontier: setup
+	$(BIN)/python benchmarks/frontier.py report
+
+frontier-run: setup
+	nice -n 19 $(BIN)/python benchmarks/frontier.py run
 
 # Step time, offload overhead and optimizer-state growth side by side (docs/cpu_speed.md; about 10 minutes).
 cpu-speed: setup

@@ -25,7 +25,7 @@ def err(capsys, *argv):
     (["tau=-1"], "`tau` must be > 0, got -1.0"),
     (["alpha=0"], r"`alpha` must be in \(0, 1\], got 0.0"),
     (["alpha=1.5"], r"`alpha` must be in \(0, 1\], got 1.5"),
-    (["method=badam"], "`method` must be auto or one of grass, grass-static, lisa, fft"),
+    (["method=sgd"], "`method` must be auto or one of grass, grass-static, lisa, fft"),
     (["gamma=0"], "`gamma` must be at least 1, got 0"),
     (["lr_schedule=step"], "`lr_schedule` must be one of constant, linear, cosine, got 'step'"),
     (["data=/nonexistent/train.jsonl"], "`data` file '/nonexistent/train.jsonl' does not exist"),

@@ -49,18 +49,18 @@ def test_default_methods_are_the_six_and_the_default_method(tmp_path, tiny_data)
 def test_every_error_reported_at_once_shared_ones_once(tmp_path, tiny_model_dir, tiny_data):
     with pytest.raises(ConfigError) as e:
         plan_compare(None, overrides(*tiny_keys(tiny_model_dir, tiny_data, tmp_path), "methods=fft,lora,bogus",
-                                     "foo=1", "tau=0", "lora.lr=abc", "dora.lr=1e-4", "badam.lr=1", "method=fft",
+                                     "foo=1", "tau=0", "lora.lr=abc", "dora.lr=1e-4", "sgd.lr=1", "method=fft",
                                      "lora.output_dir=x", "fft.lora_dropout=2"))
     errors = e.value.errors
     text = str(e.value)
     assert ("`methods` must be a comma-separated list of grass, grass-static, lisa, fft, lora, dora, grass-uniform, "
-            "got 'fft,lora,bogus'") in text
+            "badam, got 'fft,lora,bogus'") in text
     assert sum("unknown key `foo`" in m for m in errors) == 1  # shared by every method: listed once
     assert sum("`tau` must be > 0" in m for m in errors) == 1
     assert "lora: `lr` must be a number, got 'abc'" in errors
     assert "fft: `lora_dropout` must be in [0, 1), got 2.0" in errors
     assert "`dora.lr` is for method dora, which is not in methods=fft,lora" in errors
-    assert any(m.startswith("`badam.lr`: 'badam' is not a method") for m in errors)
+    assert any(m.startswith("`sgd.lr`: 'sgd' is not a method") for m in errors)
     assert any(m.startswith("`method` is set per run by compare") for m in errors)
     assert "`lora.output_dir`: `output_dir` cannot be set per method" in errors
 

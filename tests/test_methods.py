@@ -230,4 +230,4 @@ def test_registry_capabilities_match_what_the_builders_do():
             if mode == "measure":  # the paper's probe: steps that update nothing
                 assert t.measures == (prepared.sampler is not None and prepared.sampler.measure_steps > 0), name
     with pytest.raises(ValueError, match="has no row in grass_ft.registry.METHODS"):
-        register_method("badam")
+        register_method("no-such-method")

@@ -416,7 +416,7 @@ class GrassCallback(TrainerCallback, ExportableState):
         sampler, step = self.runner.sampler, self._step
         probe = self.runner.is_probe(step)
         out = {"grass/active_blocks": 0.0 if probe else float(len(sampler.active))}
-        if sampler.kind != "uniform" and not probe:
+        if sampler.measures and not probe:
             out.update({f"grass/mgn/block_{i:02d}": float(m) for i, m in enumerate(sampler.mgn.tolist())})
         report = self.memory_report()
         out["grass/optimizer_state_device_bytes"] = float(report["device_state_bytes"])

@@ -31,7 +31,7 @@ class Prepared:
         layout: decoder-block layout (sampling methods), else None.
         sampler: the block sampler (sampling methods), else None.
         always: names of parameters trained at every non-probe step besides the drawn blocks.
-        reset_state_on_switch: restart a block's moments when it is re-drawn.
+        reset_state_on_switch: restart a block's moments when it is re-drawn (always for ``badam``).
         offload: the optimizer keeps block state on the host.
     """
 
@@ -208,6 +208,17 @@ def _grass_uniform(model: nn.Module, cfg: TrainConfig) -> Prepared:
     # (embeddings/head as train_embeddings/train_head say, layer-wise offloaded state, intervals) but uniform
     # draws and no probe, so a difference to GRASS is the importance signal's alone.
     return _sampling(model, cfg, cfg.train_embeddings, cfg.train_head)
+
+
+@register_method("badam")
+def _badam(model: nn.Module, cfg: TrainConfig) -> Prepared:
+    # BAdam's practice as a peer users run (Luo et al., 2024; `badam` on PyPI, BlockOptimizer): blocks in order, γ
+    # at a time, the next group every sample_interval steps (sampler kind "cyclic"), and the Adam moments of a block
+    # restarted each time it comes round again, whatever reset_state_on_switch says; state offloaded and
+    # embeddings/head as grass-uniform's, so a difference to grass-uniform is the order and the reset alone.
+    prepared = _sampling(model, cfg, cfg.train_embeddings, cfg.train_head)
+    prepared.reset_state_on_switch = True
+    return prepared
 
 
 if set(_REGISTRY) != set(METHODS):

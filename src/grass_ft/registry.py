@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-SAMPLING_KINDS = ("adaptive", "static", "uniform")
+SAMPLING_KINDS = ("adaptive", "static", "uniform", "cyclic")
 
 
 @dataclass(frozen=True)
@@ -19,7 +19,8 @@ class MethodTraits:
 
     Attributes:
         sampling: how decoder blocks are drawn — ``adaptive`` (MGN from a probe, refreshed by an EMA: GRASS),
-            ``static`` (probe only: GRASS*), ``uniform`` (no probe) — or None for no layer sampling.
+            ``static`` (probe only: GRASS*), ``uniform`` (no probe), ``cyclic`` (blocks in order, γ at a time:
+            BAdam) — or None for no layer sampling.
         fsdp: can shard with FSDP2 (``fsdp=true``); a peft-wrapped model cannot yet.
         offload: the default of ``offload``: block optimizer state on the host between steps.
         lr: the default of ``lr``: the method's best rate in the 200-update experiment (docs/DEFAULTS.md).
@@ -55,6 +56,10 @@ METHODS: dict[str, MethodTraits] = {
     "lora": MethodTraits(lr=1e-3),  # peft adapters: not sharded yet
     "dora": MethodTraits(lr=1e-3),
     "grass-uniform": MethodTraits("uniform", fsdp=True, offload=True, lr=3e-4),
+    # BAdam's block order (Luo et al., 2024), a peer users run: blocks in order, moments restarted at each switch;
+    # not in the 200-update experiment, so grass-uniform's rate (same parameters, same optimizer); FSDP2 not
+    # claimed until a two-process test runs it
+    "badam": MethodTraits("cyclic", offload=True, lr=3e-4),
 }
 # GrassCallback's default `method` (it only samples): the best sampling arm of the 200-update experiment.
 DEFAULT_SAMPLING = "grass-uniform"

@@ -1,7 +1,13 @@
-"""Which decoder blocks train: uniform (LISA), static (GRASS*) and adaptive (GRASS) layer sampling.
+"""Which decoder blocks train: uniform (LISA), static (GRASS*), adaptive (GRASS) layer sampling, and BAdam's
+cyclic order.
 
 Functional core (pure, unit-tested without a model): :func:`normalize_mgn`, :func:`softmax_probs`,
-:func:`draw`, :func:`ema`; :class:`LayerSampler` holds the state and the schedule.
+:func:`draw`, :func:`cyclic_group`, :func:`ema`; :class:`LayerSampler` holds the state and the schedule.
+
+Cyclic order (``cyclic``, ``method=badam``). BAdam (Luo et al., 2024) trains one block at a time and moves to
+the next one in order every K steps; here γ blocks at a time: draw k trains blocks ``kγ .. kγ+γ-1`` modulo the
+number of blocks, so every block is visited once per ⌈blocks/γ⌉ draws whatever the seed. The order is a pure
+function of the step, so a resumed run continues the cycle where it stopped.
 
 Normalisation. Raw MGN values are tiny (1e-4…1e-2), so a softmax over them is uniform at any sensible τ. We
 divide by the mean, ``z = m / mean(m)``: z is scale-free (mean 1), so τ means the same on every model and at
@@ -40,7 +46,7 @@ import torch
 
 from .importance import MGNWindow
 
-KINDS = ("adaptive", "static", "uniform")
+KINDS = ("adaptive", "static", "uniform", "cyclic")
 PROBE_MODES = ("measure", "train")
 IMPORTANCE = ("mgn", "relative")
 
@@ -71,6 +77,13 @@ def draw(logp: torch.Tensor, k: int, generator: torch.Generator) -> list[int]:
     return sorted(torch.topk(logp.double() + gumbel, k).indices.tolist())
 
 
+def cyclic_group(k: int, gamma: int, num_blocks: int) -> list[int]:
+    """The blocks of cyclic draw ``k``: ``kγ .. kγ+γ-1`` modulo ``num_blocks`` (wrapping), sorted ascending."""
+    if not 1 <= gamma <= num_blocks:
+        raise ValueError(f"cannot draw {gamma} distinct blocks out of {num_blocks}")
+    return sorted({(k * gamma + i) % num_blocks for i in range(gamma)})
+
+
 def ema(old: torch.Tensor, new: torch.Tensor, alpha: float, observed: torch.Tensor) -> torch.Tensor:
     """``alpha * new + (1 - alpha) * old`` where ``observed``; ``old`` elsewhere."""
     return torch.where(observed, alpha * new + (1 - alpha) * old, old)
@@ -86,7 +99,7 @@ class LayerSampler:
     gradient RMS is recorded. At the end of either (step :attr:`start`) the readings become ``mgn`` and the first
     importance draw happens; then a draw every ``sample_interval`` steps and, for ``adaptive``, a refresh every
     ``update_interval`` steps (a refresh falling on a draw step comes first, so the draw uses it).
-    ``uniform`` (LISA, the uniform control) has no probe and draws from step 0.
+    ``uniform`` (LISA, the uniform control) and ``cyclic`` (BAdam's order) have no probe and draw from step 0.
     """
 
     kind: str
@@ -115,7 +128,7 @@ class LayerSampler:
             raise ValueError(f"probe_mode must be one of {', '.join(PROBE_MODES)}, got {self.probe_mode!r}")
         if self.importance not in IMPORTANCE:
             raise ValueError(f"importance must be one of {', '.join(IMPORTANCE)}, got {self.importance!r}")
-        if self.kind == "uniform":
+        if not self.measures:
             self.probe_steps = 0
         self.mgn = torch.zeros(self.num_blocks, dtype=torch.float64)
         self.reference = torch.ones(self.num_blocks, dtype=torch.float64)
@@ -126,6 +139,11 @@ class LayerSampler:
             self.sweep = sweep_groups(self.num_blocks, self.gamma, self.generator)
 
     # ---------------------------------------------------------------------------------------- schedule
+
+    @property
+    def measures(self) -> bool:
+        """Whether draws follow measured importance (GRASS, GRASS*), not a fixed rule (uniform, cyclic)."""
+        return self.kind in ("adaptive", "static")
 
     @property
     def sweep_steps(self) -> int:
@@ -173,8 +191,11 @@ class LayerSampler:
             self._set_probs()
             events.append(self._event(step, "refresh"))
         if since % self.sample_interval == 0:
-            logp = torch.log(self.probs) if self.kind == "uniform" else log_probs(self.score(), self.tau)
-            self.active = draw(logp, self.gamma, self.generator)
+            if self.kind == "cyclic":
+                self.active = cyclic_group(since // self.sample_interval, self.gamma, self.num_blocks)
+            else:
+                logp = torch.log(self.probs) if self.kind == "uniform" else log_probs(self.score(), self.tau)
+                self.active = draw(logp, self.gamma, self.generator)
             events.append(self._event(step, "draw"))
         return events
 
@@ -184,24 +205,24 @@ class LayerSampler:
         return self.mgn if self.importance == "mgn" else self.mgn / self.reference
 
     def _set_probs(self) -> None:
-        if self.kind != "uniform":
+        if self.measures:
             self.probs = softmax_probs(self.score(), self.tau)
 
     def observe(self, rms: dict[int, float]) -> None:
         """Record one step's gradient RMS of the blocks that had gradients (probe: all; later: the active)."""
-        if self.kind == "uniform":
+        if not self.measures:
             return
         self.window.add(rms)
 
     @property
     def records_importance(self) -> bool:
         """Whether gradient RMS is measured after the measuring probe at some step (see :meth:`records`)."""
-        return self.kind == "adaptive" or (self.kind != "uniform" and self.sweep_steps > 0)
+        return self.kind == "adaptive" or (self.measures and self.sweep_steps > 0)
 
     def records(self, step: int) -> bool:
         """Whether the active blocks' gradient RMS is recorded at non-probe ``step``: during the training
         probe for GRASS and GRASS*, and at every later step for adaptive GRASS."""
-        if self.kind == "uniform" or self.in_probe(step):
+        if not self.measures or self.in_probe(step):
             return False
         return self.in_sweep(step) or self.kind == "adaptive"
 

@@ -1,0 +1,661 @@
+"""Quality per CPU-second and per byte: the frontier experiment of docs/RESULTS.md (issue 27), run by a ledger.
+
+Every finished run appends one JSON line to ``docs/results/frontier_ledger.jsonl`` (append-only): the arm, seed,
+learning rate, γ or LoRA rank, updates, the full resolved config, the git commit, the protocol's hash and every
+figure (held-out losses on GSM-style problems of templates never trained on — all answer tokens and the number
+tokens alone —, the validation split's losses, the accuracy task, the forgetting set's loss, the eval curve over
+updates and process CPU-seconds). ``run`` skips every run already recorded, so the queue can be stopped anywhere
+and continued in another session; ``report`` rebuilds docs/results/frontier.md and its plots from the ledger alone.
+The rules that read these figures were written in docs/RESULTS.md before the first record.
+
+Protocol (the same for every arm; :data:`PROTOCOL`): SmolLM2-135M-Instruct (weights through 4-bit Q4_1
+quantisation), data ``frontier-mix`` (2,000 problems from the run's seed: a quarter GSM-style problems of the 55
+training templates, three quarters the accuracy task), batch 4, max_seq_len 256, **500 optimizer updates with a
+linear warm-up over the first 5 % and cosine decay to 0**, AdamW, clipping at 1.0, fp32, one thread per run. Layer-
+wise arms at γ = 4 of 30 blocks, a draw every 10 steps, embeddings and head trained, GRASS with its training probe
+(the library's defaults, pinned here so a later default change does not change a recorded arm's meaning).
+
+Commands:
+
+    python benchmarks/frontier.py plan       # the queue in order, each item done / to run / waiting, CPU left
+    python benchmarks/frontier.py run        # run the queue (one run at a time), skipping recorded runs
+    python benchmarks/frontier.py report     # docs/results/frontier.md + plots, from the ledger alone
+                                             # (benchmarks/frontier_report.py: the views and the rules' verdicts)
+    python benchmarks/frontier.py one --arm badam --seed 1 --lr 3e-4 --smoke   # one run, printed, not recorded
+    python benchmarks/frontier.py tasks      # base-model accuracy of the accuracy-task candidates
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import hashlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import frontier_data as fdata  # noqa: E402
+from quality import DOCS, ROOT, append_record, git_commit, read_ledger  # noqa: E402
+
+LEDGER, WORK = DOCS / "frontier_ledger.jsonl", ROOT / "runs" / "frontier"
+SEEDS, THREADS = (1, 2, 3), 1
+UPDATES, WARMUP_SHARE, CURVE_EVERY = 500, 0.05, 100
+ALL_BLOCKS = 30  # SmolLM2-135M's decoder blocks: γ = all
+PROTOCOL: dict[str, Any] = {
+    "model": "smollm2-135m", "data": fdata.TRAIN_MIX, "train_samples": 2000, "batch_size": 4, "grad_accum": 1,
+    "max_seq_len": 256, "max_steps": UPDATES, "count_probe_steps": False, "lr_schedule": "cosine",
+    "warmup_steps": round(WARMUP_SHARE * UPDATES), "max_grad_norm": 1.0, "weight_decay": 0.0, "dtype": "float32",
+    "gamma": 4, "tau": 1.0, "alpha": 0.5, "probe_steps": 4, "probe_mode": "train", "importance": "mgn",
+    "sample_interval": 10, "update_interval": 20, "train_embeddings": True, "train_head": True,
+    "reset_state_on_switch": False, "lora_r": 32, "lora_alpha": None, "lora_dropout": 0.05, "master_weights": True,
+    "offload": None, "supervised_only_loss": True, "eval_samples": 0,
+}
+# name -> (template part or task, problems, seed); seeds far from training's (the run's seed and seed + 7919)
+EVAL_SETS: dict[str, tuple[str, int, int]] = {
+    "test": ("test", 256, 2027_0001), "validation": ("validation", 128, 2027_0002), "seen": ("train", 64, 2027_0003),
+    "acc": (fdata.ACC_TASK_NAME, 200, 2027_0004),
+}
+CURVE_SUBSET = 64  # the first 64 test problems: the curve's eval
+MAX_NEW_TOKENS = 16
+SMOKE_N = 4
+
+# arm -> (method, keys besides PROTOCOL). The `-noise` arms start from the weights plus Q4_1-sized noise.
+ARMS: dict[str, tuple[str, dict[str, Any]]] = {
+    "fft": ("fft", {}),
+    "grass-uniform": ("grass-uniform", {}),
+    "lora": ("lora", {}),
+    "grass": ("grass", {}),
+    "lisa": ("lisa", {}),
+    "badam": ("badam", {}),
+    "grass-uniform-reset": ("grass-uniform", {"reset_state_on_switch": True}),
+    "grass-static": ("grass-static", {}),
+    "fft-noise": ("fft", {}),
+    "grass-uniform-noise": ("grass-uniform", {}),
+}
+NOISY = ("fft-noise", "grass-uniform-noise")
+LAYERWISE = ("grass-uniform", "grass", "lisa", "badam", "grass-uniform-reset", "grass-static", "grass-uniform-noise")
+LABELS = {"fft": "FFT", "grass-uniform": "grass-uniform", "lora": "LoRA", "grass": "GRASS (MGN)",
+          "lisa": "LISA (as shipped)", "badam": "BAdam order", "grass-uniform-reset": "grass-uniform, reset",
+          "grass-static": "GRASS*", "fft-noise": "FFT + Q4_1 noise", "grass-uniform-noise": "grass-uniform + noise"}
+COLORS = {"fft": "#444444", "grass-uniform": "#7f7f7f", "lora": "#1f77b4", "grass": "#2ca02c", "lisa": "#ff7f0e",
+          "badam": "#8c564b", "grass-uniform-reset": "#e377c2", "grass-static": "#17becf", "fft-noise": "#000000",
+          "grass-uniform-noise": "#bcbd22"}
+# Rate grids at seed 1, read on the validation templates, for the arms a default rides on (method=auto's three
+# kinds of row: FFT, the layer-wise default, LoRA); the current best first, then one below and one above.
+GRID = {"fft": (1e-4, 3e-5, 3e-4), "grass-uniform": (3e-4, 1e-4, 1e-3), "lora": (1e-3, 3e-4, 3e-3)}
+BEYOND = {"fft": (1e-5, 1e-3), "grass-uniform": (3e-5, 3e-3), "lora": (1e-4, 1e-2)}  # the edge rule's next rates
+# The other arms train the same parameters with the same optimizer as the arm named here, and take its rate.
+SHARES_LR = {"grass": "grass-uniform", "lisa": "grass-uniform", "badam": "grass-uniform",
+             "grass-uniform-reset": "grass-uniform", "grass-static": "grass-uniform",
+             "grass-uniform-noise": "grass-uniform", "fft-noise": "fft"}
+MAIN = ("fft", "grass-uniform", "lora", "grass", "lisa", "badam", "grass-uniform-reset")  # decide method=auto
+FRONTIER_GAMMAS = (1, 2, 8)
+FRONTIER_LAYERWISE = ("grass-uniform", "badam", "grass")
+FRONTIER_RANKS = (8, 16, 64, 128)
+TIME_TOLERANCE = 0.10  # a setting within 10 % of the reference's CPU-seconds counts as equal time
+
+
+@dataclass(frozen=True)
+class Setting:
+    """What one run trains: an arm at a γ (layer-wise) or rank (LoRA), for a number of updates."""
+
+    arm: str
+    gamma: int | None = None
+    lora_r: int | None = None
+    updates: int = UPDATES
+
+    def __post_init__(self) -> None:
+        if self.gamma is None and self.arm in LAYERWISE:
+            object.__setattr__(self, "gamma", PROTOCOL["gamma"])
+        if self.lora_r is None and ARMS[self.arm][0] == "lora":
+            object.__setattr__(self, "lora_r", PROTOCOL["lora_r"])
+
+    @property
+    def point(self) -> Setting:
+        """The same setting at the protocol's 500 updates (a time-matched run's full-length twin)."""
+        return replace(self, updates=UPDATES)
+
+    @property
+    def name(self) -> str:
+        extra = (f" γ={'all' if self.gamma == ALL_BLOCKS else self.gamma}" if self.gamma is not None else "") + (
+            f" r={self.lora_r}" if self.lora_r is not None else "")
+        length = {UPDATES: "", 0: ", time-matched (updates once the costs are in)"}.get(self.updates,
+                                                                                         f", {self.updates} updates")
+        return LABELS[self.arm] + extra + length
+
+
+REFERENCE = Setting("grass-uniform")  # the equal-time budget: its mean training CPU-s over seeds 1-3
+
+
+def protocol_id() -> str:
+    """A short hash of everything that makes two runs comparable."""
+    blob = json.dumps({"p": PROTOCOL, "e": EVAL_SETS, "split": fdata.template_split(), "acc": fdata.ACC_TASK,
+                       "prose": fdata.PROSE_SHA256, "noise": fdata.NOISE_SEED,
+                       "c": [CURVE_EVERY, CURVE_SUBSET, MAX_NEW_TOKENS, WARMUP_SHARE]}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+
+def run_key(s: Setting, seed: int, lr: float) -> str:
+    return (f"{s.arm}|gamma={s.gamma}|r={s.lora_r}|updates={s.updates}|seed={seed}|lr={lr:g}"
+            f"|protocol={protocol_id()}")
+
+
+def runs_of(records: list[dict]) -> dict[str, dict]:
+    """This protocol's finished runs by key (the first record of a key wins: later ones are read first)."""
+    pid = protocol_id()
+    return {r["key"]: r for r in reversed(records) if r.get("record") == "run" and r.get("protocol_id") == pid}
+
+
+def setting_of(rec: dict) -> Setting:
+    return Setting(rec["arm"], rec.get("gamma"), rec.get("lora_r"), rec["updates"])
+
+
+# ------------------------------------------------------------------------------------------------ rules
+
+
+def _val_loss(arm: str, lr: float, runs: dict[str, dict]) -> float | None:
+    r = runs.get(run_key(Setting(arm), 1, lr))
+    return r["figures"]["validation_loss"] if r else None
+
+
+def seed1_grid(arm: str, runs: dict[str, dict]) -> tuple[float, ...]:
+    """``arm``'s rates at seed 1: its grid, plus the edge rule's next rate past an end where the grid's best (by
+    validation loss) sits at that end (once per end)."""
+    grid = GRID[arm]
+    found = {lr: v for lr in grid if (v := _val_loss(arm, lr, runs)) is not None}
+    if len(found) < len(grid):
+        return grid
+    best = min(grid, key=lambda lr: (found[lr], lr))
+    below, above = BEYOND[arm]
+    extra = below if best == min(grid) else above if best == max(grid) else None
+    return grid if extra is None else (*grid, extra)
+
+
+def best_lr(arm: str, runs: dict[str, dict]) -> float | None:
+    """The rate an arm runs at: the lowest validation loss at seed 1 over its (extended) grid, or the rate of the
+    arm it shares with (:data:`SHARES_LR`); None until that grid is recorded."""
+    source = SHARES_LR.get(arm, arm)
+    grid = seed1_grid(source, runs)
+    found = {lr: v for lr in grid if (v := _val_loss(source, lr, runs)) is not None}
+    return min(grid, key=lambda lr: (found[lr], lr)) if len(found) == len(grid) else None
+
+
+def train_cpu(s: Setting, runs: dict[str, dict], seeds: tuple[int, ...]) -> float | None:
+    """Mean training CPU-seconds (probe and offload included) of the setting's 500-update runs over ``seeds``."""
+    lr = best_lr(s.arm, runs)
+    recs = [runs.get(run_key(s.point, seed, lr)) for seed in seeds] if lr is not None else [None]
+    return statistics.fmean(r["figures"]["train_cpu_s"] for r in recs) if all(recs) else None
+
+
+def seeds_of(s: Setting) -> tuple[int, ...]:
+    """The seeds a setting is planned with: 3 for the arms at the protocol's γ and rank, 1 for frontier points."""
+    main = s.gamma in (None, PROTOCOL["gamma"]) and s.lora_r in (None, PROTOCOL["lora_r"])
+    return SEEDS if main else SEEDS[:1]
+
+
+def matched_updates(s: Setting, runs: dict[str, dict]) -> int | None:
+    """Updates of the setting's time-matched run: its schedule compressed so that its training costs the
+    reference's CPU-seconds (``round(500 * T_ref / T_setting)``); 0 when its 500 updates cost at most 10 % more
+    than the reference's (they are the equal-time figure then); None until both costs are recorded."""
+    t_ref, t_s = train_cpu(REFERENCE, runs, SEEDS), train_cpu(s.point, runs, seeds_of(s))
+    if t_ref is None or t_s is None:
+        return None
+    return 0 if t_s <= (1 + TIME_TOLERANCE) * t_ref else max(1, round(UPDATES * t_ref / t_s))
+
+
+def equal_time_setting(s: Setting, runs: dict[str, dict]) -> Setting | None:
+    """The run that stands for ``s`` at equal CPU time: its time-matched twin, or itself; None while unknown."""
+    n = matched_updates(s, runs)
+    return None if n is None else (s.point if n == 0 else replace(s, updates=n))
+
+
+Item = tuple[str, Setting, int, float | None]  # (phase, setting, seed, lr); lr None or updates 0: waits
+
+
+def queue(runs: dict[str, dict]) -> list[Item]:
+    """The queue in priority order: what decides method=auto's order first (the rate grids, the main arms' seeds,
+    their time-matched runs, the frontier at one seed), then GRASS*, the repair test, the frontier's seeds 2-3."""
+    q: list[Item] = []
+    grids = {arm: seed1_grid(arm, runs) for arm in GRID}
+    for i in range(max(map(len, grids.values()))):  # L: rates at seed 1, every arm's current best first
+        q += [("L rate grid (seed 1, validation)", Setting(arm), 1, g[i]) for arm, g in grids.items() if i < len(g)]
+    for seed in SEEDS:  # M: the arms that decide method=auto and importance, at their rates (a grid's seed 1 is in L)
+        q += [("M main arms", Setting(arm), seed, best_lr(arm, runs)) for arm in MAIN
+              if not (seed == 1 and arm in GRID)]
+
+    def matched(phase: str, settings: list[Setting], seeds: tuple[int, ...]) -> list[Item]:
+        out: list[Item] = []
+        for s in settings:
+            n = matched_updates(s, runs)
+            if n != 0:  # 0: no time-matched run needed; None: not known yet (updates 0: waits)
+                out += [(phase, replace(s, updates=n or 0), seed, best_lr(s.arm, runs)) for seed in seeds]
+        return out
+
+    q += matched("T time-matched (main)", [Setting(a) for a in MAIN if a != REFERENCE.arm], SEEDS)
+    frontier = [Setting("grass-uniform", gamma=g) for g in (*FRONTIER_GAMMAS, ALL_BLOCKS)]
+    frontier += [Setting("lora", lora_r=r) for r in FRONTIER_RANKS]
+    frontier += [Setting(a, gamma=g) for a in FRONTIER_LAYERWISE[1:] for g in FRONTIER_GAMMAS]
+    q += [("F frontier (seed 1)", s, 1, best_lr(s.arm, runs)) for s in frontier]
+    q += matched("F' frontier time-matched (seed 1)", frontier, SEEDS[:1])
+    q += [("S GRASS*", Setting("grass-static"), seed, best_lr("grass-static", runs)) for seed in SEEDS]
+    q += [("Q repair test", Setting(arm), seed, best_lr(arm, runs)) for seed in SEEDS for arm in NOISY]
+    q += [("X frontier seeds 2-3", s, seed, best_lr(s.arm, runs)) for seed in SEEDS[1:] for s in frontier]
+    seen, out = set(), []
+    for item in q:  # a rate grid's best is also the main arm's seed-1 run: listed once
+        key = (item[1], item[2], item[3])
+        if runnable(item) and key in seen:
+            continue
+        seen.add(key)
+        out.append(item)
+    return out
+
+
+def runnable(item: Item) -> bool:
+    return item[1].updates > 0 and item[3] is not None
+
+
+# ------------------------------------------------------------------------------------------------ one run
+
+
+def arm_config(s: Setting, seed: int, lr: float):
+    from grass_ft.config import build_config
+    from grass_ft.methods import method_names
+
+    method, extra = ARMS[s.arm]
+    keys = {**PROTOCOL, **extra, "method": method, "seed": seed, "lr": lr, "max_steps": s.updates,
+            "warmup_steps": round(WARMUP_SHARE * s.updates), "output_dir": str(WORK / "unused")}
+    keys.update({k: v for k, v in (("gamma", s.gamma), ("lora_r", s.lora_r)) if v is not None})
+    return build_config(overrides={k: v for k, v in keys.items() if v is not None}, known_methods=method_names())
+
+
+def eval_sets(n: int | None = None) -> dict[str, list[dict]]:
+    """The held-out sets (each cut to ``n`` problems for a smoke run)."""
+    from grass_ft.data import _rg_examples
+
+    fdata.register()
+    out = {name: fdata.split_examples(part, n or size, seed) for name, (part, size, seed) in EVAL_SETS.items()
+           if name != "acc"}
+    task, size, seed = EVAL_SETS["acc"]
+    gen, options = fdata.TASK_CANDIDATES[task]
+    out["acc"] = _rg_examples(gen, n or size, seed, **options)
+    out["prose"] = fdata.prose_passages()[:n]
+    return out
+
+
+def digit_tokens(tok):
+    """A boolean over the vocabulary: the tokens whose text holds a digit (the number tokens of an answer)."""
+    import torch
+
+    pieces = tok.convert_ids_to_tokens(list(range(len(tok))))
+    return torch.tensor([any(c.isdigit() for c in (p or "")) for p in pieces])
+
+
+def token_sums(model, features: list[dict], pad_id: int, digits):
+    """Per example: summed nats and count of its supervised tokens, and the same over its number tokens alone
+    (a float64 tensor of shape [examples, 4]), so any subset's token-weighted loss is a sum away."""
+    import torch
+    import torch.nn.functional as F
+
+    from grass_ft.data import IGNORE_INDEX, collate
+
+    order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))  # similar lengths pad little
+    sums = torch.zeros(len(features), 4, dtype=torch.float64)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(order), 16):
+            rows = order[start:start + 16]
+            batch = collate([features[i] for i in rows], pad_id)
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+            target = batch["labels"][:, 1:]
+            nats = F.cross_entropy(out.float().transpose(1, 2), target, ignore_index=IGNORE_INDEX, reduction="none")
+            scored = target != IGNORE_INDEX
+            number = scored & digits[target.clamp_min(0)]
+            sums[rows] = torch.stack([(nats * scored).sum(1), scored.sum(1), (nats * number).sum(1), number.sum(1)],
+                                     dim=1).double()
+    model.train(was_training)
+    return sums
+
+
+def per_token(sums) -> tuple[float, float]:
+    """(loss, number-token loss) in nats per token from :func:`token_sums` rows."""
+    loss, n, num_loss, num_n = sums.sum(dim=0).tolist()
+    return loss / n, num_loss / num_n if num_n else float("nan")
+
+
+def evaluate(model, tok, sets: dict[str, list[dict]], full: bool) -> dict[str, Any]:
+    """The curve's figure (``full`` False: the first 64 test problems) or every held-out figure."""
+    from grass_ft.data import tokenize_example
+    from grass_ft.evaluate import evaluate_examples
+
+    maxlen, pad = PROTOCOL["max_seq_len"], tok.pad_token_id
+    digits = digit_tokens(tok)
+
+    def sums(name: str, k: int | None = None):
+        return token_sums(model, [tokenize_example(tok, ex, maxlen) for ex in sets[name][:k]], pad, digits)
+
+    if not full:
+        return {"test_subset_loss": per_token(sums("test", CURVE_SUBSET))[0]}
+    out: dict[str, Any] = {}
+    for name in ("test", "validation", "seen", "acc"):
+        rows = sums(name)
+        out[f"{name}_loss"], out[f"{name}_number_loss"] = per_token(rows)
+        if name == "test":
+            out["test_subset_loss"] = per_token(rows[:CURVE_SUBSET])[0]
+    prose = []
+    for text in sets["prose"]:
+        ids = tok(text, add_special_tokens=False)["input_ids"][:maxlen]
+        prose.append({"input_ids": ids, "labels": list(ids)})
+    out["prose_loss"] = per_token(token_sums(model, prose, pad, digits))[0]
+    acc = evaluate_examples(model, tok, sets["acc"], "gsm8k", max_new_tokens=MAX_NEW_TOKENS, batch_size=16,
+                            progress=False)
+    out["acc_accuracy"], out["acc_n"] = acc["accuracy"], acc["n"]
+    out["n"] = {name: len(rows) for name, rows in sets.items()}
+    return out
+
+
+def load(noise: bool):
+    """The model as loaded (plus Q4_1-sized noise for the `-noise` arms) and its tokenizer."""
+    from grass_ft.models import load_model_and_tokenizer
+
+    model, tok = load_model_and_tokenizer(PROTOCOL["model"], PROTOCOL["dtype"])
+    added = fdata.add_q4_1_noise_(model) if noise else None
+    return model, tok, added
+
+
+def one_run(s: Setting, seed: int, lr: float, smoke: bool = False) -> dict[str, Any]:
+    """Train one setting and evaluate it; returns the ledger record's ``config`` and ``figures``."""
+    import resource
+
+    import torch
+
+    from grass_ft import data as data_mod
+    from grass_ft.loss import loss_forward
+    from grass_ft.methods import prepare, step_budget
+    from grass_ft.step import StepRunner, lr_factor, optimizer_state_bytes
+
+    torch.set_num_threads(THREADS)
+    fdata.register()
+    cfg = arm_config(s, seed, lr)
+    torch.manual_seed(cfg.seed)
+    sets = eval_sets(SMOKE_N if smoke else None)
+    model, tok, noise = load(s.arm in NOISY)
+    examples = data_mod.generate_examples(cfg.data, cfg.train_samples, cfg.seed)
+    stream = data_mod.BatchStream([data_mod.tokenize_example(tok, ex, cfg.max_seq_len) for ex in examples],
+                                  cfg.batch_size, tok.pad_token_id, seed=cfg.seed)
+    prepared = prepare(model, cfg)
+    n_steps, n_updates = step_budget(cfg, prepared.sampler)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        prepared.optimizer, lambda k: lr_factor(k, cfg.warmup_steps, n_updates, cfg.lr_schedule))
+    runner = StepRunner(prepared, schedule, grad_accum=cfg.grad_accum, max_grad_norm=cfg.max_grad_norm,
+                        max_bad_steps=cfg.max_bad_steps)
+    forward = loss_forward(cfg.supervised_only_loss)
+    clock = {"cpu": 0.0, "wall": 0.0, "eval_cpu": 0.0}
+    curve, losses, drawn, updates = [], [], set(), 0
+    for step in range(1 if smoke else n_steps):
+        c0, w0 = time.process_time(), time.perf_counter()
+        res = runner.train_step(step, [stream.next_batch()], forward=forward)
+        clock["cpu"] += time.process_time() - c0
+        clock["wall"] += time.perf_counter() - w0
+        if res.probe:
+            continue
+        updates += 1
+        losses.append(res.loss)
+        drawn |= set(res.active)
+        if updates % CURVE_EVERY == 0 and updates < n_updates:
+            e0 = time.process_time()
+            point = evaluate(prepared.model, tok, sets, full=False)
+            clock["eval_cpu"] += time.process_time() - e0
+            curve.append({"update": updates, "train_cpu_s": clock["cpu"], "train_wall_s": clock["wall"], **point})
+    state = optimizer_state_bytes(prepared.optimizer)
+    e0 = time.process_time()
+    final = evaluate(prepared.model, tok, sets, full=True)
+    clock["eval_cpu"] += time.process_time() - e0
+    curve.append({"update": updates, "train_cpu_s": clock["cpu"], "train_wall_s": clock["wall"],
+                  "test_subset_loss": final["test_subset_loss"]})
+    return {"config": cfg.to_dict(), "figures": {
+        **final, "curve": curve, "updates": updates, "train_cpu_s": clock["cpu"], "train_wall_s": clock["wall"],
+        "eval_cpu_s": clock["eval_cpu"], "cpu_s_per_update": clock["cpu"] / max(1, updates),
+        "skipped_steps": runner.skipped_steps, "distinct_blocks": len(drawn) if prepared.sampler else None,
+        "final_train_loss": statistics.fmean(losses[-20:]), "noise": noise,
+        "optimizer_state_mib": {k: v / 2**20 for k, v in state.items()},
+        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}}
+
+
+def base_figures(noise: bool) -> dict[str, Any]:
+    """The model as loaded (with or without the noise) on the same held-out sets: update 0 of every curve."""
+    import torch
+
+    torch.set_num_threads(THREADS)
+    model, tok, added = load(noise)
+    c0 = time.process_time()
+    return {**evaluate(model, tok, eval_sets(), full=True), "noise": added, "eval_cpu_s": time.process_time() - c0}
+
+
+# ------------------------------------------------------------------------------------------------ the queue
+
+
+def record_common() -> dict[str, Any]:
+    import torch
+
+    sha, dirty = git_commit()
+    return {"protocol_id": protocol_id(), "protocol": PROTOCOL, "eval_sets": EVAL_SETS,
+            "template_split": fdata.template_split(), "acc_task": [fdata.ACC_TASK_NAME, fdata.ACC_TASK],
+            "prose_sha256": fdata.PROSE_SHA256, "git_commit": sha, "git_dirty_src": dirty,
+            "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "threads": THREADS,
+                     "torch": torch.__version__, "python": platform.python_version(),
+                     "note": "shared machine, one run at a time: read CPU-seconds, not wall time"}}
+
+
+def in_child(argv: list[str], out: Path) -> dict | None:
+    """Runs this script's ``argv`` in a fresh process (each run's CPU time and peak memory are its own) and
+    returns what it wrote to ``out``; None when it failed."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "MKL_NUM_THREADS": str(THREADS),
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    out.unlink(missing_ok=True)
+    done = subprocess.run([sys.executable, str(Path(__file__).resolve()), *argv, "--json-out", str(out)], env=env)
+    return json.loads(out.read_text()) if done.returncode == 0 and out.is_file() else None
+
+
+def setting_args(s: Setting) -> list[str]:
+    return ["--arm", s.arm, "--updates", str(s.updates)] + (["--gamma", str(s.gamma)] if s.gamma else []) + (
+        ["--rank", str(s.lora_r)] if s.lora_r else [])
+
+
+def stamp() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def cmd_run(ledger: Path, max_runs: int | None) -> int:
+    WORK.mkdir(parents=True, exist_ok=True)
+    lock = open(WORK / "queue.lock", "w")
+    try:  # one queue at a time: the machine's two cores are shared, and runs must not share one
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        print(f"another frontier queue holds {WORK / 'queue.lock'}; not starting a second", flush=True)
+        return 1
+    for noise in (False, True):
+        key = f"base|noise={noise}|protocol={protocol_id()}"
+        if not any(r.get("key") == key for r in read_ledger(ledger)):
+            print(f"[base] the model as loaded{' + Q4_1-sized noise' if noise else ''}", flush=True)
+            figures = in_child(["base"] + (["--noise"] if noise else []), WORK / "base.json")
+            if figures is not None:
+                append_record({"record": "base", "key": key, "noise": noise, **record_common(),
+                               "finished_utc": stamp(), "figures": figures}, ledger)
+    failed_file = WORK / "failed.txt"
+    done = 0
+    while max_runs is None or done < max_runs:
+        if (WORK / "stop").exists():  # drain: finish the run in hand, then exit (rm the file to go on)
+            print(f"[stop] {WORK / 'stop'} exists: not starting another run", flush=True)
+            return 0
+        runs = runs_of(read_ledger(ledger))
+        failed = set(failed_file.read_text().splitlines()) if failed_file.exists() else set()
+        todo = [t for t in queue(runs) if runnable(t) and (k := run_key(*t[1:])) not in runs and k not in failed]
+        if not todo:
+            waiting = sum(1 for t in queue(runs) if not runnable(t))
+            print(f"[idle] nothing runnable; {waiting} item(s) wait for runs they depend on", flush=True)
+            return 0
+        phase, s, seed, lr = todo[0]
+        key = run_key(s, seed, lr)
+        print(f"[run ] {phase}: {key}", flush=True)
+        started, t0 = stamp(), time.perf_counter()
+        rec = in_child(["one", *setting_args(s), "--seed", str(seed), "--lr", repr(lr)], WORK / "one.json")
+        if rec is None:
+            with open(failed_file, "a") as f:  # not retried by this queue; delete the line to retry
+                f.write(key + "\n")
+            print(f"[FAIL] {key}", flush=True)
+        else:
+            append_record({"record": "run", "key": key, "arm": s.arm, "gamma": s.gamma, "lora_r": s.lora_r,
+                           "updates": s.updates, "seed": seed, "lr": lr, "phase": phase, "noise": s.arm in NOISY,
+                           **record_common(), "started_utc": started, "finished_utc": stamp(), **rec}, ledger)
+            f = rec["figures"]
+            print(f"[done] {key}: test loss {f['test_loss']:.4f}, validation {f['validation_loss']:.4f}, accuracy "
+                  f"{100 * f['acc_accuracy']:.1f} %, {f['train_cpu_s']:.0f} CPU-s training, "
+                  f"{time.perf_counter() - t0:.0f} s wall", flush=True)
+        done += 1
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ cost
+
+
+# CPU-s per update in the 200-update experiment (docs/results/quality_ledger.jsonl, means over its runs): the
+# price of a method until this ledger has its own; layer-wise arms train the embeddings and head (grass-head's).
+PRIOR_CPU_PER_UPDATE = {"fft": 5.1, "lora": 4.6, "lisa": 3.7, "layerwise": 3.5}
+PRIOR_EVAL_CPU_S = 600.0  # the 200-update experiment's ~560 CPU-s, plus the validation, seen and prose sets
+
+
+def price(s: Setting, runs: dict[str, dict]) -> float:
+    """Expected CPU-seconds of a run: the recorded cost per update of the same arm, γ and rank (else of the arm,
+    else the prior) times its updates, plus the recorded mean evaluation cost (else the prior)."""
+    def per_update(match) -> list[float]:
+        return [r["figures"]["cpu_s_per_update"] for r in runs.values() if match(setting_of(r))]
+
+    rates = (per_update(lambda x: x.point == s.point) or per_update(lambda x: x.arm == s.arm)
+             or [PRIOR_CPU_PER_UPDATE.get(ARMS[s.arm][0], PRIOR_CPU_PER_UPDATE["layerwise"])])
+    evals = [r["figures"]["eval_cpu_s"] for r in runs.values()] or [PRIOR_EVAL_CPU_S]
+    return statistics.fmean(rates) * s.updates + statistics.fmean(evals)
+
+
+def plan_lines(runs: dict[str, dict]) -> list[str]:
+    """The queue as a table, each item done / to run / waiting, priced by :func:`price`; a time-matched item whose
+    updates are not known yet is priced at the reference's cost and counted apart (it runs only for a setting
+    that proves more than 1.1x slower than the reference)."""
+    q = queue(runs)
+    lines, left, conditional = [], 0.0, 0.0
+    for item in q:
+        phase, s, seed, lr = item
+        done = runnable(item) and run_key(s, seed, lr) in runs
+        cost = price(s if s.updates else REFERENCE, runs)
+        if s.updates == 0:
+            conditional += cost
+        elif not done:
+            left += cost
+        what = "done" if done else "to run" if runnable(item) else "waits"
+        lines.append(f"| {phase} | {s.name} | {seed} | {'best' if lr is None else f'{lr:g}'} | {what} | "
+                     f"{'' if done else f'{cost / 3600:.2f}'} |")
+    spent = sum(r["figures"]["train_cpu_s"] + r["figures"]["eval_cpu_s"] for r in runs.values())
+    head = [f"{len(q)} items, {sum(1 for t in q if runnable(t) and run_key(*t[1:]) in runs)} done; spent "
+            f"{spent / 3600:.1f} CPU-hours; left about {left / 3600:.1f}, plus up to {conditional / 3600:.1f} for "
+            f"time-matched runs not known yet (priced from the recorded runs, else from the 200-update "
+            f"experiment's cost per update).", "",
+            "| phase | setting | seed | lr | status | CPU-hours |", "|---|---|---|---|---|---|"]
+    return head + lines
+
+
+# ------------------------------------------------------------------------------------------------ tasks, prose
+
+
+def cmd_tasks(n: int) -> None:
+    """Base-model accuracy of each accuracy-task candidate (greedy, 16 new tokens, the gsm8k answer rule)."""
+    import torch
+
+    from grass_ft.data import _rg_examples
+    from grass_ft.evaluate import evaluate_examples
+
+    torch.set_num_threads(THREADS)
+    model, tok, _ = load(False)
+    for name, (gen, options) in fdata.TASK_CANDIDATES.items():
+        acc = evaluate_examples(model, tok, _rg_examples(gen, n, EVAL_SETS["acc"][2], **options), "gsm8k",
+                                max_new_tokens=MAX_NEW_TOKENS, batch_size=16, progress=False)
+        print(f"| {name} | {100 * acc['accuracy']:.1f} % | {acc['n']} |", flush=True)
+
+
+def cmd_prose(write: bool) -> None:
+    rows = fdata.extract_prose()
+    blob = fdata.prose_bytes(rows)
+    if write:
+        fdata.PROSE_FILE.parent.mkdir(parents=True, exist_ok=True)
+        fdata.PROSE_FILE.write_bytes(blob)
+    print(f"{len(rows)} passages, {sum(len(r['text']) for r in rows)} characters, sha256 "
+          f"{hashlib.sha256(blob).hexdigest()}" + ("" if write else " (not written: --write)"))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p_run = sub.add_parser("run", help="run the queue, one run at a time, skipping runs already in the ledger")
+    p_run.add_argument("--max-runs", type=int, default=None)
+    sub.add_parser("report", help="docs/results/frontier.md and plots from the ledger alone")
+    sub.add_parser("plan", help="the queue, what is done and the CPU left")
+    p_one = sub.add_parser("one", help="one run; prints its figures (recorded only by `run`)")
+    p_one.add_argument("--arm", choices=list(ARMS), required=True)
+    p_one.add_argument("--seed", type=int, required=True)
+    p_one.add_argument("--lr", type=float, required=True)
+    p_one.add_argument("--gamma", type=int, default=None)
+    p_one.add_argument("--rank", type=int, default=None)
+    p_one.add_argument("--updates", type=int, default=UPDATES)
+    p_one.add_argument("--smoke", action="store_true", help="1 update, 4 problems per held-out set")
+    p_base = sub.add_parser("base", help="the model as loaded on the held-out sets")
+    p_base.add_argument("--noise", action="store_true")
+    for p in (p_one, p_base):
+        p.add_argument("--json-out", type=Path, default=None)
+    p_tasks = sub.add_parser("tasks", help="base-model accuracy of the accuracy-task candidates")
+    p_tasks.add_argument("-n", type=int, default=100)
+    p_prose = sub.add_parser("prose", help="extract the forgetting set (and its hash); --write replaces the file")
+    p_prose.add_argument("--write", action="store_true")
+    for p in (p_run, sub.choices["plan"], sub.choices["report"]):
+        p.add_argument("--ledger", type=Path, default=LEDGER)
+    sub.choices["report"].add_argument("--docs", type=Path, default=DOCS)
+    args = ap.parse_args()
+    if args.cmd == "one" and (args.updates < 1 or args.lr <= 0 or (args.gamma is not None and not
+                                                                     1 <= args.gamma <= ALL_BLOCKS)):
+        print(f"frontier.py one: --updates must be >= 1, --lr > 0 and --gamma in 1..{ALL_BLOCKS}", file=sys.stderr)
+        return 2
+    if args.cmd == "run":
+        return cmd_run(args.ledger, args.max_runs)
+    if args.cmd == "report":
+        from frontier_report import cmd_report
+
+        cmd_report(args.ledger, args.docs)
+    elif args.cmd == "plan":
+        print("\n".join(plan_lines(runs_of(read_ledger(args.ledger)))))
+    elif args.cmd == "tasks":
+        cmd_tasks(args.n)
+    elif args.cmd == "prose":
+        cmd_prose(args.write)
+    else:
+        if args.cmd == "one":
+            s = Setting(args.arm, args.gamma, args.rank, args.updates)
+            res = one_run(s, args.seed, args.lr, smoke=args.smoke)
+        else:
+            res = base_figures(args.noise)
+        text = json.dumps(res)
+        if args.json_out:
+            args.json_out.write_text(text)
+        else:
+            print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

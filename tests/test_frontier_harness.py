@@ -1,0 +1,217 @@
+"""benchmarks/frontier.py: the template split, the queue's order and its ledger-driven items, record keys, the
+intervals and the method=auto order, the Q4_1 noise model and the forgetting set's hash. No training."""
+
+import hashlib
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import frontier as fr  # noqa: E402
+import frontier_report as rep  # noqa: E402
+import frontier_data as fd  # noqa: E402
+
+S = fr.Setting
+
+
+def test_templates_split_three_ways_without_overlap_and_problems_keep_to_their_part():
+    import reasoning_gym
+
+    split = fd.template_split()
+    parts = [set(split[p]) for p in ("train", "validation", "test")]
+    assert [len(p) for p in parts] == [55, 15, 15]
+    assert not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2])
+    assert set().union(*parts) == set(fd.gsm_templates()) and len(fd.gsm_templates()) == 85
+    assert fd.template_split() == split  # a fixed seed: the same split in every process
+    fd.register()
+    for part in ("train", "test"):
+        items = reasoning_gym.create_dataset(fd.SPLIT_DATASET, size=40, seed=5, split=part)
+        assert {item["metadata"]["template"] for item in items} <= set(split[part])
+    with pytest.raises(ValueError, match="expected 85 templates, got 3"):
+        fd.template_split((1, 2, 3))
+
+
+def fake(s, seed, lr, test=1.0, val=None, cpu=1000.0, acc=0.5):
+    curve = [{"update": u, "train_cpu_s": cpu * u / s.updates, "train_wall_s": cpu, "test_subset_loss": test + 1 / u}
+             for u in range(100, s.updates + 1, 100)]
+    figures = {"test_loss": test, "test_number_loss": test / 2, "test_subset_loss": test, "validation_loss":
+               test if val is None else val, "validation_number_loss": 0.1, "seen_loss": test - 0.1, "seen_number_loss":
+               0.1, "acc_loss": 0.5, "acc_number_loss": 0.5, "acc_accuracy": acc, "acc_n": 200, "prose_loss": 3.0,
+               "curve": curve, "updates": s.updates, "train_cpu_s": cpu, "train_wall_s": cpu, "eval_cpu_s": 600.0,
+               "cpu_s_per_update": cpu / s.updates}
+    return {"record": "run", "key": fr.run_key(s, seed, lr), "arm": s.arm, "gamma": s.gamma, "lora_r": s.lora_r,
+            "updates": s.updates, "seed": seed, "lr": lr, "protocol_id": fr.protocol_id(), "git_commit": "0" * 40,
+            "figures": figures}
+
+
+def ledger(*recs):
+    return fr.runs_of(list(recs))
+
+
+CPU = {"grass-uniform": 1000.0, "fft": 1500.0, "lora": 1300.0, "grass": 1010.0, "lisa": 1050.0, "badam": 1000.0,
+       "grass-uniform-reset": 1000.0}
+
+
+def grids(val=None):
+    """Every grid at seed 1 with its middle rate best (so no edge rate), at the arms' costs :data:`CPU`."""
+    out = []
+    for arm, grid in fr.GRID.items():
+        middle = sorted(grid)[1]
+        out += [fake(S(arm), 1, lr, val=(val or {}).get((arm, lr), 1.0 if lr == middle else 1.1), cpu=CPU[arm])
+                for lr in grid]
+    return out
+
+
+def test_queue_starts_with_the_current_rates_then_waits_for_the_grids():
+    q = fr.queue({})
+    first = [(s.arm, lr) for _, s, _, lr in q[:3]]
+    assert first == [("fft", 1e-4), ("grass-uniform", 3e-4), ("lora", 1e-3)]
+    assert [t[0][0] for t in q[:9]] == ["L"] * 9
+    main = [t for t in q if t[0].startswith("M")]
+    assert main and all(t[3] is None for t in main)  # every main run waits for its rate
+    timed = [t for t in q if t[0].startswith("T")]
+    assert timed and all(t[1].updates == 0 and not fr.runnable(t) for t in timed)  # their length needs the costs
+
+
+def test_rates_come_from_the_validation_split_and_the_edge_rule_adds_one_rate():
+    runs = ledger(*grids())
+    assert fr.best_lr("fft", runs) == 1e-4 and fr.best_lr("grass-uniform", runs) == 3e-4
+    assert fr.best_lr("badam", runs) == fr.best_lr("grass-uniform", runs)  # it shares the layer-wise default's
+    # the seed-1 main runs at the chosen rate are the grid's runs: not queued twice
+    q = fr.queue(runs)
+    assert sum(1 for _, s, seed, _ in q if s == S("fft") and seed == 1) == 3  # its three rates, once each
+    # FFT's best at the top of its grid: one more rate past it, and no rate until that one is in
+    runs = ledger(*grids({("fft", 3e-4): 0.9}))
+    assert fr.seed1_grid("fft", runs) == (1e-4, 3e-5, 3e-4, 1e-3) and fr.best_lr("fft", runs) is None
+    # test loss is never read for the rate: a better test figure at another rate changes nothing
+    runs = ledger(*(g if (g["arm"], g["lr"]) != ("lora", 3e-3) else fake(S("lora"), 1, 3e-3, test=0.1, val=1.1)
+                    for g in grids()))
+    assert fr.best_lr("lora", runs) == 1e-3
+
+
+def test_time_matched_updates_follow_the_recorded_costs():
+    recs = grids()
+    assert fr.matched_updates(S("fft"), ledger(*recs)) is None  # the reference's seeds are not in
+    recs += [fake(S("grass-uniform"), s, 3e-4, cpu=1000.0) for s in (1, 2, 3)]
+    recs += [fake(S("fft"), s, 1e-4, cpu=1500.0) for s in (1, 2, 3)]
+    recs += [fake(S("lisa"), s, 3e-4, cpu=1090.0) for s in (1, 2, 3)]
+    recs += [fake(S("lora"), s, 1e-3, cpu=1300.0) for s in (2, 3)]
+    runs = ledger(*recs)
+    assert fr.matched_updates(S("fft"), runs) == round(500 * 1000 / 1500) == 333
+    assert fr.matched_updates(S("lisa"), runs) == 0  # within 10 %: its own 500 updates are the equal-time figure
+    q = fr.queue(runs)
+    tm = [(s, seed) for ph, s, seed, _ in q if ph.startswith("T") and s.updates]
+    assert (S("fft", updates=333), 1) in tm and not any(s.arm == "lisa" for s, _ in tm)
+    assert fr.matched_updates(S("lora"), runs) == round(500 * 1000 / 1300) == 385
+    assert fr.equal_time_setting(S("fft"), runs) == S("fft", updates=333)
+    assert fr.equal_time_setting(S("lisa"), runs) == S("lisa")
+
+
+def test_record_keys_name_every_coordinate_and_the_protocol():
+    key = fr.run_key(S("grass-uniform", gamma=8), 2, 3e-4)
+    assert key == f"grass-uniform|gamma=8|r=None|updates=500|seed=2|lr=0.0003|protocol={fr.protocol_id()}"
+    assert S("grass-uniform").gamma == 4 and S("lora").lora_r == 32 and S("fft").gamma is None
+    assert fr.run_key(S("lora", lora_r=64), 1, 1e-3) != fr.run_key(S("lora"), 1, 1e-3)
+    assert fr.run_key(S("fft", updates=333), 1, 1e-4) != fr.run_key(S("fft"), 1, 1e-4)
+    rec = fake(S("badam", gamma=2), 1, 3e-4)
+    assert fr.setting_of(rec) == S("badam", gamma=2) and set(fr.runs_of([rec])) == {rec["key"]}
+    assert not fr.runs_of([rec | {"protocol_id": "elsewhere"}])
+
+
+def test_single_seed_interval_uses_the_pooled_sd_and_paired_seeds_the_t_interval():
+    sd, df = rep.pooled_sd([[1.0, 2.0, 3.0], [2.0, 4.0, 6.0], [5.0]])  # variances 1 and 4, 2 df each
+    assert df == 4 and math.isclose(sd, math.sqrt(2.5))
+    a, b = {1: {"figures": {"x": 1.0}}}, {1: {"figures": {"x": 0.5}}}
+    m, lo, hi = rep.difference(a, b, "x", (sd, df))
+    half = 2.7764 * math.sqrt(2) * math.sqrt(2.5)  # t(0.975, 4) from the printed tables
+    assert math.isclose(m, 0.5) and math.isclose(hi - m, half, rel_tol=2e-4) and math.isclose(m - lo, half,
+                                                                                                rel_tol=2e-4)
+    a = {s: {"figures": {"x": v}} for s, v in zip((1, 2, 3), (1.01, 1.03, 1.02))}
+    b = {s: {"figures": {"x": 1.0}} for s in (1, 2, 3)}
+    m, lo, hi = rep.difference(a, b, "x", (sd, df))  # paired: mean 0.02, sd 0.01, t(0.975, 2) = 4.3027
+    assert math.isclose(m, 0.02) and math.isclose(hi - m, 4.3027 * 0.01 / math.sqrt(3), rel_tol=2e-4)
+
+
+def test_auto_order_groups_unresolved_differences_and_puts_the_leaner_setting_first():
+    def runs(*losses):
+        return {s: {"figures": {"test_loss": v, "cpu_s_per_update": 3.0}} for s, v in zip((1, 2, 3), losses)}
+
+    eq = {S("fft"): runs(0.60, 0.61, 0.62), S("grass-uniform"): runs(0.605, 0.62, 0.615),
+          S("lora"): runs(0.70, 0.71, 0.72)}
+    memory = {S("fft"): 100.0, S("grass-uniform"): 20.0, S("lora"): 15.0}
+    order = rep.preference(eq, None, memory)
+    # FFT and grass-uniform are not resolved (+0.0033 [-0.0149, +0.0216]): one group, the leaner first; LoRA is
+    # behind both by 0.1 with every seed agreeing: a group of its own
+    assert order == [[S("grass-uniform"), S("fft")], [S("lora")]]
+
+
+def test_q4_1_step_is_read_from_the_grid_and_the_noise_has_its_size():
+    g = torch.Generator().manual_seed(0)
+    blocks = 4096
+    d = torch.rand(blocks, 1, generator=g, dtype=torch.float64) * 0.1 + 0.01
+    lo = torch.randn(blocks, 1, generator=g, dtype=torch.float64)
+    q = torch.randint(0, 16, (blocks, fd.Q_BLOCK), generator=g)
+    q[:, 0], q[:, 1] = 0, 15  # Q4_1 maps a block's min to 0 and its max to 15
+    w = (lo + d * q).float().reshape(256, 512)
+    torch.testing.assert_close(fd.q4_1_step(w).float(), d.squeeze(1).float(), rtol=1e-5, atol=1e-7)
+    assert fd.q4_1_step(torch.randn(64, 64, generator=g)) is None  # not on a 16-level grid
+    assert fd.q4_1_step(torch.ones(64)) is None  # not a matrix (a norm)
+    model = torch.nn.Linear(512, 256, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(w)
+    info = fd.add_q4_1_noise_(model, seed=1)
+    assert info["tensors"] == 1 and info["elements"] == w.numel()
+    z = ((model.weight.detach().double() - w.double()).reshape(blocks, fd.Q_BLOCK) / (d / math.sqrt(12)))
+    # 131,072 standard normal draws: the sample sd is 1 within 5 / sqrt(2n) = 0.0098, the mean 0 within 5 / sqrt(n)
+    assert abs(float(z.std()) - 1) < 0.0098 and abs(float(z.mean())) < 5 / math.sqrt(z.numel())
+
+
+def test_forgetting_set_is_the_committed_one(tmp_path):
+    texts = fd.prose_passages()
+    assert len(texts) == fd.PROSE_N and all(len(t) >= fd.PROSE_MIN_CHARS for t in texts)
+    changed = tmp_path / "prose.jsonl"
+    changed.write_bytes(fd.PROSE_FILE.read_bytes().replace(b"the", b"teh", 1))
+    with pytest.raises(RuntimeError, match="the forgetting set changed"):
+        fd.prose_passages(changed)
+    assert hashlib.sha256(fd.PROSE_FILE.read_bytes()).hexdigest() == fd.PROSE_SHA256
+
+
+def test_report_renders_from_a_ledger_alone(tmp_path):
+    recs = grids()
+    for arm in fr.MAIN:
+        lr = {"fft": 1e-4, "lora": 1e-3}.get(arm, 3e-4)
+        recs += [fake(S(arm), s, lr, test=0.8 + 0.01 * s, cpu=CPU[arm]) for s in (1, 2, 3)]
+    recs += [fake(S("fft", updates=333), s, 1e-4, test=0.85, cpu=1000.0) for s in (1, 2, 3)]
+    path = tmp_path / "ledger.jsonl"
+    for r in recs:
+        fr.append_record(r, path)
+    rep.cmd_report(path, tmp_path)
+    assert "**method=auto's order, provisional**" in (tmp_path / "frontier.md").read_text()  # LoRA's matched run
+    for seed in (1, 2, 3):
+        fr.append_record(fake(S("lora", updates=385), seed, 1e-3, test=0.9, cpu=1000.0), path)
+    rep.cmd_report(path, tmp_path)
+    text = (tmp_path / "frontier.md").read_text()
+    assert "**method=auto's order**" in text and "FFT, 333 updates" in text and "GRASS (MGN) γ=4 − grass-uniform" in text
+    assert (tmp_path / "frontier_memory.png").is_file()
+
+
+def test_token_sums_match_the_librarys_eval_loss_and_count_the_number_tokens():
+    from grass_ft.data import tokenize_example
+    from grass_ft.scoring import eval_loss
+    from tiny import char_tokenizer, tiny_llama
+
+    tok = char_tokenizer()
+    model = tiny_llama(len(tok))
+    examples = [{"instruction": f"{a}+{b}=", "input": "", "output": f"The answer is {a + b}", "answer": str(a + b)}
+                for a, b in ((1, 2), (3, 4), (5, 9))]
+    rows = fr.token_sums(model, [tokenize_example(tok, ex, 256) for ex in examples], tok.pad_token_id,
+                         fr.digit_tokens(tok))
+    loss, number_loss = fr.per_token(rows)
+    # the same token-weighted mean over the same supervised tokens, batched differently: fp32 summation order only
+    assert math.isclose(loss, eval_loss(model, tok, examples, 256, 2), rel_tol=1e-5)
+    assert rows[:, 3].tolist() == [1.0, 1.0, 2.0]  # the answers' digits: 3, 7, 14 (the prompt's are not scored)
+    assert math.isfinite(number_loss) and rows[:, 1].min() > rows[:, 3].max()
