@@ -86,8 +86,8 @@ class TrainConfig:
     method: str = _f("auto", "fine-tuning method: auto (the most capable setting that fits the device and the "
                              "host, chosen at start by the planner: docs/PLAN.md), fft (full fine-tuning), "
                              "grass-uniform (GRASS's offloaded layer-wise training with uniform draws, no probe: the "
-                             "layer-wise default), grass (the paper's importance sampling), grass-static, lisa, lora, "
-                             "dora")
+                             "layer-wise default), grass (the paper's importance sampling), grass-static, badam "
+                             "(BAdam's cyclic order), lisa, lora, dora")
     # data sources and formats (docs/DATA.md), logging sinks
     data_format: str = _f("auto", "format of `data` and `eval_data` rows: auto (from the columns), alpaca, "
                                   "prompt_completion, messages, text")
