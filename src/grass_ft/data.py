@@ -300,7 +300,7 @@ def check_data_sources(cfg, n: int = 100) -> str:
     Raises:
         DataError: as :func:`preview_rows`, or a row the tokenizer cannot render (naming it).
     """
-    sources = [(cfg.data, cfg.data_split)] + ([(cfg.eval_data, cfg.eval_split)] if cfg.eval_data else [])
+    sources = [(cfg.data, cfg.data_split)] + ([(cfg.eval_data, cfg.eval_split)] if not cfg.held_out_split else [])
     checked = [(spec, *preview_rows(spec, cfg.data_format, split, cfg.data_config, n)) for spec, split in sources]
     tokenizer = _local_tokenizer(cfg.model) if any(rows for _, _, rows in checked) else None
     if tokenizer is not None:
@@ -424,12 +424,12 @@ def load_data(cfg) -> LoadedData:
         train = datasets.Dataset.from_list(generate_examples(cfg.data, cfg.train_samples, cfg.seed))
         fmt = "alpaca"
         held = (generate_examples(cfg.data, n_eval, cfg.seed + EVAL_SEED_OFFSET)
-                if (cfg.eval_data is None and n_eval) else [])
+                if (cfg.held_out_split and n_eval) else [])
         held = [as_example(ex, fmt) for ex in held]
     else:
         train, fmt = load_rows(cfg.data, cfg.data_format, cfg.data_split, cfg.data_config)
         held = []
-        if cfg.eval_data is None and n_eval > 0:
+        if cfg.held_out_split and n_eval > 0:
             if len(train) <= n_eval:
                 raise DataError(f"data {cfg.data} has {len(train)} examples, too few to hold out "
                                 f"eval_samples={n_eval}; give eval_data=FILE or lower eval_samples")
@@ -437,7 +437,7 @@ def load_data(cfg) -> LoadedData:
             random.Random(cfg.seed).shuffle(order)
             held = [as_example(r, fmt) for r in train.select(order[-n_eval:])]
             train = train.select(order[:-n_eval])
-    if cfg.eval_data is not None and n_eval > 0:
+    if not cfg.held_out_split and n_eval > 0:
         if source_kind(cfg.eval_data) == "generator":
             held = [as_example(ex, "alpaca")
                     for ex in generate_examples(cfg.eval_data, n_eval, cfg.seed + EVAL_SEED_OFFSET)]
@@ -487,8 +487,63 @@ def tokenize_dataset(ds, tokenizer, fmt: str, max_seq_len: int, train_on_inputs:
         raise DataError(str(e)) from None
 
 
+def pack_features(features, max_len: int) -> list[dict[str, list[int]]]:
+    """Tokenised examples packed into rows of at most ``max_len`` tokens, TRL's ``packing=True`` (its default
+    strategy, best-fit decreasing: longest example first, each into the fullest row it still fits; no example is
+    split). Each row keeps ``seq_lengths``, from which :func:`collate` restarts the position ids per example."""
+    import bisect
+
+    ids = features["input_ids"] if hasattr(features, "column_names") else [f["input_ids"] for f in features]
+    labels = features["labels"] if hasattr(features, "column_names") else [f["labels"] for f in features]
+    order = sorted(range(len(ids)), key=lambda i: (-len(ids[i]), i))
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (room left, row), sorted: the best fit is the first with room >= length
+    for i in order:
+        n = min(len(ids[i]), max_len)
+        at = bisect.bisect_left(free, (n, -1))
+        if at < len(free):
+            room, row = free.pop(at)
+            rows[row].append(i)
+            if room - n > 0:
+                bisect.insort(free, (room - n, row))
+        else:
+            rows.append([i])
+            if max_len - n > 0:
+                bisect.insort(free, (max_len - n, len(rows) - 1))
+    packed = []
+    for members in rows:
+        row_ids, row_labels, lengths = [], [], []
+        for i in members:
+            row_ids += list(ids[i][:max_len])
+            row_labels += list(labels[i][:max_len])
+            lengths.append(min(len(ids[i]), max_len))
+        packed.append({"input_ids": row_ids, "labels": row_labels, "seq_lengths": lengths})
+    return packed
+
+
+def collate_packed(rows: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Packed rows as a batch the way TRL's padding-free collator makes it: no attention mask, position ids that
+    restart at every example (transformers reads them as example boundaries: a block-diagonal mask with sdpa and
+    eager, varlen with flash attention), and the label of every example's first token masked, so that no token is
+    predicted from another example's. ``num_tokens`` counts the real tokens (padding left out)."""
+    width = max(len(r["input_ids"]) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    pos = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"])
+        ids[i, :n] = torch.tensor(r["input_ids"])
+        labels[i, :n] = torch.tensor(r["labels"])
+        pos[i, :n] = torch.cat([torch.arange(k) for k in r["seq_lengths"]])
+    labels[pos == 0] = IGNORE_INDEX  # TRL: labels[position_ids == 0] = -100 (padding is position 0 too)
+    return {"input_ids": ids, "position_ids": pos, "labels": labels,
+            "num_tokens": torch.tensor(sum(len(r["input_ids"]) for r in rows))}
+
+
 def collate(features: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a list of tokenised examples into a training batch."""
+    """Right-pad a list of tokenised examples into a training batch (packed rows: :func:`collate_packed`)."""
+    if features and "seq_lengths" in features[0]:
+        return collate_packed(features, pad_id)
     width = max(len(f["input_ids"]) for f in features)
     ids = torch.full((len(features), width), pad_id, dtype=torch.long)
     labels = torch.full((len(features), width), IGNORE_INDEX, dtype=torch.long)
