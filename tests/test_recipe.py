@@ -145,16 +145,20 @@ def test_the_issues_run_evaluates_during_training_and_finishes_in_fp16(tmp_path,
 
     data = write_examples(tmp_path / "sums.jsonl", n=208)
     out = tmp_path / "run"
-    # 200 examples (8 held out) of ~190 tokens, 2 to a 512-token row: 100 rows, 25 updates an epoch at batch 4
+    # 200 examples (8 held out) of 160-180 tokens, 2 or 3 to a 512-token row
     cfg = _cfg(tiny_model_dir, data, out, num_train_epochs=0.4, warmup_ratio=0.1, eval_steps=3, packing="true",
                dtype="float16", early_stopping_patience=2, max_seq_len=512)
     summary = run_train(cfg, progress=False)
     record = yaml.safe_load((out / "config.yaml").read_text())
-    assert record["max_steps"] == 10 == summary["max_steps"] and record["warmup_steps"] == 1  # ceil(0.4 x 25), ceil(1)
+    rows = summary["train_rows"]
+    assert 200 / 3 <= rows <= 100  # packed, never split
+    steps = math.ceil(0.4 * (rows // 4))  # the Trainer's ceil(epochs x updates per epoch), full batches of 4
+    assert record["max_steps"] == steps == summary["max_steps"] == summary["steps"]
+    assert record["warmup_steps"] == math.ceil(0.1 * steps)
     assert record["dtype"] == "float16" and record["load_best_model_at_end"] is True
     assert not [k for k, v in record.items() if v is None]  # no null anywhere
     evals = [m for m in _lines(out / "metrics.jsonl") if "eval_loss" in m]
-    assert [m["step"] for m in evals][:3] == [2, 5, 8]  # after steps 3, 6, 9 (the 10th is the "after")
+    assert [m["step"] for m in evals] == list(range(2, steps - 1, 3))  # after steps 3, 6, ... (the last: "after")
     assert all(math.isfinite(m["eval_loss"]) and "best_metric" in m for m in evals)
     train = [m for m in _lines(out / "metrics.jsonl") if "loss" in m]
     assert all(m["loss_scale"] > 0 for m in train)
@@ -267,3 +271,25 @@ def test_real_wandb_reads_its_environment(tmp_path, monkeypatch):
     assert run.project == "from-env" and run.name == "named" and run.settings.mode == "offline"
     sinks.close()
     assert wandb.run is None
+
+
+# ------------------------------------------------------------------------------------------------ help
+
+
+def test_help_texts_match_what_the_code_does(capsys):
+    from grass_ft.compare import DEFAULT_METHODS
+
+    assert main(["--help"]) == 0
+    top = capsys.readouterr().out
+    assert ",".join(DEFAULT_METHODS) in top and "grass-uniform" in top and "method=auto" in top
+    assert main(["compare", "--help"]) == 0
+    assert f"(default: {','.join(DEFAULT_METHODS)})" in capsys.readouterr().out
+    assert main(["train", "--help"]) == 0
+    keys = capsys.readouterr().out
+    data_line = next(ln for ln in keys.splitlines() if ln.strip().startswith("data "))
+    assert all(w in data_line for w in (".parquet", ".csv", "hub data set", "data_format"))
+    for key in ("num_train_epochs", "warmup_ratio", "eval_steps", "metric_for_best_model", "load_best_model_at_end",
+                "early_stopping_patience", "packing", "attn_implementation", "save_dtype", "run_name"):
+        assert f"  {key} " in keys, key
+    dtype_line = next(ln for ln in keys.splitlines() if ln.strip().startswith("dtype "))
+    assert "(default: 'auto')" in dtype_line and "float16 (with dynamic loss scaling)" in dtype_line
