@@ -191,11 +191,17 @@ def test_dtype_auto_is_float32_on_a_cpu_and_save_dtype_casts_only_the_files(tmp_
 @pytest.mark.slow
 def test_fft_keeps_gamma_auto_and_a_short_run_on_a_file_is_warned(tmp_path, tiny_model_dir, tiny_data, capsys):
     out = tmp_path / "run"
-    run_train(_cfg(tiny_model_dir, tiny_data, out, method="fft", gamma="auto", max_steps=2, eval_samples=0),
-              progress=False)
+    from tiny import write_examples
+
+    data = write_examples(tmp_path / "many.jsonl", n=400)
+    run_train(_cfg(tiny_model_dir, data, out, method="fft", gamma="auto", eval_samples=0, batch_size=2,
+                   max_seq_len=192), progress=False)  # max_steps left at its default, 30
     assert yaml.safe_load((out / "config.yaml").read_text())["gamma"] == "auto"
     err = capsys.readouterr().err
-    assert "max_steps=2 x 4 rows a step = 8 of the data's 64 training examples (12.5% of one epoch)" in err
+    assert "max_steps=30 x 2 rows a step = 60 of the data's 400 training examples (15.0% of one epoch)" in err
+    run_train(_cfg(tiny_model_dir, data, tmp_path / "asked", method="fft", eval_samples=0, batch_size=2,
+                   max_seq_len=192, max_steps=2), progress=False)
+    assert "of one epoch" not in capsys.readouterr().err  # a max_steps the user typed is their choice
 
 
 @pytest.mark.slow
@@ -293,3 +299,28 @@ def test_help_texts_match_what_the_code_does(capsys):
         assert f"  {key} " in keys, key
     dtype_line = next(ln for ln in keys.splitlines() if ln.strip().startswith("dtype "))
     assert "(default: 'auto')" in dtype_line and "float16 (with dynamic loss scaling)" in dtype_line
+
+
+@pytest.mark.slow
+def test_a_run_of_resolved_keys_resumes_and_a_changed_one_is_named(tmp_path, tiny_model_dir, tiny_data):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from grass_ft.checkpoint import CheckpointError
+
+    out = tmp_path / "run"
+    keys = dict(num_train_epochs=0.5, warmup_ratio=0.25, save_steps=2, save_total_limit=0, eval_samples=0)
+    run_train(_cfg(tiny_model_dir, tiny_data, out, **keys), progress=False)  # 64 rows: 16 updates, 8 steps
+    done = load_file(out / "final" / "model.safetensors")
+    for name in ("final", "summary.json", "checkpoint-6"):
+        (shutil.rmtree if (out / name).is_dir() else Path.unlink)(out / name)
+    # the same command resumes: dtype, max_steps and warmup_steps resolve again to what checkpoint-4 recorded
+    run_train(_cfg(tiny_model_dir, tiny_data, out, resume="auto", **keys), progress=False)
+    again = load_file(out / "final" / "model.safetensors")
+    assert all(torch.equal(done[k], again[k]) for k in done)
+    for name in ("final", "summary.json"):
+        (shutil.rmtree if (out / name).is_dir() else Path.unlink)(out / name)
+    with pytest.raises(CheckpointError, match=r"belongs to a different run: num_train_epochs=0.5 there, 1.0 here"):
+        run_train(_cfg(tiny_model_dir, tiny_data, out, resume="auto", **{**keys, "num_train_epochs": 1}),
+                  progress=False)

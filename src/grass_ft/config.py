@@ -229,7 +229,9 @@ class TrainConfig:
     @property
     def held_out_split(self) -> bool:
         """The held-out examples come from ``data`` itself (``eval_data`` unset or ``holdout``)."""
-        return self.eval_data is None or self.eval_data == HOLDOUT
+        from .data import holds_out
+
+        return holds_out(self)
 
     @classmethod
     def help_lines(cls) -> list[str]:
@@ -485,6 +487,8 @@ def validate(cfg: TrainConfig, num_blocks: int | None = None, known_methods: typ
     check("save_dtype", cfg.save_dtype in SAVE_DTYPES, f"must be one of {', '.join(SAVE_DTYPES)}")
     check("eval_steps", cfg.eval_steps >= 0, "must be >= 0 (0: evaluate only before and after training)")
     if cfg.eval_steps > 0:
+        check("eval_steps", not cfg.fsdp, "does not work with fsdp=true yet (rank 0 would evaluate a sharded model "
+                                          "alone): evaluation before and after training still runs")
         check("eval_steps", cfg.eval_samples > 0, f"needs held-out data, but eval_samples=0 (set eval_samples=N; "
                                                   f"eval_data=FILE or a held-out split of `data` gives them)")
     check("metric_for_best_model", cfg.metric_for_best_model in BEST_METRICS,

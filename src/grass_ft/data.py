@@ -300,7 +300,7 @@ def check_data_sources(cfg, n: int = 100) -> str:
     Raises:
         DataError: as :func:`preview_rows`, or a row the tokenizer cannot render (naming it).
     """
-    sources = [(cfg.data, cfg.data_split)] + ([(cfg.eval_data, cfg.eval_split)] if not cfg.held_out_split else [])
+    sources = [(cfg.data, cfg.data_split)] + ([(cfg.eval_data, cfg.eval_split)] if not holds_out(cfg) else [])
     checked = [(spec, *preview_rows(spec, cfg.data_format, split, cfg.data_config, n)) for spec, split in sources]
     tokenizer = _local_tokenizer(cfg.model) if any(rows for _, _, rows in checked) else None
     if tokenizer is not None:
@@ -409,6 +409,14 @@ class LoadedData:
         return [as_example(r, self.format) for r in self.train.select(range(min(1, len(self.train))))] + self.held
 
 
+def holds_out(cfg) -> bool:
+    """The held-out examples come from ``data`` itself: ``eval_data`` unset or ``holdout`` (any object with the
+    configuration's attributes)."""
+    from .config import HOLDOUT
+
+    return getattr(cfg, "eval_data", None) in (None, HOLDOUT)
+
+
 def load_data(cfg) -> LoadedData:
     """Training and held-out data for a :class:`~grass_ft.config.TrainConfig`.
 
@@ -424,12 +432,12 @@ def load_data(cfg) -> LoadedData:
         train = datasets.Dataset.from_list(generate_examples(cfg.data, cfg.train_samples, cfg.seed))
         fmt = "alpaca"
         held = (generate_examples(cfg.data, n_eval, cfg.seed + EVAL_SEED_OFFSET)
-                if (cfg.held_out_split and n_eval) else [])
+                if (holds_out(cfg) and n_eval) else [])
         held = [as_example(ex, fmt) for ex in held]
     else:
         train, fmt = load_rows(cfg.data, cfg.data_format, cfg.data_split, cfg.data_config)
         held = []
-        if cfg.held_out_split and n_eval > 0:
+        if holds_out(cfg) and n_eval > 0:
             if len(train) <= n_eval:
                 raise DataError(f"data {cfg.data} has {len(train)} examples, too few to hold out "
                                 f"eval_samples={n_eval}; give eval_data=FILE or lower eval_samples")
@@ -437,7 +445,7 @@ def load_data(cfg) -> LoadedData:
             random.Random(cfg.seed).shuffle(order)
             held = [as_example(r, fmt) for r in train.select(order[-n_eval:])]
             train = train.select(order[:-n_eval])
-    if not cfg.held_out_split and n_eval > 0:
+    if not holds_out(cfg) and n_eval > 0:
         if source_kind(cfg.eval_data) == "generator":
             held = [as_example(ex, "alpaca")
                     for ex in generate_examples(cfg.eval_data, n_eval, cfg.seed + EVAL_SEED_OFFSET)]

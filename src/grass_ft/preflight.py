@@ -27,7 +27,8 @@ AUTO_SETS = frozenset({"method", "gamma", "lr", "offload", "gradient_checkpointi
 
 # What a run writes into output_dir; a directory holding any of these (or a checkpoint) holds a run.
 RUN_FILES = ("config.yaml", "plan.json", "metrics.jsonl", "layers.jsonl", "summary.json", "final", "eval.json",
-             "predictions.jsonl", "best", "loss.png", "active_blocks.png", "mgn.png")
+             "predictions.jsonl", "best")
+PLOT_FILES = ("loss.png", "active_blocks.png", "mgn.png")  # drawn at the end of a run; replaced with it, not listed
 FINISHED = ("summary.json", "final")
 
 

@@ -66,9 +66,12 @@ def resolve_warmup(cfg: TrainConfig, total_updates: int) -> int:
 
 
 def short_run_warning(cfg: TrainConfig, rows: int, world_size: int, from_file: bool) -> str | None:
-    """One line when a run on a user's data sees less than one pass over it and no epochs were asked for (the
-    default 30 steps over a 50k-row file); None otherwise."""
-    if not from_file or cfg.num_train_epochs is not None:
+    """One line when a run on a user's data will see less than one pass over it with ``max_steps`` left at its
+    default and no epochs asked for (30 steps over a 50k-row file); None otherwise (a ``max_steps`` the user typed
+    is their choice)."""
+    from .config import DEFAULT_MAX_STEPS
+
+    if not from_file or cfg.num_train_epochs is not None or cfg.max_steps != DEFAULT_MAX_STEPS:
         return None
     per_step = cfg.batch_size * cfg.grad_accum * world_size
     seen = cfg.max_steps * per_step

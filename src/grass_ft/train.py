@@ -42,7 +42,7 @@ from .errors import DivergenceError, UserError
 from .loss import enable_supervised_loss, full_loss, loss_forward
 from .methods import Prepared, method_names, prepare, resolved_offload, step_budget
 from .models import PACKAGED_NOTE, block_layout, enable_checkpointing, load_model, load_tokenizer
-from .preflight import FINISHED, RUN_FILES, RunError, check_token_ids, preflight, supervised_features
+from .preflight import FINISHED, PLOT_FILES, RUN_FILES, RunError, check_token_ids, preflight, supervised_features
 from .registry import traits
 from .planner.resolve import choice_line, write_record
 from .early_stopping import BestTracker, eval_record, metric_value
@@ -136,6 +136,8 @@ def prepare_output_dir(path: str | Path, resuming: bool = False,
     if not resuming and any(p.exists() for p in stale):
         warn(f"overwrite_output_dir: replacing the previous run in {out} "
              f"({', '.join(p.name for p in stale if p.exists())})")
+    if not resuming:
+        stale += [out / n for n in PLOT_FILES]  # a new run's plots replace the old run's (or are left out, as it is)
     for path_ in stale:
         if path_.is_dir():
             remove_dir(path_)
@@ -383,7 +385,10 @@ def _run_train(cfg: TrainConfig, progress: bool, dist: Distributed, held: ExitSt
     if inputs.checkpoint is not None:  # the keys resolved just now, against what the checkpoint's run resolved
         from .checkpoint import check_same_run, checkpoint_run
 
-        check_same_run(inputs.checkpoint, checkpoint_run(inputs.checkpoint), run_keys(run.record, dist.world_size))
+        recorded = checkpoint_run(inputs.checkpoint)
+        now = {k: v for k, v in run_keys(run.record, dist.world_size).items()
+               if recorded is None or recorded.get(k) is not None}  # a checkpoint from before issue 31 holds nulls
+        check_same_run(inputs.checkpoint, recorded, now)
     if choice is not None and dist.is_main:  # logged as training starts: a failure before it stays one line
         tqdm.write(f"grass-ft: {choice_line(choice)}", file=sys.stderr)
     if dist.is_main:
