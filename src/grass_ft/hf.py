@@ -60,6 +60,17 @@ _TRAINER_OWNS = {
     "supervised_only_loss": "grass_ft.loss.enable_supervised_loss(model) before building the Trainer",
     "offload": "nothing: the callback always moves the optimizer state of blocks that leave the active set to "
                "host memory",
+    "num_train_epochs": "TrainingArguments(num_train_epochs=...)",
+    "warmup_ratio": "TrainingArguments(warmup_ratio=...)",
+    "eval_steps": "TrainingArguments(eval_strategy='steps', eval_steps=...)",
+    "metric_for_best_model": "TrainingArguments(metric_for_best_model=...)",
+    "load_best_model_at_end": "TrainingArguments(load_best_model_at_end=True)",
+    "early_stopping_patience": "callbacks=[transformers.EarlyStoppingCallback(early_stopping_patience=...)]",
+    "packing": "trl.SFTConfig(packing=True)",
+    "attn_implementation": "from_pretrained(..., attn_implementation=...)",
+    "save_dtype": "the dtype of the model you save",
+    "run_name": "TrainingArguments(run_name=...)",
+    "report_to": "TrainingArguments(report_to=...)",
 }
 _NO_PROBE_LIMIT = 2**31  # probe_steps is checked against the Trainer's max_steps once training starts
 
