@@ -529,39 +529,27 @@ def pack_features(features, max_len: int) -> list[dict[str, list[int]]]:
     return packed
 
 
-def collate_packed(rows: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Packed rows as a batch the way TRL's padding-free collator makes it: no attention mask, position ids that
-    restart at every example (transformers reads them as example boundaries: a block-diagonal mask with sdpa and
-    eager, varlen with flash attention), and the label of every example's first token masked, so that no token is
-    predicted from another example's. ``num_tokens`` counts the real tokens (padding left out)."""
-    width = max(len(r["input_ids"]) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-    pos = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        n = len(r["input_ids"])
-        ids[i, :n] = torch.tensor(r["input_ids"])
-        labels[i, :n] = torch.tensor(r["labels"])
-        pos[i, :n] = torch.cat([torch.arange(k) for k in r["seq_lengths"]])
-    labels[pos == 0] = IGNORE_INDEX  # TRL: labels[position_ids == 0] = -100 (padding is position 0 too)
-    return {"input_ids": ids, "position_ids": pos, "labels": labels,
-            "num_tokens": torch.tensor(sum(len(r["input_ids"]) for r in rows))}
-
-
 def collate(features: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a list of tokenised examples into a training batch (packed rows: :func:`collate_packed`)."""
-    if features and "seq_lengths" in features[0]:
-        return collate_packed(features, pad_id)
+    """Right-pad tokenised examples into a training batch with an attention mask; or, for packed rows (they carry
+    ``seq_lengths``: :func:`pack_features`), the batch TRL's padding-free collator makes: no attention mask,
+    position ids that restart at every example (transformers reads them as example boundaries: a block-diagonal
+    mask with sdpa and eager, varlen with flash attention), the label of every example's first token masked so that
+    no token is predicted from another example's, and ``num_tokens``, the real tokens (padding left out)."""
+    packed = bool(features) and "seq_lengths" in features[0]
     width = max(len(f["input_ids"]) for f in features)
     ids = torch.full((len(features), width), pad_id, dtype=torch.long)
     labels = torch.full((len(features), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(features), width), dtype=torch.long)
+    where = torch.zeros((len(features), width), dtype=torch.long)  # the attention mask, or the position ids
     for i, f in enumerate(features):
         n = len(f["input_ids"])
         ids[i, :n] = torch.tensor(f["input_ids"])
         labels[i, :n] = torch.tensor(f["labels"])
-        mask[i, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        where[i, :n] = torch.cat([torch.arange(k) for k in f["seq_lengths"]]) if packed else 1
+    if not packed:
+        return {"input_ids": ids, "attention_mask": where, "labels": labels}
+    labels[where == 0] = IGNORE_INDEX  # TRL: labels[position_ids == 0] = -100 (padding is position 0 too)
+    return {"input_ids": ids, "position_ids": where, "labels": labels,
+            "num_tokens": torch.tensor(sum(len(f["input_ids"]) for f in features))}
 
 
 GROUP_BATCHES = 16

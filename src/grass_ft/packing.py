@@ -5,7 +5,7 @@ into a block-diagonal mask (sdpa, eager, flex) or variable-length kernels (flash
 ignores them would let every example attend to the ones before it in its row, and train on that silently. So the
 run checks once, after loading, on the real model: the logits of an example packed behind another must equal its
 logits alone. The rows themselves are made by :func:`grass_ft.data.pack_features` and
-:func:`grass_ft.data.collate_packed`.
+:func:`grass_ft.data.collate`.
 """
 
 from __future__ import annotations
