@@ -48,8 +48,8 @@ def model_card(record: dict[str, Any], summary: dict[str, Any]) -> str:
     lines = [
         "---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "",
         f"# {record.get('run_name') or Path(summary.get('final_dir', '.')).parent.name}", "",
-        f"Fine-tuned from `{record['model']}`{note} with [grass-ft](https://pypi.org/project/grass-ft/) "
-        f"method `{method}`, on `{record['data']}` for {summary['steps']} optimizer steps"
+        f"Fine-tuned from `{record['model']}`{note} with grass-ft, method `{method}`, on `{record['data']}` "
+        f"for {summary['steps']} optimizer steps"
         + (" (stopped early)" if summary.get("stopped_early") else "") + ".", "",
         "## Settings", "",
         "| key | value |", "|---|---|",

@@ -129,8 +129,8 @@ def filled(cfg: TrainConfig, *, rows: int, world_size: int, out: Path, layers_at
         d["device_memory"] = cfg.device_memory or budgets[0]
         d["host_memory"] = cfg.host_memory or budgets[1]
     missing = [k for k, v in d.items() if v is None]
-    if missing:  # a key added without a resolution here would write a null: say which, loudly, in the tests
-        raise AssertionError(f"config.yaml would hold null for {missing}: resolve them in grass_ft.recipe.filled")
+    if missing:  # a key added to TrainConfig without a resolution here would write a null: fail loudly in the tests
+        raise RuntimeError(f"config.yaml would hold null for {missing}: resolve them in grass_ft.recipe.filled")
     return d
 
 
