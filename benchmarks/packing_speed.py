@@ -75,8 +75,8 @@ def main() -> None:
                   "tokens_per_step": f["tokens"] / f["steps"]} for name, f in figures.items()}
     out["gain"] = out["packed"]["tokens_per_s"] / out["padded"]["tokens_per_s"]
     out["rows"] = {"examples": len(features), "packed_rows": len(data_mod.pack_features(features, a.seq))}
-    out["setup"] = {**vars(a), "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
-                    "cpus": os.cpu_count(), "loadavg_at_end": os.getloadavg(), "torch": torch.__version__}
+    out["setup"] = {**vars(a), "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "torch": torch.__version__,
+                    "machine": platform.processor() or platform.machine(), "loadavg_at_end": os.getloadavg()}
     text = json.dumps(out, indent=1)
     print(text)
     if a.out:

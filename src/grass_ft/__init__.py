@@ -2,8 +2,8 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["LayerwiseOffloadAdamW", "GrassCallback", "GrassTrainer", "GrassTrainerMixin", "grass_trainer", "TrainConfig",
-           "__version__"]
+__all__ = ["LayerwiseOffloadAdamW", "GrassCallback", "GrassTrainer", "GrassTrainerMixin", "grass_trainer",
+           "TrainConfig", "__version__"]
 
 
 def __getattr__(name: str):

@@ -162,7 +162,8 @@ class TrainConfig:
                               "decreasing), attention kept within each example (position ids restart per example; "
                               "docs/DATA.md)")
     attn_implementation: str = _f("auto", "attention kernel: auto (transformers' default for the model, sdpa where "
-                                          "supported), eager, sdpa, flash_attention_2, flash_attention_3, flex_attention")
+                                          "supported), eager, sdpa, flash_attention_2, flash_attention_3, "
+                                          "flex_attention")
     max_steps: int | None = _f(None, "optimizer steps in all, probe steps included (unset: 30, or the steps of "
                                      "num_train_epochs; given, it wins over num_train_epochs, as in the Trainer)")
     num_train_epochs: float | None = _f(None, "passes over the training data, fractional allowed (sets max_steps "

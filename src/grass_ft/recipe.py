@@ -40,7 +40,7 @@ def updates_per_epoch(rows: int, cfg: TrainConfig, world_size: int) -> int:
 
 
 def steps_for_epochs(epochs: float, rows: int, cfg: TrainConfig, world_size: int) -> int:
-    """``max_steps`` of ``epochs`` passes (the Trainer's ``math.ceil(num_train_epochs * num_update_steps_per_epoch)``)."""
+    """``max_steps`` of ``epochs`` passes: the Trainer's ``ceil(num_train_epochs * num_update_steps_per_epoch)``."""
     return max(1, math.ceil(epochs * updates_per_epoch(rows, cfg, world_size)))
 
 
