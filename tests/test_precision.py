@@ -135,13 +135,121 @@ def test_torch_adamw_is_fused_on_cuda_and_the_per_tensor_loop_on_the_cpu():
         assert type(p.optimizer) is torch.optim.AdamW and p.optimizer.defaults["fused"] is True, method
 
 
-def test_float16_is_refused_by_the_config(capsys):
+def test_float16_without_master_weights_is_one_line(capsys):
     from grass_ft.cli import main
 
-    assert main(["validate", "dtype=float16"]) == 2
+    assert main(["validate", "dtype=float16", "master_weights=false"]) == 2
     err = capsys.readouterr().err
-    assert "`dtype` must be one of float32, bfloat16 (float16 needs a loss scaler" in err
-    assert "got 'float16'" in err and "Traceback" not in err
+    assert "`master_weights` must be true with dtype=float16" in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert main(["validate", "dtype=float16"]) == 0  # with masters (the default) float16 is accepted now
+
+
+def fp16_arms(loss_factor: float, steps: int = 8, init_scale: float = 2.0 ** 16):
+    """fp32 torch AdamW, and fp16 with masters through the loss scaler (and unscaled, ``init_scale=1``), on the
+    same batches; the loss multiplied by ``loss_factor`` (Adam's update does not depend on it in exact arithmetic)."""
+    from grass_ft.loss_scale import LossScaler
+
+    base = tiny_llama(torch.float16)
+    models = {"fp32": copy.deepcopy(base).float(), "fp16": copy.deepcopy(base)}
+    init = {n: p.detach().float().clone() for n, p in models["fp32"].named_parameters()}
+    ref = torch.optim.AdamW(models["fp32"].parameters(), lr=1e-5, weight_decay=0.0)
+    opt = LayerwiseOffloadAdamW(models["fp16"].named_parameters(), lr=1e-5, weight_decay=0.0)
+    scaler = LossScaler(init_scale=init_scale)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        ids = torch.randint(0, 128, (4, 16), generator=gen)
+        (models["fp32"](input_ids=ids, labels=ids).loss * loss_factor).backward()
+        ref.step()
+        ref.zero_grad(set_to_none=True)
+        (models["fp16"](input_ids=ids, labels=ids).loss * loss_factor * scaler.scale).backward()
+        scaler.step(opt, list(models["fp16"].parameters()), max_norm=0.0)
+        opt.zero_grad(set_to_none=True)
+    return models, opt, scaler, init
+
+
+def _rel_to_fp32(models, opt, init) -> dict[str, float]:
+    fp32 = dict(models["fp32"].named_parameters())
+    out = {}
+    for name, m in masters(opt).items():
+        if m.dim() < 2:  # norms start at 1.0 (see the bf16 test): the matrices carry the comparison
+            continue
+        moved = fp32[name].detach() - init[name]
+        out[name] = ((m - init[name] - moved).norm() / moved.norm()).item()
+    return out
+
+
+def test_float16_with_loss_scaling_tracks_fp32_as_bf16_does():
+    # The loss is scaled down by 2^-16 (a small loss, as a tiny learning signal is): its gradients, ~1e-3 x 2^-16 ~
+    # 1.5e-8, lie below fp16's smallest subnormal (2^-24 ~ 6e-8), so unscaled they flush to zero, while the loss
+    # scaler's 2^16 brings them back into fp16's normal range. Scaled, the masters track fp32 with the bound of the
+    # bf16 test (0.1 of the movement): the arms differ only by the fp16 forward's rounding, 2^-11 relative per op,
+    # finer than bf16's 2^-8, and Adam is scale-free. Unscaled, most gradients are zero: off by more than half.
+    models, opt, scaler, init = fp16_arms(2.0 ** -16)
+    rel = _rel_to_fp32(models, opt, init)
+    assert rel and max(rel.values()) < 0.1, rel
+    assert scaler.overflow_steps == 0 and scaler.scale == 2.0 ** 16
+    for name, p in models["fp16"].named_parameters():  # the weights are the masters rounded once to fp16
+        assert torch.equal(p.detach(), masters(opt)[name].to(torch.float16)), name
+    models, opt, _, init = fp16_arms(2.0 ** -16, init_scale=1.0)
+    assert max(_rel_to_fp32(models, opt, init).values()) > 0.5
+
+
+def test_float16_overflow_steps_are_skipped_counted_and_back_off_the_scale():
+    # At 2^30 the loss's gradient at the fp16 logits alone, scale / 64 tokens ~ 2^24, is far beyond fp16's 65504:
+    # the first steps overflow; each halves the scale (GradScaler's backoff 0.5) and updates nothing, until the
+    # scaled gradients fit (measured: 12 halvings, to 2^18); then no step overflows again within 20
+    models, opt, scaler, init = fp16_arms(1.0, steps=20, init_scale=2.0 ** 30)
+    k = scaler.overflow_steps
+    assert 1 <= k < 20 and scaler.scale == 2.0 ** (30 - k)
+    steps = {n: s["step"].item() for n, s in opt.state_dict()["state"].items()}
+    assert set(steps.values()) == {20.0 - k}  # only the good steps reached the optimizer
+    assert all(torch.isfinite(p).all() for p in models["fp16"].parameters())
+
+
+def test_torch_grad_scaler_drives_our_optimizer_exactly_as_the_loss_scaler():
+    """Our optimizer speaks torch's scaling protocol (``_step_supports_amp_scaling``): torch.amp.GradScaler itself
+    scales, checks for inf and steps it, and the result is bit-equal to the native loop's scaler (both divide the
+    gradients by the same fp32 scale as they up-cast them, then run the same update)."""
+    from grass_ft.loss_scale import LossScaler
+
+    results = []
+    for drive in ("ours", "torch"):
+        model = tiny_llama(torch.float16)
+        opt = LayerwiseOffloadAdamW(model.named_parameters(), lr=1e-3, weight_decay=0.0)
+        ours, theirs = LossScaler(), torch.amp.GradScaler("cpu")
+        gen = torch.Generator().manual_seed(3)
+        for _ in range(3):
+            ids = torch.randint(0, 128, (4, 16), generator=gen)
+            loss = model(input_ids=ids, labels=ids).loss
+            if drive == "ours":
+                (loss * ours.scale).backward()
+                ours.step(opt, list(model.parameters()), max_norm=0.0)
+            else:
+                theirs.scale(loss).backward()
+                theirs.step(opt)
+                theirs.update()
+            opt.zero_grad(set_to_none=True)
+        results.append({n: p.detach().clone() for n, p in model.named_parameters()})
+        assert (ours.scale if drive == "ours" else theirs.get_scale()) == 2.0 ** 16
+    for n in results[0]:
+        assert torch.equal(results[0][n], results[1][n]), n
+
+
+def test_loss_scale_travels_in_the_runner_state():
+    from grass_ft.config import TrainConfig
+    from grass_ft.loss_scale import LossScaler
+    from grass_ft.methods import prepare
+    from grass_ft.step import StepRunner
+
+    runner = StepRunner(prepare(tiny_llama(torch.float16), TrainConfig(method="fft")), loss_scaler=LossScaler())
+    runner.scaler.update(True)
+    runner.scaler.overflow_steps = 1
+    state = runner.state_dict()["loss_scaler"]
+    assert state == {"scale": 2.0 ** 15, "growth_tracker": 0, "overflow_steps": 1}
+    fresh = StepRunner(prepare(tiny_llama(torch.float16), TrainConfig(method="fft")), loss_scaler=LossScaler())
+    fresh.load_state_dict(runner.state_dict())
+    assert fresh.scaler.state_dict() == state
 
 
 def test_other_dtypes_are_refused_by_the_optimizer():

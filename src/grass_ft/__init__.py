@@ -2,7 +2,8 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["LayerwiseOffloadAdamW", "GrassCallback", "GrassTrainer", "TrainConfig", "__version__"]
+__all__ = ["LayerwiseOffloadAdamW", "GrassCallback", "GrassTrainer", "GrassTrainerMixin", "grass_trainer",
+           "TrainConfig", "__version__"]
 
 
 def __getattr__(name: str):
@@ -15,10 +16,10 @@ def __getattr__(name: str):
         from .hf import GrassCallback
 
         return GrassCallback
-    if name == "GrassTrainer":
-        from .hf import GrassTrainer
+    if name in ("GrassTrainer", "GrassTrainerMixin", "grass_trainer"):
+        from . import hf
 
-        return GrassTrainer
+        return getattr(hf, name)
     if name == "TrainConfig":
         from .config import TrainConfig
 

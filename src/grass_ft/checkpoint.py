@@ -57,6 +57,7 @@ NOT_RUN_KEYS = frozenset({
     "output_dir", "resume", "overwrite_output_dir", "eval_data", "task", "eval_samples", "eval_batch_size",
     "eval_before", "eval_loss_only_tasks", "max_new_tokens", "logging_steps", "save_steps", "save_total_limit",
     "max_bad_steps", "gradient_checkpointing", "merge_lora", "device_memory", "host_memory", "memory_margin",
+    "run_name", "save_dtype", "eval_steps", "early_stopping_patience",
 })
 
 

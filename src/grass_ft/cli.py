@@ -17,22 +17,33 @@ from .errors import UserError
 from .models import ModelError
 from .registry import traits
 
+def _default_methods() -> str:
+    from .compare import DEFAULT_METHODS
+
+    return ",".join(DEFAULT_METHODS)
+
+
 USAGE = """grass-ft COMMAND [--config FILE] [key=value ...]
 
 commands:
   plan           what fits your device and host, every method and gamma, before any weight loads:
                  plan model=DIR_WITH_CONFIG_JSON device_memory=24GiB [batch_size=4 max_seq_len=1024 ...]
-  train          fine-tune (default: method=auto, the most capable setting that fits, on SmolLM2-135M-Instruct,
-                 GSM-style data, offline)
+  train          fine-tune (default: method=auto, the most capable setting that fits the device, chosen by the
+                 planner; dtype=auto; on SmolLM2-135M-Instruct, GSM-style data, offline): train data=FILE|DIR|HUB_ID
   eval           evaluate a model or adapter directory: model=PATH data=FILE|DIR|GENERATOR task=NAME
   validate       check a configuration and report every error at once
   prepare-model  convert the packaged SmolLM2-135M-Instruct GGUF file to a safetensors cache (once)
   compare        run several methods on the same data, seed and steps, one subprocess each; writes results.json,
-                 results.md and charts: methods=fft,lora,dora,lisa,grass,grass-static [key=value] [lora.lr=2e-4]
+                 results.md and charts: methods={methods} [key=value] [lora.lr=2e-4]
   plot           draw the charts of a run directory (or redraw those of a compare directory): plot DIR [DIR ...]
 
 `grass-ft train --help` lists every key with its help line. A bad input prints one line and exits 2; `--debug`
 (or GRASS_FT_DEBUG=1) shows the traceback instead. Ctrl-C exits 130 and SIGTERM 143, with checkpoints intact."""
+
+
+def usage() -> str:
+    """The top-level help, its lists taken from the code (compare's default methods)."""
+    return USAGE.format(methods=_default_methods())
 
 
 def _parser(prog: str) -> argparse.ArgumentParser:
@@ -294,7 +305,7 @@ def cmd_compare(argv: list[str]) -> int:
     args = _parser("grass-ft compare").parse_intermixed_args(argv)
     if args.help:
         print("usage: grass-ft compare [--config FILE] [--quiet] [methods=a,b,...] [output_dir=DIR] [key=value ...] "
-              "[METHOD.key=value ...]\n\n  methods     comma-separated (default: fft,lora,dora,lisa,grass,grass-static)"
+              "[METHOD.key=value ...]\n\n  methods     comma-separated (default: " + _default_methods() + ")"
               "\n  output_dir  where results.json, results.md, charts and one run directory per method go "
               "(default: runs/compare)\n  METHOD.key  applies to that method only, e.g. lora.lr=2e-4\n"
               "  --quiet     no progress bars from the runs (their summary lines still print)\n\n" + _keys_help())
@@ -348,11 +359,11 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv or os.environ.get("GRASS_FT_DEBUG", "").lower() in ("1", "true", "yes", "on")
     argv = [a for a in argv if a != "--debug"]
     if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE)
+        print(usage())
         return 0
     cmd, rest = argv[0], argv[1:]
     if cmd not in COMMANDS:
-        print(f"grass-ft: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
+        print(f"grass-ft: unknown command {cmd!r}\n\n{usage()}", file=sys.stderr)
         return 2
     try:
         return COMMANDS[cmd](rest)

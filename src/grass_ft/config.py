@@ -79,9 +79,11 @@ class TrainConfig:
 
     # what to train
     model: str = _f("smollm2-135m", "packaged model name, hub id or local directory of a causal LM")
-    data: str = _f("gsm-mix", "a generator name (gsm-mix, gsm_symbolic, chain_sum, basic_arithmetic) or a "
-                               "JSON/JSONL file in the LLM-Adapters schema (instruction, input, output, answer)")
-    eval_data: str | None = _f(None, "held-out data (file or generator); default: a held-out split of `data`")
+    data: str = _f("gsm-mix", "training data: a generator (gsm-mix, gsm_symbolic, chain_sum, basic_arithmetic, "
+                               "easy_arith), a .json/.jsonl/.parquet/.csv file, a data directory or a hub data set id, "
+                               "in any format of data_format (docs/DATA.md)")
+    eval_data: str | None = _f(None, "held-out data (file, directory, hub id or generator); unset or holdout: "
+                                     "eval_samples rows held out of `data` (a generator: drawn from held-out seeds)")
     task: str = _f("gsm8k", "answer rule that scores the evaluation (gsm8k = last number within 0.001)")
     method: str = _f("auto", "fine-tuning method: auto (the most capable setting that fits the device and the "
                              "host, chosen at start by the planner: docs/PLAN.md), fft (full fine-tuning), "
@@ -96,8 +98,10 @@ class TrainConfig:
     data_config: str | None = _f(None, "configuration (subset) name of a hub data set, e.g. main for gsm8k")
     chat_template: str | None = _f(None, "Jinja chat template (a .jinja file or the template text) for messages data "
                                          "when the model's tokenizer has none, or to replace its own")
-    report_to: str = _f("none", "extra metric sinks besides metrics.jsonl: none, tensorboard, wandb (offline), "
+    report_to: str = _f("none", "extra metric sinks besides metrics.jsonl: none, tensorboard, wandb (as its "
+                                "WANDB_PROJECT / WANDB_ENTITY / WANDB_MODE say; offline without credentials), "
                                 "comma-separated")
+    run_name: str | None = _f(None, "the run's name in wandb and the model card (unset: the output directory's name)")
     # GRASS
     gamma: int | str = _f("auto", "γ: number of decoder blocks trainable at a time; auto: the largest that fits the "
                                   "device (docs/PLAN.md)")
@@ -145,31 +149,58 @@ class TrainConfig:
                                 "(docs/DEFAULTS.md): " + ", ".join(f"{m} {t.lr:.0e}".replace("e-0", "e-")
                                                                    for m, t in METHODS.items()))
     weight_decay: float = _f(0.0, "AdamW decoupled weight decay")
-    warmup_steps: int = _f(0, "linear warm-up steps after the probe")
+    warmup_steps: int = _f(0, "linear warm-up steps after the probe (given > 0, it wins over warmup_ratio, as in "
+                              "the Trainer)")
+    warmup_ratio: float = _f(0.0, "share of the optimizer updates spent on linear warm-up, in [0, 1) (rounded up to "
+                                  "whole steps, as the Trainer)")
     lr_schedule: str = _f("constant", "learning-rate shape after warm-up: constant, linear, cosine")
     max_grad_norm: float = _f(1.0, "global gradient-norm clipping (0 turns it off)")
     batch_size: int = _f(8, "examples per micro-batch (global batch = batch_size x grad_accum)")
     grad_accum: int = _f(1, "micro-batches accumulated per optimizer step")
-    max_seq_len: int = _f(256, "tokens per example after truncation")
-    max_steps: int = _f(30, "optimizer steps in all, probe steps included")
+    max_seq_len: int = _f(256, "tokens per example after truncation (with packing: per packed row)")
+    packing: bool = _f(False, "concatenate examples into rows of max_seq_len tokens (TRL's packing, best-fit "
+                              "decreasing), attention kept within each example (position ids restart per example; "
+                              "docs/DATA.md)")
+    attn_implementation: str = _f("auto", "attention kernel: auto (transformers' default for the model, sdpa where "
+                                          "supported), eager, sdpa, flash_attention_2, flash_attention_3, "
+                                          "flex_attention")
+    max_steps: int | None = _f(None, "optimizer steps in all, probe steps included (unset: 30, or the steps of "
+                                     "num_train_epochs; given, it wins over num_train_epochs, as in the Trainer)")
+    num_train_epochs: float | None = _f(None, "passes over the training data, fractional allowed (sets max_steps "
+                                              "unless max_steps is given)")
     train_samples: int = _f(2000, "examples to generate when `data` is a generator")
     train_on_inputs: bool = _f(False, "compute the loss on the prompt tokens too")
     supervised_only_loss: bool = _f(True, "run the LM head and cross-entropy only at positions with a label, in "
                                           "chunks (false: full logits at every position, as model(**batch).loss)")
     max_bad_steps: int = _f(5, "stop after this many consecutive steps with a non-finite loss or gradient")
     seed: int = _f(42, "seed for data order, block draws and initialisation")
-    dtype: str = _f("float32", "parameter dtype: float32 or bfloat16 (fp32 is fastest on CPU; float16 is refused: "
-                               "the training loop has no loss scaler); the Trainer's bf16=true maps here")
-    master_weights: bool = _f(True, "bfloat16 parameters train against fp32 master copies kept with the optimizer "
-                                    "state (false: pure-bf16 AdamW as LISA/FFT ship, which loses small updates)")
+    dtype: str = _f("auto", "parameter dtype: auto (bfloat16 on a GPU that supports it, float16 on one that does "
+                            "not, float32 on a CPU, where it is fastest), float32, bfloat16, float16 (with dynamic "
+                            "loss scaling); the Trainer's bf16=true / fp16=true map here")
+    master_weights: bool = _f(True, "bfloat16/float16 parameters train against fp32 master copies kept with the "
+                                    "optimizer state (false: pure-bf16 AdamW as LISA/FFT ship, which loses small "
+                                    "updates; float16 needs them)")
     # evaluation and output
     eval_samples: int = _f(32, "held-out examples to evaluate before and after training (0 turns evaluation off)")
     eval_batch_size: int = _f(16, "examples per evaluation batch")
     eval_before: bool = _f(True, "also evaluate the model as loaded, before training (off: the baseline is known)")
+    eval_steps: int = _f(0, "also evaluate the held-out data every N steps while training (eval_loss, and accuracy "
+                            "where the task has an answer rule) into metrics.jsonl and report_to (0: only before and "
+                            "after)")
+    metric_for_best_model: str = _f("eval_loss", "what makes an evaluation better: eval_loss (lower) or eval_accuracy "
+                                                 "(higher)")
+    load_best_model_at_end: bool | None = _f(None, "final/ holds the weights of the best evaluation during training "
+                                                   "instead of the last step's (unset: on with "
+                                                   "early_stopping_patience, as the Trainer requires)")
+    early_stopping_patience: int = _f(0, "stop after this many evaluations in a row without improving "
+                                         "metric_for_best_model (0: never)")
     eval_loss_only_tasks: str = _f("", "comma-separated held-out tasks scored by eval loss only, without "
                                        "generation (e.g. long chain-of-thought whose accuracy does not move)")
     max_new_tokens: int = _f(128, "generation budget per evaluated example")
-    output_dir: str = _f("runs/grass-ft", "where config.yaml, metrics.jsonl, layers.jsonl, summary.json and final/ go")
+    output_dir: str = _f("runs/grass-ft", "where config.yaml, metrics.jsonl, layers.jsonl, summary.json, the plots "
+                                          "and final/ go")
+    save_dtype: str = _f("auto", "dtype of the weights in final/: auto (the training dtype), float32, bfloat16, "
+                                 "float16")
     logging_steps: int = _f(1, "write a metrics.jsonl line every N steps")
     save_steps: int = _f(0, "write a checkpoint every N steps (0: none; final/ is always written)")
     save_total_limit: int = _f(2, "keep only the newest N checkpoints (0: keep all)")
@@ -183,12 +214,25 @@ class TrainConfig:
         # has chosen the method (grass_ft.planner.resolve).
         if self.lr is None and self.method != "auto":
             self.lr = traits(self.method).lr
+        # `max_steps` unset is 30 steps, unless num_train_epochs is set: then the run resolves it from the data's
+        # size at its start (grass_ft.recipe), as the Trainer's max_steps=-1
+        if self.max_steps is None and self.num_train_epochs is None:
+            self.max_steps = DEFAULT_MAX_STEPS
+        if isinstance(self.metric_for_best_model, str) and not self.metric_for_best_model.startswith("eval_"):
+            self.metric_for_best_model = "eval_" + self.metric_for_best_model  # the Trainer's rule: loss = eval_loss
 
     @property
     def auto(self) -> bool:
         """``method``, or the ``gamma`` of a layer-sampling method, is still ``auto`` (resolved once, at the start of
         a run; a method that samples no layers reads no ``gamma``)."""
         return self.method == "auto" or (self.gamma == "auto" and bool(traits(self.method).sampling))
+
+    @property
+    def held_out_split(self) -> bool:
+        """The held-out examples come from ``data`` itself (``eval_data`` unset or ``holdout``)."""
+        from .data import holds_out
+
+        return holds_out(self)
 
     @classmethod
     def help_lines(cls) -> list[str]:
@@ -203,9 +247,14 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+DEFAULT_MAX_STEPS = 30
+HOLDOUT = "holdout"  # eval_data: rows held out of `data` (what config.yaml writes for the default)
 AUTO_KEYS = ("method", "gamma")  # keys whose value may be `auto`: chosen by the planner at the start of a run
 LR_SCHEDULES = ("constant", "linear", "cosine")
-DTYPES = ("float32", "bfloat16")  # float16 needs a loss scaler, which the native loop does not have
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: resolved once at the start (grass_ft.recipe)
+SAVE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+ATTN_IMPLEMENTATIONS = ("auto", "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
+BEST_METRICS = {"eval_loss": False, "eval_accuracy": True}  # metric -> greater is better
 DATA_FORMATS = ("auto", "alpaca", "prompt_completion", "messages", "text")  # grass_ft.formats.FORMATS + auto
 DATA_FILE_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")
 REPORT_TO = ("none", "tensorboard", "wandb")
@@ -409,7 +458,7 @@ def validate(cfg: TrainConfig, num_blocks: int | None = None, known_methods: typ
                                      "so its relative importance would stay uniform)")
     if t.measures and cfg.probe_mode == "train":
         check("probe_steps", cfg.probe_steps >= 1, "must be >= 1 with probe_mode=train (steps per group)")
-    if t.measures and cfg.count_probe_steps and cfg.probe_mode == "measure":
+    if t.measures and cfg.count_probe_steps and cfg.probe_mode == "measure" and cfg.max_steps is not None:
         check("probe_steps", cfg.probe_steps < cfg.max_steps, f"must be below max_steps={cfg.max_steps} "
                                                               f"(probe steps count toward max_steps)")
     check("sample_interval", cfg.sample_interval >= 1, "must be >= 1")
@@ -429,11 +478,37 @@ def validate(cfg: TrainConfig, num_blocks: int | None = None, known_methods: typ
     check("batch_size", cfg.batch_size >= 1, "must be >= 1")
     check("grad_accum", cfg.grad_accum >= 1, "must be >= 1")
     check("max_seq_len", cfg.max_seq_len >= 8, "must be >= 8")
-    check("max_steps", cfg.max_steps >= 1, "must be >= 1")
+    check("max_steps", cfg.max_steps is None or cfg.max_steps >= 1, "must be >= 1")
+    check("num_train_epochs", cfg.num_train_epochs is None or cfg.num_train_epochs > 0,
+          "must be > 0 (fractional allowed: 0.5 is half a pass over the data)")
+    check("warmup_ratio", 0 <= cfg.warmup_ratio < 1, "must be in [0, 1) (a share of the optimizer updates)")
+    check("packing", not cfg.packing or cfg.max_seq_len >= 16, "needs max_seq_len >= 16 (rows to pack into)")
+    check("attn_implementation", cfg.attn_implementation in ATTN_IMPLEMENTATIONS,
+          f"must be one of {', '.join(ATTN_IMPLEMENTATIONS)}")
+    check("save_dtype", cfg.save_dtype in SAVE_DTYPES, f"must be one of {', '.join(SAVE_DTYPES)}")
+    check("eval_steps", cfg.eval_steps >= 0, "must be >= 0 (0: evaluate only before and after training)")
+    if cfg.eval_steps > 0:
+        check("eval_steps", not cfg.fsdp, "does not work with fsdp=true yet (rank 0 would evaluate a sharded model "
+                                          "alone): evaluation before and after training still runs")
+        check("eval_steps", cfg.eval_samples > 0, f"needs held-out data, but eval_samples=0 (set eval_samples=N; "
+                                                  f"eval_data=FILE or a held-out split of `data` gives them)")
+    check("metric_for_best_model", cfg.metric_for_best_model in BEST_METRICS,
+          f"must be one of {', '.join(BEST_METRICS)} (or loss, accuracy)")
+    check("early_stopping_patience", cfg.early_stopping_patience >= 0, "must be >= 0 (0: never stop early)")
+    if cfg.early_stopping_patience > 0:
+        check("early_stopping_patience", cfg.eval_steps > 0, "counts evaluations, so it needs eval_steps > 0")
+    if cfg.load_best_model_at_end:
+        check("load_best_model_at_end", cfg.eval_steps > 0, "needs evaluations during training: set eval_steps > 0")
+        check("load_best_model_at_end", not cfg.fsdp, "does not work with fsdp=true yet (the best weights would be "
+                                                      "gathered at every improvement); drop one of them")
     check("train_samples", cfg.train_samples >= 1, "must be >= 1")
     check("max_bad_steps", cfg.max_bad_steps >= 1, "must be >= 1")
-    check("dtype", cfg.dtype in DTYPES, f"must be one of {', '.join(DTYPES)} (float16 needs a loss scaler, which "
-                                        "the training loop does not have)")
+    check("dtype", cfg.dtype in DTYPES, f"must be one of {', '.join(DTYPES)}")
+    if cfg.dtype == "float16":
+        check("master_weights", cfg.master_weights, "must be true with dtype=float16 (the loss scaler unscales the "
+                                                    "fp16 gradients into the fp32 masters; pure fp16 AdamW loses "
+                                                    "most updates)")
+        check("dtype", not cfg.fsdp, "float16 does not work with fsdp=true yet (untested): use bfloat16")
     check("eval_samples", cfg.eval_samples >= 0, "must be >= 0 (0 turns evaluation off)")
     check("eval_batch_size", cfg.eval_batch_size >= 1, "must be >= 1")
     check("max_new_tokens", cfg.max_new_tokens >= 1, "must be >= 1")
@@ -510,5 +585,6 @@ def lora_targets(spec: str | None) -> list[str] | str:
     return [t.strip() for t in spec.split(",") if t.strip()]
 
 
-def save_config(cfg: TrainConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+def save_config(cfg: TrainConfig | dict[str, Any], path: str | Path) -> None:
+    """config.yaml: a configuration, or the resolved record of a run (grass_ft.recipe.filled)."""
+    Path(path).write_text(yaml.safe_dump(cfg if isinstance(cfg, dict) else cfg.to_dict(), sort_keys=False))

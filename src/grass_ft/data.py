@@ -300,7 +300,7 @@ def check_data_sources(cfg, n: int = 100) -> str:
     Raises:
         DataError: as :func:`preview_rows`, or a row the tokenizer cannot render (naming it).
     """
-    sources = [(cfg.data, cfg.data_split)] + ([(cfg.eval_data, cfg.eval_split)] if cfg.eval_data else [])
+    sources = [(cfg.data, cfg.data_split)] + ([(cfg.eval_data, cfg.eval_split)] if not holds_out(cfg) else [])
     checked = [(spec, *preview_rows(spec, cfg.data_format, split, cfg.data_config, n)) for spec, split in sources]
     tokenizer = _local_tokenizer(cfg.model) if any(rows for _, _, rows in checked) else None
     if tokenizer is not None:
@@ -409,6 +409,14 @@ class LoadedData:
         return [as_example(r, self.format) for r in self.train.select(range(min(1, len(self.train))))] + self.held
 
 
+def holds_out(cfg) -> bool:
+    """The held-out examples come from ``data`` itself: ``eval_data`` unset or ``holdout`` (any object with the
+    configuration's attributes)."""
+    from .config import HOLDOUT
+
+    return getattr(cfg, "eval_data", None) in (None, HOLDOUT)
+
+
 def load_data(cfg) -> LoadedData:
     """Training and held-out data for a :class:`~grass_ft.config.TrainConfig`.
 
@@ -424,12 +432,12 @@ def load_data(cfg) -> LoadedData:
         train = datasets.Dataset.from_list(generate_examples(cfg.data, cfg.train_samples, cfg.seed))
         fmt = "alpaca"
         held = (generate_examples(cfg.data, n_eval, cfg.seed + EVAL_SEED_OFFSET)
-                if (cfg.eval_data is None and n_eval) else [])
+                if (holds_out(cfg) and n_eval) else [])
         held = [as_example(ex, fmt) for ex in held]
     else:
         train, fmt = load_rows(cfg.data, cfg.data_format, cfg.data_split, cfg.data_config)
         held = []
-        if cfg.eval_data is None and n_eval > 0:
+        if holds_out(cfg) and n_eval > 0:
             if len(train) <= n_eval:
                 raise DataError(f"data {cfg.data} has {len(train)} examples, too few to hold out "
                                 f"eval_samples={n_eval}; give eval_data=FILE or lower eval_samples")
@@ -437,7 +445,7 @@ def load_data(cfg) -> LoadedData:
             random.Random(cfg.seed).shuffle(order)
             held = [as_example(r, fmt) for r in train.select(order[-n_eval:])]
             train = train.select(order[:-n_eval])
-    if cfg.eval_data is not None and n_eval > 0:
+    if not holds_out(cfg) and n_eval > 0:
         if source_kind(cfg.eval_data) == "generator":
             held = [as_example(ex, "alpaca")
                     for ex in generate_examples(cfg.eval_data, n_eval, cfg.seed + EVAL_SEED_OFFSET)]
@@ -487,18 +495,61 @@ def tokenize_dataset(ds, tokenizer, fmt: str, max_seq_len: int, train_on_inputs:
         raise DataError(str(e)) from None
 
 
+def pack_features(features, max_len: int) -> list[dict[str, list[int]]]:
+    """Tokenised examples packed into rows of at most ``max_len`` tokens, TRL's ``packing=True`` (its default
+    strategy, best-fit decreasing: longest example first, each into the fullest row it still fits; no example is
+    split). Each row keeps ``seq_lengths``, from which :func:`collate` restarts the position ids per example."""
+    import bisect
+
+    ids = features["input_ids"] if hasattr(features, "column_names") else [f["input_ids"] for f in features]
+    labels = features["labels"] if hasattr(features, "column_names") else [f["labels"] for f in features]
+    order = sorted(range(len(ids)), key=lambda i: (-len(ids[i]), i))
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (room left, row), sorted: the best fit is the first with room >= length
+    for i in order:
+        n = min(len(ids[i]), max_len)
+        at = bisect.bisect_left(free, (n, -1))
+        if at < len(free):
+            room, row = free.pop(at)
+            rows[row].append(i)
+            if room - n > 0:
+                bisect.insort(free, (room - n, row))
+        else:
+            rows.append([i])
+            if max_len - n > 0:
+                bisect.insort(free, (max_len - n, len(rows) - 1))
+    packed = []
+    for members in rows:
+        row_ids, row_labels, lengths = [], [], []
+        for i in members:
+            row_ids += list(ids[i][:max_len])
+            row_labels += list(labels[i][:max_len])
+            lengths.append(min(len(ids[i]), max_len))
+        packed.append({"input_ids": row_ids, "labels": row_labels, "seq_lengths": lengths})
+    return packed
+
+
 def collate(features: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a list of tokenised examples into a training batch."""
+    """Right-pad tokenised examples into a training batch with an attention mask; or, for packed rows (they carry
+    ``seq_lengths``: :func:`pack_features`), the batch TRL's padding-free collator makes: no attention mask,
+    position ids that restart at every example (transformers reads them as example boundaries: a block-diagonal
+    mask with sdpa and eager, varlen with flash attention), the label of every example's first token masked so that
+    no token is predicted from another example's, and ``num_tokens``, the real tokens (padding left out)."""
+    packed = bool(features) and "seq_lengths" in features[0]
     width = max(len(f["input_ids"]) for f in features)
     ids = torch.full((len(features), width), pad_id, dtype=torch.long)
     labels = torch.full((len(features), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(features), width), dtype=torch.long)
+    where = torch.zeros((len(features), width), dtype=torch.long)  # the attention mask, or the position ids
     for i, f in enumerate(features):
         n = len(f["input_ids"])
         ids[i, :n] = torch.tensor(f["input_ids"])
         labels[i, :n] = torch.tensor(f["labels"])
-        mask[i, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        where[i, :n] = torch.cat([torch.arange(k) for k in f["seq_lengths"]]) if packed else 1
+    if not packed:
+        return {"input_ids": ids, "attention_mask": where, "labels": labels}
+    labels[where == 0] = IGNORE_INDEX  # TRL: labels[position_ids == 0] = -100 (padding is position 0 too)
+    return {"input_ids": ids, "position_ids": where, "labels": labels,
+            "num_tokens": torch.tensor(sum(len(f["input_ids"]) for f in features))}
 
 
 GROUP_BATCHES = 16

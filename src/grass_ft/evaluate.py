@@ -207,7 +207,7 @@ def evaluate_run_model(model_path: str | Path, output_dir: str | Path, progress:
     result = evaluate(model, tokenizer, held, task=cfg.task, loss_only=cfg.eval_loss_only_tasks,
                       max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size, max_seq_len=cfg.max_seq_len,
                       progress=progress)
-    result.update(label="after", model=str(model_path), data=cfg.eval_data or cfg.data,
+    result.update(label="after", model=str(model_path), data=cfg.data if cfg.held_out_split else cfg.eval_data,
                   wall_time_s=round(time.perf_counter() - start, 3))
     write_eval(output_dir, result)
     return result

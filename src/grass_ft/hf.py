@@ -60,6 +60,17 @@ _TRAINER_OWNS = {
     "supervised_only_loss": "grass_ft.loss.enable_supervised_loss(model) before building the Trainer",
     "offload": "nothing: the callback always moves the optimizer state of blocks that leave the active set to "
                "host memory",
+    "num_train_epochs": "TrainingArguments(num_train_epochs=...)",
+    "warmup_ratio": "TrainingArguments(warmup_ratio=...)",
+    "eval_steps": "TrainingArguments(eval_strategy='steps', eval_steps=...)",
+    "metric_for_best_model": "TrainingArguments(metric_for_best_model=...)",
+    "load_best_model_at_end": "TrainingArguments(load_best_model_at_end=True)",
+    "early_stopping_patience": "callbacks=[transformers.EarlyStoppingCallback(early_stopping_patience=...)]",
+    "packing": "trl.SFTConfig(packing=True)",
+    "attn_implementation": "from_pretrained(..., attn_implementation=...)",
+    "save_dtype": "the dtype of the model you save",
+    "run_name": "TrainingArguments(run_name=...)",
+    "report_to": "TrainingArguments(report_to=...)",
 }
 _NO_PROBE_LIMIT = 2**31  # probe_steps is checked against the Trainer's max_steps once training starts
 
@@ -498,13 +509,40 @@ def _trainer_distributed(args) -> Distributed:
                        local_rank=getattr(args, "local_process_index", 0), group_device=args.device)
 
 
-class GrassTrainer(Trainer):
-    """``transformers.Trainer`` for :class:`GrassCallback` under ``torchrun`` / ``accelerate launch`` with several
-    processes (in one process it is the plain Trainer).
+# What the mixin was tested with (tests/test_hf_distributed.py, tests/test_trl_distributed.py); it relies on two
+# private hooks whose presence is checked at construction (grass_trainer_unsupported).
+TESTED_WITH = "transformers 5.25, accelerate 1.16, trl 1.16"
+
+
+def grass_trainer_unsupported(trainer_cls: type, accelerator=None) -> str | None:
+    """Why :class:`GrassTrainerMixin` cannot work with these transformers/accelerate versions (None: it can). The
+    mixin overrides the Trainer's private ``_wrap_model`` and the accelerator's ``prepare_model(...,
+    evaluation_mode=...)``; either missing or renamed in another release means the model would be DDP-wrapped."""
+    import inspect
+
+    missing = [f"{trainer_cls.__name__}.{m}" for m in ("_wrap_model", "create_scheduler", "training_step")
+               if not callable(getattr(trainer_cls, m, None))]
+    if accelerator is not None:
+        params = inspect.signature(accelerator.prepare_model).parameters
+        if "evaluation_mode" not in params:
+            missing.append("Accelerator.prepare_model(evaluation_mode=...)")
+    if not missing:
+        return None
+    import accelerate
+    import transformers
+
+    return (f"GrassTrainerMixin needs {', '.join(missing)}, which transformers {transformers.__version__} / accelerate "
+            f"{accelerate.__version__} do not have (tested with {TESTED_WITH})")
+
+
+class GrassTrainerMixin:
+    """What :class:`GrassTrainer` adds to ``transformers.Trainer``, for any Trainer subclass -- TRL's
+    ``SFTTrainer`` among them: ``class GrassSFTTrainer(GrassTrainerMixin, SFTTrainer)``, or
+    :func:`grass_trainer` ``(SFTTrainer)``. In one process it changes nothing.
 
     The plain Trainer wraps the model in ``DistributedDataParallel``, which expects a gradient for every parameter
     at every step -- exactly what layer sampling breaks -- unless ``find_unused_parameters=True``, which walks the
-    autograd graph every step and still all-reduces every bucket, the frozen blocks' zeros included. This Trainer
+    autograd graph every step and still all-reduces every bucket, the frozen blocks' zeros included. This mixin
     leaves the model unwrapped and, after the last micro-batch's backward and before clipping, averages the
     gradients of the parameters that train this step with :mod:`grass_ft.distributed`'s bucketed all-reduce (the
     probe averages each parameter's gradient as it reads it): every rank then holds the same gradients, draws the
@@ -514,13 +552,18 @@ class GrassTrainer(Trainer):
     and has this Trainer's accelerator prepare models in ``evaluation_mode`` until :meth:`create_scheduler`, which
     runs just after; ``evaluation_mode`` skips only the DDP/FSDP wrapping, so device placement and mixed-precision
     autocast still happen. A model that ends up wrapped anyway (another accelerate) is refused at the first step.
+    Both hooks are private to transformers/accelerate: their presence is checked here, with one line naming the
+    tested versions when they are gone (:data:`TESTED_WITH`).
     """
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
+        why = grass_trainer_unsupported(type(self), getattr(self, "accelerator", None))
+        if why:
+            raise RuntimeError(why)
         grass = [c for c in self.callback_handler.callbacks if isinstance(c, GrassCallback)]
         if len(grass) != 1:
-            raise ValueError(f"GrassTrainer needs exactly one GrassCallback in callbacks, got {len(grass)}")
+            raise ValueError(f"{type(self).__name__} needs exactly one GrassCallback in callbacks, got {len(grass)}")
         self.grass = grass[0]
         self.grass._without_ddp = True
 
@@ -541,9 +584,33 @@ class GrassTrainer(Trainer):
 
     def training_step(self, model: nn.Module, inputs: dict, num_items_in_batch=None):
         if self.args.world_size > 1 and isinstance(model, nn.parallel.DistributedDataParallel):
-            raise RuntimeError("GrassTrainer: the model was wrapped in DistributedDataParallel despite no parameter "
-                               "requiring grad at prepare time; this accelerate version is not supported")
+            raise RuntimeError(f"{type(self).__name__}: the model was wrapped in DistributedDataParallel despite no "
+                               f"parameter requiring grad at prepare time; this accelerate version is not supported "
+                               f"(tested with {TESTED_WITH})")
         loss = super().training_step(model, inputs, num_items_in_batch)
         if self.accelerator.sync_gradients:  # the step's last micro-batch: the Trainer clips next
             self.grass.sync_gradients()
         return loss
+
+
+class GrassTrainer(GrassTrainerMixin, Trainer):
+    """``transformers.Trainer`` for :class:`GrassCallback` under ``torchrun`` / ``accelerate launch`` with several
+    processes (in one process it is the plain Trainer); see :class:`GrassTrainerMixin`."""
+
+
+def grass_trainer(trainer_cls: type) -> type:
+    """``trainer_cls`` (``trl.SFTTrainer``, or any ``transformers.Trainer`` subclass) with :class:`GrassTrainerMixin`
+    in front: ``GrassSFTTrainer = grass_trainer(SFTTrainer)``.
+
+    Raises:
+        TypeError: ``trainer_cls`` is not a Trainer subclass.
+        RuntimeError: these transformers/accelerate versions lack the hooks the mixin needs (one line).
+    """
+    if not (isinstance(trainer_cls, type) and issubclass(trainer_cls, Trainer)):
+        raise TypeError(f"grass_trainer takes a transformers.Trainer subclass, got {trainer_cls!r}")
+    if issubclass(trainer_cls, GrassTrainerMixin):
+        return trainer_cls
+    why = grass_trainer_unsupported(trainer_cls)
+    if why:
+        raise RuntimeError(why)
+    return type(f"Grass{trainer_cls.__name__}", (GrassTrainerMixin, trainer_cls), {"__module__": __name__})

@@ -71,7 +71,7 @@ def _rms_of(ids: Sequence[int], squares: Sequence[torch.Tensor], numel: Sequence
 
 
 def block_rms(block_params: Sequence[Sequence[nn.Parameter]], blocks: Iterable[int],
-              numel: Sequence[int]) -> dict[int, float]:
+              numel: Sequence[int], scale: float = 1.0) -> dict[int, float]:
     """r_l for each listed block from the ``.grad`` its parameters hold now (after accumulation/all-reduce).
 
     A block none of whose parameters has a gradient is left out. One host sync for all blocks. Raw values:
@@ -82,10 +82,13 @@ def block_rms(block_params: Sequence[Sequence[nn.Parameter]], blocks: Iterable[i
         grads = [p.grad for p in block_params[b] if p.grad is not None]
         if not grads:
             continue
-        norms = torch._foreach_norm(grads, 2)
-        sq.append(torch.stack([n.float() for n in norms]).pow(2).sum())
+        if any(g.dtype == torch.float16 for g in grads):  # loss-scaled fp16: its own norm may pass 65504
+            sq.append(torch.stack([squared_norm(g) for g in grads]).sum())
+        else:
+            norms = torch._foreach_norm(grads, 2)
+            sq.append(torch.stack([n.float() for n in norms]).pow(2).sum())
         ids.append(b)
-    return _rms_of(ids, sq, numel)
+    return _rms_of(ids, sq, numel, scale)
 
 
 NORM_CHUNK = 1 << 21  # elements: an 8 MiB fp32 temporary per chunk
@@ -180,9 +183,10 @@ class GradNormRecorder:
         self._clear()
         return self.accept(_rms_of(ids, squares, self.numel, scale))
 
-    def read(self, blocks: Iterable[int]) -> dict[int, float]:
-        """r_l of ``blocks`` from the ``.grad`` they hold now (see :func:`block_rms`)."""
-        return self.accept(block_rms(self.block_params, blocks, self.numel))
+    def read(self, blocks: Iterable[int], scale: float = 1.0) -> dict[int, float]:
+        """r_l of ``blocks`` from the ``.grad`` they hold now (see :func:`block_rms`), multiplied by ``scale``
+        (1 / the loss scale of a float16 run)."""
+        return self.accept(block_rms(self.block_params, blocks, self.numel, scale))
 
     def accept(self, rms: dict[int, float]) -> dict[int, float]:
         """``rms`` after the one non-finite policy (:func:`finite_observation`), counting what it drops; for

@@ -196,8 +196,9 @@ def load_tokenizer(spec: str):
     return tok
 
 
-def load_model(spec: str, dtype: str | torch.dtype = "float32"):
-    """The causal LM of a packaged name, model directory or hub id.
+def load_model(spec: str, dtype: str | torch.dtype = "float32", attn_implementation: str = "auto"):
+    """The causal LM of a packaged name, model directory or hub id (``attn_implementation`` ``auto``: transformers'
+    choice for the model).
 
     Raises:
         ModelError: the path does not exist or transformers cannot load it (one line, naming the file).
@@ -206,8 +207,9 @@ def load_model(spec: str, dtype: str | torch.dtype = "float32"):
 
     path = _resolve(spec)
     torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    attn = {} if attn_implementation == "auto" else {"attn_implementation": attn_implementation}
     try:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **attn)
     except Exception as e:  # noqa: BLE001 - a truncated or foreign weights file raises many types
         hub = "" if Path(path).exists() else " (the model hub may be unreachable from this machine)"
         raise ModelError(f"cannot load model {spec!r}: {_first_line(e)}{hub}") from None

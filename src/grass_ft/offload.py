@@ -185,6 +185,11 @@ class LayerwiseOffloadAdamW(torch.optim.Optimizer):
             update reads is lost.
     """
 
+    # torch's protocol for optimizers that unscale themselves (torch.amp.GradScaler.step sets ``grad_scale``, what
+    # every gradient is divided by, and ``found_inf``, which skips the step): fp16 gradients are unscaled as they are
+    # up-cast into fp32, a chunk at a time, never in place (grass_ft.loss_scale)
+    _step_supports_amp_scaling = True
+
     def __init__(self, named_parameters: Iterable[tuple[str, Tensor]], lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2, *,
                  group_fn: Callable[[str], str] | None = None, offload: bool = True, master_weights: bool = True,
@@ -243,6 +248,7 @@ class LayerwiseOffloadAdamW(torch.optim.Optimizer):
         self._last_h2d: dict[torch.device, torch.cuda.Event] = {}  # last copy out of the host store, per device
         self._last_d2h: dict[torch.device, torch.cuda.Event] = {}  # last copy into the host store, per device
         self._peak_bytes = 0
+        self._inv_scale: float | None = None  # 1 / grad_scale during a step driven by a loss scaler
         self._deferred: list[str] | None = []  # group keys waiting for the constructor's single slab
         defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
         super().__init__(list(groups.values()), defaults)
@@ -305,6 +311,11 @@ class LayerwiseOffloadAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is not None and float(found_inf) != 0:
+            return loss  # the scaled gradients overflowed: no state changes, the scaler backs off
+        grad_scale = getattr(self, "grad_scale", None)
+        self._inv_scale = None if grad_scale is None else 1.0 / float(grad_scale)
         by_device: dict[torch.device, list[_Work]] = {}
         for group in self.param_groups:
             for name, p in zip(group["param_names"], group["params"]):
@@ -338,7 +349,7 @@ class LayerwiseOffloadAdamW(torch.optim.Optimizer):
         (it is up-cast into it, one chunk at a time); ``param32`` if a low-precision parameter has no master."""
         length = max(w.chunk.length for w in work)
         temps = {"denom": torch.empty(length, dtype=torch.float32, device=device)}
-        if any(w.param.grad.dtype != torch.float32 for w in work):
+        if self._inv_scale is not None or any(w.param.grad.dtype != torch.float32 for w in work):
             temps["grad32"] = torch.empty(length, dtype=torch.float32, device=device)
         if any(w.param.dtype != torch.float32 and not w.chunk.master for w in work):
             temps["param32"] = torch.empty(length, dtype=torch.float32, device=device)
@@ -360,8 +371,10 @@ class LayerwiseOffloadAdamW(torch.optim.Optimizer):
             weights = param
         else:  # master_weights=False: fp32 math on an up-cast copy, rounded back (pure low-precision AdamW)
             weights = temps["param32"][:n].copy_(param)
-        if grad.dtype != torch.float32:
+        if grad.dtype != torch.float32 or self._inv_scale is not None:
             grad = temps["grad32"][:n].copy_(grad)
+            if self._inv_scale is not None:
+                grad.mul_(self._inv_scale)  # unscaled in fp32, where the fp16 gradient's range is no limit
         beta1, beta2 = work.group["betas"]
         adamw_chunk(weights, grad, record[:n], record[n:2 * n], temps["denom"][:n], step=work.step,
                     lr=work.group["lr"], beta1=beta1, beta2=beta2, eps=work.group["eps"],

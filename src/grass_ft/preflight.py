@@ -27,7 +27,8 @@ AUTO_SETS = frozenset({"method", "gamma", "lr", "offload", "gradient_checkpointi
 
 # What a run writes into output_dir; a directory holding any of these (or a checkpoint) holds a run.
 RUN_FILES = ("config.yaml", "plan.json", "metrics.jsonl", "layers.jsonl", "summary.json", "final", "eval.json",
-             "predictions.jsonl")
+             "predictions.jsonl", "best")
+PLOT_FILES = ("loss.png", "active_blocks.png", "mgn.png")  # drawn at the end of a run; replaced with it, not listed
 FINISHED = ("summary.json", "final")
 
 
@@ -82,7 +83,10 @@ def resolve_resume(cfg: TrainConfig, world_size: int, warnings: list[str]) -> Pa
     """The checkpoint this run resumes from (None: start fresh), after checking it belongs to this run."""
     checkpoint = find_checkpoint(Path(cfg.output_dir), cfg.resume, warnings)
     if checkpoint is not None:
-        current = run_keys(cfg.to_dict(), world_size)
+        from .recipe import unresolved
+
+        later = unresolved(cfg)  # compared once the run has resolved them (grass_ft.train._run_train)
+        current = {k: v for k, v in run_keys(cfg.to_dict(), world_size).items() if k not in later}
         if cfg.auto:  # the keys auto sets are compared after the recorded choice is applied (grass_ft.planner.resolve)
             current = {k: v for k, v in current.items() if k not in AUTO_SETS}
         check_same_run(checkpoint, checkpoint_run(checkpoint), current)
@@ -94,7 +98,7 @@ def check_held_out(cfg: TrainConfig, held: list[dict[str, Any]], loss_only: set[
     (else evaluation would fail after training, losing the run's summary)."""
     from .tasks import canonical_task, parse_gold
 
-    source = cfg.eval_data or cfg.data
+    source = cfg.data if cfg.held_out_split else cfg.eval_data
     for i, ex in enumerate(held):
         task = str(ex.get("task") or cfg.task)
         if task in loss_only:

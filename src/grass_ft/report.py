@@ -49,6 +49,7 @@ class Run:
     events: list[dict] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
+    evals: list[dict] = field(default_factory=list)  # metrics.jsonl's evaluations during training (eval_steps)
 
     @property
     def steps(self) -> int:
@@ -81,9 +82,10 @@ def load_run(path: str | Path, method: str | None = None) -> Run:
 
             raise UserError(f"{path / 'config.yaml'}: not valid YAML ({str(e).splitlines()[0]})") from None
     summary = read_json(path / "summary.json") if (path / "summary.json").is_file() else {}
+    lines = read_jsonl(path / "metrics.jsonl")
     return Run(path=path, method=method or config.get("method") or summary.get("method") or path.name,
-               metrics=read_jsonl(path / "metrics.jsonl"), events=read_jsonl(path / "layers.jsonl"),
-               summary=summary, config=config)
+               metrics=[m for m in lines if "loss" in m], events=read_jsonl(path / "layers.jsonl"),
+               summary=summary, config=config, evals=[m for m in lines if "eval_loss" in m])
 
 
 def activity_matrix(events: list[dict], metrics: list[dict], steps: int) -> list[list[int]] | None:
@@ -220,6 +222,9 @@ def plot_loss(runs: list[Run], path: Path, title: str = "Training loss") -> Path
         if probe:
             any_probe = True
             ax.scatter(*zip(*probe), facecolors="none", edgecolors=c, s=36, zorder=3)
+        evals = [(m["step"], m["eval_loss"]) for m in run.evals if m.get("eval_loss") is not None]
+        if evals:  # the held-out loss of the evaluations during training (eval_steps), on the same axes
+            ax.plot(*zip(*evals), color=c, linestyle=":", marker="s", markersize=4, label=f"{run.method} held-out")
     if any_probe:
         ax.scatter([], [], facecolors="none", edgecolors="k", s=36, label="probe step (no update)")
     ax.set_xlabel("optimizer step")

@@ -70,6 +70,8 @@ class StepResult:
     events: list[dict] = field(default_factory=list)
     bookkeeping_s: float = 0.0
     wall_s: float | None = None  # the host's wall time of the call; None: ``seconds`` (see StepClock)
+    overflow: bool = False  # float16: the scaled gradients overflowed, the step was skipped and the scale halved
+    loss_scale: float | None = None  # float16: the scale this step's loss was multiplied by
 
     def __post_init__(self) -> None:
         if self.wall_s is None:
@@ -126,12 +128,16 @@ class StepRunner:
             per-block norms are summed over the shards (:func:`grass_ft.fsdp.sharded_block_rms`).
         timed: which steps' ``seconds`` must include their device work (on CUDA, one synchronisation each: see
             :class:`StepClock`); ``None``: every step. The native loop times the steps it logs.
+        loss_scaler: float16 parameters: the dynamic loss scale (:class:`grass_ft.loss_scale.LossScaler`); the
+            loss is multiplied by it before backward and the gradients are unscaled into fp32 by the optimizer.
     """
 
     def __init__(self, prepared: Prepared, scheduler=None, grad_accum: int = 1, max_grad_norm: float = 0.0,
                  max_bad_steps: int = 5, dist: Distributed | None = None, sharded: bool = False,
-                 timed: Callable[[int], bool] | None = None):
+                 timed: Callable[[int], bool] | None = None, loss_scaler=None):
         self.p = prepared
+        self.scaler = loss_scaler
+        self._overflow = False
         self.scheduler = scheduler
         self.grad_accum = grad_accum
         self.max_grad_norm = max_grad_norm
@@ -212,7 +218,10 @@ class StepRunner:
             self.sampler.observe(self._recorder.accept(rms))  # the recorder's one non-finite policy
             self.p.optimizer.zero_grad(set_to_none=True)  # the probe updates nothing; the next micro-batch starts anew
         elif self.is_probe(step):
-            self.sampler.observe(self._recorder.flush(scale=float(self.grad_accum)))
+            self.sampler.observe(self._recorder.flush(scale=float(self.grad_accum) / self._loss_scale()))
+
+    def _loss_scale(self) -> float:
+        return self.scaler.scale if self.scaler is not None else 1.0
 
     def after_backward(self, step: int) -> float:
         """After the last backward of a step: all-reduce, then record the active blocks' gradient RMS.
@@ -229,7 +238,7 @@ class StepRunner:
             self.dist.allreduce_bytes += nbytes
             self.sampler.observe(self._recorder.accept(rms))  # the recorder's one non-finite policy
         else:
-            self.sampler.observe(self._recorder.read(self.sampler.active))
+            self.sampler.observe(self._recorder.read(self.sampler.active, scale=1.0 / self._loss_scale()))
         return time.perf_counter() - t0
 
     def finish_step(self, step: int, loss_finite: bool = True) -> tuple[float | None, bool]:
@@ -239,7 +248,23 @@ class StepRunner:
         """
         grad_norm = None
         skipped = False
-        if not self.is_probe(step):
+        self._overflow = False
+        if not self.is_probe(step) and self.scaler is not None and loss_finite:
+            # float16: the scaler unscales (and clips) inside the optimizer's fp32 up-cast, or skips an overflow
+            params = [p for p in self.trainable_params() if p.grad is not None]
+            scale = self.scaler.scale
+            grad_norm = self.scaler.step(self.p.optimizer, params, self.max_grad_norm) if params else None
+            if grad_norm is not None and not math.isfinite(grad_norm):
+                skipped, self._overflow = True, True
+                self.skipped_steps += 1
+                # an overflow is routine while the scale settles; one that no scale below 1 cures is a bad step
+                self.bad_in_a_row = self.bad_in_a_row + 1 if scale < 1 else 0
+                grad_norm = None
+            else:
+                if self.scheduler is not None:
+                    self.scheduler.step()
+                self.bad_in_a_row = 0
+        elif not self.is_probe(step):
             params = [p for p in self.trainable_params() if p.grad is not None]
             if params:
                 max_norm = self.max_grad_norm if self.max_grad_norm > 0 else float("inf")
@@ -254,6 +279,8 @@ class StepRunner:
                 skipped = True
                 self.skipped_steps += 1
                 self.bad_in_a_row += 1
+                if self.scaler is not None:
+                    self.scaler.update(True)  # as GradScaler, which finds the inf in the gradients it leaves
         self.p.optimizer.zero_grad(set_to_none=True)
         if self.bad_in_a_row >= self.max_bad_steps:
             raise NonFiniteError(f"{self.bad_in_a_row} consecutive steps had a non-finite loss or gradient norm "
@@ -276,7 +303,10 @@ class StepRunner:
         model = self.p.model
         model.train()
         loss_sum, n_finite, n_bad, n_supervised, tokens = 0.0, 0, 0, 0, 0
+        factor = self._loss_scale() / self.grad_accum  # float16: the loss scale; always 1/grad_accum
         for mb in micro_batches:
+            n_tokens = mb.get("num_tokens")  # packed rows: the real tokens (padding and row ends left out)
+            mb = {k: v for k, v in mb.items() if k != "num_tokens"}
             n_supervised += has_supervised_token(mb)
             loss = forward(model, mb) if forward is not None else model(**mb).loss
             finite = bool(torch.isfinite(loss))
@@ -284,13 +314,17 @@ class StepRunner:
             # collectives (FSDP2's reduce-scatters, the gradient all-reduce), or the others wait forever. The
             # non-finite gradients it leaves are never applied: the step is skipped below, on every rank.
             if loss.requires_grad:
-                (loss / self.grad_accum).backward()
+                (loss * factor).backward()
             if finite:
                 loss_sum, n_finite = loss_sum + float(loss.detach()), n_finite + 1
             else:
                 n_bad += 1
-            tokens += int(mb["attention_mask"].sum()) if "attention_mask" in mb else mb["input_ids"].numel()
+            if n_tokens is not None:
+                tokens += int(n_tokens)
+            else:
+                tokens += int(mb["attention_mask"].sum()) if "attention_mask" in mb else mb["input_ids"].numel()
             self.after_micro_backward(step)
+        scale_used = self._loss_scale()  # before finish_step updates it
         bookkeeping = self.after_backward(step)
         # One decision for all ranks (a rank-local one would let the ranks' weights part): the step is skipped
         # when any rank's loss was non-finite, or when no rank had a supervised token (every label -100: the full
@@ -305,14 +339,16 @@ class StepRunner:
         seconds, wall = self.clock.stop(self.timed is None or self.timed(step))
         return StepResult(step=step, loss=loss, grad_norm=grad_norm, tokens=int(tokens),
                           seconds=seconds, probe=self.is_probe(step), skipped=skipped,
-                          active=active, events=events, bookkeeping_s=bookkeeping, wall_s=wall)
+                          active=active, events=events, bookkeeping_s=bookkeeping, wall_s=wall,
+                          overflow=self._overflow, loss_scale=None if self.scaler is None else scale_used)
 
     # ------------------------------------------------------------------------------------------ state
 
     def state_dict(self) -> dict:
         return {"sampler": self.sampler.state_dict() if self.sampler is not None else None,
                 "ever_active": sorted(self._ever_active), "skipped_steps": self.skipped_steps,
-                "bad_in_a_row": self.bad_in_a_row}
+                "bad_in_a_row": self.bad_in_a_row,
+                **({"loss_scaler": self.scaler.state_dict()} if self.scaler is not None else {})}
 
     def load_state_dict(self, state: dict) -> None:
         if self.sampler is not None and state.get("sampler") is not None:
@@ -320,3 +356,5 @@ class StepRunner:
         self._ever_active = set(state.get("ever_active", []))
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.bad_in_a_row = int(state.get("bad_in_a_row", 0))
+        if self.scaler is not None and "loss_scaler" in state:
+            self.scaler.load_state_dict(state["loss_scaler"])

@@ -42,9 +42,10 @@ from .errors import DivergenceError, UserError
 from .loss import enable_supervised_loss, full_loss, loss_forward
 from .methods import Prepared, method_names, prepare, resolved_offload, step_budget
 from .models import PACKAGED_NOTE, block_layout, enable_checkpointing, load_model, load_tokenizer
-from .preflight import FINISHED, RUN_FILES, RunError, check_token_ids, preflight, supervised_features
+from .preflight import FINISHED, PLOT_FILES, RUN_FILES, RunError, check_token_ids, preflight, supervised_features
 from .registry import traits
 from .planner.resolve import choice_line, write_record
+from .early_stopping import BestTracker, eval_record, metric_value
 from .step import StepRunner, lr_factor, optimizer_state_bytes
 
 
@@ -135,6 +136,8 @@ def prepare_output_dir(path: str | Path, resuming: bool = False,
     if not resuming and any(p.exists() for p in stale):
         warn(f"overwrite_output_dir: replacing the previous run in {out} "
              f"({', '.join(p.name for p in stale if p.exists())})")
+    if not resuming:
+        stale += [out / n for n in PLOT_FILES]  # a new run's plots replace the old run's (or are left out, as it is)
     for path_ in stale:
         if path_.is_dir():
             remove_dir(path_)
@@ -159,15 +162,38 @@ def peak_memory_bytes(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
 
-def save_final(model, tokenizer, out: Path) -> Path:
-    """``save_pretrained`` into a temporary directory, then rename it to ``final/``."""
+def save_final(model, tokenizer, out: Path, save_dtype: str = "auto") -> Path:
+    """``save_pretrained`` into a temporary directory, then rename it to ``final/``; the weights in the training
+    dtype, or cast to ``save_dtype`` (a copy: the model itself keeps its dtype for the evaluation after)."""
     with atomic_dir(out / "final") as tmp:
         # A peft adapter (lora/dora) saves only its adapter weights: the vocabulary is never resized, and "auto"
         # would look base_model_name_or_path up on the hub, which a packaged name such as smollm2-135m is not.
         extra = {"save_embedding_layers": False} if hasattr(model, "peft_config") else {}
+        cast = None if save_dtype == "auto" or hasattr(model, "peft_config") else getattr(torch, save_dtype)
+        if cast is not None and cast != next(model.parameters()).dtype:
+            extra["state_dict"] = {k: v.to(cast) for k, v in model.state_dict().items()}
         model.save_pretrained(tmp, safe_serialization=True, **extra)
+        if "state_dict" in extra:  # config.json names the dtype of the files, not the model's in memory
+            cfg_file = tmp / "config.json"
+            raw = json.loads(cfg_file.read_text())
+            raw["dtype"] = save_dtype
+            cfg_file.write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
         write_loadable(model, tokenizer, tmp)  # tokenizer, and the generation config a peft adapter lacks
     return out / "final"
+
+
+def _finished_look(cfg: TrainConfig, out: Path, final: Path, record: dict[str, Any], summary: dict[str, Any]) -> None:
+    """What makes the output directory look finished before summary.json: final/README.md (the model card) and the
+    plots of the run (a plot that fails is a warning, never a lost run)."""
+    from .modelcard import write_model_card
+    from .report import plot_run
+
+    write_model_card(final, record, summary)
+    try:
+        summary["plots"] = [p.name for p in plot_run(out)]
+    except Exception as e:  # noqa: BLE001 - matplotlib raises many types; the trained model matters more
+        summary["plots"] = []
+        warn(f"the plots were not drawn ({type(e).__name__}: {e}); `grass-ft plot {out}` draws them")
 
 
 def evaluate_model(model, tokenizer, examples: list[dict], cfg: TrainConfig, desc: str) -> dict[str, Any]:
@@ -337,13 +363,14 @@ def _run_train(cfg: TrainConfig, progress: bool, dist: Distributed, held: ExitSt
     the loop, and the finished run's files. Each step is a helper below; only the loop carries state."""
     _check_fsdp(cfg, dist)
     inputs = _check_and_tokenize(cfg, dist)
+    cfg = _resolve_recipe(cfg, dist, inputs)  # dtype=auto, epochs -> max_steps: before the plan, which prices them
     cfg, choice = _resolve_auto(cfg, dist)  # after the checks that need no weights: bad input fails first
     out = _claim_output_dir(cfg, dist, held, inputs.checkpoint)
     stage.claimed = True
     if choice is not None and dist.is_main:
         write_record(out, choice)
     model, device = _load_model(cfg, dist)
-    # batch_size is per process: each step takes batch_size x world_size examples, each rank its share
+    # batch_size is per process: each step takes batch_size x world_size examples (packed rows), each rank its share
     stream = data_mod.BatchStream(inputs.features, cfg.batch_size * dist.world_size, inputs.tokenizer.pad_token_id,
                                   seed=cfg.seed, rank=dist.rank, world_size=dist.world_size)
     # the model as loaded is evaluated before the method touches it (a resumed run reuses its checkpoint's figure)
@@ -353,16 +380,63 @@ def _run_train(cfg: TrainConfig, progress: bool, dist: Distributed, held: ExitSt
             before = evaluate_model(model, inputs.tokenizer, inputs.held_ex, cfg, "before")
         dist.barrier()
     run = _set_up_method(cfg, model, dist)
+    cfg = dataclasses.replace(cfg, warmup_steps=run.warmup_steps)  # warmup_ratio resolved against the updates
+    run.record = _resolved_record(cfg, dist, out, inputs, run, choice)
+    if inputs.checkpoint is not None:  # the keys resolved just now, against what the checkpoint's run resolved
+        from .checkpoint import check_same_run, checkpoint_run
+
+        recorded = checkpoint_run(inputs.checkpoint)
+        now = {k: v for k, v in run_keys(run.record, dist.world_size).items()
+               if recorded is None or recorded.get(k) is not None}  # a checkpoint from before issue 31 holds nulls
+        check_same_run(inputs.checkpoint, recorded, now)
     if choice is not None and dist.is_main:  # logged as training starts: a failure before it stays one line
         tqdm.write(f"grass-ft: {choice_line(choice)}", file=sys.stderr)
     if dist.is_main:
-        save_config(cfg, out / "config.yaml")
+        save_config(run.record, out / "config.yaml")
     totals = _Totals()
+    best = BestTracker(cfg)
     if inputs.checkpoint is not None:
-        totals, before = _resume(cfg, inputs.checkpoint, run, stream, out, dist.is_main)
-    loop = _train_loop(cfg, dist, out, run, stream, inputs.tokenizer, totals, before, device, progress,
-                       appending=inputs.checkpoint is not None, choice=choice)
-    return _finish(cfg, dist, out, run, inputs, before, totals, loop, device, choice)
+        totals, before = _resume(cfg, inputs.checkpoint, run, stream, out, dist.is_main, best)
+    loop = _train_loop(cfg, dist, out, run, stream, inputs, totals, before, device, progress,
+                       appending=inputs.checkpoint is not None, choice=choice, best=best)
+    return _finish(cfg, dist, out, run, inputs, before, totals, loop, device, choice, best)
+
+
+def _resolve_recipe(cfg: TrainConfig, dist: Distributed, inputs: _Inputs) -> TrainConfig:
+    """``dtype=auto`` (rank 0's device decides for every rank), ``max_steps`` from ``num_train_epochs``, and the
+    warnings a user of the Trainer would want: a run that sees less than one epoch of their data, two warm-ups."""
+    from .recipe import both_warmups_warning, resolve_dtype, resolve_steps, short_run_warning
+
+    dtype = dist.from_main(resolve_dtype(cfg.dtype, dist.device()) if dist.is_main else None)
+    cfg = resolve_steps(dataclasses.replace(cfg, dtype=dtype), len(inputs.features), dist.world_size)
+    if dist.is_main:
+        from_file = data_mod.source_kind(cfg.data) != "generator"
+        for line in (short_run_warning(cfg, len(inputs.features), dist.world_size, from_file),
+                     both_warmups_warning(cfg)):
+            if line:
+                warn(line)
+    return cfg
+
+
+def _resolved_record(cfg: TrainConfig, dist: Distributed, out: Path, inputs: _Inputs, run: _Method,
+                     choice: dict[str, Any] | None) -> dict[str, Any]:
+    """config.yaml: every key as this run used it (grass_ft.recipe.filled)."""
+    from .recipe import filled, machine_budgets
+
+    base = getattr(run.prepared.model, "get_base_model", lambda: run.prepared.model)()
+    layout = run.prepared.layout.prefix if run.prepared.layout is not None else None
+    if layout is None:
+        try:
+            layout = block_layout(base, cfg.layers_attribute).prefix
+        except UserError:
+            layout = None
+    budgets = None
+    if choice is None:
+        budgets = machine_budgets(dist.device().type) if not (cfg.device_memory and cfg.host_memory) else None
+    return filled(cfg, rows=len(inputs.features), world_size=dist.world_size, out=out, layers_attribute=layout,
+                  attn_implementation=getattr(base.config, "_attn_implementation", None),
+                  chat_template=getattr(inputs.tokenizer, "chat_template", None), budgets=budgets or
+                  (cfg.device_memory or "none", cfg.host_memory or "none"))
 
 
 def _resolve_auto(cfg: TrainConfig, dist: Distributed) -> tuple[TrainConfig, dict[str, Any] | None]:
@@ -430,6 +504,11 @@ def _check_and_tokenize(cfg: TrainConfig, dist: Distributed) -> _Inputs:
     features, dropped = supervised_features(features, cfg, dist.world_size)
     if dropped and dist.is_main:
         warn(dropped)
+    if cfg.packing:  # TRL's packing: examples into rows of max_seq_len, each kept apart by its position ids
+        from .preflight import check_batch
+
+        features = data_mod.pack_features(features, cfg.max_seq_len)
+        check_batch(len(features), cfg, dist.world_size, "packed rows of training examples")
     return _Inputs(pf.checkpoint, tokenizer, features, loaded.held)
 
 
@@ -493,13 +572,17 @@ def _check_finite_weights(cfg: TrainConfig, dist: Distributed, run: _Method, ste
 def _load_model(cfg: TrainConfig, dist: Distributed):
     """The model, checked against the config (γ against its blocks), on this rank's device."""
     torch.manual_seed(cfg.seed)
-    model = load_model(cfg.model, cfg.dtype)
+    model = load_model(cfg.model, cfg.dtype, cfg.attn_implementation)
     validate_for_model(cfg, model)
     _refuse_broken_weights(model, f"model {cfg.model!r}", "the model files are damaged or were saved from a "
                                                           "diverged run (training would report it, wrongly, as a "
                                                           "divergence); use a sound copy")
     device = dist.device()
     model.to(device)
+    if cfg.packing:
+        from .packing import check_packing
+
+        check_packing(model, cfg)  # one line, before any step, if the attention lets packed examples mix
     if cfg.gradient_checkpointing:
         enable_checkpointing(model)
     return model, device
@@ -516,6 +599,8 @@ class _Method:
     forward: Any
     n_steps: int
     reduce_scatter: Any = None
+    warmup_steps: int = 0
+    record: dict[str, Any] = field(default_factory=dict)  # config.yaml: every key as the run used it
 
     @property
     def model(self):
@@ -540,14 +625,23 @@ def _set_up_method(cfg: TrainConfig, model, dist: Distributed) -> _Method:
     n_steps, total_updates = step_budget(cfg, prepared.sampler)  # count_probe_steps decides what max_steps counts
     if dist.is_main and (short := sweep_outlasts_run(cfg, prepared.sampler, n_steps)):
         warn(short)
+    from .recipe import resolve_warmup
+
+    warmup = resolve_warmup(cfg, total_updates)  # warmup_steps, or warmup_ratio of the updates
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        prepared.optimizer, lambda k: lr_factor(k, cfg.warmup_steps, total_updates, cfg.lr_schedule))
+        prepared.optimizer, lambda k: lr_factor(k, warmup, total_updates, cfg.lr_schedule))
+    scaler = None
+    if cfg.dtype == "float16":  # dynamic loss scaling into the fp32 masters (grass_ft.loss_scale)
+        from .loss_scale import LossScaler
+
+        scaler = LossScaler()
     runner = StepRunner(prepared, scheduler, grad_accum=cfg.grad_accum, max_grad_norm=cfg.max_grad_norm,
                         max_bad_steps=sys.maxsize, dist=dist, sharded=cfg.fsdp,
-                        timed=lambda s: s % cfg.logging_steps == 0 or s == n_steps - 1)  # the logged steps
+                        timed=lambda s: s % cfg.logging_steps == 0 or s == n_steps - 1,  # the logged steps
+                        loss_scaler=scaler)
     # the runner would raise before the step is logged; the watch stops the run after it (same max_bad_steps)
     watch = DivergenceWatch(cfg.max_bad_steps, vocab_size(prepared.model), cfg.lr)
-    return _Method(prepared, scheduler, runner, watch, forward, n_steps, reduce_scatter)
+    return _Method(prepared, scheduler, runner, watch, forward, n_steps, reduce_scatter, warmup)
 
 
 @dataclass
@@ -565,7 +659,7 @@ class _Totals:
 
 
 def _resume(cfg: TrainConfig, checkpoint: Path, run: _Method, stream, out: Path,
-            main: bool) -> tuple[_Totals, dict[str, Any]]:
+            main: bool, best=None) -> tuple[_Totals, dict[str, Any]]:
     """Weights, optimizer (by name), scheduler, sampler, RNG, data position and running totals from
     ``checkpoint``; the logs are cut back to its step. Returns the totals and the "before" evaluation it recorded."""
     load = load_sharded_checkpoint if cfg.fsdp else load_checkpoint
@@ -579,6 +673,8 @@ def _resume(cfg: TrainConfig, checkpoint: Path, run: _Method, stream, out: Path,
     run.runner.load_state_dict(extra["runner"])
     if "watch" in extra:
         run.watch.load_state_dict(extra["watch"])
+    if best is not None and (note := best.load_state_dict(extra.get("best"), out)) and main:
+        warn(note)
     note = set_rng_state(extra["rng"])  # this rank's own
     if note and main:
         warn(note)
@@ -598,13 +694,16 @@ class _LoopResult:
     probe_peak: int | None
     n_trainable: int  # every parameter
     n_step_trainable: int  # those one (non-probe) step trains
+    stopped_early: bool = False
 
 
-def _train_loop(cfg: TrainConfig, dist: Distributed, out: Path, run: _Method, stream, tokenizer, totals: _Totals,
-                before: dict[str, Any], device: torch.device, progress: bool, appending: bool,
-                choice: dict[str, Any] | None = None) -> _LoopResult:
-    """The steps from ``totals.step`` to the budget: train, log, checkpoint. ``totals`` is updated in place; a
-    diverged run stops after its last step is logged."""
+def _train_loop(cfg: TrainConfig, dist: Distributed, out: Path, run: _Method, stream, inputs: _Inputs,
+                totals: _Totals, before: dict[str, Any], device: torch.device, progress: bool, appending: bool,
+                choice: dict[str, Any] | None = None, best=None) -> _LoopResult:
+    """The steps from ``totals.step`` to the budget: train, log, evaluate every ``eval_steps``, checkpoint.
+    ``totals`` is updated in place; a diverged run stops after its last step is logged, an early-stopped one after
+    the evaluation that ran out of patience."""
+    tokenizer = inputs.tokenizer
     main, model = dist.is_main, run.model
     n_trainable = sum(p.numel() for p in model.parameters())
     n_step_trainable = _trainable_count(run.prepared)  # now: saving sets requires_grad on everything
@@ -616,13 +715,15 @@ def _train_loop(cfg: TrainConfig, dist: Distributed, out: Path, run: _Method, st
     trace_all = os.environ.get("GRASS_FT_TRACE_ALL_RANKS") == "1"
     layers_path = out / "layers.jsonl" if main else (out / f"layers.rank{dist.rank}.jsonl" if trace_all else None)
     layers_f = open(layers_path or os.devnull, mode, buffering=1)
-    sinks = MetricSinks(cfg.report_to, out, cfg.to_dict(), enabled=main, resume_step=totals.step)  # report_to
+    sinks = MetricSinks(cfg.report_to, out, run.record, enabled=main, resume_step=totals.step,  # report_to
+                        run_name=run.record.get("run_name"))
     t_start = time.perf_counter()
     if device.type == "cuda":
         # the summary's peak is the training steps' own, not loading's or the "before" evaluation's
         torch.cuda.reset_peak_memory_stats(device)
     probe_peak = None
     n_steps = run.n_steps
+    stopped_early = False
     bar = tqdm(range(totals.step, n_steps), desc=f"{cfg.method}", disable=not (progress and main),
                dynamic_ncols=True, initial=totals.step, total=n_steps)
     try:
@@ -650,13 +751,23 @@ def _train_loop(cfg: TrainConfig, dist: Distributed, out: Path, run: _Method, st
                 record = _step_record(step, res, run, dist, device, param_bytes, tps)
                 metrics_f.write(json.dumps(record) + "\n")
             sinks.log_step(record, res.events, step)
-            run.watch.observe(step, res.loss, res.grad_norm, res.probe, res.skipped)
+            # a float16 overflow is routine while the loss scale settles; it counts as bad only below a scale of 1
+            bad = res.skipped and not (res.overflow and (res.loss_scale or 0) >= 1)
+            run.watch.observe(step, res.loss, res.grad_norm, res.probe, bad)
+            if cfg.eval_steps and (step + 1) % cfg.eval_steps == 0 and step + 1 < n_steps:
+                stopped_early = _evaluate_during(cfg, dist, out, run, inputs, best, step, metrics_f, sinks)
             if cfg.save_steps and (step + 1) % cfg.save_steps == 0:
                 rng = gather_rng_states() if step + 1 < n_steps else None  # every rank's: all ranks call it
                 if step + 1 < n_steps and _sound_to_save(cfg, dist, run, step):
                     if main or cfg.fsdp:
-                        _save_checkpoint(cfg, dist, out, run, stream, tokenizer, totals, before, rng)
+                        _save_checkpoint(cfg, dist, out, run, stream, tokenizer, totals, before, rng, best)
                 dist.barrier()  # no rank runs ahead of a checkpoint it may be killed and resumed from
+            if stopped_early:
+                if main:
+                    warn(f"early stopping after step {step + 1}: {best.metric} did not improve on {best.value:.4f} "
+                         f"(step {best.step}) for {best.bad_evals} evaluations (early_stopping_patience="
+                         f"{cfg.early_stopping_patience})")
+                break
             bar.set_postfix_str(f"loss {res.loss:.3f} | {'probe' if res.probe else 'blocks ' + _fmt_blocks(res.active)}"
                                 f" | {tps:.0f} tok/s")
     finally:
@@ -666,9 +777,33 @@ def _train_loop(cfg: TrainConfig, dist: Distributed, out: Path, run: _Method, st
         sinks.close()
     wall_s = time.perf_counter() - t_start
     train_peak = peak_memory_bytes(device)  # before saving and the "after" evaluation (generation)
-    _check_finite_weights(cfg, dist, run, n_steps - 1)  # nor saved as final/ (the weights' own line first)
+    _check_finite_weights(cfg, dist, run, totals.step - 1)  # nor saved as final/ (the weights' own line first)
     run.watch.check_end()
-    return _LoopResult(wall_s, train_peak, probe_peak, n_trainable, n_step_trainable)
+    return _LoopResult(wall_s, train_peak, probe_peak, n_trainable, n_step_trainable, stopped_early)
+
+
+def _evaluate_during(cfg: TrainConfig, dist: Distributed, out: Path, run: _Method, inputs: _Inputs, best, step: int,
+                     metrics_f, sinks: MetricSinks) -> bool:
+    """The held-out evaluation after ``step + 1`` steps (rank 0; the others wait): a metrics.jsonl line and the
+    loggers' ``eval/*``, the best weights kept when asked. Returns whether early stopping ends the run (every rank
+    gets rank 0's verdict). The random state is left as it was, so the draws and the data order do not depend on
+    whether the run evaluates (tested)."""
+    stop = None
+    if dist.is_main:
+        t0 = time.perf_counter()
+        devices = [next(run.model.parameters()).device] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):
+            result = evaluate_model(run.model, inputs.tokenizer, inputs.held_ex, cfg, f"step {step + 1}")
+        record = eval_record(step, result, time.perf_counter() - t0)
+        if best.observe(step + 1, result) and best.keep:
+            best.save_weights(out, run.model, step + 1)
+        record.update(best_metric=best.value, best_step=best.step)
+        metrics_f.write(json.dumps(record) + "\n")
+        sinks.log_eval(record, step)
+        stop = best.should_stop
+    stopped = bool(dist.from_main(stop))
+    dist.barrier()
+    return stopped
 
 
 def _log_peak_against_plan(choice: dict[str, Any], device: torch.device) -> None:
@@ -705,17 +840,19 @@ def _step_record(step: int, res, run: _Method, dist: Distributed, device: torch.
         "optimizer_state_device_bytes": state["device"], "optimizer_state_host_bytes": state["host"],
         "peak_memory_bytes": peak_memory_bytes(device), "allreduce_bytes": dist.allreduce_bytes,
         "allreduce_fraction_of_fft": dist.allreduce_bytes / param_bytes,
-        **({"reduce_scatter_bytes": run.reduce_scatter.bytes} if run.reduce_scatter is not None else {})}
+        **({"reduce_scatter_bytes": run.reduce_scatter.bytes} if run.reduce_scatter is not None else {}),
+        **({"loss_scale": res.loss_scale, "overflow": res.overflow} if res.loss_scale is not None else {})}
 
 
 def _save_checkpoint(cfg: TrainConfig, dist: Distributed, out: Path, run: _Method, stream, tokenizer,
-                     totals: _Totals, before: dict[str, Any], rng: dict[str, Any]) -> None:
+                     totals: _Totals, before: dict[str, Any], rng: dict[str, Any], best=None) -> None:
     """checkpoint-<step>: what :func:`_resume` needs to continue bit for bit (``rng``: every rank's random state,
     :func:`~grass_ft.checkpoint.gather_rng_states`)."""
-    extra = {"runner": run.runner.state_dict(), "rng": rng, "watch": run.watch.state_dict()}
+    extra = {"runner": run.runner.state_dict(), "rng": rng, "watch": run.watch.state_dict(),
+             **({"best": best.state_dict()} if best is not None else {})}
     trainer_state = {"data": stream.state_dict(), "totals": totals.state(),
                      "before": {k: v for k, v in before.items() if k != "predictions"},
-                     "run": run_keys(cfg.to_dict(), dist.world_size)}
+                     "run": run_keys(run.record, dist.world_size)}
     with _writing(out / f"checkpoint-{totals.step}"):
         if cfg.fsdp:  # every rank writes its shards (no loadable copy: that would gather the model)
             save_sharded_checkpoint(out, totals.step, run.model, run.prepared.optimizer, run.scheduler, extra,
@@ -744,18 +881,31 @@ def _gathered_model(cfg: TrainConfig, dist: Distributed, model, device: torch.de
 
 def _finish(cfg: TrainConfig, dist: Distributed, out: Path, run: _Method, inputs: _Inputs, before: dict[str, Any],
             totals: _Totals, loop: _LoopResult, device: torch.device,
-            choice: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Save the trained model, evaluate it, merge a LoRA adapter if asked, and write summary.json last (rank 0;
-    the other ranks wait at the final barrier)."""
+            choice: dict[str, Any] | None = None, best: BestTracker | None = None) -> dict[str, Any]:
+    """Save the trained model (the best evaluation's weights with load_best_model_at_end), evaluate it, merge a
+    LoRA adapter if asked, write the model card and the plots, and summary.json last (rank 0; the other ranks wait
+    at the final barrier)."""
     model = _gathered_model(cfg, dist, run.model, device)
     if not dist.is_main:
         dist.barrier()  # rank 0 saves and evaluates
         return {"rank": dist.rank, "world_size": dist.world_size}
+    after, from_best = None, False
+    if best is not None and best.keep and best.step is not None and inputs.held_ex:
+        # the last step's weights are evaluated like every other evaluation; the better of the two goes to final/
+        last = evaluate_model(model, inputs.tokenizer, inputs.held_ex, cfg, "after")
+        if best.better(metric_value(last, best.metric)):
+            after = last
+        else:
+            best.load_weights(out, model)
+            after, from_best = {**best.result, "label": "after"}, True
+            tqdm.write(f"grass-ft: final/ holds the best evaluation's weights, step {best.step} ({best.metric} "
+                       f"{best.value:.4f}), not the last step's", file=sys.stderr)
     with _writing(out / "final"):
-        final = save_final(model, inputs.tokenizer, out)
+        final = save_final(model, inputs.tokenizer, out, cfg.save_dtype)
     if cfg.fsdp and inputs.held_ex:
         model.to(device)  # final/ is saved from the host copy; only the evaluation needs the weights on the device
-    after = evaluate_model(model, inputs.tokenizer, inputs.held_ex, cfg, "after") if inputs.held_ex else {}
+    if after is None:
+        after = evaluate_model(model, inputs.tokenizer, inputs.held_ex, cfg, "after") if inputs.held_ex else {}
     if after:
         from .evaluate import write_eval
 
@@ -766,8 +916,12 @@ def _finish(cfg: TrainConfig, dist: Distributed, out: Path, run: _Method, inputs
 
         merged = save_merged(model, inputs.tokenizer, final)  # in place, after the last use of the adapter model
     summary = _summary(cfg, dist, run, inputs, before, after, totals, loop, final, merged)
+    summary.update(best_step=best.step if best is not None else None, final_from_best=from_best)
     if choice is not None:
         summary["auto"] = {k: v for k, v in choice.items() if k != "predicted_parts_bytes"}
+    _finished_look(cfg, out, final, run.record, summary)
+    if (out / "best").is_dir():
+        remove_dir(out / "best")  # final/ holds what it kept (or the better last step): no second copy stays
     write_json_atomic(out / "summary.json", summary)
     dist.barrier()
     return summary
@@ -783,8 +937,10 @@ def _summary(cfg: TrainConfig, dist: Distributed, run: _Method, inputs: _Inputs,
     train_time = totals.train_time
     return {
         "method": cfg.method, "model": cfg.model, "model_note": PACKAGED_NOTE.get(cfg.model, ""),
-        "data": cfg.data, "task": cfg.task, "steps": cfg.max_steps, "seed": cfg.seed, "world_size": dist.world_size,
-        "eval_n": len(inputs.held_ex),
+        "data": cfg.data, "task": cfg.task, "steps": totals.step, "max_steps": cfg.max_steps,
+        "stopped_early": loop.stopped_early, "dtype": cfg.dtype,
+        "seed": cfg.seed, "world_size": dist.world_size,
+        "eval_n": len(inputs.held_ex), "train_rows": len(inputs.features), "packing": cfg.packing,
         "eval_loss_before": before.get("eval_loss"), "eval_loss": after.get("eval_loss"),
         "accuracy_before": before.get("accuracy"), "accuracy": after.get("accuracy"),
         "eval_loss_per_task_before": before.get("eval_loss_per_task"),
@@ -798,9 +954,11 @@ def _summary(cfg: TrainConfig, dist: Distributed, run: _Method, inputs: _Inputs,
         "optimizer_state_peak_device_bytes": state["peak_device"],
         "trainable_params": loop.n_step_trainable, "total_params": loop.n_trainable,
         "tokens_per_s": totals.tokens / train_time if train_time else 0.0,
-        "s_per_step": train_time / run.n_steps, "train_wall_s": loop.wall_s,
+        "s_per_step": train_time / max(1, totals.step), "train_wall_s": loop.wall_s,
         "mgn_bookkeeping_fraction": totals.bookkeeping_time / train_time if train_time else 0.0,
         "skipped_steps": run.runner.skipped_steps, "offload": run.prepared.offload, "final_dir": str(final),
+        "overflow_steps": run.runner.scaler.overflow_steps if run.runner.scaler is not None else None,
+        "loss_scale": run.runner.scaler.scale if run.runner.scaler is not None else None,
         "merged_dir": str(merged) if merged is not None else None,
     }
 

@@ -31,9 +31,10 @@ def exact_peak(config, cfg: TrainConfig, setting: Setting, steps: int = 3) -> di
     from ..models import block_layout, enable_checkpointing
     from ..step import StepRunner
 
+    # the setting's dtype: the plan resolved dtype=auto (grass_ft.recipe.resolve_dtype) before pricing it
     run_cfg = dataclasses.replace(cfg, **setting.overrides(), sample_interval=1, update_interval=1, eval_samples=0,
-                                  probe_mode="train", lr=1e-5, max_steps=steps + 1)
-    dtype = getattr(torch, cfg.dtype)
+                                  probe_mode="train", lr=1e-5, max_steps=steps + 1, dtype=setting.dtype)
+    dtype = getattr(torch, setting.dtype)
     old = torch.get_default_dtype()
     from torch._subclasses.fake_tensor import FakeTensorMode
 
