@@ -33,8 +33,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_model, save_model
 
-from .atomic import atomic_dir, remove_dir
-from .errors import UserError
+from .base.atomic import atomic_dir, remove_dir
+from .base.errors import UserError
 from .export import write_loadable
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")

@@ -13,9 +13,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .config import ConfigError, TrainConfig, _coerce, build_config, parse_overrides, unknown_key_message, validate
-from .errors import UserError
+from .base.errors import UserError
 from .models import ModelError
-from .registry import traits
+from .base.registry import traits
 
 def _default_methods() -> str:
     from .compare import DEFAULT_METHODS
@@ -252,7 +252,7 @@ def cmd_eval(argv: list[str]) -> int:
         errors += [f"`{k}` is the run's own without data= (its config.yaml); give data= to evaluate other examples"
                    for k in kv if k in allowed and k not in ("model", "output_dir", "overwrite_output_dir")]
     if kv.get("task"):
-        from .tasks import canonical_task
+        from .base.tasks import canonical_task
 
         try:
             canonical_task(kv["task"])

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from .config import ALIASES, ConfigError, TrainConfig, build_config, resolve_aliases, validate
-from .registry import traits
+from .base.registry import traits
 
 # the baselines, the paper's two GRASS arms, and the default method (docs/DEFAULTS.md)
 DEFAULT_METHODS = ("fft", "lora", "dora", "lisa", "grass", "grass-static", "grass-uniform")

@@ -19,9 +19,9 @@ from typing import Any
 import torch
 
 from . import formats
-from .errors import UserError, not_utf8
+from .base.errors import UserError, not_utf8
 from .formats import IGNORE_INDEX, FormatError
-from .tasks import gold_answer
+from .base.tasks import gold_answer
 
 # LLM-Adapters' Alpaca-style template (their finetune.py / evaluate.py `generate_prompt`).
 PROMPT_WITH_INPUT = (

@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from .atomic import atomic_dir, remove_dir
+from .base.atomic import atomic_dir, remove_dir
 from .config import BEST_METRICS, TrainConfig
-from .errors import UserError
+from .base.errors import UserError
 
 BEST_DIR = "best"
 

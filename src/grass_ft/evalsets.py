@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from grass_ft import data as data_mod
-from grass_ft.data import DataError
-from grass_ft.tasks import canonical_task, choice_target, gold_answer, is_valid_label
+from .data import DataError
+from .base.tasks import canonical_task, choice_target, gold_answer, is_valid_label
 
 log = logging.getLogger(__name__)
 

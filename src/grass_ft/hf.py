@@ -35,7 +35,7 @@ from .config import ConfigError, TrainConfig, build_config, validate
 from .distributed import Distributed
 from .methods import prepare
 from .models import block_layout
-from .registry import DEFAULT_SAMPLING, with_sampling
+from .base.registry import DEFAULT_SAMPLING, with_sampling
 from .step import StepRunner
 
 METHOD_KEYS = ("method", "gamma", "tau", "alpha", "probe_steps", "sample_interval", "update_interval",

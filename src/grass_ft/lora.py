@@ -16,7 +16,7 @@ from pathlib import Path
 
 from torch import nn
 
-from .atomic import atomic_dir
+from .base.atomic import atomic_dir
 from .config import TrainConfig, lora_targets
 from .models import PACKAGED, ModelError
 

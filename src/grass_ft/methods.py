@@ -17,7 +17,7 @@ from torch import nn
 
 from .config import TrainConfig
 from .models import BlockLayout, block_layout
-from .registry import METHODS, traits
+from .base.registry import METHODS, traits
 from .sampler import LayerSampler
 
 

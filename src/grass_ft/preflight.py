@@ -18,7 +18,7 @@ from typing import Any
 from . import data as data_mod
 from .checkpoint import CHECKPOINT_RE, check_same_run, checkpoint_run, find_checkpoint, run_keys
 from .config import ConfigError, TrainConfig, ignored_keys_warning
-from .errors import UserError
+from .base.errors import UserError
 from .models import check_model_source
 
 # Keys method=auto / gamma=auto may set (grass_ft.planner.memory.Setting.overrides), and the rate that follows.
@@ -96,7 +96,7 @@ def resolve_resume(cfg: TrainConfig, world_size: int, warnings: list[str]) -> Pa
 def check_held_out(cfg: TrainConfig, held: list[dict[str, Any]], loss_only: set[str]) -> None:
     """Every held-out example that will be generated has a task with an answer rule and a gold it can read
     (else evaluation would fail after training, losing the run's summary)."""
-    from .tasks import canonical_task, parse_gold
+    from .base.tasks import canonical_task, parse_gold
 
     source = cfg.data if cfg.held_out_split else cfg.eval_data
     for i, ex in enumerate(held):

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from .config import HOLDOUT, TrainConfig
-from .registry import traits
+from .base.registry import traits
 
 
 def resolve_dtype(requested: str, device: torch.device) -> str:

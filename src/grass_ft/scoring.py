@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from grass_ft.data import IGNORE_INDEX, DataError, collate, tokenize_example
-from grass_ft.formats import has_prompt, prompt_ids, prompt_text
-from grass_ft.tasks import (answers_match, canonical_task, choice_target, choices_for, example_task, extract_answer,
+from .data import IGNORE_INDEX, DataError, collate, tokenize_example
+from .formats import has_prompt, prompt_ids, prompt_text
+from .base.tasks import (answers_match, canonical_task, choice_target, choices_for, example_task, extract_answer,
                             parse_gold)
 
 MODES = ("generate", "loglik")

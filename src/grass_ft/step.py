@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .errors import DivergenceError
+from .base.errors import DivergenceError
 from .importance import GradNormRecorder
 from .distributed import Distributed
 from .fsdp import grad_norm_value, sharded_block_rms

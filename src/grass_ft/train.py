@@ -30,7 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import data as data_mod
-from .atomic import atomic_dir, remove_dir, remove_stale_temporaries, write_json_atomic
+from .base.atomic import atomic_dir, remove_dir, remove_stale_temporaries, write_json_atomic
 from .checkpoint import (CHECKPOINT_RE, gather_rng_states, load_checkpoint, load_sharded_checkpoint, run_keys,
                          save_checkpoint, save_sharded_checkpoint, set_rng_state, truncate_jsonl)
 from .export import write_loadable
@@ -38,12 +38,12 @@ from .logging_sinks import MetricSinks
 from .distributed import Distributed, init_distributed
 from .config import ConfigError, TrainConfig, save_config, validate
 from .divergence import DivergenceWatch, vocab_size
-from .errors import DivergenceError, UserError
+from .base.errors import DivergenceError, UserError
 from .loss import enable_supervised_loss, full_loss, loss_forward
 from .methods import Prepared, method_names, prepare, resolved_offload, step_budget
 from .models import PACKAGED_NOTE, block_layout, enable_checkpointing, load_model, load_tokenizer
 from .preflight import FINISHED, PLOT_FILES, RUN_FILES, RunError, check_token_ids, preflight, supervised_features
-from .registry import traits
+from .base.registry import traits
 from .planner.resolve import choice_line, write_record
 from .early_stopping import BestTracker, eval_record, metric_value
 from .step import StepRunner, lr_factor, optimizer_state_bytes

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from ..offload import DEFAULT_CHUNK_SIZE, RING_SLOTS
-from ..registry import traits
+from ..base.registry import traits
 from .profile import Profile, RunProfile
 from .shape import ModelShape
 

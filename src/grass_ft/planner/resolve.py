@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import TrainConfig
-from ..registry import traits
+from ..base.registry import traits
 from .sizes import GiB, detect_budgets, format_size
 from .table import NothingFits, build_plan, nothing_fits_message
 
@@ -84,7 +84,7 @@ def choice_line(record: dict[str, Any]) -> str:
 
 
 def write_record(out: Path, record: dict[str, Any]) -> None:
-    from ..atomic import write_json_atomic
+    from ..base.atomic import write_json_atomic
 
     write_json_atomic(out / PLAN_FILE, {k: v for k, v in record.items() if k != "resumed"})
 

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from ..config import TrainConfig
-from ..errors import UserError
-from ..registry import DEFAULT_SAMPLING, traits
+from ..base.errors import UserError
+from ..base.registry import DEFAULT_SAMPLING, traits
 from .compute import step_cost
 from .memory import CATEGORIES, Prediction, Setting, predict
 from .profile import Profile, RunProfile, measure
