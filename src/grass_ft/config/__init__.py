@@ -17,8 +17,8 @@ from typing import Any
 
 import yaml
 
-from .base.errors import UserError, not_utf8
-from .base.registry import METHODS, traits, with_fsdp
+from ..base.errors import UserError, not_utf8
+from ..base.registry import METHODS, traits, with_fsdp
 
 
 # Names a transformers Trainer / TRL user already knows, accepted as aliases where the meaning is the same;
@@ -230,7 +230,7 @@ class TrainConfig:
     @property
     def held_out_split(self) -> bool:
         """The held-out examples come from ``data`` itself (``eval_data`` unset or ``holdout``)."""
-        from .data import holds_out
+        from ..data import holds_out
 
         return holds_out(self)
 
@@ -539,7 +539,7 @@ def validate(cfg: TrainConfig, num_blocks: int | None = None, known_methods: typ
             errs.append(f"`report_to` {sink} needs the `{sink}` package (pip install {sink})")
     if "task" not in skip:
         try:
-            from .base.tasks import canonical_task
+            from ..base.tasks import canonical_task
 
             canonical_task(cfg.task)
         except ImportError:
