@@ -27,6 +27,7 @@ _PUBLIC = {"LayerwiseOffloadAdamW": "method.offload", "GrassCallback": "frontend
 # a monkeypatch through the old path reaches the code that runs.
 MOVED: dict[str, str] = {
     "atomic": "base.atomic", "errors": "base.errors", "registry": "base.registry", "tasks": "base.tasks",
+    "models": "model", "export": "model.export",
 }
 
 

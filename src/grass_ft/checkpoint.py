@@ -35,7 +35,7 @@ from safetensors.torch import load_model, save_model
 
 from .base.atomic import atomic_dir, remove_dir
 from .base.errors import UserError
-from .export import write_loadable
+from .model.export import write_loadable
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 REQUIRED = ("model.safetensors", "optimizer.pt", "scheduler.pt", "grass_state.pt", "trainer_state.json")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .config import ConfigError, TrainConfig, _coerce, build_config, parse_overrides, unknown_key_message, validate
 from .base.errors import UserError
-from .models import ModelError
+from .model.load import ModelError
 from .base.registry import traits
 
 def _default_methods() -> str:
@@ -63,7 +63,7 @@ def _config(args) -> TrainConfig:
     """Build and validate the config; ``gamma`` is checked against the model's block count when its
     config.json is at hand (a local directory or the prepared packaged model)."""
     from .methods import method_names
-    from .models import num_blocks_hint
+    from .model.load import num_blocks_hint
 
     cfg = build_config(args.config, parse_overrides(args.overrides), known_methods=method_names())
     n = num_blocks_hint(cfg.model) if traits(cfg.method).sampling else None
@@ -289,7 +289,7 @@ def cmd_eval(argv: list[str]) -> int:
 
 
 def cmd_prepare_model(argv: list[str]) -> int:
-    from .models import PACKAGED, packaged_model_dir
+    from .model.load import PACKAGED, packaged_model_dir
 
     for name in argv or list(PACKAGED):
         if name not in PACKAGED:

@@ -134,7 +134,7 @@ def _method_configs(config_file: str | None, shared: dict[str, str], own: dict[s
                     errors: list[str]) -> tuple[dict[str, TrainConfig], dict[str, dict[str, str]]]:
     """Each method's validated config and its final keys; an error every method shares (a typo in a shared key)
     is listed once, not once per method."""
-    from .models import num_blocks_hint
+    from .model.load import num_blocks_hint
 
     per_method_errors: dict[str, list[str]] = {}
     configs: dict[str, TrainConfig] = {}

@@ -282,7 +282,7 @@ def preview_rows(spec: str, data_format: str = "auto", split: str = "train", con
 
 def _local_tokenizer(model: str):
     """The tokenizer of a local model directory or a prepared packaged model, else None (nothing downloaded)."""
-    from .models import PACKAGED, cache_dir
+    from .model.load import PACKAGED, cache_dir
 
     path = cache_dir() / model if model in PACKAGED else Path(model).expanduser()
     if not (path / "tokenizer_config.json").is_file() and not (path / "tokenizer.json").is_file():

@@ -136,7 +136,7 @@ def load_for_eval(model_path: str | Path):
     directory's when it saved one, else the base's. Anything else goes to ``load_model_and_tokenizer``
     (packaged name, model directory or hub id).
     """
-    from .models import load_model_and_tokenizer
+    from .model.load import load_model_and_tokenizer
 
     path = Path(model_path)
     if (path / "adapter_config.json").is_file():
@@ -238,7 +238,7 @@ def check_eval_output_dir(output_dir: str, overwrite: bool) -> list[str]:
 
 def model_note(model_path: str | Path) -> str | None:
     """A caveat to report with results, e.g. that a packaged model's weights went through 4-bit quantisation."""
-    from .models import PACKAGED_NOTE
+    from .model.load import PACKAGED_NOTE
 
     spec, path = str(model_path), Path(model_path)
     if (path / "adapter_config.json").is_file():

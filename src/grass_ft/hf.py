@@ -34,7 +34,7 @@ from transformers.trainer_callback import ExportableState
 from .config import ConfigError, TrainConfig, build_config, validate
 from .distributed import Distributed
 from .methods import prepare
-from .models import block_layout
+from .model.load import block_layout
 from .base.registry import DEFAULT_SAMPLING, with_sampling
 from .step import StepRunner
 

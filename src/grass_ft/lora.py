@@ -18,7 +18,7 @@ from torch import nn
 
 from .base.atomic import atomic_dir
 from .config import TrainConfig, lora_targets
-from .models import PACKAGED, ModelError
+from .model.load import PACKAGED, ModelError
 
 
 def wrap_peft(model: nn.Module, cfg: TrainConfig, dora: bool) -> nn.Module:

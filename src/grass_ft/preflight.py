@@ -19,7 +19,7 @@ from . import data as data_mod
 from .checkpoint import CHECKPOINT_RE, check_same_run, checkpoint_run, find_checkpoint, run_keys
 from .config import ConfigError, TrainConfig, ignored_keys_warning
 from .base.errors import UserError
-from .models import check_model_source
+from .model.load import check_model_source
 
 # Keys method=auto / gamma=auto may set (grass_ft.planner.memory.Setting.overrides), and the rate that follows.
 AUTO_SETS = frozenset({"method", "gamma", "lr", "offload", "gradient_checkpointing", "train_embeddings", "train_head",
@@ -185,7 +185,7 @@ def check_token_ids(features, cfg: TrainConfig) -> None:
     Raises:
         ModelError: naming the largest id, the model's vocabulary size and the fix.
     """
-    from .models import ModelError, vocab_size_hint
+    from .model.load import ModelError, vocab_size_hint
 
     vocab = vocab_size_hint(cfg.model)
     ids = features["input_ids"] if hasattr(features, "select") else [f["input_ids"] for f in features]

@@ -33,7 +33,7 @@ from . import data as data_mod
 from .base.atomic import atomic_dir, remove_dir, remove_stale_temporaries, write_json_atomic
 from .checkpoint import (CHECKPOINT_RE, gather_rng_states, load_checkpoint, load_sharded_checkpoint, run_keys,
                          save_checkpoint, save_sharded_checkpoint, set_rng_state, truncate_jsonl)
-from .export import write_loadable
+from .model.export import write_loadable
 from .logging_sinks import MetricSinks
 from .distributed import Distributed, init_distributed
 from .config import ConfigError, TrainConfig, save_config, validate
@@ -41,7 +41,7 @@ from .divergence import DivergenceWatch, vocab_size
 from .base.errors import DivergenceError, UserError
 from .loss import enable_supervised_loss, full_loss, loss_forward
 from .methods import Prepared, method_names, prepare, resolved_offload, step_budget
-from .models import PACKAGED_NOTE, block_layout, enable_checkpointing, load_model, load_tokenizer
+from .model.load import PACKAGED_NOTE, block_layout, enable_checkpointing, load_model, load_tokenizer
 from .preflight import FINISHED, PLOT_FILES, RUN_FILES, RunError, check_token_ids, preflight, supervised_features
 from .base.registry import traits
 from .planner.resolve import choice_line, write_record
@@ -536,7 +536,7 @@ def _refuse_broken_weights(model, what: str, fix: str, error=None) -> None:
     """Weights that hold an inf or NaN before training are broken where they came from; training them would
     only be reported, wrongly, as a divergence ("lower lr")."""
     from .divergence import nonfinite_tensors
-    from .models import ModelError
+    from .model.load import ModelError
 
     bad = nonfinite_tensors(model.named_parameters())
     if bad:

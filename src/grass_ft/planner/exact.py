@@ -28,7 +28,7 @@ def exact_peak(config, cfg: TrainConfig, setting: Setting, steps: int = 3) -> di
 
     from ..loss import loss_forward
     from ..methods import prepare
-    from ..models import block_layout, enable_checkpointing
+    from ..model.load import block_layout, enable_checkpointing
     from ..step import StepRunner
 
     # the setting's dtype: the plan resolved dtype=auto (grass_ft.recipe.resolve_dtype) before pricing it

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..models import PACKAGED, ModelError, block_layout, resolve_model_path
+from ..model.load import PACKAGED, ModelError, block_layout, resolve_model_path
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .base.atomic import atomic_dir
-from .base.errors import UserError
+from ..base.atomic import atomic_dir
+from ..base.errors import UserError
 
 # Packaged models: name -> (python package holding the GGUF file, file name). Converted once to safetensors.
 PACKAGED = {
