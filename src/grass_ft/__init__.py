@@ -28,6 +28,7 @@ _PUBLIC = {"LayerwiseOffloadAdamW": "method.offload", "GrassCallback": "frontend
 MOVED: dict[str, str] = {
     "atomic": "base.atomic", "errors": "base.errors", "registry": "base.registry", "tasks": "base.tasks",
     "models": "model", "export": "model.export",
+    "formats": "data.formats", "packing": "data.packing",
 }
 
 

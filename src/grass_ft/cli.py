@@ -154,7 +154,7 @@ def cmd_validate(argv: list[str]) -> int:
     pf = preflight(cfg, generate=False)
     for w in pf.warnings:
         print(f"grass-ft validate: warning: {w}", file=sys.stderr)
-    from .data import check_data_sources
+    from .data.loading import check_data_sources
 
     notes = check_data_sources(cfg)  # reads the first rows of data / eval_data: format errors name file and row
     print(f"configuration OK (method {cfg.method}, model {cfg.model}, data {cfg.data}{notes})")

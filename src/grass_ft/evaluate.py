@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from .config import ConfigError
-from .data import DataError, prepare_tokenizer
+from .data.loading import DataError, prepare_tokenizer
 from .scoring import (MODES, choice_logprobs, eval_loss, eval_loss_by_task, evaluate_examples, generate,
                               score_choices, scorable, summarize)
 from .base.tasks import example_task
@@ -192,7 +192,7 @@ def evaluate_run_model(model_path: str | Path, output_dir: str | Path, progress:
         DataError: the run holds out no examples (``eval_samples=0``), or its data cannot be read any more.
     """
     from .config import build_config
-    from .data import load_data
+    from .data.loading import load_data
 
     run = run_of(model_path)
     cfg = build_config(str(run / "config.yaml"))

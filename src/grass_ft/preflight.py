@@ -114,7 +114,7 @@ def check_held_out(cfg: TrainConfig, held: list[dict[str, Any]], loss_only: set[
 def no_answer_hint(example: dict[str, Any], task: str) -> str:
     """Why a held-out example without a gold answer cannot be scored, and the two ways on: an ``answer`` field (for
     rows that have a prompt), or scoring the held-out loss only."""
-    from .formats import has_prompt, row_format
+    from .data.formats import has_prompt, row_format
 
     fmt = row_format(example)
     loss_only = f"eval_loss_only_tasks={task} to score the held-out loss only (or eval_samples=0)"

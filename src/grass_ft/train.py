@@ -580,7 +580,7 @@ def _load_model(cfg: TrainConfig, dist: Distributed):
     device = dist.device()
     model.to(device)
     if cfg.packing:
-        from .packing import check_packing
+        from .data.packing import check_packing
 
         check_packing(model, cfg)  # one line, before any step, if the attention lets packed examples mix
     if cfg.gradient_checkpointing:

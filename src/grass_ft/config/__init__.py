@@ -230,7 +230,7 @@ class TrainConfig:
     @property
     def held_out_split(self) -> bool:
         """The held-out examples come from ``data`` itself (``eval_data`` unset or ``holdout``)."""
-        from ..data import holds_out
+        from ..data.loading import holds_out
 
         return holds_out(self)
 

@@ -19,9 +19,9 @@ from typing import Any
 import torch
 
 from . import formats
-from .base.errors import UserError, not_utf8
+from ..base.errors import UserError, not_utf8
 from .formats import IGNORE_INDEX, FormatError
-from .base.tasks import gold_answer
+from ..base.tasks import gold_answer
 
 # LLM-Adapters' Alpaca-style template (their finetune.py / evaluate.py `generate_prompt`).
 PROMPT_WITH_INPUT = (
@@ -282,7 +282,7 @@ def preview_rows(spec: str, data_format: str = "auto", split: str = "train", con
 
 def _local_tokenizer(model: str):
     """The tokenizer of a local model directory or a prepared packaged model, else None (nothing downloaded)."""
-    from .model.load import PACKAGED, cache_dir
+    from ..model.load import PACKAGED, cache_dir
 
     path = cache_dir() / model if model in PACKAGED else Path(model).expanduser()
     if not (path / "tokenizer_config.json").is_file() and not (path / "tokenizer.json").is_file():
@@ -412,7 +412,7 @@ class LoadedData:
 def holds_out(cfg) -> bool:
     """The held-out examples come from ``data`` itself: ``eval_data`` unset or ``holdout`` (any object with the
     configuration's attributes)."""
-    from .config import HOLDOUT
+    from ..config import HOLDOUT
 
     return getattr(cfg, "eval_data", None) in (None, HOLDOUT)
 

@@ -196,7 +196,7 @@ def chat_spans(tokenizer, messages: list[dict[str, Any]], first: int = 0) -> tup
 
 def _prompt_and_target(row: dict[str, Any], fmt: str) -> tuple[str, str]:
     if fmt == "alpaca":
-        from .data import format_prompt
+        from .loading import format_prompt
 
         return format_prompt(row), row["output"]
     if fmt == "prompt_completion":

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from .config import TrainConfig
-from .base.errors import UserError
+from ..config import TrainConfig
+from ..base.errors import UserError
 
 # Relative difference of the logits above which the example was not kept apart. Kept apart, the two forwards do the
 # same arithmetic on the same values but for the length of the attention's reductions: fp32 rounding, ~1e-6; bf16 /
