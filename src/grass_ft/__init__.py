@@ -29,6 +29,7 @@ MOVED: dict[str, str] = {
     "atomic": "base.atomic", "errors": "base.errors", "registry": "base.registry", "tasks": "base.tasks",
     "models": "model", "export": "model.export",
     "formats": "data.formats", "packing": "data.packing",
+    "distributed": "parallel.distributed", "fsdp": "parallel.fsdp",
 }
 
 

@@ -381,7 +381,7 @@ def save_sharded_checkpoint(out: Path, step: int, model, optimizer, scheduler, e
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-    from .fsdp import optimizer_state_to_dtensors
+    from .parallel.fsdp import optimizer_state_to_dtensors
 
     final = out / f"checkpoint-{step}"
     with atomic_dir(final) if is_main else nullcontext() as tmp:
@@ -412,7 +412,7 @@ def load_sharded_checkpoint(path: Path, model, optimizer, scheduler) -> tuple[di
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
-    from .fsdp import optimizer_state_from_dtensors, optimizer_state_template
+    from .parallel.fsdp import optimizer_state_from_dtensors, optimizer_state_template
 
     if required_files(path) is not REQUIRED_DCP:
         raise CheckpointError(f"{path} was written without fsdp (model.safetensors); resume it without fsdp")

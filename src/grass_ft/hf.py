@@ -32,7 +32,7 @@ from transformers.utils import logging as hf_logging
 from transformers.trainer_callback import ExportableState
 
 from .config import ConfigError, TrainConfig, build_config, validate
-from .distributed import Distributed
+from .parallel.distributed import Distributed
 from .methods import prepare
 from .model.load import block_layout
 from .base.registry import DEFAULT_SAMPLING, with_sampling

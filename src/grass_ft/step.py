@@ -18,8 +18,8 @@ from torch import nn
 
 from .base.errors import DivergenceError
 from .importance import GradNormRecorder
-from .distributed import Distributed
-from .fsdp import grad_norm_value, sharded_block_rms
+from .parallel.distributed import Distributed
+from .parallel.fsdp import grad_norm_value, sharded_block_rms
 from .loss import has_supervised_token
 from .methods import Prepared
 

@@ -35,7 +35,7 @@ from .checkpoint import (CHECKPOINT_RE, gather_rng_states, load_checkpoint, load
                          save_checkpoint, save_sharded_checkpoint, set_rng_state, truncate_jsonl)
 from .model.export import write_loadable
 from .logging_sinks import MetricSinks
-from .distributed import Distributed, init_distributed
+from .parallel.distributed import Distributed, init_distributed
 from .config import ConfigError, TrainConfig, save_config, validate
 from .divergence import DivergenceWatch, vocab_size
 from .base.errors import DivergenceError, UserError
@@ -464,7 +464,7 @@ def _check_fsdp(cfg: TrainConfig, dist: Distributed) -> None:
     """``fsdp`` needs two or more processes and a torch with FSDP2."""
     if not cfg.fsdp:
         return
-    from .fsdp import fsdp_unavailable
+    from .parallel.fsdp import fsdp_unavailable
 
     if not dist.enabled:
         raise ConfigError(["`fsdp` shards over two or more processes (torchrun --nproc_per_node=N ...); this "
@@ -612,7 +612,7 @@ def _set_up_method(cfg: TrainConfig, model, dist: Distributed) -> _Method:
     block a unit), so that the optimizer holds, and offloads, this rank's shards only."""
     reduce_scatter = None
     if cfg.fsdp:
-        from .fsdp import shard_model
+        from .parallel.fsdp import shard_model
 
         reduce_scatter = shard_model(model, cfg.layers_attribute)
     forward = loss_forward(cfg.supervised_only_loss)
