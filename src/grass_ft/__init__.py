@@ -30,6 +30,8 @@ MOVED: dict[str, str] = {
     "models": "model", "export": "model.export",
     "formats": "data.formats", "packing": "data.packing",
     "distributed": "parallel.distributed", "fsdp": "parallel.fsdp",
+    "sampler": "method.sampler", "importance": "method.importance", "offload": "method.offload", "loss": "method.loss",
+    "loss_scale": "method.loss_scale", "lora": "method.lora", "methods": "method.methods", "step": "method.step",
 }
 
 

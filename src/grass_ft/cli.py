@@ -62,7 +62,7 @@ def _keys_help() -> str:
 def _config(args) -> TrainConfig:
     """Build and validate the config; ``gamma`` is checked against the model's block count when its
     config.json is at hand (a local directory or the prepared packaged model)."""
-    from .methods import method_names
+    from .method.methods import method_names
     from .model.load import num_blocks_hint
 
     cfg = build_config(args.config, parse_overrides(args.overrides), known_methods=method_names())
@@ -195,7 +195,7 @@ def cmd_plan(argv: list[str]) -> int:
     if exact not in ("true", "false"):
         errors.append(f"`exact` must be true or false, got {extra['exact']!r}")
     try:
-        from .methods import method_names
+        from .method.methods import method_names
 
         cfg = build_config(args.config, kv, known_methods=method_names())
     except ConfigError as e:

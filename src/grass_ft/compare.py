@@ -73,7 +73,7 @@ def plan_compare(config_file: str | None, overrides: dict[str, str]) -> CompareP
         ConfigError: every error at once; one that every method shares is listed once, the others are
             prefixed with their method.
     """
-    from .methods import method_names
+    from .method.methods import method_names
 
     known = method_names()
     errors: list[str] = []

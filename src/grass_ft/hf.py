@@ -33,10 +33,10 @@ from transformers.trainer_callback import ExportableState
 
 from .config import ConfigError, TrainConfig, build_config, validate
 from .parallel.distributed import Distributed
-from .methods import prepare
+from .method.methods import prepare
 from .model.load import block_layout
 from .base.registry import DEFAULT_SAMPLING, with_sampling
-from .step import StepRunner
+from .method.step import StepRunner
 
 METHOD_KEYS = ("method", "gamma", "tau", "alpha", "probe_steps", "sample_interval", "update_interval",
                "train_embeddings", "train_head", "reset_state_on_switch", "layers_attribute", "seed",

@@ -105,7 +105,7 @@ def filled(cfg: TrainConfig, *, rows: int, world_size: int, out: Path, layers_at
     ``host_memory`` are the budgets auto planned with, else the machine's (``budgets``).
     """
     from .config import lora_targets
-    from .methods import resolved_offload
+    from .method.methods import resolved_offload
 
     d = cfg.to_dict()
     sampling = bool(traits(cfg.method).sampling)

@@ -39,14 +39,14 @@ from .parallel.distributed import Distributed, init_distributed
 from .config import ConfigError, TrainConfig, save_config, validate
 from .divergence import DivergenceWatch, vocab_size
 from .base.errors import DivergenceError, UserError
-from .loss import enable_supervised_loss, full_loss, loss_forward
-from .methods import Prepared, method_names, prepare, resolved_offload, step_budget
+from .method.loss import enable_supervised_loss, full_loss, loss_forward
+from .method.methods import Prepared, method_names, prepare, resolved_offload, step_budget
 from .model.load import PACKAGED_NOTE, block_layout, enable_checkpointing, load_model, load_tokenizer
 from .preflight import FINISHED, PLOT_FILES, RUN_FILES, RunError, check_token_ids, preflight, supervised_features
 from .base.registry import traits
 from .planner.resolve import choice_line, write_record
 from .early_stopping import BestTracker, eval_record, metric_value
-from .step import StepRunner, lr_factor, optimizer_state_bytes
+from .method.step import StepRunner, lr_factor, optimizer_state_bytes
 
 
 
@@ -632,7 +632,7 @@ def _set_up_method(cfg: TrainConfig, model, dist: Distributed) -> _Method:
         prepared.optimizer, lambda k: lr_factor(k, warmup, total_updates, cfg.lr_schedule))
     scaler = None
     if cfg.dtype == "float16":  # dynamic loss scaling into the fp32 masters (grass_ft.loss_scale)
-        from .loss_scale import LossScaler
+        from .method.loss_scale import LossScaler
 
         scaler = LossScaler()
     runner = StepRunner(prepared, scheduler, grad_accum=cfg.grad_accum, max_grad_norm=cfg.max_grad_norm,
@@ -912,7 +912,7 @@ def _finish(cfg: TrainConfig, dist: Distributed, out: Path, run: _Method, inputs
         write_eval(out, after)
     merged = None
     if cfg.merge_lora and cfg.method in ("lora", "dora"):
-        from .lora import save_merged
+        from .method.lora import save_merged
 
         merged = save_merged(model, inputs.tokenizer, final)  # in place, after the last use of the adapter model
     summary = _summary(cfg, dist, run, inputs, before, after, totals, loop, final, merged)

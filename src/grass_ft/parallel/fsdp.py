@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..importance import grad_rms
+from ..method.importance import grad_rms
 from ..model.load import find_blocks
 
 try:  # FSDP2 with a pluggable reduce-scatter (set_custom_reduce_scatter): recent torch only

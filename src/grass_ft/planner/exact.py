@@ -26,10 +26,10 @@ def exact_peak(config, cfg: TrainConfig, setting: Setting, steps: int = 3) -> di
     """``{"device": peak bytes, "host": host-resident bytes}`` of ``setting`` at ``cfg``'s batch and length."""
     from transformers import AutoModelForCausalLM
 
-    from ..loss import loss_forward
-    from ..methods import prepare
+    from ..method.loss import loss_forward
+    from ..method.methods import prepare
     from ..model.load import block_layout, enable_checkpointing
-    from ..step import StepRunner
+    from ..method.step import StepRunner
 
     # the setting's dtype: the plan resolved dtype=auto (grass_ft.recipe.resolve_dtype) before pricing it
     run_cfg = dataclasses.replace(cfg, **setting.overrides(), sample_interval=1, update_interval=1, eval_samples=0,

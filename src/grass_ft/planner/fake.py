@@ -142,7 +142,7 @@ def real_samplers(forced: list[list[int]] | None = None):
     ``forced`` ones in order."""
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-    from .. import methods as methods_mod
+    from ..method import methods as methods_mod
 
     saved = methods_mod.LayerSampler
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from ..offload import DEFAULT_CHUNK_SIZE, RING_SLOTS
+from ..method.offload import DEFAULT_CHUNK_SIZE, RING_SLOTS
 from ..base.registry import traits
 from .profile import Profile, RunProfile
 from .shape import ModelShape

@@ -167,7 +167,7 @@ def _run(model, base, layout, batch: int, seq: int, *, block: bool, embeddings: 
     The block's backward window runs from the moment the gradient of its output exists (a gradient hook on the
     output) until that of its input does (a hook on the input), so a checkpointed block's recomputation falls
     inside it."""
-    from ..loss import loss_forward
+    from ..method.loss import loss_forward
 
     named = dict(model.named_parameters())
     trainable = (set(layout.blocks[0]) if block else set()) | (set(layout.embeddings) if embeddings else set())

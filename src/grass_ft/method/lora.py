@@ -16,9 +16,9 @@ from pathlib import Path
 
 from torch import nn
 
-from .base.atomic import atomic_dir
-from .config import TrainConfig, lora_targets
-from .model.load import PACKAGED, ModelError
+from ..base.atomic import atomic_dir
+from ..config import TrainConfig, lora_targets
+from ..model.load import PACKAGED, ModelError
 
 
 def wrap_peft(model: nn.Module, cfg: TrainConfig, dora: bool) -> nn.Module:

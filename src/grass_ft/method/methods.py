@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .config import TrainConfig
-from .model.load import BlockLayout, block_layout
-from .base.registry import METHODS, traits
+from ..config import TrainConfig
+from ..model.load import BlockLayout, block_layout
+from ..base.registry import METHODS, traits
 from .sampler import LayerSampler
 
 

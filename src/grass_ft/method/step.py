@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .base.errors import DivergenceError
+from ..base.errors import DivergenceError
 from .importance import GradNormRecorder
-from .parallel.distributed import Distributed
-from .parallel.fsdp import grad_norm_value, sharded_block_rms
+from ..parallel.distributed import Distributed
+from ..parallel.fsdp import grad_norm_value, sharded_block_rms
 from .loss import has_supervised_token
 from .methods import Prepared
 
