@@ -32,6 +32,7 @@ MOVED: dict[str, str] = {
     "distributed": "parallel.distributed", "fsdp": "parallel.fsdp",
     "sampler": "method.sampler", "importance": "method.importance", "offload": "method.offload", "loss": "method.loss",
     "loss_scale": "method.loss_scale", "lora": "method.lora", "methods": "method.methods", "step": "method.step",
+    "scoring": "evaluation.scoring", "evaluate": "evaluation.evaluate", "evalsets": "evaluation.evalsets",
 }
 
 

@@ -201,7 +201,7 @@ def evaluate_model(model, tokenizer, examples: list[dict], cfg: TrainConfig, des
     entry point ``grass-ft eval`` uses too; tasks in ``eval_loss_only_tasks`` get an eval loss only."""
     from transformers.utils import logging as hf_logging
 
-    from .evaluate import evaluate
+    from .evaluation.evaluate import evaluate
 
     res = evaluate(model, tokenizer, examples, task=cfg.task, loss_only=cfg.eval_loss_only_tasks,
                    max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size, max_seq_len=cfg.max_seq_len,
@@ -488,7 +488,7 @@ def _check_and_tokenize(cfg: TrainConfig, dist: Distributed) -> _Inputs:
     from and that it belongs to this run, the data: format, tasks, one batch; the model source), then the
     tokenizer and the tokenisation: answers cut off by max_seq_len fail (all) or are left out with a warning
     (some)."""
-    from .evaluate import loss_only_tasks
+    from .evaluation.evaluate import loss_only_tasks
 
     pf = preflight(cfg, dist.world_size)  # every rank: on a shared filesystem all reach the same verdict
     loaded = pf.loaded
@@ -907,7 +907,7 @@ def _finish(cfg: TrainConfig, dist: Distributed, out: Path, run: _Method, inputs
     if after is None:
         after = evaluate_model(model, inputs.tokenizer, inputs.held_ex, cfg, "after") if inputs.held_ex else {}
     if after:
-        from .evaluate import write_eval
+        from .evaluation.evaluate import write_eval
 
         write_eval(out, after)
     merged = None

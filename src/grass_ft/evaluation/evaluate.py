@@ -22,11 +22,11 @@ from typing import Any
 
 import torch
 
-from .config import ConfigError
-from .data.loading import DataError, prepare_tokenizer
+from ..config import ConfigError
+from ..data.loading import DataError, prepare_tokenizer
 from .scoring import (MODES, choice_logprobs, eval_loss, eval_loss_by_task, evaluate_examples, generate,
                               score_choices, scorable, summarize)
-from .base.tasks import example_task
+from ..base.tasks import example_task
 
 __all__ = ["MODES", "choice_logprobs", "eval_loss", "eval_loss_by_task", "evaluate", "evaluate_examples", "generate",
            "load_for_eval", "loss_only_tasks", "model_note", "run_eval", "score_choices", "scorable", "summarize",
@@ -136,7 +136,7 @@ def load_for_eval(model_path: str | Path):
     directory's when it saved one, else the base's. Anything else goes to ``load_model_and_tokenizer``
     (packaged name, model directory or hub id).
     """
-    from .model.load import load_model_and_tokenizer
+    from ..model.load import load_model_and_tokenizer
 
     path = Path(model_path)
     if (path / "adapter_config.json").is_file():
@@ -161,7 +161,7 @@ def load_for_eval(model_path: str | Path):
 
 def _check_loglik(examples: Sequence[dict[str, Any]], task: str | None, data: Any) -> None:
     """``mode=loglik`` needs answer options for every scored example; fail before the model loads, not after."""
-    from .base.tasks import choices_for
+    from ..base.tasks import choices_for
 
     for i, ex in enumerate(examples):
         if scorable(ex):
@@ -174,7 +174,7 @@ def _check_loglik(examples: Sequence[dict[str, Any]], task: str | None, data: An
 def run_of(model_path: str | Path) -> Path | None:
     """The training run a model directory belongs to (its ``final/`` or a ``checkpoint-N`` beside the run's
     ``config.yaml``), or None."""
-    from .checkpoint import CHECKPOINT_RE
+    from ..checkpoint import CHECKPOINT_RE
 
     p = Path(model_path)
     if (p.name == "final" or CHECKPOINT_RE.match(p.name)) and (p.parent / "config.yaml").is_file():
@@ -191,8 +191,8 @@ def evaluate_run_model(model_path: str | Path, output_dir: str | Path, progress:
     Raises:
         DataError: the run holds out no examples (``eval_samples=0``), or its data cannot be read any more.
     """
-    from .config import build_config
-    from .data.loading import load_data
+    from ..config import build_config
+    from ..data.loading import load_data
 
     run = run_of(model_path)
     cfg = build_config(str(run / "config.yaml"))
@@ -238,7 +238,7 @@ def check_eval_output_dir(output_dir: str, overwrite: bool) -> list[str]:
 
 def model_note(model_path: str | Path) -> str | None:
     """A caveat to report with results, e.g. that a packaged model's weights went through 4-bit quantisation."""
-    from .model.load import PACKAGED_NOTE
+    from ..model.load import PACKAGED_NOTE
 
     spec, path = str(model_path), Path(model_path)
     if (path / "adapter_config.json").is_file():

@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .data.loading import IGNORE_INDEX, DataError, collate, tokenize_example
-from .data.formats import has_prompt, prompt_ids, prompt_text
-from .base.tasks import (answers_match, canonical_task, choice_target, choices_for, example_task, extract_answer,
+from ..data.loading import IGNORE_INDEX, DataError, collate, tokenize_example
+from ..data.formats import has_prompt, prompt_ids, prompt_text
+from ..base.tasks import (answers_match, canonical_task, choice_target, choices_for, example_task, extract_answer,
                             parse_gold)
 
 MODES = ("generate", "loglik")

@@ -19,9 +19,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from grass_ft import data as data_mod
-from .data.loading import DataError
-from .base.tasks import canonical_task, choice_target, gold_answer, is_valid_label
+from .. import data as data_mod
+from ..data.loading import DataError
+from ..base.tasks import canonical_task, choice_target, gold_answer, is_valid_label
 
 log = logging.getLogger(__name__)
 
