@@ -33,6 +33,9 @@ MOVED: dict[str, str] = {
     "sampler": "method.sampler", "importance": "method.importance", "offload": "method.offload", "loss": "method.loss",
     "loss_scale": "method.loss_scale", "lora": "method.lora", "methods": "method.methods", "step": "method.step",
     "scoring": "evaluation.scoring", "evaluate": "evaluation.evaluate", "evalsets": "evaluation.evalsets",
+    "train": "run.train", "checkpoint": "run.checkpoint", "preflight": "run.preflight", "recipe": "run.resolve",
+    "early_stopping": "run.early_stopping", "modelcard": "run.modelcard", "report": "run.report",
+    "logging_sinks": "run.logging_sinks", "divergence": "run.divergence",
 }
 
 

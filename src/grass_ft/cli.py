@@ -111,7 +111,7 @@ def _signals_held():
 
 
 def cmd_train(argv: list[str]) -> int:
-    from .train import print_summary, run_train
+    from .run.train import print_summary, run_train
 
     args = _parser("grass-ft train").parse_intermixed_args(argv)
     if args.help:
@@ -129,7 +129,7 @@ def cmd_train(argv: list[str]) -> int:
         with _sigterm_interrupts():
             summary = run_train(cfg, progress=not args.quiet)
     except KeyboardInterrupt as e:
-        from .train import interrupted_state
+        from .run.train import interrupted_state
 
         with _signals_held():  # a second Ctrl-C must not cut short the line that says what is on disk
             state = interrupted_state(cfg, getattr(e, "run_stage", None), ["grass-ft", "train", *argv])
@@ -144,7 +144,7 @@ def cmd_train(argv: list[str]) -> int:
 def cmd_validate(argv: list[str]) -> int:
     """The configuration, then every check ``train`` makes before loading the model (data files read in full,
     generators by name only; output_dir; the checkpoint to resume; the model directory or hub id)."""
-    from .preflight import preflight
+    from .run.preflight import preflight
 
     args = _parser("grass-ft validate").parse_intermixed_args(argv)
     if args.help:
@@ -316,8 +316,8 @@ def cmd_compare(argv: list[str]) -> int:
 
 
 def cmd_plot(argv: list[str]) -> int:
-    from .report import plot_compare, plot_run
-    from .train import RunError
+    from .run.report import plot_compare, plot_run
+    from .run.train import RunError
 
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: grass-ft plot RUN_DIR [RUN_DIR ...]\n\n  a run directory gets loss.png, active_blocks.png "
@@ -337,11 +337,11 @@ def cmd_plot(argv: list[str]) -> int:
 
 def _compare_rows(path: Path) -> list[dict]:
     """The rows of a compare's results.json (one object per method), or one line saying what is wrong with it."""
-    from .report import read_json
+    from .run.report import read_json
 
     rows = read_json(path)
     if not (isinstance(rows, list) and all(isinstance(r, dict) and "method" in r for r in rows)):
-        from .train import RunError
+        from .run.train import RunError
 
         raise RunError(f"{path} is not a compare's results (expected a list with one object per method, each with "
                        f"`method`); `grass-ft compare` rewrites it")

@@ -243,7 +243,7 @@ def summary_line(row: dict) -> str:
 
 
 def write_results(plan: ComparePlan, rows: list[dict], plots: list[str] = ()) -> None:
-    from .report import results_markdown
+    from .run.report import results_markdown
 
     (plan.output_dir / "results.json").write_text(json.dumps(rows, indent=1))
     (plan.output_dir / "results.md").write_text(results_markdown(rows, plan.meta(), plots))
@@ -252,8 +252,8 @@ def write_results(plan: ComparePlan, rows: list[dict], plots: list[str] = ()) ->
 def check_previous_compare(plan: ComparePlan) -> None:
     """Refuse, before any method runs, an output_dir that holds a previous compare (``results.json`` or a
     method's run), unless ``overwrite_output_dir=true``: the same rule as ``grass-ft train``."""
-    from .preflight import previous_run
-    from .train import RunError
+    from .run.preflight import previous_run
+    from .run.train import RunError
 
     if any(plan.configs[m].overwrite_output_dir for m in plan.methods):
         return
@@ -267,9 +267,9 @@ def check_previous_compare(plan: ComparePlan) -> None:
 def run_compare(plan: ComparePlan, quiet: bool = False, out: IO[str] | None = None,
                 env: dict[str, str] | None = None) -> list[dict]:
     """Run every method in turn, rewriting results.json / results.md after each; draw the charts at the end."""
-    from .report import plot_compare
+    from .run.report import plot_compare
 
-    from .train import RunError
+    from .run.train import RunError
 
     out = out or sys.stdout
     check_previous_compare(plan)

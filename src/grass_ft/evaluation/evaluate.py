@@ -174,7 +174,7 @@ def _check_loglik(examples: Sequence[dict[str, Any]], task: str | None, data: An
 def run_of(model_path: str | Path) -> Path | None:
     """The training run a model directory belongs to (its ``final/`` or a ``checkpoint-N`` beside the run's
     ``config.yaml``), or None."""
-    from ..checkpoint import CHECKPOINT_RE
+    from ..run.checkpoint import CHECKPOINT_RE
 
     p = Path(model_path)
     if (p.name == "final" or CHECKPOINT_RE.match(p.name)) and (p.parent / "config.yaml").is_file():

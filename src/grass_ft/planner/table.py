@@ -178,7 +178,7 @@ def build_plan(cfg: TrainConfig, budgets: Budgets, world_size: int = 1, margin: 
     priced as the dtype a run on this machine trains in (:func:`grass_ft.recipe.resolve_dtype`: float32 on a CPU;
     give dtype=bfloat16 to plan a GPU run from a CPU-only machine)."""
     if cfg.dtype == "auto":
-        from ..recipe import resolve_dtype
+        from ..run.resolve import resolve_dtype
 
         here = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         cfg = dataclasses.replace(cfg, dtype=resolve_dtype("auto", here))

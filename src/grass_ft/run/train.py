@@ -29,24 +29,24 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from . import data as data_mod
-from .base.atomic import atomic_dir, remove_dir, remove_stale_temporaries, write_json_atomic
+from .. import data as data_mod
+from ..base.atomic import atomic_dir, remove_dir, remove_stale_temporaries, write_json_atomic
 from .checkpoint import (CHECKPOINT_RE, gather_rng_states, load_checkpoint, load_sharded_checkpoint, run_keys,
                          save_checkpoint, save_sharded_checkpoint, set_rng_state, truncate_jsonl)
-from .model.export import write_loadable
+from ..model.export import write_loadable
 from .logging_sinks import MetricSinks
-from .parallel.distributed import Distributed, init_distributed
-from .config import ConfigError, TrainConfig, save_config, validate
+from ..parallel.distributed import Distributed, init_distributed
+from ..config import ConfigError, TrainConfig, save_config, validate
 from .divergence import DivergenceWatch, vocab_size
-from .base.errors import DivergenceError, UserError
-from .method.loss import enable_supervised_loss, full_loss, loss_forward
-from .method.methods import Prepared, method_names, prepare, resolved_offload, step_budget
-from .model.load import PACKAGED_NOTE, block_layout, enable_checkpointing, load_model, load_tokenizer
+from ..base.errors import DivergenceError, UserError
+from ..method.loss import enable_supervised_loss, full_loss, loss_forward
+from ..method.methods import Prepared, method_names, prepare, resolved_offload, step_budget
+from ..model.load import PACKAGED_NOTE, block_layout, enable_checkpointing, load_model, load_tokenizer
 from .preflight import FINISHED, PLOT_FILES, RUN_FILES, RunError, check_token_ids, preflight, supervised_features
-from .base.registry import traits
-from .planner.resolve import choice_line, write_record
+from ..base.registry import traits
+from ..planner.resolve import choice_line, write_record
 from .early_stopping import BestTracker, eval_record, metric_value
-from .method.step import StepRunner, lr_factor, optimizer_state_bytes
+from ..method.step import StepRunner, lr_factor, optimizer_state_bytes
 
 
 
@@ -201,7 +201,7 @@ def evaluate_model(model, tokenizer, examples: list[dict], cfg: TrainConfig, des
     entry point ``grass-ft eval`` uses too; tasks in ``eval_loss_only_tasks`` get an eval loss only."""
     from transformers.utils import logging as hf_logging
 
-    from .evaluation.evaluate import evaluate
+    from ..evaluation.evaluate import evaluate
 
     res = evaluate(model, tokenizer, examples, task=cfg.task, loss_only=cfg.eval_loss_only_tasks,
                    max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size, max_seq_len=cfg.max_seq_len,
@@ -337,9 +337,9 @@ def _fitting_settings(cfg: TrainConfig, most: int = 4) -> list[str]:
         return []
     from dataclasses import replace
 
-    from .planner import detect_budgets
-    from .planner.sizes import format_size
-    from .planner.table import build_plan
+    from ..planner import detect_budgets
+    from ..planner.sizes import format_size
+    from ..planner.table import build_plan
 
     try:
         total = format_size(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
@@ -405,7 +405,7 @@ def _run_train(cfg: TrainConfig, progress: bool, dist: Distributed, held: ExitSt
 def _resolve_recipe(cfg: TrainConfig, dist: Distributed, inputs: _Inputs) -> TrainConfig:
     """``dtype=auto`` (rank 0's device decides for every rank), ``max_steps`` from ``num_train_epochs``, and the
     warnings a user of the Trainer would want: a run that sees less than one epoch of their data, two warm-ups."""
-    from .recipe import both_warmups_warning, resolve_dtype, resolve_steps, short_run_warning
+    from .resolve import both_warmups_warning, resolve_dtype, resolve_steps, short_run_warning
 
     dtype = dist.from_main(resolve_dtype(cfg.dtype, dist.device()) if dist.is_main else None)
     cfg = resolve_steps(dataclasses.replace(cfg, dtype=dtype), len(inputs.features), dist.world_size)
@@ -421,7 +421,7 @@ def _resolve_recipe(cfg: TrainConfig, dist: Distributed, inputs: _Inputs) -> Tra
 def _resolved_record(cfg: TrainConfig, dist: Distributed, out: Path, inputs: _Inputs, run: _Method,
                      choice: dict[str, Any] | None) -> dict[str, Any]:
     """config.yaml: every key as this run used it (grass_ft.recipe.filled)."""
-    from .recipe import filled, machine_budgets
+    from .resolve import filled, machine_budgets
 
     base = getattr(run.prepared.model, "get_base_model", lambda: run.prepared.model)()
     layout = run.prepared.layout.prefix if run.prepared.layout is not None else None
@@ -444,7 +444,7 @@ def _resolve_auto(cfg: TrainConfig, dist: Distributed) -> tuple[TrainConfig, dic
     choice, or its one-line refusal), logged as one line; a resumed run keeps the choice it recorded."""
     if not cfg.auto:
         return cfg, None
-    from .planner.resolve import resolve
+    from ..planner.resolve import resolve
 
     verdict: tuple[str, Any] = ("ok", None)
     if dist.is_main:
@@ -464,7 +464,7 @@ def _check_fsdp(cfg: TrainConfig, dist: Distributed) -> None:
     """``fsdp`` needs two or more processes and a torch with FSDP2."""
     if not cfg.fsdp:
         return
-    from .parallel.fsdp import fsdp_unavailable
+    from ..parallel.fsdp import fsdp_unavailable
 
     if not dist.enabled:
         raise ConfigError(["`fsdp` shards over two or more processes (torchrun --nproc_per_node=N ...); this "
@@ -488,7 +488,7 @@ def _check_and_tokenize(cfg: TrainConfig, dist: Distributed) -> _Inputs:
     from and that it belongs to this run, the data: format, tasks, one batch; the model source), then the
     tokenizer and the tokenisation: answers cut off by max_seq_len fail (all) or are left out with a warning
     (some)."""
-    from .evaluation.evaluate import loss_only_tasks
+    from ..evaluation.evaluate import loss_only_tasks
 
     pf = preflight(cfg, dist.world_size)  # every rank: on a shared filesystem all reach the same verdict
     loaded = pf.loaded
@@ -536,7 +536,7 @@ def _refuse_broken_weights(model, what: str, fix: str, error=None) -> None:
     """Weights that hold an inf or NaN before training are broken where they came from; training them would
     only be reported, wrongly, as a divergence ("lower lr")."""
     from .divergence import nonfinite_tensors
-    from .model.load import ModelError
+    from ..model.load import ModelError
 
     bad = nonfinite_tensors(model.named_parameters())
     if bad:
@@ -580,7 +580,7 @@ def _load_model(cfg: TrainConfig, dist: Distributed):
     device = dist.device()
     model.to(device)
     if cfg.packing:
-        from .data.packing import check_packing
+        from ..data.packing import check_packing
 
         check_packing(model, cfg)  # one line, before any step, if the attention lets packed examples mix
     if cfg.gradient_checkpointing:
@@ -612,7 +612,7 @@ def _set_up_method(cfg: TrainConfig, model, dist: Distributed) -> _Method:
     block a unit), so that the optimizer holds, and offloads, this rank's shards only."""
     reduce_scatter = None
     if cfg.fsdp:
-        from .parallel.fsdp import shard_model
+        from ..parallel.fsdp import shard_model
 
         reduce_scatter = shard_model(model, cfg.layers_attribute)
     forward = loss_forward(cfg.supervised_only_loss)
@@ -625,14 +625,14 @@ def _set_up_method(cfg: TrainConfig, model, dist: Distributed) -> _Method:
     n_steps, total_updates = step_budget(cfg, prepared.sampler)  # count_probe_steps decides what max_steps counts
     if dist.is_main and (short := sweep_outlasts_run(cfg, prepared.sampler, n_steps)):
         warn(short)
-    from .recipe import resolve_warmup
+    from .resolve import resolve_warmup
 
     warmup = resolve_warmup(cfg, total_updates)  # warmup_steps, or warmup_ratio of the updates
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         prepared.optimizer, lambda k: lr_factor(k, warmup, total_updates, cfg.lr_schedule))
     scaler = None
     if cfg.dtype == "float16":  # dynamic loss scaling into the fp32 masters (grass_ft.loss_scale)
-        from .method.loss_scale import LossScaler
+        from ..method.loss_scale import LossScaler
 
         scaler = LossScaler()
     runner = StepRunner(prepared, scheduler, grad_accum=cfg.grad_accum, max_grad_norm=cfg.max_grad_norm,
@@ -809,7 +809,7 @@ def _evaluate_during(cfg: TrainConfig, dist: Distributed, out: Path, run: _Metho
 def _log_peak_against_plan(choice: dict[str, Any], device: torch.device) -> None:
     """After the first step of this process: the real peak beside the planner's prediction (summary.json keeps
     both)."""
-    from .planner.resolve import peak_line
+    from ..planner.resolve import peak_line
 
     choice["measured_peak_bytes"] = peak_memory_bytes(device)
     line, off = peak_line(choice, choice["measured_peak_bytes"], device.type)
@@ -907,12 +907,12 @@ def _finish(cfg: TrainConfig, dist: Distributed, out: Path, run: _Method, inputs
     if after is None:
         after = evaluate_model(model, inputs.tokenizer, inputs.held_ex, cfg, "after") if inputs.held_ex else {}
     if after:
-        from .evaluation.evaluate import write_eval
+        from ..evaluation.evaluate import write_eval
 
         write_eval(out, after)
     merged = None
     if cfg.merge_lora and cfg.method in ("lora", "dora"):
-        from .method.lora import save_merged
+        from ..method.lora import save_merged
 
         merged = save_merged(model, inputs.tokenizer, final)  # in place, after the last use of the adapter model
     summary = _summary(cfg, dist, run, inputs, before, after, totals, loop, final, merged)

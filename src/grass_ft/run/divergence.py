@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .base.errors import DivergenceError
+from ..base.errors import DivergenceError
 
 # A uniform distribution over V logits has cross-entropy ln(V) exactly; the loss computed in fp32 differs from
 # it by a few ulps of logsumexp (relative ~1e-7). 1e-4 leaves room for that and is far tighter than any real

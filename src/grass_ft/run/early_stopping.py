@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from .base.atomic import atomic_dir, remove_dir
-from .config import BEST_METRICS, TrainConfig
-from .base.errors import UserError
+from ..base.atomic import atomic_dir, remove_dir
+from ..config import BEST_METRICS, TrainConfig
+from ..base.errors import UserError
 
 BEST_DIR = "best"
 
@@ -40,7 +40,7 @@ class BestTracker:
     ``best_model_checkpoint`` and ``EarlyStoppingCallback`` counter in one place)."""
 
     def __init__(self, cfg: TrainConfig):
-        from .recipe import load_best
+        from .resolve import load_best
 
         self.metric = cfg.metric_for_best_model
         self.greater = BEST_METRICS.get(self.metric, False)

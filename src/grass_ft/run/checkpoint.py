@@ -33,9 +33,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_model, save_model
 
-from .base.atomic import atomic_dir, remove_dir
-from .base.errors import UserError
-from .model.export import write_loadable
+from ..base.atomic import atomic_dir, remove_dir
+from ..base.errors import UserError
+from ..model.export import write_loadable
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 REQUIRED = ("model.safetensors", "optimizer.pt", "scheduler.pt", "grass_state.pt", "trainer_state.json")
@@ -381,7 +381,7 @@ def save_sharded_checkpoint(out: Path, step: int, model, optimizer, scheduler, e
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-    from .parallel.fsdp import optimizer_state_to_dtensors
+    from ..parallel.fsdp import optimizer_state_to_dtensors
 
     final = out / f"checkpoint-{step}"
     with atomic_dir(final) if is_main else nullcontext() as tmp:
@@ -412,7 +412,7 @@ def load_sharded_checkpoint(path: Path, model, optimizer, scheduler) -> tuple[di
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
-    from .parallel.fsdp import optimizer_state_from_dtensors, optimizer_state_template
+    from ..parallel.fsdp import optimizer_state_from_dtensors, optimizer_state_template
 
     if required_files(path) is not REQUIRED_DCP:
         raise CheckpointError(f"{path} was written without fsdp (model.safetensors); resume it without fsdp")

@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from .config import HOLDOUT, TrainConfig
-from .base.registry import traits
+from ..config import HOLDOUT, TrainConfig
+from ..base.registry import traits
 
 
 def resolve_dtype(requested: str, device: torch.device) -> str:
@@ -69,7 +69,7 @@ def short_run_warning(cfg: TrainConfig, rows: int, world_size: int, from_file: b
     """One line when a run on a user's data will see less than one pass over it with ``max_steps`` left at its
     default and no epochs asked for (30 steps over a 50k-row file); None otherwise (a ``max_steps`` the user typed
     is their choice)."""
-    from .config import DEFAULT_MAX_STEPS
+    from ..config import DEFAULT_MAX_STEPS
 
     if not from_file or cfg.num_train_epochs is not None or cfg.max_steps != DEFAULT_MAX_STEPS:
         return None
@@ -104,8 +104,8 @@ def filled(cfg: TrainConfig, *, rows: int, world_size: int, out: Path, layers_at
     ``gamma`` stays ``auto`` for a method that samples no layers (it reads none); ``device_memory`` /
     ``host_memory`` are the budgets auto planned with, else the machine's (``budgets``).
     """
-    from .config import lora_targets
-    from .method.methods import resolved_offload
+    from ..config import lora_targets
+    from ..method.methods import resolved_offload
 
     d = cfg.to_dict()
     sampling = bool(traits(cfg.method).sampling)
@@ -137,8 +137,8 @@ def filled(cfg: TrainConfig, *, rows: int, world_size: int, out: Path, layers_at
 def machine_budgets(device_type: str) -> tuple[str, str]:
     """The device and host memory of this machine as the planner reads them (for config.yaml when auto did not
     plan), formatted as sizes."""
-    from .planner import detect_budgets
-    from .planner.sizes import format_size
+    from ..planner import detect_budgets
+    from ..planner.sizes import format_size
 
     b = detect_budgets(None, None, device_type)
     return format_size(b.device), format_size(b.host)

@@ -12,8 +12,8 @@ from typing import Any
 
 import yaml
 
-from .config import TrainConfig
-from .base.registry import traits
+from ..config import TrainConfig
+from ..base.registry import traits
 
 # The keys a reader of the card wants to see next to the method (the rest are in config.yaml beside final/).
 SETTINGS = ("lr", "lr_schedule", "warmup_steps", "batch_size", "grad_accum", "max_seq_len", "packing", "dtype",

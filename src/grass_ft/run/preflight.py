@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import data as data_mod
+from .. import data as data_mod
 from .checkpoint import CHECKPOINT_RE, check_same_run, checkpoint_run, find_checkpoint, run_keys
-from .config import ConfigError, TrainConfig, ignored_keys_warning
-from .base.errors import UserError
-from .model.load import check_model_source
+from ..config import ConfigError, TrainConfig, ignored_keys_warning
+from ..base.errors import UserError
+from ..model.load import check_model_source
 
 # Keys method=auto / gamma=auto may set (grass_ft.planner.memory.Setting.overrides), and the rate that follows.
 AUTO_SETS = frozenset({"method", "gamma", "lr", "offload", "gradient_checkpointing", "train_embeddings", "train_head",
@@ -83,7 +83,7 @@ def resolve_resume(cfg: TrainConfig, world_size: int, warnings: list[str]) -> Pa
     """The checkpoint this run resumes from (None: start fresh), after checking it belongs to this run."""
     checkpoint = find_checkpoint(Path(cfg.output_dir), cfg.resume, warnings)
     if checkpoint is not None:
-        from .recipe import unresolved
+        from .resolve import unresolved
 
         later = unresolved(cfg)  # compared once the run has resolved them (grass_ft.train._run_train)
         current = {k: v for k, v in run_keys(cfg.to_dict(), world_size).items() if k not in later}
@@ -96,7 +96,7 @@ def resolve_resume(cfg: TrainConfig, world_size: int, warnings: list[str]) -> Pa
 def check_held_out(cfg: TrainConfig, held: list[dict[str, Any]], loss_only: set[str]) -> None:
     """Every held-out example that will be generated has a task with an answer rule and a gold it can read
     (else evaluation would fail after training, losing the run's summary)."""
-    from .base.tasks import canonical_task, parse_gold
+    from ..base.tasks import canonical_task, parse_gold
 
     source = cfg.data if cfg.held_out_split else cfg.eval_data
     for i, ex in enumerate(held):
@@ -114,7 +114,7 @@ def check_held_out(cfg: TrainConfig, held: list[dict[str, Any]], loss_only: set[
 def no_answer_hint(example: dict[str, Any], task: str) -> str:
     """Why a held-out example without a gold answer cannot be scored, and the two ways on: an ``answer`` field (for
     rows that have a prompt), or scoring the held-out loss only."""
-    from .data.formats import has_prompt, row_format
+    from ..data.formats import has_prompt, row_format
 
     fmt = row_format(example)
     loss_only = f"eval_loss_only_tasks={task} to score the held-out loss only (or eval_samples=0)"
@@ -185,7 +185,7 @@ def check_token_ids(features, cfg: TrainConfig) -> None:
     Raises:
         ModelError: naming the largest id, the model's vocabulary size and the fix.
     """
-    from .model.load import ModelError, vocab_size_hint
+    from ..model.load import ModelError, vocab_size_hint
 
     vocab = vocab_size_hint(cfg.model)
     ids = features["input_ids"] if hasattr(features, "select") else [f["input_ids"] for f in features]

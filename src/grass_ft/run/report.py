@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from .base.registry import traits, with_sampling
+from ..base.registry import traits, with_sampling
 
 # One colour per method in every chart (tab10 entries).
 METHOD_COLORS = {"fft": "#444444", "lora": "#1f77b4", "dora": "#9467bd", "lisa": "#ff7f0e", "grass": "#2ca02c",
@@ -61,7 +61,7 @@ class Run:
 
 def read_json(path: Path) -> Any:
     """A JSON file written by grass-ft, or one line naming it and where it is damaged (a killed copy, an edit)."""
-    from .base.errors import UserError, not_utf8
+    from ..base.errors import UserError, not_utf8
 
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -78,7 +78,7 @@ def load_run(path: str | Path, method: str | None = None) -> Run:
         try:
             config = yaml.safe_load((path / "config.yaml").read_text()) or {}
         except (yaml.YAMLError, UnicodeDecodeError) as e:
-            from .base.errors import UserError
+            from ..base.errors import UserError
 
             raise UserError(f"{path / 'config.yaml'}: not valid YAML ({str(e).splitlines()[0]})") from None
     summary = read_json(path / "summary.json") if (path / "summary.json").is_file() else {}
