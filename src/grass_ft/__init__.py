@@ -36,6 +36,7 @@ MOVED: dict[str, str] = {
     "train": "run.train", "checkpoint": "run.checkpoint", "preflight": "run.preflight", "recipe": "run.resolve",
     "early_stopping": "run.early_stopping", "modelcard": "run.modelcard", "report": "run.report",
     "logging_sinks": "run.logging_sinks", "divergence": "run.divergence",
+    "compare": "frontends.compare", "hf": "frontends.hf", "axolotl_plugin": "frontends.axolotl_plugin",
 }
 
 

@@ -85,7 +85,7 @@ class GrassPlugin(BasePlugin):
         if not keys:
             return
         if _get(cfg, "lisa_n_layers"):
-            from .config import ConfigError
+            from ..config import ConfigError
 
             raise ConfigError(["`grass_gamma` and `lisa_n_layers` both set: each samples layers; keep one "
                                "(grass_method: lisa is LISA through grass-ft)"])

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from .config import ALIASES, ConfigError, TrainConfig, build_config, resolve_aliases, validate
-from .base.registry import traits
+from ..config import ALIASES, ConfigError, TrainConfig, build_config, resolve_aliases, validate
+from ..base.registry import traits
 
 # the baselines, the paper's two GRASS arms, and the default method (docs/DEFAULTS.md)
 DEFAULT_METHODS = ("fft", "lora", "dora", "lisa", "grass", "grass-static", "grass-uniform")
@@ -73,7 +73,7 @@ def plan_compare(config_file: str | None, overrides: dict[str, str]) -> CompareP
         ConfigError: every error at once; one that every method shares is listed once, the others are
             prefixed with their method.
     """
-    from .method.methods import method_names
+    from ..method.methods import method_names
 
     known = method_names()
     errors: list[str] = []
@@ -134,7 +134,7 @@ def _method_configs(config_file: str | None, shared: dict[str, str], own: dict[s
                     errors: list[str]) -> tuple[dict[str, TrainConfig], dict[str, dict[str, str]]]:
     """Each method's validated config and its final keys; an error every method shares (a typo in a shared key)
     is listed once, not once per method."""
-    from .model.load import num_blocks_hint
+    from ..model.load import num_blocks_hint
 
     per_method_errors: dict[str, list[str]] = {}
     configs: dict[str, TrainConfig] = {}
@@ -243,7 +243,7 @@ def summary_line(row: dict) -> str:
 
 
 def write_results(plan: ComparePlan, rows: list[dict], plots: list[str] = ()) -> None:
-    from .run.report import results_markdown
+    from ..run.report import results_markdown
 
     (plan.output_dir / "results.json").write_text(json.dumps(rows, indent=1))
     (plan.output_dir / "results.md").write_text(results_markdown(rows, plan.meta(), plots))
@@ -252,8 +252,8 @@ def write_results(plan: ComparePlan, rows: list[dict], plots: list[str] = ()) ->
 def check_previous_compare(plan: ComparePlan) -> None:
     """Refuse, before any method runs, an output_dir that holds a previous compare (``results.json`` or a
     method's run), unless ``overwrite_output_dir=true``: the same rule as ``grass-ft train``."""
-    from .run.preflight import previous_run
-    from .run.train import RunError
+    from ..run.preflight import previous_run
+    from ..run.train import RunError
 
     if any(plan.configs[m].overwrite_output_dir for m in plan.methods):
         return
@@ -267,9 +267,9 @@ def check_previous_compare(plan: ComparePlan) -> None:
 def run_compare(plan: ComparePlan, quiet: bool = False, out: IO[str] | None = None,
                 env: dict[str, str] | None = None) -> list[dict]:
     """Run every method in turn, rewriting results.json / results.md after each; draw the charts at the end."""
-    from .run.report import plot_compare
+    from ..run.report import plot_compare
 
-    from .run.train import RunError
+    from ..run.train import RunError
 
     out = out or sys.stdout
     check_previous_compare(plan)

@@ -31,12 +31,12 @@ from transformers import Trainer, TrainerCallback
 from transformers.utils import logging as hf_logging
 from transformers.trainer_callback import ExportableState
 
-from .config import ConfigError, TrainConfig, build_config, validate
-from .parallel.distributed import Distributed
-from .method.methods import prepare
-from .model.load import block_layout
-from .base.registry import DEFAULT_SAMPLING, with_sampling
-from .method.step import StepRunner
+from ..config import ConfigError, TrainConfig, build_config, validate
+from ..parallel.distributed import Distributed
+from ..method.methods import prepare
+from ..model.load import block_layout
+from ..base.registry import DEFAULT_SAMPLING, with_sampling
+from ..method.step import StepRunner
 
 METHOD_KEYS = ("method", "gamma", "tau", "alpha", "probe_steps", "sample_interval", "update_interval",
                "train_embeddings", "train_head", "reset_state_on_switch", "layers_attribute", "seed",
@@ -284,9 +284,9 @@ class GrassCallback(TrainerCallback, ExportableState):
         that leave to the host), resolved once and logged."""
         if self.config.gamma != "auto":
             return
-        from .planner import detect_budgets, format_size
-        from .planner.resolve import choice_line
-        from .planner.table import NothingFits, build_plan, nothing_fits_message
+        from ..planner import detect_budgets, format_size
+        from ..planner.resolve import choice_line
+        from ..planner.table import NothingFits, build_plan, nothing_fits_message
 
         dtype = str(next(model.parameters()).dtype).replace("torch.", "")
         name = getattr(model.config, "_name_or_path", "") or type(model).__name__
