@@ -11,7 +11,10 @@ import math
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
+import torch.distributed as dist
 from torch import nn
+
+from ..parallel.fsdp import local
 
 
 def grad_rms(sq_norm: float, numel: int) -> float:
@@ -92,6 +95,34 @@ def block_rms(block_params: Sequence[Sequence[nn.Parameter]], blocks: Iterable[i
 
 
 NORM_CHUNK = 1 << 21  # elements: an 8 MiB fp32 temporary per chunk
+
+
+def sharded_block_rms(block_params: Sequence[Sequence[nn.Parameter]], blocks: Iterable[int],
+                      numel: Sequence[int], scale: float = 1.0) -> tuple[dict[int, float], int]:
+    """r_l of each listed block from the sharded (reduce-scattered, rank-averaged) gradients.
+
+    Each rank sums the squares of its own rows; one ``all_reduce`` (sum) of the per-block sums gives the full
+    gradient's squared norm on every rank, bit-identical everywhere (the same reduction), so the draws that
+    follow agree. A block whose parameters do not require grad is left out (the same set on every rank).
+    ``scale`` multiplies the gradient first (``grad_accum`` during the probe). Returns the RMS per block and the
+    bytes all-reduced.
+    """
+    ids = [b for b in blocks if any(p.requires_grad for p in block_params[b])]
+    if not ids:
+        return {}, 0
+    sq = []
+    for b in ids:
+        grads = [local(p.grad) for p in block_params[b] if p.grad is not None]
+        grads = [g for g in grads if g.numel() > 0]  # an uneven split can leave a rank no rows of a parameter
+        if grads:
+            sq.append(torch.stack([n.float() for n in torch._foreach_norm(grads, 2)]).pow(2).sum())
+        else:
+            sq.append(torch.zeros((), dtype=torch.float32, device=block_params[b][0].device))
+    vec = torch.stack(sq).double()
+    dist.all_reduce(vec, op=dist.ReduceOp.SUM)
+    values = vec.tolist()  # the one device->host sync of the bookkeeping
+    return ({b: grad_rms(v * scale * scale, numel[b]) for b, v in zip(ids, values)},
+            vec.numel() * vec.element_size())
 
 
 def squared_norm(grad: torch.Tensor) -> torch.Tensor:

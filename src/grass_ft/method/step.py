@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 from ..base.errors import DivergenceError
-from .importance import GradNormRecorder
+from .importance import GradNormRecorder, sharded_block_rms
 from ..parallel.distributed import Distributed
-from ..parallel.fsdp import grad_norm_value, sharded_block_rms
+from ..parallel.fsdp import grad_norm_value
 from .loss import has_supervised_token
 from .methods import Prepared
 
@@ -125,7 +125,7 @@ class StepRunner:
         dist: the process group of a multi-process run (gradients of the trainable parameters are averaged
             after the last backward, the probe's per parameter; draws are checked equal); ``None``: one process.
         sharded: the model is FSDP2-sharded (``fsdp=true``): FSDP2 reduce-scatters the gradients itself, and the
-            per-block norms are summed over the shards (:func:`grass_ft.fsdp.sharded_block_rms`).
+            per-block norms are summed over the shards (:func:`grass_ft.method.importance.sharded_block_rms`).
         timed: which steps' ``seconds`` must include their device work (on CUDA, one synchronisation each: see
             :class:`StepClock`); ``None``: every step. The native loop times the steps it logs.
         loss_scaler: float16 parameters: the dynamic loss scale (:class:`grass_ft.loss_scale.LossScaler`); the

@@ -9,7 +9,7 @@ that go into the reduce-scatters are counted by :class:`CountingReduceScatter` (
 ``set_custom_reduce_scatter`` hook), so every step's ``reduce_scatter_bytes`` in metrics.jsonl is measured, not
 computed. What GRASS reads from the gradients, the per-block squared norm, is a sum over the shards: each rank
 sums its rows and one ``all_reduce`` of a vector of per-block sums gives the full gradient's norms
-(:func:`sharded_block_rms`). The optimizer (:class:`~grass_ft.offload.LayerwiseOffloadAdamW`) updates each
+(:func:`grass_ft.method.importance.sharded_block_rms`). The optimizer (:class:`~grass_ft.offload.LayerwiseOffloadAdamW`) updates each
 rank's local shard and offloads only that; checkpoints go through ``torch.distributed.checkpoint``
 (:mod:`grass_ft.checkpoint`), with the optimizer's per-rank state re-wrapped as DTensors of the parameters'
 placement (:func:`optimizer_state_to_dtensors`).
@@ -17,13 +17,9 @@ placement (:func:`optimizer_state_to_dtensors`).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from ..method.importance import grad_rms
 from ..model.load import find_blocks
 
 try:  # FSDP2 with a pluggable reduce-scatter (set_custom_reduce_scatter): recent torch only
@@ -90,34 +86,6 @@ def is_sharded(model: nn.Module) -> bool:
 def local(t: torch.Tensor) -> torch.Tensor:
     """This rank's shard of a DTensor (a view: writing it writes the parameter); any other tensor itself."""
     return t.to_local() if isinstance(t, DTensor) else t
-
-
-def sharded_block_rms(block_params: Sequence[Sequence[nn.Parameter]], blocks: Iterable[int],
-                      numel: Sequence[int], scale: float = 1.0) -> tuple[dict[int, float], int]:
-    """r_l of each listed block from the sharded (reduce-scattered, rank-averaged) gradients.
-
-    Each rank sums the squares of its own rows; one ``all_reduce`` (sum) of the per-block sums gives the full
-    gradient's squared norm on every rank, bit-identical everywhere (the same reduction), so the draws that
-    follow agree. A block whose parameters do not require grad is left out (the same set on every rank).
-    ``scale`` multiplies the gradient first (``grad_accum`` during the probe). Returns the RMS per block and the
-    bytes all-reduced.
-    """
-    ids = [b for b in blocks if any(p.requires_grad for p in block_params[b])]
-    if not ids:
-        return {}, 0
-    sq = []
-    for b in ids:
-        grads = [local(p.grad) for p in block_params[b] if p.grad is not None]
-        grads = [g for g in grads if g.numel() > 0]  # an uneven split can leave a rank no rows of a parameter
-        if grads:
-            sq.append(torch.stack([n.float() for n in torch._foreach_norm(grads, 2)]).pow(2).sum())
-        else:
-            sq.append(torch.zeros((), dtype=torch.float32, device=block_params[b][0].device))
-    vec = torch.stack(sq).double()
-    dist.all_reduce(vec, op=dist.ReduceOp.SUM)
-    values = vec.tolist()  # the one device->host sync of the bookkeeping
-    return ({b: grad_rms(v * scale * scale, numel[b]) for b, v in zip(ids, values)},
-            vec.numel() * vec.element_size())
 
 
 def grad_norm_value(norm: torch.Tensor) -> float:
