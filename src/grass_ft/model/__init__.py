@@ -9,4 +9,4 @@ old path, is this package.
 
 from .load import (PACKAGED, PACKAGED_NOTE, BlockLayout, ModelError, block_layout, cache_dir, check_model_source,
                    enable_checkpointing, find_blocks, load_model, load_model_and_tokenizer, load_tokenizer,
-                   num_blocks_hint, packaged_model_dir, resolve_model_path, vocab_size_hint)
+                   num_blocks_hint, packaged_model_dir, resolve_dtype, resolve_model_path, vocab_size_hint)

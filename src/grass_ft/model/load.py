@@ -196,6 +196,15 @@ def load_tokenizer(spec: str):
     return tok
 
 
+def resolve_dtype(requested: str, device: torch.device) -> str:
+    """The parameter dtype of ``dtype=auto`` on ``device`` (any other value is returned as given)."""
+    if requested != "auto":
+        return requested
+    if device.type == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported(including_emulation=False) else "float16"
+    return "float32"  # the CPU: fp32 is faster than bf16 autocast here (docs/cpu_speed.md)
+
+
 def load_model(spec: str, dtype: str | torch.dtype = "float32", attn_implementation: str = "auto"):
     """The causal LM of a packaged name, model directory or hub id (``attn_implementation`` ``auto``: transformers'
     choice for the model).

@@ -31,7 +31,7 @@ def exact_peak(config, cfg: TrainConfig, setting: Setting, steps: int = 3) -> di
     from ..model.load import block_layout, enable_checkpointing
     from ..method.step import StepRunner
 
-    # the setting's dtype: the plan resolved dtype=auto (grass_ft.recipe.resolve_dtype) before pricing it
+    # the setting's dtype: the plan resolved dtype=auto (grass_ft.model.load.resolve_dtype) before pricing it
     run_cfg = dataclasses.replace(cfg, **setting.overrides(), sample_interval=1, update_interval=1, eval_samples=0,
                                   probe_mode="train", lr=1e-5, max_steps=steps + 1, dtype=setting.dtype)
     dtype = getattr(torch, setting.dtype)

@@ -175,10 +175,10 @@ def _settings(cfg: TrainConfig, shape: ModelShape, ckpts: tuple[bool, ...],
 def build_plan(cfg: TrainConfig, budgets: Budgets, world_size: int = 1, margin: float = DEFAULT_MARGIN,
                config=None) -> Plan:
     """Every row, its prediction and fit, and the recommended setting (None when nothing fits). ``dtype=auto`` is
-    priced as the dtype a run on this machine trains in (:func:`grass_ft.recipe.resolve_dtype`: float32 on a CPU;
+    priced as the dtype a run on this machine trains in (:func:`grass_ft.model.load.resolve_dtype`: float32 on a CPU;
     give dtype=bfloat16 to plan a GPU run from a CPU-only machine)."""
     if cfg.dtype == "auto":
-        from ..run.resolve import resolve_dtype
+        from ..model.load import resolve_dtype
 
         here = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         cfg = dataclasses.replace(cfg, dtype=resolve_dtype("auto", here))

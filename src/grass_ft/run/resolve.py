@@ -18,19 +18,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..config import HOLDOUT, TrainConfig
+from ..model.load import resolve_dtype  # noqa: F401 - settled here at a run's start; lives with model loading
 from ..base.registry import traits
-
-
-def resolve_dtype(requested: str, device: torch.device) -> str:
-    """The parameter dtype of ``dtype=auto`` on ``device`` (any other value is returned as given)."""
-    if requested != "auto":
-        return requested
-    if device.type == "cuda":
-        return "bfloat16" if torch.cuda.is_bf16_supported(including_emulation=False) else "float16"
-    return "float32"  # the CPU: fp32 is faster than bf16 autocast here (docs/cpu_speed.md)
 
 
 def updates_per_epoch(rows: int, cfg: TrainConfig, world_size: int) -> int:
