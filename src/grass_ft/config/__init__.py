@@ -249,6 +249,12 @@ class TrainConfig:
 
 DEFAULT_MAX_STEPS = 30
 HOLDOUT = "holdout"  # eval_data: rows held out of `data` (what config.yaml writes for the default)
+
+
+def holds_out(cfg: Any) -> bool:
+    """The held-out examples come from ``data`` itself: ``eval_data`` unset or ``holdout`` (any object with the
+    configuration's attributes)."""
+    return getattr(cfg, "eval_data", None) in (None, HOLDOUT)
 AUTO_KEYS = ("method", "gamma")  # keys whose value may be `auto`: chosen by the planner at the start of a run
 LR_SCHEDULES = ("constant", "linear", "cosine")
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: resolved once at the start (grass_ft.recipe)

@@ -22,6 +22,7 @@ from . import formats
 from ..base.errors import UserError, not_utf8
 from .formats import IGNORE_INDEX, FormatError
 from ..base.tasks import gold_answer
+from ..config import holds_out
 
 # LLM-Adapters' Alpaca-style template (their finetune.py / evaluate.py `generate_prompt`).
 PROMPT_WITH_INPUT = (
@@ -407,14 +408,6 @@ class LoadedData:
     def first_rows(self) -> list[dict[str, Any]]:
         """The first training row and every held-out one, as examples (for the chat-template check)."""
         return [as_example(r, self.format) for r in self.train.select(range(min(1, len(self.train))))] + self.held
-
-
-def holds_out(cfg) -> bool:
-    """The held-out examples come from ``data`` itself: ``eval_data`` unset or ``holdout`` (any object with the
-    configuration's attributes)."""
-    from ..config import HOLDOUT
-
-    return getattr(cfg, "eval_data", None) in (None, HOLDOUT)
 
 
 def load_data(cfg) -> LoadedData:
