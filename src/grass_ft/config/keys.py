@@ -44,7 +44,7 @@ def _f(default: Any, help: str) -> Any:  # noqa: A002 - "help" is the natural na
 class TrainConfig:
     """Everything one ``grass-ft train`` run needs. Names follow the GRASS paper where it has one."""
 
-    # what to train
+    # what to train (checks: config.checks.check_method, check_data, check_evaluation for `task`)
     model: str = _f("smollm2-135m", "packaged model name, hub id or local directory of a causal LM")
     data: str = _f("gsm-mix", "training data: a generator (gsm-mix, gsm_symbolic, chain_sum, basic_arithmetic, "
                                "easy_arith), a .json/.jsonl/.parquet/.csv file, a data directory or a hub data set id, "
@@ -57,7 +57,7 @@ class TrainConfig:
                              "grass-uniform (GRASS's offloaded layer-wise training with uniform draws, no probe: the "
                              "layer-wise default), grass (the paper's importance sampling), grass-static, badam "
                              "(BAdam's cyclic order), lisa, lora, dora")
-    # data sources and formats (docs/DATA.md), logging sinks
+    # data sources and formats (docs/DATA.md), logging sinks (checks: check_data, check_output)
     data_format: str = _f("auto", "format of `data` and `eval_data` rows: auto (from the columns), alpaca, "
                                   "prompt_completion, messages, text")
     data_split: str = _f("train", "split of a hub data set or data directory used for training")
@@ -69,7 +69,7 @@ class TrainConfig:
                                 "WANDB_PROJECT / WANDB_ENTITY / WANDB_MODE say; offline without credentials), "
                                 "comma-separated")
     run_name: str | None = _f(None, "the run's name in wandb and the model card (unset: the output directory's name)")
-    # GRASS
+    # GRASS (checks: check_method)
     gamma: int | str = _f("auto", "γ: number of decoder blocks trainable at a time; auto: the largest that fits the "
                                   "device (docs/PLAN.md)")
     tau: float = _f(1.0, "τ: softmax temperature over the normalised MGN (large = uniform, small = top-γ)")
@@ -98,20 +98,20 @@ class TrainConfig:
     gradient_checkpointing: bool = _f(False, "recompute activations in backward (non-reentrant, works with frozen "
                                              "lower blocks)")
     layers_attribute: str | None = _f(None, "dotted path of the decoder-block list (e.g. model.layers) for models not auto-detected")
-    # memory planning (grass-ft plan; method=auto, gamma=auto)
+    # memory planning (grass-ft plan; method=auto, gamma=auto; checks: check_memory)
     device_memory: str | None = _f(None, "device memory a setting may use, e.g. 24GiB or 80GB (unset: the free memory "
                                          "of the GPU, or the available RAM on a CPU-only machine)")
     host_memory: str | None = _f(None, "host memory for the optimizer state kept off the device, e.g. 64GiB (unset: "
                                        "the available RAM)")
     memory_margin: float = _f(0.1, "share of each memory budget method=auto / gamma=auto leave free, in [0, 1)")
-    # LoRA / DoRA (peft); ignored by the other methods
+    # LoRA / DoRA (peft); ignored by the other methods (checks: check_lora)
     lora_r: int = _f(32, "LoRA/DoRA rank r (32 as in the DoRA/LLM-Adapters recipes; the GRASS paper's table uses 128)")
     lora_alpha: float | None = _f(None, "LoRA/DoRA scale numerator; the update is scaled by alpha / r (unset: 2 x lora_r)")
     lora_dropout: float = _f(0.05, "dropout on the LoRA/DoRA input, in [0, 1)")
     lora_target_modules: str | None = _f(None, "comma-separated module names to adapt, e.g. q_proj,v_proj (unset: "
                                                "all-linear = every linear layer but the LM head)")
     merge_lora: bool = _f(False, "LoRA/DoRA: also save the adapter merged into the base weights, as final/merged/")
-    # optimisation
+    # optimisation (checks: check_optimisation)
     lr: float | None = _f(None, "peak learning rate (AdamW); unset: the method's best rate at 200 updates "
                                 "(docs/DEFAULTS.md): " + ", ".join(f"{m} {t.lr:.0e}".replace("e-0", "e-")
                                                                    for m, t in METHODS.items()))
@@ -147,7 +147,7 @@ class TrainConfig:
     master_weights: bool = _f(True, "bfloat16/float16 parameters train against fp32 master copies kept with the "
                                     "optimizer state (false: pure-bf16 AdamW as LISA/FFT ship, which loses small "
                                     "updates; float16 needs them)")
-    # evaluation and output
+    # evaluation and output (checks: check_evaluation, check_output)
     eval_samples: int = _f(32, "held-out examples to evaluate before and after training (0 turns evaluation off)")
     eval_batch_size: int = _f(16, "examples per evaluation batch")
     eval_before: bool = _f(True, "also evaluate the model as loaded, before training (off: the baseline is known)")
