@@ -197,8 +197,6 @@ class TrainConfig:
     @property
     def held_out_split(self) -> bool:
         """The held-out examples come from ``data`` itself (``eval_data`` unset or ``holdout``)."""
-        from ..data.loading import holds_out
-
         return holds_out(self)
 
     @classmethod
@@ -222,6 +220,8 @@ def holds_out(cfg: Any) -> bool:
     """The held-out examples come from ``data`` itself: ``eval_data`` unset or ``holdout`` (any object with the
     configuration's attributes)."""
     return getattr(cfg, "eval_data", None) in (None, HOLDOUT)
+
+
 AUTO_KEYS = ("method", "gamma")  # keys whose value may be `auto`: chosen by the planner at the start of a run
 LR_SCHEDULES = ("constant", "linear", "cosine")
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: resolved once at the start (grass_ft.recipe)
