@@ -28,7 +28,7 @@ _PUBLIC = {"LayerwiseOffloadAdamW": "method.offload", "GrassCallback": "frontend
 MOVED: dict[str, str] = {
     "atomic": "base.atomic", "errors": "base.errors", "registry": "base.registry", "tasks": "base.tasks",
     "models": "model", "export": "model.export",
-    "formats": "data.formats", "packing": "data.packing",
+    "formats": "data", "packing": "data.packing",
     "distributed": "parallel.distributed", "fsdp": "parallel.fsdp",
     "sampler": "method.sampler", "importance": "method.importance", "offload": "method.offload", "loss": "method.loss",
     "loss_scale": "method.loss_scale", "lora": "method.lora", "methods": "method.methods", "step": "method.step",

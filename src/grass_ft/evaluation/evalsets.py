@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import data as data_mod
-from ..data.loading import DataError
+from ..data.formats import DataError
 from ..base.tasks import canonical_task, choice_target, gold_answer, is_valid_label
 
 log = logging.getLogger(__name__)

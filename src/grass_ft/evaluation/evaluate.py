@@ -23,10 +23,11 @@ from typing import Any
 import torch
 
 from ..config import ConfigError
-from ..data.loading import DataError, prepare_tokenizer
-from .scoring import (MODES, choice_logprobs, eval_loss, eval_loss_by_task, evaluate_examples, generate,
-                              score_choices, scorable, summarize)
 from ..base.tasks import example_task
+from ..data.formats import DataError
+from ..data.tokenize import prepare_tokenizer
+from .scoring import (MODES, choice_logprobs, eval_loss, eval_loss_by_task, evaluate_examples, generate,
+                      score_choices, scorable, settle, summarize)
 
 __all__ = ["MODES", "choice_logprobs", "eval_loss", "eval_loss_by_task", "evaluate", "evaluate_examples", "generate",
            "load_for_eval", "loss_only_tasks", "model_note", "run_eval", "score_choices", "scorable", "summarize",
@@ -41,7 +42,7 @@ def loss_only_tasks(names: str | Iterable[str], examples: Sequence[dict[str, Any
     """
     raw = names.split(",") if isinstance(names, str) else list(names)
     wanted = {example_task({"task": t.strip()}) for t in raw if t.strip()}
-    present = {example_task(ex, task) for ex in examples}
+    present = {ex["_task"] or None for ex in settle(examples, task)}
     missing = sorted(wanted - present)
     if missing and examples:
         raise ConfigError([f"`eval_loss_only_tasks`: {', '.join(map(repr, missing))} is not a task of the held-out "
@@ -77,12 +78,13 @@ def evaluate(model: torch.nn.Module, tokenizer, examples: Sequence[dict[str, Any
     """
     if not examples:
         return {}
+    examples = settle(examples, task)
     skip = loss_only_tasks(loss_only, examples, task)
     res: dict[str, Any] = {}
     if compute_loss:
         res["eval_loss"], res["eval_loss_per_task"] = eval_loss_by_task(model, tokenizer, examples, max_seq_len,
                                                                         batch_size, progress, task=task)
-    scored = [ex for ex in examples if example_task(ex, task) not in skip and scorable(ex)]
+    scored = [ex for ex in examples if (ex["_task"] or None) not in skip and scorable(ex)]
     acc = (evaluate_examples(model, tokenizer, scored, task, mode=mode, max_new_tokens=max_new_tokens,
                              batch_size=batch_size, progress=progress) if scored
            else {"accuracy": None, "n": 0, "per_task": {}, "predictions": []})
@@ -166,7 +168,7 @@ def _check_loglik(examples: Sequence[dict[str, Any]], task: str | None, data: An
     for i, ex in enumerate(examples):
         if scorable(ex):
             try:
-                choices_for(ex, example_task(ex, task))
+                choices_for(ex, ex["_task"] or None)
             except ValueError as e:
                 raise ConfigError([f"`mode` loglik: evaluation data {data}, example {i}: {e}"]) from None
 
@@ -286,8 +288,9 @@ def run_eval(model_path: str | Path, data: str | Path, task: str | None = None, 
 
     if mode not in MODES:
         raise ValueError(f"`mode` must be one of {', '.join(MODES)}, got {mode!r}")
-    examples = load_eval_data(data, task, eval_samples, seed)  # data errors before the slow model load
-    if task is None and any(scorable(ex) and not ex.get("task") for ex in examples):
+    # data errors before the slow model load; every example settled once, here (task: the rows' default)
+    examples = settle(load_eval_data(data, task, eval_samples, seed), task)
+    if task is None and any(scorable(ex) and not ex["_task"] for ex in examples):
         raise DataError(f"evaluation data {data}: examples without a `task` key need task=NAME (the answer rule, "
                         f"e.g. gsm8k)")
     if mode == "loglik":

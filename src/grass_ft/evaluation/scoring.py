@@ -4,13 +4,13 @@ one entry point) and writes the files.
 
 Two modes score the same examples:
 
-* ``generate``: batched greedy decoding of the prompt, rendered as in training (:func:`grass_ft.formats.prompt_ids`;
-  the Alpaca prompt for alpaca rows, the chat template for messages; left-padded), answer read from the response by
-  the task's rule (:mod:`grass_ft.tasks`). This is LLM-Adapters' protocol, except that decoding is greedy
+* ``generate``: batched greedy decoding of the prompt, rendered as in training
+  (:func:`grass_ft.data.tokenize.prompt_ids`; the Alpaca prompt for alpaca rows, the chat template for messages;
+  left-padded), answer read from the response by the task's rule (:mod:`grass_ft.base.tasks`). This is LLM-Adapters' protocol, except that decoding is greedy
   (they sample with beams=4, temperature 0.1), so that results are deterministic.
 * ``loglik``: for multiple-choice tasks, every option's target ``"the correct answer is <label>" + EOS`` is
   scored as the sum of its token log-probabilities after the prompt; the best option is the prediction. The
-  prompt and the target are tokenised separately, exactly as :func:`grass_ft.data.tokenize_example` does for
+  prompt and the target are tokenised separately, exactly as :func:`grass_ft.data.tokenize.encode` does for
   training, so the score is minus the training loss of that candidate. Useful when a small model does not
   yet follow the answer format.
 """
@@ -24,10 +24,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..data.loading import IGNORE_INDEX, DataError, collate, tokenize_example
-from ..data.formats import has_prompt, prompt_ids, prompt_text
-from ..base.tasks import (answers_match, canonical_task, choice_target, choices_for, example_task, extract_answer,
-                            parse_gold)
+from ..base.tasks import answers_match, canonical_task, choice_target, choices_for, extract_answer, parse_gold
+from ..data.batches import collate
+from ..data.examples import Example, normalise
+from ..data.formats import IGNORE_INDEX, DataError
+from ..data.tokenize import prompt_ids, prompt_text, tokenize_example
 
 MODES = ("generate", "loglik")
 
@@ -82,7 +83,7 @@ def generate(model: torch.nn.Module, tokenizer, prompts: Sequence[str | list[int
         model: a causal LM with ``generate`` (transformers or peft).
         tokenizer: its tokenizer; the EOS token stands in for a missing pad token.
         prompts: full prompt texts (tokenised with the tokenizer's special tokens) or token ids
-            (:func:`grass_ft.formats.prompt_ids`, as training renders them).
+            (:func:`grass_ft.data.tokenize.prompt_ids`, as training renders them).
         max_new_tokens: most tokens generated per prompt.
         batch_size: prompts per ``generate`` call.
         progress: show a tqdm bar over batches.
@@ -125,17 +126,23 @@ def generate(model: torch.nn.Module, tokenizer, prompts: Sequence[str | list[int
     return out
 
 
-def _example_task(example: dict[str, Any], task: str | None) -> str:
-    """:func:`grass_ft.tasks.example_task`, which must name a task with an answer rule."""
-    name = example_task(example, task)
-    if not name:
+def settle(examples: Sequence[dict[str, Any]], task: str | None) -> list[Example]:
+    """The canonical examples of ``examples``: a loader's :class:`~grass_ft.data.examples.Example` as it is, a row
+    written by hand normalised here, once (``task``: its task when it has no ``task`` key)."""
+    return [ex if isinstance(ex, Example) else normalise(ex, task=task) for ex in examples]
+
+
+def _rule(example: Example) -> str:
+    """The example's task, which must have an answer rule."""
+    if not example["_task"]:
         raise ValueError("an example has no 'task' key and no default task was given; pass task=<name>")
-    return canonical_task(name)
+    return canonical_task(example["_task"])
 
 
 def scorable(example: dict[str, Any]) -> bool:
     """Whether an example can be scored by generation: it has a prompt (not ``text``) and a gold answer."""
-    return has_prompt(example) and bool(str(example.get("answer") or "").strip())
+    ex = settle([example], None)[0]
+    return ex["_format"] != "text" and bool(ex["answer"])
 
 
 def choice_logprobs(model: torch.nn.Module, tokenizer, examples: Sequence[dict[str, Any]], task: str | None,
@@ -149,10 +156,11 @@ def choice_logprobs(model: torch.nn.Module, tokenizer, examples: Sequence[dict[s
         For each example, ``{label: log-probability}`` in option order.
     """
     _check_positive(batch_size=batch_size)
+    examples = settle(examples, task)
     eos = tokenizer.eos_token_id
     rows: list[tuple[int, str, list[int], int]] = []  # (example index, label, ids, target length)
     for i, ex in enumerate(examples):
-        t = _example_task(ex, task)
+        t = _rule(ex)
         prompt = prompt_ids(ex, tokenizer)
         for label in choices_for(ex, t):
             target = tokenizer(choice_target(label), add_special_tokens=False)["input_ids"]
@@ -231,18 +239,18 @@ def evaluate_examples(model: torch.nn.Module, tokenizer, examples: Sequence[dict
         raise ValueError(f"`mode` must be one of {', '.join(MODES)}, got {mode!r}")
     if not examples:
         raise ValueError("no examples to evaluate")
-    tasks = [_example_task(ex, task) for ex in examples]
-    golds = [parse_gold(t, ex.get("answer", "")) for t, ex in zip(tasks, examples)]
+    examples = settle(examples, task)
+    tasks = [_rule(ex) for ex in examples]
+    golds = [parse_gold(t, ex["answer"]) for t, ex in zip(tasks, examples)]
     if mode == "loglik":
         for t, ex in zip(tasks, examples):
             choices_for(ex, t)  # raises for tasks without options, before any compute
     prompts = [prompt_text(ex, tokenizer) for ex in examples]
     if mode == "generate":
-        generated = generate(model, tokenizer, [prompt_ids(ex, tokenizer) for ex in examples], max_new_tokens,
-                             batch_size, progress)
+        ids = [prompt_ids(ex, tokenizer, text) for ex, text in zip(examples, prompts)]  # rendered once, above
+        generated = generate(model, tokenizer, ids, max_new_tokens, batch_size, progress)
     else:
-        generated = score_choices(model, tokenizer, [dict(ex, task=t) for ex, t in zip(examples, tasks)],
-                                  None, batch_size, progress)
+        generated = score_choices(model, tokenizer, examples, None, batch_size, progress)
     predictions = []
     for prompt, text, t, gold in zip(prompts, generated, tasks, golds):
         extracted = extract_answer(t, text)
@@ -286,8 +294,9 @@ def eval_loss_by_task(model: torch.nn.Module, tokenizer, examples: Sequence[dict
     so the overall figure is the token-weighted mean of the per-task ones.
     """
     _check_positive(max_seq_len=max_seq_len, batch_size=batch_size)
+    examples = settle(examples, task)
     features = [tokenize_example(tokenizer, ex, max_seq_len) for ex in examples]
-    tasks = [example_task(ex, task) or "default" for ex in examples]
+    tasks = [ex["_task"] or "default" for ex in examples]
     pad_id, device, was_training = _pad_id(tokenizer), _device(model), model.training
     sums: dict[str, list[float]] = {}  # task -> [summed loss, tokens]
     try:

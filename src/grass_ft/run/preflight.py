@@ -114,9 +114,9 @@ def check_held_out(cfg: TrainConfig, held: list[dict[str, Any]], loss_only: set[
 def no_answer_hint(example: dict[str, Any], task: str) -> str:
     """Why a held-out example without a gold answer cannot be scored, and the two ways on: an ``answer`` field (for
     rows that have a prompt), or scoring the held-out loss only."""
-    from ..data.formats import has_prompt, row_format
+    from ..data.examples import has_prompt
 
-    fmt = row_format(example)
+    fmt = example["_format"]
     loss_only = f"eval_loss_only_tasks={task} to score the held-out loss only (or eval_samples=0)"
     if not has_prompt(example):
         return (f"format {fmt} rows have no prompt to answer, so task={task} cannot score them; set {loss_only}")

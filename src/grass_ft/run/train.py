@@ -498,8 +498,7 @@ def _check_and_tokenize(cfg: TrainConfig, dist: Distributed) -> _Inputs:
             warn(w)
     tokenizer = load_tokenizer(cfg.model)
     data_mod.prepare_tokenizer(tokenizer, cfg.chat_template, loaded.first_rows(), cfg.model)
-    features = data_mod.tokenize_dataset(loaded.train, tokenizer, loaded.format, cfg.max_seq_len,
-                                         cfg.train_on_inputs)
+    features = data_mod.tokenize_examples(loaded.train, tokenizer, cfg.max_seq_len, cfg.train_on_inputs)
     check_token_ids(features, cfg)
     features, dropped = supervised_features(features, cfg, dist.world_size)
     if dropped and dist.is_main:
