@@ -6,8 +6,9 @@ Two modes score the same examples:
 
 * ``generate``: batched greedy decoding of the prompt, rendered as in training
   (:func:`grass_ft.data.tokenize.prompt_ids`; the Alpaca prompt for alpaca rows, the chat template for messages;
-  left-padded), answer read from the response by the task's rule (:mod:`grass_ft.base.tasks`). This is LLM-Adapters' protocol, except that decoding is greedy
-  (they sample with beams=4, temperature 0.1), so that results are deterministic.
+  left-padded), answer read from the response by the task's rule (:mod:`grass_ft.base.tasks`). This is
+  LLM-Adapters' protocol, except that decoding is greedy (they sample with beams=4, temperature 0.1), so that
+  results are deterministic.
 * ``loglik``: for multiple-choice tasks, every option's target ``"the correct answer is <label>" + EOS`` is
   scored as the sum of its token log-probabilities after the prompt; the best option is the prediction. The
   prompt and the target are tokenised separately, exactly as :func:`grass_ft.data.tokenize.encode` does for
