@@ -2,9 +2,12 @@
 training — and so by ``grass-ft compare``, whose runs are native loops — and by ``grass-ft eval`` through
 :func:`run_eval`), model loading for ``grass-ft eval``, and ``eval.json`` / ``predictions.jsonl``.
 
-The scoring itself (generation, log-likelihood choices, answer rules, held-out loss) is :mod:`grass_ft.scoring`.
-An example's task follows one rule everywhere, :func:`grass_ft.tasks.example_task` (its ``task`` key, else the
-run's ``task``; the canonical name when it has an answer rule), so per-task loss and accuracy share their keys.
+The scoring itself (generation, log-likelihood choices, answer rules, held-out loss) is
+:mod:`grass_ft.evaluation.scoring`. An example's task is settled once, when it is loaded
+(:func:`grass_ft.data.examples.normalise`, by the one rule of :func:`grass_ft.base.tasks.example_task`: its ``task``
+key, else the run's ``task``; the canonical name when it has an answer rule), so per-task loss and accuracy share
+their keys. The run's own evaluations (before, during, after training; of a finished run's model) are
+:mod:`grass_ft.run.held_out`.
 
 Files written by :func:`write_eval`: ``eval.json`` (accuracy, n, per_task and any extra keys such as
 ``eval_loss``) and ``predictions.jsonl`` (one line per example); ``accuracy`` always equals the share of lines
@@ -22,8 +25,8 @@ from typing import Any
 
 import torch
 
-from ..config import ConfigError
 from ..base.tasks import example_task
+from ..config import ConfigError
 from ..data.formats import DataError
 from ..data.tokenize import prepare_tokenizer
 from .scoring import (MODES, choice_logprobs, eval_loss, eval_loss_by_task, evaluate_examples, generate,
@@ -171,48 +174,6 @@ def _check_loglik(examples: Sequence[dict[str, Any]], task: str | None, data: An
                 choices_for(ex, ex["_task"] or None)
             except ValueError as e:
                 raise ConfigError([f"`mode` loglik: evaluation data {data}, example {i}: {e}"]) from None
-
-
-def run_of(model_path: str | Path) -> Path | None:
-    """The training run a model directory belongs to (its ``final/`` or a ``checkpoint-N`` beside the run's
-    ``config.yaml``), or None."""
-    from ..run.checkpoint import CHECKPOINT_RE
-
-    p = Path(model_path)
-    if (p.name == "final" or CHECKPOINT_RE.match(p.name)) and (p.parent / "config.yaml").is_file():
-        return p.parent
-    return None
-
-
-def evaluate_run_model(model_path: str | Path, output_dir: str | Path, progress: bool = True) -> dict[str, Any]:
-    """Evaluate a run's model (``final/`` or a checkpoint) on that run's held-out examples, with its evaluation
-    settings, exactly as the run's own evaluation after training does; writes ``eval.json`` and
-    ``predictions.jsonl``. What ``grass-ft eval model=RUN/final`` does without ``data=`` (issue 28: an
-    evaluation cut short after ``final/`` was written is finished this way).
-
-    Raises:
-        DataError: the run holds out no examples (``eval_samples=0``), or its data cannot be read any more.
-    """
-    from ..config import build_config
-    from ..data.loading import load_data
-
-    run = run_of(model_path)
-    cfg = build_config(str(run / "config.yaml"))
-    held = load_data(cfg).held if cfg.eval_samples else []
-    if not held:
-        raise DataError(f"the run in {run} holds out no examples (eval_samples=0); give data=FILE (and task=NAME) "
-                        f"to evaluate {model_path} on")
-    model, tokenizer = load_for_eval(model_path)
-    prepare_tokenizer(tokenizer, cfg.chat_template, held, cfg.model)
-    model.to("cuda" if torch.cuda.is_available() else "cpu")
-    start = time.perf_counter()
-    result = evaluate(model, tokenizer, held, task=cfg.task, loss_only=cfg.eval_loss_only_tasks,
-                      max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size, max_seq_len=cfg.max_seq_len,
-                      progress=progress)
-    result.update(label="after", model=str(model_path), data=cfg.data if cfg.held_out_split else cfg.eval_data,
-                  wall_time_s=round(time.perf_counter() - start, 3))
-    write_eval(output_dir, result)
-    return result
 
 
 def check_eval_output_dir(output_dir: str, overwrite: bool) -> list[str]:

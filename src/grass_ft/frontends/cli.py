@@ -231,7 +231,8 @@ def _exact(plan, cfg: TrainConfig) -> dict | None:
 
 
 def cmd_eval(argv: list[str]) -> int:
-    from ..evaluation.evaluate import check_eval_output_dir, evaluate_run_model, run_eval, run_of
+    from ..evaluation.evaluate import check_eval_output_dir, run_eval
+    from ..run.held_out import evaluate_run_model, run_of
 
     args = _parser("grass-ft eval").parse_intermixed_args(argv)
     # task unset: each example's own "task" key, else the data's folder name; otherwise task= is required

@@ -11,8 +11,8 @@ computed. What GRASS reads from the gradients, the per-block squared norm, is a 
 sums its rows and one ``all_reduce`` of a vector of per-block sums gives the full gradient's norms
 (:func:`grass_ft.method.importance.sharded_block_rms`). The optimizer
 (:class:`~grass_ft.method.offload.LayerwiseOffloadAdamW`) updates each rank's local shard and offloads only
-that; checkpoints go through ``torch.distributed.checkpoint`` (:mod:`grass_ft.run.checkpoint`), with the optimizer's per-rank state re-wrapped as DTensors of the parameters'
-placement (:func:`optimizer_state_to_dtensors`).
+that; checkpoints go through ``torch.distributed.checkpoint`` (:mod:`grass_ft.run.checkpoint`), with the
+optimizer's per-rank state re-wrapped as DTensors of the parameters' placement (:func:`optimizer_state_to_dtensors`).
 """
 
 from __future__ import annotations
