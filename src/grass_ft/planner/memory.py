@@ -147,16 +147,44 @@ def predict(shape: ModelShape, profile: Profile, s: Setting, drawn_blocks: int |
             method without offload); None: every block (the long run). This step's blocks get theirs at its step.
         active_blocks: the blocks this step trains; None: the worst draw (block 0 and the top γ-1).
     """
+    if s.gradient_checkpointing != profile.checkpointing:
+        raise ValueError("the profile was measured with gradient checkpointing "
+                         f"{'on' if profile.checkpointing else 'off'}, the setting has it "
+                         f"{'on' if s.gradient_checkpointing else 'off'}")
+    t = _what_trains(shape, s, active_blocks)
+    phases = _phases(shape, profile, s, t, drawn_blocks, chunk_size)
+    name, (peak, parts) = max(phases.items(), key=lambda kv: kv[1][0])
+    host_resident, transfer = _host_state(s, t)
+    host_load = shape.numel * t.w * (t.n if s.fsdp else 1)  # from_pretrained on the CPU, then moved to the device
+    return Prediction(setting=s, device=peak, parts=parts, phase=name, host_resident=host_resident * t.n,
+                      host_load=host_load, trained_numel=t.stepped, transfer_bytes=transfer,
+                      device_state=sum(_device_state(s, t, drawn_blocks, before=False)),
+                      phases={k: v[0] for k, v in phases.items()})
+
+
+@dataclass(frozen=True)
+class _Trains:
+    """What one step of a setting trains, and the sizes every phase reads."""
+
+    w: int  # bytes per weight
+    n: int  # ranks the weights are sharded over (1 without fsdp)
+    num_blocks: int
+    active: list[int]  # the blocks this step trains
+    per_block: int  # trained parameters of a block (its adapters for lora/dora)
+    grad_w: int  # bytes per gradient entry
+    emb: int
+    head: int
+    head_grad: bool
+    stepped: int  # what one step updates
+    candidates: int  # every parameter the optimizer covers
+    opt: _Optimizer
+
+
+def _what_trains(shape: ModelShape, s: Setting, active_blocks: list[int] | None) -> _Trains:
     w = DTYPE_BYTES[s.dtype]
     L, n = shape.num_blocks, max(1, s.world_size if s.fsdp else 1)
     block = max(shape.block_numel)
-    opt = optimizer_of(s)
     emb, head, head_grad = _trained_outside(shape, s)
-    ckpt = s.gradient_checkpointing
-    if ckpt != profile.checkpointing:
-        raise ValueError("the profile was measured with gradient checkpointing "
-                         f"{'on' if profile.checkpointing else 'off'}, the setting has it {'on' if ckpt else 'off'}")
-    # ------------------------------------------------------------------ what trains
     gamma = min(max(1, s.gamma or 1), L)
     if s.adapters:
         per_block = shape.lora_numel(s.lora_r, dora=s.method == "dora") // max(1, L)
@@ -166,38 +194,47 @@ def predict(shape: ModelShape, profile: Profile, s: Setting, drawn_blocks: int |
         per_block, grad_w = block, w
     else:
         active, per_block, grad_w = list(range(L)), block, w
-    stepped = len(active) * per_block + emb + head  # what one step updates
-    candidates = L * per_block + emb + head  # every parameter the optimizer covers
+    return _Trains(w, n, L, active, per_block, grad_w, emb, head, head_grad,
+                   stepped=len(active) * per_block + emb + head, candidates=L * per_block + emb + head,
+                   opt=optimizer_of(s))
+
+
+def _device_state(s: Setting, t: _Trains, drawn_blocks: int | None, before: bool) -> tuple[int, int]:
+    """Optimizer moments and masters on the device before (or after) this step's update."""
+    if t.opt.kind == "host":
+        return 0, 0
+    if s.method == "lisa" or s.sampling:  # state per group, created at its first step, never freed
+        drawn = t.num_blocks if drawn_blocks is None else drawn_blocks + (0 if before else len(t.active))
+        held = min(t.num_blocks, drawn)
+        covered = held * t.per_block + t.emb + t.head
+    else:
+        covered = t.candidates
+    return covered * t.opt.moment_bytes // t.n, covered * t.opt.master_bytes // t.n
+
+
+def _phases(shape: ModelShape, profile: Profile, s: Setting, t: _Trains, drawn_blocks: int | None,
+            chunk_size: int) -> dict[str, tuple[int, dict[str, int]]]:
+    """Each phase of the step (forward, the loss's backward, each block's backward, the embeddings', the optimizer
+    step): its live bytes and their parts."""
+    L, n, w, ckpt = t.num_blocks, t.n, t.w, s.gradient_checkpointing
     adapters_total = shape.lora_numel(s.lora_r, dora=s.method == "dora") if s.adapters else 0
     weights = shape.numel * w // n + adapters_total * 4
     cached = L * _adapter_run(profile, s).persistent if s.adapters else 0  # DoRA's per-layer tensors
-    # ------------------------------------------------------------------ optimizer state on the device
-    def device_state(before: bool) -> tuple[int, int]:
-        if opt.kind == "host":
-            return 0, 0
-        if s.method == "lisa" or s.sampling:  # state per group, created at its first step, never freed
-            held = L if drawn_blocks is None else min(L, drawn_blocks + (0 if before else len(active)))
-            covered = held * per_block + emb + head
-        else:
-            covered = candidates
-        return covered * opt.moment_bytes // n, covered * opt.master_bytes // n
-
-    moments, masters = device_state(before=True)
-    # ------------------------------------------------------------------ activations, phase by phase
-    tail = profile.train if head_grad else profile.head_frozen
+    moments, masters = _device_state(s, t, drawn_blocks, before=True)
+    tail = profile.train if t.head_grad else profile.head_frozen
     act_run = _adapter_run(profile, s) if s.adapters else profile.train
     hidden = tail.hidden_grad  # bytes of one hidden-state tensor (a checkpoint boundary, a gradient)
 
     def kind(k: int) -> RunProfile:
-        return act_run if k in active else profile.frozen
+        return act_run if k in t.active else profile.frozen
 
     def kept(k: int) -> int:  # what block k holds between its forward and its backward
         return kind(k).saved + (hidden if ckpt else 0)
 
-    grads_block = per_block * grad_w // n
-    grad_tail = (head * w + (emb * w if shape.tied and emb and head_grad else 0)) // n
-    grad_emb = 0 if shape.tied else emb * w // n
-    fsdp_gather = (2 * block + shape.embed_numel + shape.head_numel) * w if s.fsdp and n > 1 else 0
+    grads_block = t.per_block * t.grad_w // n
+    grad_tail = (t.head * w + (t.emb * w if shape.tied and t.emb and t.head_grad else 0)) // n
+    grad_emb = 0 if shape.tied else t.emb * w // n
+    fsdp_gather = (2 * max(shape.block_numel) + shape.embed_numel + shape.head_numel) * w if s.fsdp and n > 1 else 0
     phases: dict[str, tuple[int, dict[str, int]]] = {}
 
     def phase(name: str, grads: int, acts: int, temps: int, state: tuple[int, int] = (moments, masters)) -> None:
@@ -212,26 +249,25 @@ def predict(shape: ModelShape, profile: Profile, s: Setting, drawn_blocks: int |
     for k in range(L - 1, -1, -1):  # block k's backward: the blocks below still hold theirs, those above are done
         phase(f"backward (block {k})", grad_tail + above, below, hidden + kind(k).block_backward)
         below -= kept(k)
-        if k in active:
+        if k in t.active:
             above += grads_block
-    if emb and (s.method in ("fft", "lisa") or s.train_embeddings):
+    if t.emb and (s.method in ("fft", "lisa") or s.train_embeddings):
         phase("backward (embeddings)", grad_tail + above, 0, hidden + profile.train.embedding_backward)
-    phase("optimizer step", grad_tail + above + grad_emb, 0, _step_temporaries(opt, s, shape, chunk_size, w),
-          device_state(before=False))
-    name, (peak, parts) = max(phases.items(), key=lambda kv: kv[1][0])
-    # ------------------------------------------------------------------ host
-    host_resident = transfer = 0
-    if opt.kind == "host":
-        if s.host_lean:  # fp32 masters of every block, moments of the drawn ones only
-            host_resident = candidates * opt.master_bytes + stepped * opt.moment_bytes
-        else:
-            host_resident = candidates * (opt.moment_bytes + opt.master_bytes)
-        host_resident //= n
-        transfer = 2 * stepped * (opt.moment_bytes + opt.master_bytes) // n
-    host_load = shape.numel * w * (n if s.fsdp else 1)  # from_pretrained on the CPU, then moved to the device
-    return Prediction(setting=s, device=peak, parts=parts, phase=name, host_resident=host_resident * n,
-                      host_load=host_load, trained_numel=stepped, transfer_bytes=transfer,
-                      device_state=sum(device_state(before=False)), phases={k: v[0] for k, v in phases.items()})
+    phase("optimizer step", grad_tail + above + grad_emb, 0, _step_temporaries(t.opt, s, shape, chunk_size, w),
+          _device_state(s, t, drawn_blocks, before=False))
+    return phases
+
+
+def _host_state(s: Setting, t: _Trains) -> tuple[int, int]:
+    """The optimizer state on the host (per rank) and the bytes it moves to and from the device per step."""
+    if t.opt.kind != "host":
+        return 0, 0
+    opt = t.opt
+    if s.host_lean:  # fp32 masters of every block, moments of the drawn ones only
+        host_resident = t.candidates * opt.master_bytes + t.stepped * opt.moment_bytes
+    else:
+        host_resident = t.candidates * (opt.moment_bytes + opt.master_bytes)
+    return host_resident // t.n, 2 * t.stepped * (opt.moment_bytes + opt.master_bytes) // t.n
 
 
 def _step_temporaries(opt: _Optimizer, s: Setting, shape: ModelShape, chunk_size: int, w: int) -> int:
