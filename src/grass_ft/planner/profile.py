@@ -174,38 +174,13 @@ def _run(model, base, layout, batch: int, seq: int, *, block: bool, embeddings: 
     trainable |= set(layout.head) | set(layout.tied_head) if head else set()
     for n, p in named.items():
         p.requires_grad_("lora_" in n if adapters else n in trainable)
-    module = _block_module(base, layout)
     tracker = _LiveBytes()
     vocab = int(base.get_input_embeddings().weight.shape[0])
     ids = torch.randint(0, vocab, (batch, seq))
     data = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
     tracker.know([*named.values(), *model.buffers(), *data.values()])
-    marks: dict[str, int] = {}
-    calls = []
-
-    def output_grad(_g):  # backward has reached the block
-        marks["loss_bwd_peak"] = tracker.peak - marks["bwd_start"]
-        marks["block_bwd_start"] = tracker.window()
-
-    def input_grad(_g):  # the block's backward is done
-        marks["block_bwd_peak"] = tracker.peak - marks["block_bwd_start"]
-        marks["emb_start"] = tracker.window()
-
-    def pre(_m, args, kwargs):
-        calls.append(1)
-        if len(calls) == 1:  # not the recomputation inside backward
-            marks["block_in"] = tracker.window()
-            x = args[0] if args else kwargs.get("hidden_states")
-            if x.requires_grad:
-                x.register_hook(input_grad)
-
-    def post(_m, _a, out):
-        if len(calls) == 1:
-            marks["block_fwd_peak"] = tracker.peak - marks["block_in"]
-            marks["block_out"] = tracker.live
-            (out[0] if isinstance(out, tuple) else out).register_hook(output_grad)
-
-    handles = [module.register_forward_pre_hook(pre, with_kwargs=True), module.register_forward_hook(post)]
+    windows = _BlockWindows(tracker)
+    handles = windows.attach(_block_module(base, layout))
     if grad_input:
         handles.append(base.get_input_embeddings().register_forward_hook(lambda m, a, out: out.requires_grad_()))
     if checkpointing:
@@ -214,26 +189,77 @@ def _run(model, base, layout, batch: int, seq: int, *, block: bool, embeddings: 
         enable_checkpointing(base)
     forward = loss_forward(supervised_only)
     try:
-        with tracker:
-            for _ in range(2 if adapters else 1):  # peft's DoRA keeps per-layer tensors from one step to the next
-                calls.clear()
-                for p in named.values():
-                    p.grad = None
-                persistent = tracker.window()
-                loss = forward(model, data)
-                fwd_peak = tracker.peak - persistent
-                marks["bwd_start"] = fwd_end = tracker.window()
-                loss.backward()
-                end_peak = tracker.peak
-                del loss
-            for p in named.values():
-                p.grad = None
-            persistent = tracker.live
+        # peft's DoRA keeps per-layer tensors from one step to the next: its second step is the one measured
+        steps = _steps(model, forward, data, named, tracker, windows, repeat=2 if adapters else 1)
     finally:
         for h in handles:
             h.remove()
         if checkpointing:
             base.gradient_checkpointing_disable()
+    return _profile(base, windows.marks, steps, batch, seq, checkpointing)
+
+
+class _BlockWindows:
+    """Hooks on the block that mark, on the live-bytes tracker, where its forward starts and ends and where its
+    backward window opens (its output's gradient exists) and closes (its input's does)."""
+
+    def __init__(self, tracker: _LiveBytes):
+        self.tracker = tracker
+        self.marks: dict[str, int] = {}
+        self.calls: list[int] = []
+
+    def attach(self, module) -> list:
+        return [module.register_forward_pre_hook(self._pre, with_kwargs=True), module.register_forward_hook(self._post)]
+
+    def _output_grad(self, _g) -> None:  # backward has reached the block
+        self.marks["loss_bwd_peak"] = self.tracker.peak - self.marks["bwd_start"]
+        self.marks["block_bwd_start"] = self.tracker.window()
+
+    def _input_grad(self, _g) -> None:  # the block's backward is done
+        self.marks["block_bwd_peak"] = self.tracker.peak - self.marks["block_bwd_start"]
+        self.marks["emb_start"] = self.tracker.window()
+
+    def _pre(self, _m, args, kwargs) -> None:
+        self.calls.append(1)
+        if len(self.calls) == 1:  # not the recomputation inside backward
+            self.marks["block_in"] = self.tracker.window()
+            x = args[0] if args else kwargs.get("hidden_states")
+            if x.requires_grad:
+                x.register_hook(self._input_grad)
+
+    def _post(self, _m, _a, out) -> None:
+        if len(self.calls) == 1:
+            self.marks["block_fwd_peak"] = self.tracker.peak - self.marks["block_in"]
+            self.marks["block_out"] = self.tracker.live
+            (out[0] if isinstance(out, tuple) else out).register_hook(self._output_grad)
+
+
+def _steps(model, forward, data, named, tracker: _LiveBytes, windows: _BlockWindows,
+           repeat: int) -> tuple[int, int, int, int]:
+    """``repeat`` fake steps under the tracker: the last one's forward peak, live bytes at the end of its forward,
+    peak at the end of its backward, and the bytes that persist after it."""
+    with tracker:
+        for _ in range(repeat):
+            windows.calls.clear()
+            for p in named.values():
+                p.grad = None
+            persistent = tracker.window()
+            loss = forward(model, data)
+            fwd_peak = tracker.peak - persistent
+            windows.marks["bwd_start"] = fwd_end = tracker.window()
+            loss.backward()
+            end_peak = tracker.peak
+            del loss
+        for p in named.values():
+            p.grad = None
+        persistent = tracker.live
+    return fwd_peak, fwd_end, end_peak, persistent
+
+
+def _profile(base, marks: dict[str, int], steps: tuple[int, int, int, int], batch: int, seq: int,
+             checkpointing: bool) -> RunProfile:
+    """The run's profile from the marks of its block windows and its step's figures."""
+    fwd_peak, fwd_end, end_peak, persistent = steps
     hidden = batch * seq * module_hidden(base) * base.get_input_embeddings().weight.element_size()
     # what the block adds to the live bytes by its return, its output (the next block's input) aside
     a = max(0, marks["block_out"] - marks["block_in"] - hidden)
