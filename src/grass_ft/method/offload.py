@@ -157,6 +157,48 @@ def _pin(slab: Tensor) -> Tensor:
     return _pinned_empty(slab.numel())
 
 
+def _check_hyperparameters(lr: float, betas: tuple[float, float], eps: float, weight_decay: float,
+                           chunk_size: int) -> None:
+    """Every bad hyperparameter at once, as torch.optim.AdamW checks them (and ``chunk_size``)."""
+    errors = []
+    if not 0.0 <= lr:
+        errors.append(f"`lr` must be >= 0, got {lr}")
+    if not 0.0 <= eps:
+        errors.append(f"`eps` must be >= 0, got {eps}")
+    for i, beta in enumerate(betas):
+        if not 0.0 <= beta < 1.0:
+            errors.append(f"`betas[{i}]` must be in [0, 1), got {beta}")
+    if not 0.0 <= weight_decay:
+        errors.append(f"`weight_decay` must be >= 0, got {weight_decay}")
+    if not (isinstance(chunk_size, int) and chunk_size >= 1):
+        errors.append(f"`chunk_size` must be an int >= 1, got {chunk_size!r}")
+    if errors:
+        raise ValueError("; ".join(errors))
+
+
+def _groups(named_parameters: Iterable[tuple[str, Tensor]], group_fn: Callable[[str], str]) -> dict[str, dict]:
+    """The parameter groups, one per key of ``group_fn`` (a decoder block, the embeddings, ...), in order."""
+    groups: dict[str, dict[str, Any]] = {}
+    seen: dict[int, str] = {}
+    for item in named_parameters:
+        if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)
+                and isinstance(item[1], Tensor)):
+            raise TypeError(f"`named_parameters` must yield (str, Tensor) pairs, got {type(item).__name__}")
+        name, p = item
+        if id(p) in seen:  # tied weights: the same tensor is optimised once, under its first name
+            continue
+        seen[id(p)] = name
+        key = group_fn(name)
+        if not isinstance(key, str):
+            raise TypeError(f"`group_fn` must return a str, got {type(key).__name__} for {name!r}")
+        group = groups.setdefault(key, {"params": [], "param_names": [], "name": key})
+        group["params"].append(p)
+        group["param_names"].append(name)
+    if not groups:
+        raise ValueError("`named_parameters` is empty: the optimizer needs at least one parameter")
+    return groups
+
+
 class LayerwiseOffloadAdamW(torch.optim.Optimizer):
     """AdamW (same numerics as ``torch.optim.AdamW``) with state offloaded to host memory, updated in chunks.
 
@@ -194,39 +236,8 @@ class LayerwiseOffloadAdamW(torch.optim.Optimizer):
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2, *,
                  group_fn: Callable[[str], str] | None = None, offload: bool = True, master_weights: bool = True,
                  chunk_size: int = DEFAULT_CHUNK_SIZE, host_lean: bool = False):
-        errors = []
-        if not 0.0 <= lr:
-            errors.append(f"`lr` must be >= 0, got {lr}")
-        if not 0.0 <= eps:
-            errors.append(f"`eps` must be >= 0, got {eps}")
-        for i, beta in enumerate(betas):
-            if not 0.0 <= beta < 1.0:
-                errors.append(f"`betas[{i}]` must be in [0, 1), got {beta}")
-        if not 0.0 <= weight_decay:
-            errors.append(f"`weight_decay` must be >= 0, got {weight_decay}")
-        if not (isinstance(chunk_size, int) and chunk_size >= 1):
-            errors.append(f"`chunk_size` must be an int >= 1, got {chunk_size!r}")
-        if errors:
-            raise ValueError("; ".join(errors))
-        group_fn = group_fn or block_key
-        groups: dict[str, dict[str, Any]] = {}
-        seen: dict[int, str] = {}
-        for item in named_parameters:
-            if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)
-                    and isinstance(item[1], Tensor)):
-                raise TypeError(f"`named_parameters` must yield (str, Tensor) pairs, got {type(item).__name__}")
-            name, p = item
-            if id(p) in seen:  # tied weights: the same tensor is optimised once, under its first name
-                continue
-            seen[id(p)] = name
-            key = group_fn(name)
-            if not isinstance(key, str):
-                raise TypeError(f"`group_fn` must return a str, got {type(key).__name__} for {name!r}")
-            group = groups.setdefault(key, {"params": [], "param_names": [], "name": key})
-            group["params"].append(p)
-            group["param_names"].append(name)
-        if not groups:
-            raise ValueError("`named_parameters` is empty: the optimizer needs at least one parameter")
+        _check_hyperparameters(lr, betas, eps, weight_decay, chunk_size)
+        groups = _groups(named_parameters, group_fn or block_key)
         self._offload = offload
         self._master_weights = master_weights
         self._chunk_size = chunk_size
