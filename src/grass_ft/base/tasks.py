@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import ast
 import re
+from collections.abc import Iterable
 from typing import Any
 
 NUMBER_RE = re.compile(r"-?\d+\.?\d*")
@@ -110,6 +111,20 @@ def example_task(example: dict[str, Any], default: str | None = None) -> str | N
         return canonical_task(name)
     except ValueError:
         return str(name)
+
+
+def named_tasks(names: str | Iterable[str], present: Iterable[str | None]) -> tuple[set[str], str | None]:
+    """The tasks a comma-separated list (or a list) names, each by :func:`example_task`'s rule, and the error line when
+    one of them is not among the tasks ``present`` (``eval_loss_only_tasks``: a misspelt task must not pass silently).
+    """
+    raw = names.split(",") if isinstance(names, str) else list(names)
+    wanted = {example_task({"task": t.strip()}) for t in raw if t.strip()}
+    present = set(present)
+    missing = sorted(wanted - present)
+    if not missing:
+        return wanted, None
+    return wanted, (f"`eval_loss_only_tasks`: {', '.join(map(repr, missing))} is not a task of the held-out examples "
+                    f"(their tasks: {', '.join(sorted(map(str, present)))})")
 
 
 def is_numeric_task(task: str) -> bool:

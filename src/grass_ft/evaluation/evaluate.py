@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from ..base.tasks import example_task
+from ..base.tasks import named_tasks
 from ..config import ConfigError
 from ..data.formats import DataError
 from ..data.tokenize import prepare_tokenizer
@@ -38,18 +38,14 @@ __all__ = ["MODES", "choice_logprobs", "eval_loss", "eval_loss_by_task", "evalua
 
 
 def loss_only_tasks(names: str | Iterable[str], examples: Sequence[dict[str, Any]], task: str | None) -> set[str]:
-    """The tasks of ``eval_loss_only_tasks`` (comma-separated or a list), by :func:`~grass_ft.tasks.example_task`.
+    """The tasks of ``eval_loss_only_tasks`` (comma-separated or a list), by :func:`~grass_ft.base.tasks.named_tasks`.
 
     Raises:
         ConfigError: a named task is not a task of ``examples``.
     """
-    raw = names.split(",") if isinstance(names, str) else list(names)
-    wanted = {example_task({"task": t.strip()}) for t in raw if t.strip()}
-    present = {ex["_task"] or None for ex in settle(examples, task)}
-    missing = sorted(wanted - present)
-    if missing and examples:
-        raise ConfigError([f"`eval_loss_only_tasks`: {', '.join(map(repr, missing))} is not a task of the held-out "
-                           f"examples (their tasks: {', '.join(sorted(map(str, present)))})"])
+    wanted, error = named_tasks(names, {ex["_task"] or None for ex in settle(examples, task)})
+    if error and examples:
+        raise ConfigError([error])
     return wanted
 
 

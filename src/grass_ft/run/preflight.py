@@ -111,6 +111,20 @@ def check_held_out(cfg: TrainConfig, held: list[dict[str, Any]], loss_only: set[
             raise data_mod.DataError(f"{source}: held-out example {i}: {e}") from None
 
 
+def check_loss_only_tasks(cfg: TrainConfig, held: list[dict[str, Any]]) -> None:
+    """Every task ``eval_loss_only_tasks`` names is a task of the held-out examples: a misspelt one fails here,
+    before the model loads, not after training.
+
+    Raises:
+        ConfigError: naming the tasks that are not among them, and theirs.
+    """
+    from ..base.tasks import named_tasks
+
+    _, error = named_tasks(cfg.eval_loss_only_tasks, {ex["_task"] or None for ex in held})
+    if error and held:
+        raise ConfigError([error])
+
+
 def no_answer_hint(example: dict[str, Any], task: str) -> str:
     """Why a held-out example without a gold answer cannot be scored, and the two ways on: an ``answer`` field (for
     rows that have a prompt), or scoring the held-out loss only."""

@@ -43,7 +43,7 @@ from .held_out import evaluate_model
 from .loop import train_loop
 from .messages import RunStage, interrupted_state, kept_checkpoint, out_of_memory_message, sweep_outlasts_run, warn
 from .outputs import LOCK_NAME, output_dir_lock, prepare_output_dir
-from .preflight import RunError, check_token_ids, preflight, supervised_features
+from .preflight import RunError, check_loss_only_tasks, check_token_ids, preflight, supervised_features
 from .state import Inputs, MethodRun, Totals
 
 
@@ -226,11 +226,9 @@ def _check_and_tokenize(cfg: TrainConfig, dist: Distributed) -> Inputs:
     from and that it belongs to this run, the data: format, tasks, one batch; the model source), then the
     tokenizer and the tokenisation: answers cut off by max_seq_len fail (all) or are left out with a warning
     (some)."""
-    from ..evaluation.evaluate import loss_only_tasks
-
     pf = preflight(cfg, dist.world_size)  # every rank: on a shared filesystem all reach the same verdict
     loaded = pf.loaded
-    loss_only_tasks(cfg.eval_loss_only_tasks, loaded.held, cfg.task)  # a misspelt task fails here, not after
+    check_loss_only_tasks(cfg, loaded.held)  # a misspelt task fails here, not after training
     if dist.is_main:
         for w in pf.warnings:
             warn(w)
