@@ -105,8 +105,11 @@ def example_task(example: dict[str, Any], default: str | None = None) -> str | N
     """The one rule for an example's task: its ``task`` key, else ``default``; written as its canonical name when
     it has an answer rule (so ``GSM8K`` and ``gsm8k`` are one task everywhere), else as given."""
     name = example.get("task") or default
-    if not name:
-        return None
+    return task_name(name) if name else None
+
+
+def task_name(name: str) -> str:
+    """``name`` as a task is written everywhere: canonical when it has an answer rule, else as given."""
     try:
         return canonical_task(name)
     except ValueError:
@@ -114,11 +117,11 @@ def example_task(example: dict[str, Any], default: str | None = None) -> str | N
 
 
 def named_tasks(names: str | Iterable[str], present: Iterable[str | None]) -> tuple[set[str], str | None]:
-    """The tasks a comma-separated list (or a list) names, each by :func:`example_task`'s rule, and the error line when
+    """The tasks a comma-separated list (or a list) names (:func:`task_name`), and the error line when
     one of them is not among the tasks ``present`` (``eval_loss_only_tasks``: a misspelt task must not pass silently).
     """
     raw = names.split(",") if isinstance(names, str) else list(names)
-    wanted = {example_task({"task": t.strip()}) for t in raw if t.strip()}
+    wanted = {task_name(t.strip()) for t in raw if t.strip()}
     present = set(present)
     missing = sorted(wanted - present)
     if not missing:

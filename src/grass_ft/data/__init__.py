@@ -10,9 +10,9 @@ package's face: ``grass_ft.data``'s since its first release, and those of ``gras
 """
 
 from .batches import GROUP_BATCHES, BatchStream, collate
-from .examples import Example, has_prompt, is_example, normalise, row_format, tagged
+from .examples import Example, has_prompt, is_example, normalise, row_format
 from .formats import (FORMATS, IGNORE_INDEX, PROMPT_NO_INPUT, PROMPT_WITH_INPUT, REQUIRED, ROLES, DataError,
-                      FormatError, chat_messages, check_row, detect_format, format_prompt, is_chat)
+                      FormatError, chat_messages, check_row, detect_format, format_prompt, is_chat, tagged)
 from .generators import EASY_ARITH, EVAL_SEED_OFFSET, GENERATORS, _rg_examples, generate_examples
 from .loading import LoadedData, check_data_sources, holds_out, load_data
 from .packing import PackingError, check_packing, mixing, pack_features

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..base.tasks import example_task, gold_answer
-from .formats import chat_messages, detect_format, format_prompt, is_chat
+from ..base.tasks import example_task
+from .formats import chat_messages, detect_format, format_prompt, is_chat, tagged
 
 
 class Example(dict):
@@ -67,15 +67,3 @@ def row_format(row: dict[str, Any]) -> str:
 def has_prompt(row: dict[str, Any]) -> bool:
     """Whether an example can be answered by generation (every format but ``text``)."""
     return (row["_format"] if is_example(row) else row_format(row)) != "text"
-
-
-def tagged(row: dict[str, Any], fmt: str) -> dict[str, Any]:
-    """A row as a loader reads it for evaluation: its format tagged (``_format``) and its gold answer normalised; the
-    rest (its task, with the caller's default) is settled by :func:`normalise` once the caller's default is known."""
-    ex = {k: v for k, v in row.items() if v is not None}
-    ex["_format"] = fmt
-    if fmt == "alpaca":
-        ex["input"] = str(ex.get("input") or "")
-    # LLM-Adapters stores some golds as one-element lists ([2304.0], ["C"]): the element
-    ex["answer"] = gold_answer(ex["answer"]) if ex.get("answer") is not None else ""
-    return ex

@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..base.errors import UserError
+from ..base.tasks import gold_answer
 
 IGNORE_INDEX = -100
 FORMATS = ("alpaca", "prompt_completion", "messages", "text")
@@ -137,3 +138,16 @@ def chat_messages(row: dict[str, Any], fmt: str) -> tuple[list[dict[str, Any]], 
         return [{"role": m["role"], "content": m["content"]} for m in row["messages"]], 0
     msgs = [{"role": m["role"], "content": m["content"]} for m in [*row["prompt"], *row["completion"]]]
     return msgs, len(row["prompt"])
+
+
+def tagged(row: dict[str, Any], fmt: str) -> dict[str, Any]:
+    """A row as a loader reads it for evaluation: its format tagged (``_format``) and its gold answer normalised; the
+    rest (its task, with the caller's default) is settled by :func:`grass_ft.data.examples.normalise` once the caller's
+    default is known."""
+    ex = {k: v for k, v in row.items() if v is not None}
+    ex["_format"] = fmt
+    if fmt == "alpaca":
+        ex["input"] = str(ex.get("input") or "")
+    # LLM-Adapters stores some golds as one-element lists ([2304.0], ["C"]): the element
+    ex["answer"] = gold_answer(ex["answer"]) if ex.get("answer") is not None else ""
+    return ex

@@ -24,11 +24,13 @@ from .tokenize import check_renders, set_chat_template
 @dataclass
 class LoadedData:
     """Training rows (a ``datasets.Dataset``) and held-out examples (dicts), every one a canonical example
-    (:mod:`grass_ft.data.examples`), and the training data's format."""
+    (:mod:`grass_ft.data.examples`), the training data's format, and the kind of its source (``generator``,
+    ``file``, ``dir`` or ``hub``: :func:`grass_ft.data.sources.source_kind`)."""
 
     train: Any
     held: list[dict[str, Any]]
     format: str
+    source: str = "file"
 
     def first_rows(self) -> list[dict[str, Any]]:
         """The first training row and every held-out one (for the chat-template check)."""
@@ -36,44 +38,51 @@ class LoadedData:
 
 
 def load_data(cfg) -> LoadedData:
-    """Training and held-out data for a :class:`~grass_ft.config.TrainConfig`, each a canonical example whose task
-    defaults to ``cfg.task``.
+    """Training and held-out data for a :class:`~grass_ft.config.TrainConfig`, read (:func:`read`), then each row
+    normalised once into a canonical example whose task defaults to ``cfg.task``."""
+    import datasets
+
+    task = getattr(cfg, "task", None)  # any object with the data keys will do
+    source, train, fmt, held = read(cfg)
+    if isinstance(train, list):  # generated rows
+        train = datasets.Dataset.from_list([normalise(r, fmt, task) for r in train])
+    else:
+        train = train.map(normalise, fn_kwargs={"fmt": fmt, "task": task}, desc="normalise")
+    return LoadedData(train, [normalise(r, f, task) for r, f in held], fmt, source)
+
+
+def read(cfg) -> tuple[str, Any, str, list[tuple[dict[str, Any], str | None]]]:
+    """The rows of a configuration as written: ``(source kind, training rows, their format, held-out rows each with
+    its format)`` (None: the row carries it, ``_format``).
 
     A generator gives ``train_samples`` problems from ``seed`` and ``eval_samples`` from a disjoint seed. A
     file, directory or hub data set is used whole for training unless ``eval_data`` is absent, in which case
     ``eval_samples`` rows (after a seeded shuffle) are held out. ``eval_data`` (any source; ``eval_split`` for a
     hub data set or directory) gives its first ``eval_samples`` rows.
     """
-    import datasets
-
-    n_eval, task = cfg.eval_samples, getattr(cfg, "task", None)  # any object with the data keys will do
-    if source_kind(cfg.data) == "generator":
-        fmt = "alpaca"
-        train = datasets.Dataset.from_list([normalise(r, fmt, task) for r in
-                                            generate_examples(cfg.data, cfg.train_samples, cfg.seed)])
-        held = (generate_examples(cfg.data, n_eval, cfg.seed + EVAL_SEED_OFFSET)
-                if (holds_out(cfg) and n_eval) else [])
-        held = [normalise(ex, fmt, task) for ex in held]
+    n_eval, source = cfg.eval_samples, source_kind(cfg.data)
+    held: list[tuple[dict[str, Any], str | None]] = []
+    if source == "generator":
+        train, fmt = generate_examples(cfg.data, cfg.train_samples, cfg.seed), "alpaca"
+        if holds_out(cfg) and n_eval:
+            held = [(r, fmt) for r in generate_examples(cfg.data, n_eval, cfg.seed + EVAL_SEED_OFFSET)]
     else:
         train, fmt = load_rows(cfg.data, cfg.data_format, cfg.data_split, cfg.data_config)
-        held = []
         if holds_out(cfg) and n_eval > 0:
             if len(train) <= n_eval:
                 raise DataError(f"data {cfg.data} has {len(train)} examples, too few to hold out "
                                 f"eval_samples={n_eval}; give eval_data=FILE or lower eval_samples")
             order = list(range(len(train)))
             random.Random(cfg.seed).shuffle(order)
-            held = [normalise(r, fmt, task) for r in train.select(order[-n_eval:])]
+            held = [(r, fmt) for r in train.select(order[-n_eval:])]
             train = train.select(order[:-n_eval])
-        train = train.map(normalise, fn_kwargs={"fmt": fmt, "task": task}, desc="normalise")
     if not holds_out(cfg) and n_eval > 0:
         if source_kind(cfg.eval_data) == "generator":
-            held = [normalise(ex, "alpaca", task)
-                    for ex in generate_examples(cfg.eval_data, n_eval, cfg.seed + EVAL_SEED_OFFSET)]
+            held = [(r, "alpaca") for r in generate_examples(cfg.eval_data, n_eval, cfg.seed + EVAL_SEED_OFFSET)]
         else:
-            held = [normalise(ex, task=task) for ex in
+            held = [(r, None) for r in
                     load_examples(cfg.eval_data, cfg.data_format, cfg.eval_split, cfg.data_config)[:n_eval]]
-    return LoadedData(train, held, fmt)
+    return source, train, fmt, held
 
 
 # ------------------------------------------------------------------------------------------------ validate

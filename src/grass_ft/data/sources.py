@@ -14,8 +14,7 @@ from typing import Any
 
 from ..base.errors import not_utf8
 from ..base.tasks import gold_answer
-from .examples import tagged
-from .formats import DataError, FormatError, check_row, detect_format
+from .formats import DataError, FormatError, check_row, detect_format, tagged
 from .generators import GENERATORS
 
 REQUIRED_KEYS = ("instruction", "output")
@@ -252,7 +251,7 @@ def preview_rows(spec: str, data_format: str = "auto", split: str = "train", con
 def load_examples(spec: str, data_format: str = "auto", split: str = "test",
                   config: str | None = None) -> list[dict[str, Any]]:
     """Every row of a local file or directory or hub data set for evaluation, its format tagged
-    (:func:`grass_ft.data.examples.tagged`).
+    (:func:`grass_ft.data.formats.tagged`).
     JSON and JSONL files are read directly (an evaluation set needs no tokenisation cache).
 
     Raises:

@@ -14,12 +14,13 @@ from .divergence import DivergenceWatch
 
 @dataclass
 class Inputs:
-    """What the checks before the model found: the checkpoint to resume, the tokenizer, the training features and
-    the held-out examples."""
+    """What the checks before the model found: the checkpoint to resume, the tokenizer, the training features, the
+    held-out examples, and whether the training data was generated (not a user's file or data set)."""
     checkpoint: Path | None
     tokenizer: Any
     features: list
     held_ex: list[dict]
+    generated: bool = False
 
 
 @dataclass

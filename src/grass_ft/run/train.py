@@ -158,7 +158,7 @@ def _resolve_recipe(cfg: TrainConfig, dist: Distributed, inputs: Inputs) -> Trai
     dtype = dist.from_main(resolve_dtype(cfg.dtype, dist.device()) if dist.is_main else None)
     cfg = resolve_steps(dataclasses.replace(cfg, dtype=dtype), len(inputs.features), dist.world_size)
     if dist.is_main:
-        from_file = data_mod.source_kind(cfg.data) != "generator"
+        from_file = not inputs.generated
         for line in (short_run_warning(cfg, len(inputs.features), dist.world_size, from_file),
                      both_warmups_warning(cfg)):
             if line:
@@ -244,7 +244,7 @@ def _check_and_tokenize(cfg: TrainConfig, dist: Distributed) -> Inputs:
 
         features = data_mod.pack_features(features, cfg.max_seq_len)
         check_batch(len(features), cfg, dist.world_size, "packed rows of training examples")
-    return Inputs(pf.checkpoint, tokenizer, features, loaded.held)
+    return Inputs(pf.checkpoint, tokenizer, features, loaded.held, generated=loaded.source == "generator")
 
 
 def _claim_output_dir(cfg: TrainConfig, dist: Distributed, held: ExitStack, checkpoint: Path | None) -> Path:
