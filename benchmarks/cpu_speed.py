@@ -17,19 +17,18 @@ same blocks. Usage:
 
 from __future__ import annotations
 
+import sys
 import argparse
 import json
-import platform
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-try:
-    import grass_ft  # noqa: F401
-except ImportError:  # a plain checkout, without `pip install -e .`: this tree's package
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/: the shared harness, however this runs
+from harness import cpu_name, use_checkout, write_lines  # noqa: E402
+
+use_checkout()
 from grass_ft.config import PAPER_PROBE, TrainConfig
 from grass_ft.methods import prepare
 from grass_ft.models import PACKAGED_NOTE, load_model_and_tokenizer
@@ -118,7 +117,7 @@ def write_markdown(path: Path, rows, arms, args) -> None:
         "",
         f"Model: {args.model} ({PACKAGED_NOTE.get(args.model, 'as given')}); random-token batches "
         f"{args.batch}×{args.seq}; fp32; torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"{platform.processor() or platform.machine()}; γ={args.gamma} of 30 blocks, re-drawn every "
+        f"{cpu_name()}; γ={args.gamma} of 30 blocks, re-drawn every "
         f"{args.sample_interval} steps; {args.steps * args.rounds} timed steps per arm, arms interleaved in "
         f"{args.rounds} rounds after 2 untimed probe/warm-up steps. Measured {time.strftime('%Y-%m-%d')}.",
         "",
@@ -156,8 +155,7 @@ def write_markdown(path: Path, rows, arms, args) -> None:
         "seed as each other. 12 timed steps per arm: a guide, not a fine ranking — repeated runs of this command on "
         "this machine moved single ratios by up to ~15 % (docs/RESULTS.md).",
     ]
-    path.write_text("\n".join(lines) + "\n")
-    print(f"wrote {path}", file=sys.stderr)
+    write_lines(path, lines)
 
 
 if __name__ == "__main__":

@@ -39,10 +39,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-try:
-    import grass_ft  # noqa: F401
-except ImportError:  # run from a checkout without installing it
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/: the shared harness, however this runs
+from harness import use_checkout  # noqa: E402
+
+use_checkout()
 
 OPT_KW = {"foreach": False}  # see the module docstring
 

@@ -44,6 +44,9 @@ import tarfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/: the shared harness, however this runs
+from harness import git_revision, latest, read_jsonl  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 DEADLINE_S = 360.0  # the whole check, summary included
 RESERVE_S = 5.0  # kept back from the deadline for the summary and the archive
@@ -72,9 +75,7 @@ def arm_import(smoke: bool, limit: float, work: Path) -> dict:
     import grass_ft
 
     fig["grass_ft"] = str(Path(grass_ft.__file__).resolve().parent)
-    from gpu_memory import _git_rev  # beside this script
-
-    fig["commit"] = _git_rev()
+    fig["commit"] = git_revision()
     for pkg in ("transformers", "peft"):
         try:
             fig[pkg] = __import__(pkg).__version__
@@ -140,13 +141,12 @@ def arm_pinning_fallback(smoke: bool, limit: float, work: Path) -> dict:
 def estimates(path: Path = ESTIMATES) -> dict[tuple[str, str], dict]:
     """The estimator's records in gpu_memory.py's setting (checkpointing on, sdpa, batch 4 x 1024), by (model,
     arm); the last record of a key wins, as in benchmarks/memory_estimate.py."""
-    out = {}
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        r = json.loads(line)
-        if (r.get("status") == "ok" and r.get("checkpointing") and r.get("attn") == "sdpa"
-                and (r.get("batch_size"), r.get("seq_len")) == (4, 1024)):
-            out[(r["model"], r["arm"])] = r
-    return out
+    def key(r: dict) -> tuple[str, str] | None:
+        setting = (r.get("status") == "ok" and r.get("checkpointing") and r.get("attn") == "sdpa"
+                   and (r.get("batch_size"), r.get("seq_len")) == (4, 1024))
+        return (r["model"], r["arm"]) if setting else None
+
+    return latest(read_jsonl(path), key)
 
 
 def _gib(b: float | None) -> float | None:

@@ -31,13 +31,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from importlib import metadata
 from pathlib import Path
 
-try:
-    import grass_ft  # noqa: F401
-except ImportError:  # a plain checkout, without `pip install -e .`: this tree's package
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/: the shared harness, however this runs
+from harness import git_revision, package_versions, use_checkout  # noqa: E402
+
+use_checkout()
 from grass_ft.config import PAPER_LAYOUT, PAPER_PROBE
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -86,10 +85,7 @@ PAPER_GB: dict[str, dict[str, float]] = {
 
 
 def _import_project():
-    try:
-        import grass_ft  # noqa: F401
-    except ImportError:  # a checkout without `pip install -e .`
-        sys.path.insert(0, str(ROOT / "src"))
+    use_checkout()
     sys.path.insert(0, str(ROOT / "benchmarks"))  # memory_estimate: fused_adamw, optimizer_tensors
 
 
@@ -273,27 +269,6 @@ def run_arm(spec: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ driver
-
-
-def _versions() -> dict[str, str]:
-    out = {}
-    for pkg in ("torch", "transformers", "peft"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            out[pkg] = "not installed"
-    return out
-
-
-def _git_rev() -> str:
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                             timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return (rev + ("+dirty" if dirty else "")) if rev else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def _launch(spec: dict, timeout: float) -> dict:
@@ -497,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) if args.out else ROOT / d("docs/gpu_memory_measured.md", "runs/gpu_memory_smoke.md")
     settings = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "commit": _git_rev(), "versions": _versions(), "dtype": d("bfloat16", "float32"),
+        "commit": git_revision(), "versions": package_versions(), "dtype": d("bfloat16", "float32"),
         "batch_size": args.batch_size or d(4, 2), "seq_len": args.seq_len or d(1024, 32),
         "warmup": warmup, "steps": steps, "probe_steps": probe, "gamma": args.gamma,
         "sample_interval": sample_interval, "update_interval": args.update_interval, "lr": args.lr,

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -23,6 +22,9 @@ import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/: the shared harness, however this runs
+from harness import cpu_name, write_lines  # noqa: E402
 
 METHODS = ("fft", "lora", "dora", "lisa", "grass", "grass-static")
 
@@ -109,7 +111,7 @@ def write_markdown(path: Path, rows: list[dict], share: float, args, wall_s: flo
         "",
         f"Model {args.model}; `gsm-mix` examples, batch {args.batch}, max_seq_len {args.seq}, fp32, seed "
         f"{args.seed}; {args.steps - args.warmup} timed steps per arm after {args.warmup} untimed (GRASS: the "
-        f"probe); torch {torch.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs "
+        f"probe); torch {torch.__version__}, {cpu_name()}, {os.cpu_count()} CPUs "
         f"(a shared machine: compare the two arms of a method, which ran back to back). Of the batches' positions "
         f"(padding included), {share:.0%} are scored, which is all the supervised-only loss projects through the "
         f"LM head. Measured {time.strftime('%Y-%m-%d %H:%M')}.",
@@ -134,8 +136,7 @@ def write_markdown(path: Path, rows: list[dict], share: float, args, wall_s: flo
         "(~0.5 GiB of fp32 weights) and the optimizer state; the difference between the arms is the logits "
         "(batch x sequence x 49,152 fp32 values, with their log-softmax and gradient) that the full forward keeps.",
     ]
-    path.write_text("\n".join(lines) + "\n")
-    print(f"wrote {path}", file=sys.stderr)
+    write_lines(path, lines)
 
 
 if __name__ == "__main__":

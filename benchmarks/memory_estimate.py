@@ -39,16 +39,15 @@ import argparse
 import contextlib
 import datetime
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-try:
-    import grass_ft  # noqa: F401
-except ImportError:  # a plain checkout, without `pip install -e .`: this tree's package
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/: the shared harness, however this runs
+from harness import git_revision, latest, package_versions, read_jsonl, use_checkout  # noqa: E402
+
+use_checkout()
 from grass_ft.config import PAPER_LAYOUT, PAPER_PROBE
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -133,14 +132,6 @@ CATEGORIES = ["parameters", "buffers", "gradients", "activations", "temporaries"
               "optimizer-step temporaries", "other"]
 
 
-def _import_project() -> None:
-    try:
-        import grass_ft  # noqa: F401
-    except ImportError:  # a checkout without `pip install -e .`
-        sys.path.insert(0, str(ROOT / "src"))
-
-
-_import_project()
 # the fake-execution helpers live in the package (the planner's exact=true runs them too)
 from grass_ft.planner.fake import (cuda_kernel_choices, fused_adamw, noop_module_to,  # noqa: E402
                                    placeholder_scalars, real_samplers, worst_case_draws)
@@ -207,7 +198,7 @@ def step_buffer_bound(c: dict[str, Any], chunk_size: int | None = None) -> tuple
     holds ``RING_SLOTS`` fp32 records ``[exp_avg | exp_avg_sq | master]`` of a chunk, plus a denominator and an
     up-cast bf16 gradient of one chunk each: 4 B x chunk x (3 x RING_SLOTS + 2).
     """
-    _import_project()
+    use_checkout()
     from grass_ft.offload import DEFAULT_CHUNK_SIZE, RING_SLOTS
 
     h, i = c["hidden_size"], c["intermediate_size"]
@@ -408,7 +399,7 @@ def estimate_arm(model_name: str, arm: str, *, batch_size: int = 4, seq_len: int
     later steps repeat the first one's device peak). ``fake=False`` runs the same with real tensors (CPU).
     ``spec`` (TrainConfig fields, ``method`` among them) replaces the named arm's (the planner's grid).
     """
-    _import_project()
+    use_checkout()
     import warnings
 
     import torch
@@ -573,15 +564,7 @@ def _key(r: dict) -> tuple:
 
 def load_records(path: Path) -> list[dict]:
     """Records of a JSONL file, the last one per (model, arm, setting) winning."""
-    if not path.is_file():
-        return []
-    out: dict[tuple, dict] = {}
-    for line in path.read_text().splitlines():
-        if line.strip().startswith("{"):
-            r = json.loads(line)
-            if "arm" in r and "model" in r:
-                out[_key(r)] = r
-    return list(out.values())
+    return list(latest(read_jsonl(path), lambda r: _key(r) if "arm" in r and "model" in r else None).values())
 
 
 def _g(b: float | None, unit: float = GiB) -> str:
@@ -766,22 +749,9 @@ def write_section(path: Path, text: str) -> None:
 
 
 def _meta(argv: list[str], setting: str) -> dict[str, Any]:
-    from importlib import metadata
-
-    def ver(p):
-        try:
-            return metadata.version(p)
-        except metadata.PackageNotFoundError:
-            return "?"
-
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                                timeout=10).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        commit = "unknown"
-    return {"command": " ".join(["python benchmarks/memory_estimate.py", *argv]), "commit": commit,
+    return {"command": " ".join(["python benchmarks/memory_estimate.py", *argv]), "commit": git_revision(dirty=False),
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "torch": ver("torch"), "transformers": ver("transformers"), "peft": ver("peft"), "setting": setting}
+            **package_versions(missing="?"), "setting": setting}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

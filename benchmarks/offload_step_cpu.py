@@ -23,10 +23,10 @@ from pathlib import Path
 
 import torch
 
-try:
-    import grass_ft  # noqa: F401
-except ImportError:  # a plain checkout, without `pip install -e .`: this tree's package
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/: the shared harness, however this runs
+from harness import use_checkout  # noqa: E402
+
+use_checkout()
 from grass_ft.models import block_layout, load_model_and_tokenizer
 from grass_ft.offload import LayerwiseOffloadAdamW
 

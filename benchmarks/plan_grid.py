@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "src"))
 
 import memory_estimate as me  # noqa: E402  (after the path set-up: a plain checkout has no installed package)
+from harness import git_revision, latest, read_jsonl  # noqa: E402
 
 RECORDS = ROOT / "docs" / "results" / "plan_grid.jsonl"
 GRID_MODELS = ("llama2-7b", "tinyllama", "gemma-2b")
@@ -76,21 +76,14 @@ def grid(models=GRID_MODELS) -> list[dict[str, Any]]:
 
 def load(path: Path = RECORDS) -> dict[str, dict]:
     """Records by grid point, the last one winning."""
-    out: dict[str, dict] = {}
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            if line.strip():
-                r = json.loads(line)
-                out[r["point"]] = r
-    return out
+    return latest(read_jsonl(path), lambda r: r["point"])
 
 
 def run_point(p: dict[str, Any]) -> dict[str, Any]:
     rec = me.estimate_arm(p["model"], p["spec"]["method"], batch_size=BATCH, seq_len=SEQ,
                           checkpointing=p["checkpointing"], gamma=p["gamma"], spec=p["spec"])
     rec.update(point=p["point"], spec=p["spec"])
-    rec["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                   text=True).stdout.strip()
+    rec["commit"] = git_revision(dirty=False)
     return rec
 
 

@@ -36,6 +36,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/: the shared harness, however this runs
+from harness import mean_sd, pyplot, save  # noqa: E402
+
 METHODS = ("fft", "lisa", "grass", "grass-static", "lora", "dora")
 FULL_LRS = (3e-5, 1e-4, 3e-4)  # full-parameter methods (fft, lisa, grass, grass-static)
 ADAPTER_LRS = (1e-4, 3e-4, 1e-3)  # lora, dora: adapters usually want a larger step
@@ -224,10 +227,6 @@ def arith_acc(r: dict) -> float | None:
     return None if a is None else 100 * a
 
 
-def mean_sd(xs: list[float]) -> tuple[float, float]:
-    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else float("nan"))
-
-
 def cell(xs: list[float], digits: int) -> str:
     if not xs:
         return "–"
@@ -266,12 +265,9 @@ def state_curve(r: dict) -> tuple[list[int], list[float]]:
 
 
 def plots(c: dict[str, Any], docs: Path) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from grass_ft.report import METHOD_COLORS
+
+    plt = pyplot()
 
     names = []
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
@@ -294,10 +290,7 @@ def plots(c: dict[str, Any], docs: Path) -> list[str]:
             ax.axhline(100 * c["before"]["accuracy_per_task_before"][ARITH], ls="--", color="grey", lw=1)
     fig.suptitle("Best learning rate per method, 3 seeds (bar: mean, whisker: sd, dots: seeds; dashed: before)",
                  fontsize=9)
-    fig.tight_layout()
-    fig.savefig(docs / "main.png", dpi=110)
-    plt.close(fig)
-    names.append("main.png")
+    names.append(save(fig, docs / "main.png"))
 
     def line_chart(name: str, series: dict[str, tuple], xlabel: str, ylabel: str, title: str, xlog: bool) -> None:
         fig, ax = plt.subplots(figsize=(6, 3.8))
@@ -309,10 +302,7 @@ def plots(c: dict[str, Any], docs: Path) -> list[str]:
         ax.set_ylabel(ylabel)
         ax.set_title(title, fontsize=9)
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(docs / name, dpi=110)
-        plt.close(fig)
-        names.append(name)
+        names.append(save(fig, docs / name))
 
     lr_series = {m: tuple(zip(*sorted((r["lr"], gsm_loss(r)) for r in c["lr"] if r["method"] == m)))
                  for m in METHODS}
