@@ -35,9 +35,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 from grass_ft.config import TrainConfig  # noqa: E402
-from grass_ft.distributed import init_distributed  # noqa: E402
-from grass_ft.methods import prepare  # noqa: E402
-from grass_ft.step import StepRunner  # noqa: E402
+from grass_ft.parallel.distributed import init_distributed  # noqa: E402
+from grass_ft.method.methods import prepare  # noqa: E402
+from grass_ft.method.step import StepRunner  # noqa: E402
 from tiny import tiny_llama  # noqa: E402
 
 RTOL, ATOL = 1e-4, 1e-6
@@ -68,12 +68,12 @@ def main(out: Path, method: str, fsdp: bool, accum: int = 1, checkpointing: bool
     model = tiny_llama(layers=4)
     ref_model = copy.deepcopy(model)  # the one-process run: no collective ever touches it
     if checkpointing:  # recomputation inside FSDP2's units
-        from grass_ft.models import enable_checkpointing
+        from grass_ft.model import enable_checkpointing
 
         enable_checkpointing(model)
         enable_checkpointing(ref_model)
     if fsdp:
-        from grass_ft.fsdp import shard_model
+        from grass_ft.parallel.fsdp import shard_model
 
         shard_model(model, cfg.layers_attribute)
     runner = StepRunner(prepare(model, cfg), grad_accum=accum, max_grad_norm=1.0, dist=dist, sharded=fsdp)

@@ -25,7 +25,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 sys.path.insert(0, str(Path(__file__).parent))
 
 from grass_ft import data as data_mod  # noqa: E402
-from grass_ft.hf import GrassCallback, GrassTrainer  # noqa: E402
+from grass_ft.frontends.hf import GrassCallback, GrassTrainer  # noqa: E402
 from tiny import char_tokenizer, tiny_llama  # noqa: E402
 
 TOK = char_tokenizer()

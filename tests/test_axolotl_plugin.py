@@ -75,7 +75,7 @@ def test_the_docs_yaml_turns_grass_on_through_the_plugin_interface(plugin_module
                          plugin.get_input_args().rsplit(".", 1)[1])
     cfg = {**raw, **args_model(**{k: v for k, v in raw.items() if k.startswith("grass_")}).model_dump()}
     assert plugin.get_trainer_cls(cfg) is None  # one process: axolotl's own trainer
-    from grass_ft.hf import GrassCallback
+    from grass_ft.frontends.hf import GrassCallback
 
     callbacks = plugin.add_callbacks_pre_trainer(cfg, model=None)
     assert len(callbacks) == 1 and isinstance(callbacks[0], GrassCallback)

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from grass_ft.config import TrainConfig
-from grass_ft.methods import prepare
-from grass_ft.registry import traits
-from grass_ft.sampler import LayerSampler, cyclic_group
-from grass_ft.step import StepRunner
+from grass_ft.method.methods import prepare
+from grass_ft.base.registry import traits
+from grass_ft.method.sampler import LayerSampler, cyclic_group
+from grass_ft.method.step import StepRunner
 from test_step import batches
 from tiny import tiny_llama
 

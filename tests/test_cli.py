@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from grass_ft.cli import main
+from grass_ft.frontends.cli import main
 
 
 def err(capsys, *argv):

@@ -21,7 +21,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from grass_ft.distributed import Distributed, reduce_dtype
+from grass_ft.parallel.distributed import Distributed, reduce_dtype
 
 pytestmark = pytest.mark.slow  # spawns gloo process groups (a few seconds each, mostly importing torch)
 

@@ -5,11 +5,11 @@ import json
 
 import pytest
 
-from grass_ft.cli import main
-from grass_ft.compare import error_message, plan_compare
+from grass_ft.frontends.cli import main
+from grass_ft.frontends.compare import error_message, plan_compare
 from grass_ft.config import ConfigError
-from grass_ft.report import FROZEN, PROBE, TRAINED, activity_matrix, results_markdown
-from grass_ft.registry import traits
+from grass_ft.run.report import FROZEN, PROBE, TRAINED, activity_matrix, results_markdown
+from grass_ft.base.registry import traits
 
 SIX = ["fft", "lora", "dora", "lisa", "grass", "grass-static"]
 

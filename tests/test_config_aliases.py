@@ -2,7 +2,7 @@
 
 import yaml
 
-from grass_ft.cli import main
+from grass_ft.frontends.cli import main
 from grass_ft.config import build_config, save_config
 
 
@@ -38,7 +38,7 @@ def test_help_lists_the_aliases(capsys):
 
 
 def test_compare_resolves_aliases_per_method():
-    from grass_ft.compare import plan_compare
+    from grass_ft.frontends.compare import plan_compare
 
     plan = plan_compare(None, {"methods": "fft,lora", "lr": "1e-4", "lora.learning_rate": "2e-4",
                                "per_device_train_batch_size": "4", "lora.max_steps": "5"})
@@ -49,7 +49,7 @@ def test_compare_resolves_aliases_per_method():
 
 def test_lr_unset_takes_the_methods_own_rate_and_config_yaml_records_it(tmp_path):
     from grass_ft.config import TrainConfig
-    from grass_ft.registry import METHODS, traits
+    from grass_ft.base.registry import METHODS, traits
 
     assert len({t.lr for t in METHODS.values()}) > 1  # the rates differ, so a shared default would mis-tune some
     for method in METHODS:

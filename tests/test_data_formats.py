@@ -7,10 +7,10 @@ from types import SimpleNamespace
 import pytest
 
 from grass_ft import data as data_mod
-from grass_ft import formats
-from grass_ft.cli import main
+from grass_ft import data as formats
+from grass_ft.frontends.cli import main
 from grass_ft.data import IGNORE_INDEX, DataError
-from grass_ft.models import cache_dir
+from grass_ft.model import cache_dir
 
 SMOL = cache_dir() / "smollm2-135m"
 needs_smol = pytest.mark.skipif(not (SMOL / "tokenizer.json").is_file(),
@@ -230,8 +230,8 @@ def test_missing_hub_data_set_is_one_line(monkeypatch, capsys):
 
 def test_train_on_messages_end_to_end_with_chat_template_key(tmp_path, tiny_model_dir):
     from grass_ft.config import build_config
-    from grass_ft.methods import method_names
-    from grass_ft.train import run_train
+    from grass_ft.method.methods import method_names
+    from grass_ft.run.train import run_train
 
     rows = [{"messages": [{"role": "user", "content": f"{a}+{b}="}, {"role": "assistant", "content": str(a + b)}],
              "answer": str(a + b)} for a in range(5) for b in range(5)]

@@ -12,9 +12,9 @@ import torch
 from safetensors.torch import load_file
 
 from grass_ft.config import TrainConfig, build_config
-from grass_ft.methods import method_names, prepare
-from grass_ft.models import block_layout
-from grass_ft.train import run_train
+from grass_ft.method.methods import method_names, prepare
+from grass_ft.model import block_layout
+from grass_ft.run.train import run_train
 
 pytestmark = pytest.mark.slow
 
@@ -175,7 +175,7 @@ def test_resume_with_same_world_size(runs, tiny_model_dir):
 def test_a_held_output_dir_stops_every_rank_with_one_line(runs, tiny_model_dir):
     """Rank 0 alone takes the output-directory lock; its refusal must reach every rank (each prints the same line
     and exits 2), not leave the others waiting at a barrier until torchrun terminates them."""
-    from grass_ft.train import LOCK_NAME, output_dir_lock
+    from grass_ft.run.outputs import LOCK_NAME, output_dir_lock
 
     tmp, data, _, two = runs
     out = tmp / "held"

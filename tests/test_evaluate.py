@@ -9,11 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from grass_ft import evaluate as ev
-from grass_ft import scoring
+from grass_ft.evaluation import evaluate as ev
+from grass_ft.evaluation import scoring
 from grass_ft.data import format_prompt, tokenize_example
-from grass_ft.evalsets import load_eval_file, load_eval_sets
-from grass_ft.tasks import choice_target
+from grass_ft.evaluation.evalsets import load_eval_file, load_eval_sets
+from grass_ft.base.tasks import choice_target
 
 DATA = Path(__file__).parent / "data"
 
@@ -333,7 +333,7 @@ def test_run_eval_rejects_bad_options(tmp_path, saved_model):
 @pytest.mark.real_model
 def test_run_eval_real_smollm2(tmp_path, capsys):
     """`grass-ft eval` on the base SmolLM2 over a held-out GSM-style file and a multiple-choice file."""
-    from grass_ft.cli import main
+    from grass_ft.frontends.cli import main
     from grass_ft.data import EVAL_SEED_OFFSET, generate_examples
 
     gsm_file = tmp_path / "gsm_heldout.jsonl"

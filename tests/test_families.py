@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from grass_ft.config import TrainConfig
-from grass_ft.methods import prepare
-from grass_ft.models import block_layout
-from grass_ft.step import StepRunner
+from grass_ft.method.methods import prepare
+from grass_ft.model import block_layout
+from grass_ft.method.step import StepRunner
 from test_step import batches
 
 V, H, L = 103, 32, 3
@@ -91,8 +91,8 @@ def test_family_supervised_only_loss(name):
     falls back to the full forward with a warning naming the model type (never silently)."""
     import warnings
 
-    from grass_ft import loss as loss_mod
-    from grass_ft.loss import HEADS, supervised_loss
+    from grass_ft.method import loss as loss_mod
+    from grass_ft.method.loss import HEADS, supervised_loss
 
     model = build(name).eval()  # no dropout (GPT-2, OPT): the two forwards must see the same function
     ids = torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(1))

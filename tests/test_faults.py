@@ -19,9 +19,9 @@ import pytest
 import torch
 from test_reliability import _nan_from, fails, jsonl, listing, runs, strict_json, sums, train_args, write_jsonl
 
-from grass_ft import train as train_mod
-from grass_ft.checkpoint import checkpoint_problem, list_checkpoints
-from grass_ft.cli import Terminated, main
+from grass_ft.run import train as train_mod
+from grass_ft.run.checkpoint import checkpoint_problem, list_checkpoints
+from grass_ft.frontends.cli import Terminated, main
 from grass_ft.config import TrainConfig, _field_types
 
 
@@ -97,7 +97,7 @@ def test_a_run_that_ends_on_bad_steps_fails_and_saves_nothing(tiny_model_dir, ti
 def _nan_weight_after(monkeypatch, step: int):
     """After the optimizer step of ``step``, put a NaN into the embedding row of a token the data never uses: the
     losses stay finite, so only a check of the weights themselves can see it."""
-    from grass_ft.step import StepRunner
+    from grass_ft.method.step import StepRunner
 
     real = StepRunner.train_step
 
@@ -198,7 +198,7 @@ def test_the_decision_under_the_lock_sees_a_checkpoint_written_meanwhile(interru
     import dataclasses
 
     from grass_ft.config import build_config
-    from grass_ft.preflight import RunError
+    from grass_ft.run.preflight import RunError
 
     cfg = dataclasses.replace(build_config(str(interrupted28 / "config.yaml")), output_dir=str(interrupted28),
                               resume="auto")
@@ -268,7 +268,7 @@ def _interrupted_write(monkeypatch, where: str):
     """A second Ctrl-C tearing down a write: the OSError (EBADF) raised while the first KeyboardInterrupt unwinds,
     as a file closed under a writer produces. ``where``: while the checkpoint's files are written (it never
     appears), or while older checkpoints are pruned (it is complete and in place)."""
-    from grass_ft import checkpoint as ckpt
+    from grass_ft.run import checkpoint as ckpt
 
     # the second checkpoint's write, or its pruning of the first (the first prune: save_total_limit=1)
     name, torn_call = {"writing": ("save_model", 2), "pruning": ("remove_dir", 1)}[where]
@@ -473,7 +473,7 @@ def test_a_nan_in_a_checkpoint_is_reported_as_a_broken_checkpoint(interrupted28,
 
 def test_resume_refuses_a_data_file_that_changed(interrupted28, tiny_model_dir, data_copy, tmp_path, capsys):
     """Before issue 28 resume=auto went on over other data (the same path), silently another run."""
-    from grass_ft.checkpoint import data_fingerprint
+    from grass_ft.run.checkpoint import data_fingerprint
 
     data = tmp_path / "sums.jsonl"
     shutil.copy(data_copy, data)

@@ -201,7 +201,7 @@ def test_report_renders_from_a_ledger_alone(tmp_path):
 
 def test_token_sums_match_the_librarys_eval_loss_and_count_the_number_tokens():
     from grass_ft.data import tokenize_example
-    from grass_ft.scoring import eval_loss
+    from grass_ft.evaluation.scoring import eval_loss
     from tiny import char_tokenizer, tiny_llama
 
     tok = char_tokenizer()

@@ -11,9 +11,9 @@ from test_distributed import (GRAD_NORM_RTOL, equal_length_data, first_update_no
                               one_and_two_processes, torchrun, weights)
 
 from grass_ft.config import ConfigError, TrainConfig, build_config
-from grass_ft.methods import method_names, prepare
-from grass_ft.models import block_layout
-from grass_ft.train import run_train
+from grass_ft.method.methods import method_names, prepare
+from grass_ft.model import block_layout
+from grass_ft.run.train import run_train
 
 pytestmark = pytest.mark.slow
 
@@ -144,7 +144,7 @@ def test_fsdp_fft_shards_the_root_unevenly_and_matches_one_process(tiny_model_di
 
 
 def test_fsdp_damaged_dcp_checkpoint_is_detected(runs, tmp_path):
-    from grass_ft.checkpoint import checkpoint_problem, find_checkpoint
+    from grass_ft.run.checkpoint import checkpoint_problem, find_checkpoint
 
     _, _, _, two = runs
     ckpt = tmp_path / "checkpoint-4"

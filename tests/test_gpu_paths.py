@@ -21,9 +21,9 @@ import torch
 import torch.distributed as dist
 from tiny import tiny_llama
 
-from grass_ft import checkpoint as ckpt
-from grass_ft import offload
-from grass_ft.distributed import Distributed, init_distributed
+from grass_ft.run import checkpoint as ckpt
+from grass_ft.method import offload
+from grass_ft.parallel.distributed import Distributed, init_distributed
 
 ROOT = Path(__file__).resolve().parent.parent
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -89,7 +89,7 @@ def _sharded_meta_llama():
     """A tiny Llama whose shards live on the meta device: a stand-in for a GPU, no memory, no values."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from grass_ft.fsdp import shard_model
+    from grass_ft.parallel.fsdp import shard_model
 
     cfg = LlamaConfig(vocab_size=103, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
@@ -100,7 +100,7 @@ def _sharded_meta_llama():
 
 
 def test_fsdp_checkpoint_keeps_the_optimizer_state_on_the_host(one_rank_group):
-    from grass_ft.fsdp import (local, optimizer_state_from_dtensors, optimizer_state_template,
+    from grass_ft.parallel.fsdp import (local, optimizer_state_from_dtensors, optimizer_state_template,
                                optimizer_state_to_dtensors)
 
     params = dict(_sharded_meta_llama().named_parameters())
@@ -125,8 +125,8 @@ def test_fsdp_checkpoint_keeps_the_optimizer_state_on_the_host(one_rank_group):
 
 def test_fsdp_checkpoint_round_trip_through_the_host_mesh(one_rank_group, tmp_path):
     """DCP saves and loads the host-mesh DTensors (one rank; the 2-rank resume is tests/test_fsdp.py's)."""
-    from grass_ft.fsdp import shard_model
-    from grass_ft.offload import LayerwiseOffloadAdamW
+    from grass_ft.parallel.fsdp import shard_model
+    from grass_ft.method.offload import LayerwiseOffloadAdamW
 
     def build():
         model = tiny_llama(layers=2)
@@ -248,7 +248,7 @@ def test_every_benchmark_script_imports_from_a_plain_checkout(tmp_path):
 
 
 def test_fsdp_reduces_gradients_in_fp32_by_default(monkeypatch):
-    from grass_ft import fsdp
+    from grass_ft.parallel import fsdp
 
     policies = []
     monkeypatch.setattr(fsdp, "fully_shard", lambda module, mesh=None, mp_policy=None: policies.append(mp_policy))
@@ -305,9 +305,9 @@ def test_rng_state_of_more_gpus_than_this_run_sees(monkeypatch):
 
 
 def test_fsdp_final_model_stays_on_the_host(one_rank_group, tiny_model_dir):
-    from grass_ft.fsdp import shard_model
-    from grass_ft.models import load_model
-    from grass_ft.train import _gathered_model
+    from grass_ft.parallel.fsdp import shard_model
+    from grass_ft.model import load_model
+    from grass_ft.run.finish import gathered_model as _gathered_model
 
     model = load_model(str(tiny_model_dir), "float32")
     shard_model(model, mesh=_cpu_mesh())
@@ -355,8 +355,8 @@ class _FakeEvent:
 
 def test_step_time_is_measured_with_cuda_events_at_timed_steps_only(monkeypatch):
     from grass_ft.config import TrainConfig
-    from grass_ft.methods import prepare
-    from grass_ft.step import StepClock, StepRunner
+    from grass_ft.method.methods import prepare
+    from grass_ft.method.step import StepClock, StepRunner
 
     monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
     _FakeEvent.log = []
@@ -442,9 +442,9 @@ def test_cuda_fused_adamw_load_then_step(tmp_path):
 def test_cuda_fused_adamw_resume_then_step(tiny_model_dir, tiny_data, tmp_path):
     """Defect 1 through the native loop: fft (fused AdamW on CUDA) checkpoints, resumes and steps to the end."""
     from grass_ft.config import build_config
-    from grass_ft.methods import method_names
-    from grass_ft.step import StepRunner
-    from grass_ft.train import run_train
+    from grass_ft.method.methods import method_names
+    from grass_ft.method.step import StepRunner
+    from grass_ft.run.train import run_train
 
     def cfg(**kw):
         keys = {"model": tiny_model_dir, "data": tiny_data, "output_dir": tmp_path, "method": "fft", "max_steps": 4,
@@ -511,8 +511,8 @@ def test_cuda_fsdp_checkpoint_copies_no_optimizer_state_to_the_gpu(one_gpu_group
     state (before: all of it, at once, for DCP)."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    from grass_ft.fsdp import shard_model
-    from grass_ft.offload import LayerwiseOffloadAdamW
+    from grass_ft.parallel.fsdp import shard_model
+    from grass_ft.method.offload import LayerwiseOffloadAdamW
 
     model = tiny_llama(layers=4, hidden=256).cuda().to(torch.bfloat16)
     shard_model(model, mesh=init_device_mesh("cuda", (1,)))
@@ -540,9 +540,9 @@ def test_cuda_fsdp_final_model_stays_on_the_host_and_gradients_reduce_in_fp32(on
     reduce dtype."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    from grass_ft.fsdp import shard_model
-    from grass_ft.models import load_model
-    from grass_ft.train import _gathered_model
+    from grass_ft.parallel.fsdp import shard_model
+    from grass_ft.model import load_model
+    from grass_ft.run.finish import gathered_model as _gathered_model
 
     model = load_model(str(tiny_model_dir), "bfloat16").cuda()
     shard_model(model, mesh=init_device_mesh("cuda", (1,)))
@@ -606,8 +606,8 @@ def test_cuda_step_time_includes_the_queued_optimizer_step():
     """Defect 10: a timed step waits for its device work once (the stream is idle when it returns) and counts it;
     an untimed one adds no synchronisation (the stream is still busy with a 0.2 s kernel when it returns)."""
     from grass_ft.config import TrainConfig
-    from grass_ft.methods import prepare
-    from grass_ft.step import StepRunner
+    from grass_ft.method.methods import prepare
+    from grass_ft.method.step import StepRunner
 
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
@@ -646,8 +646,8 @@ def test_cuda_pure_bf16_without_masters(method):
     """master_weights=false on CUDA: fft is torch's fused AdamW on bf16 (moments bf16), grass our offloaded
     optimizer without masters (fp32 moments on the host, none kept for the weights); both step and move weights."""
     from grass_ft.config import TrainConfig
-    from grass_ft.methods import prepare
-    from grass_ft.step import StepRunner
+    from grass_ft.method.methods import prepare
+    from grass_ft.method.step import StepRunner
 
     model = tiny_llama(layers=4).cuda().to(torch.bfloat16)
     w0 = {n: p.detach().clone() for n, p in model.named_parameters()}

@@ -11,9 +11,9 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from grass_ft import data as data_mod
 from grass_ft.config import ConfigError, TrainConfig
-from grass_ft.hf import GrassCallback
-from grass_ft.methods import prepare
-from grass_ft.step import StepRunner
+from grass_ft.frontends.hf import GrassCallback
+from grass_ft.method.methods import prepare
+from grass_ft.method.step import StepRunner
 from tiny import char_tokenizer, tiny_llama
 
 L = 4
@@ -123,7 +123,7 @@ def test_keys_are_validated_through_the_config_all_at_once():
 
 def test_the_callbacks_default_method_is_the_best_sampling_arm_not_the_clis():
     from grass_ft.config import TrainConfig
-    from grass_ft.registry import DEFAULT_SAMPLING, traits
+    from grass_ft.base.registry import DEFAULT_SAMPLING, traits
 
     assert not traits(TrainConfig().method).sampling  # `grass-ft train`'s default samples no layers (fft)
     assert GrassCallback().config.method == DEFAULT_SAMPLING == "grass-uniform"
@@ -201,7 +201,7 @@ def test_exactly_the_drawn_blocks_move(tmp_path, keys, ckpt, trained_always):
 
 
 def test_checkpointing_with_the_lowest_blocks_frozen(tmp_path, monkeypatch):
-    import grass_ft.sampler as sampler_mod
+    import grass_ft.method.sampler as sampler_mod
 
     monkeypatch.setattr(sampler_mod, "draw", lambda logp, k, g: [2])  # blocks 0 and 1 stay frozen
     grass = GrassCallback(method="grass", gamma=1, probe_steps=2, sample_interval=100, **FROZEN, **MEASURE)
@@ -237,7 +237,7 @@ def test_state_of_blocks_out_of_the_active_set_is_off_the_device(tmp_path, reset
 
 
 def test_with_the_offloading_optimizer_as_the_trainers(tmp_path):
-    from grass_ft.offload import LayerwiseOffloadAdamW
+    from grass_ft.method.offload import LayerwiseOffloadAdamW
 
     model = tiny_llama(len(TOK), layers=L)
     grass = GrassCallback(gamma=1, probe_steps=1, sample_interval=2, tau=10.0, **FROZEN)

@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from grass_ft.config import TrainConfig
-from grass_ft.hf import _refuse_untested
-from grass_ft.methods import prepare
-from grass_ft.models import block_layout
+from grass_ft.frontends.hf import _refuse_untested
+from grass_ft.method.methods import prepare
+from grass_ft.model import block_layout
 from hf_dist_worker import KEYS
 from test_distributed import GRAD_NORM_RTOL
 from tiny import char_tokenizer, tiny_llama

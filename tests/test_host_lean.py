@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from grass_ft.offload import LayerwiseOffloadAdamW, block_key
+from grass_ft.method.offload import LayerwiseOffloadAdamW, block_key
 from tiny import tiny_llama
 
 
@@ -82,8 +82,8 @@ def opt_bytes_after(state):
 @pytest.mark.parametrize("reset", [True, False])
 def test_step_runner_releases_blocks_that_leave_only_with_reset_state_on_switch(reset):
     from grass_ft.config import TrainConfig
-    from grass_ft.methods import prepare
-    from grass_ft.step import StepRunner
+    from grass_ft.method.methods import prepare
+    from grass_ft.method.step import StepRunner
 
     cfg = TrainConfig(method="grass-uniform", gamma=1, sample_interval=1, reset_state_on_switch=reset, offload=True,
                       lr=1e-2, dtype="bfloat16")

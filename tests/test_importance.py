@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from grass_ft.config import ConfigError, TrainConfig, build_config
-from grass_ft.importance import GradNormRecorder, finite_observation
-from grass_ft.methods import method_names, prepare, step_budget
-from grass_ft.sampler import LayerSampler, sweep_groups
-from grass_ft.step import StepRunner
+from grass_ft.method.importance import GradNormRecorder, finite_observation
+from grass_ft.method.methods import method_names, prepare, step_budget
+from grass_ft.method.sampler import LayerSampler, sweep_groups
+from grass_ft.method.step import StepRunner
 from tiny import tiny_llama
 
 L = 4
@@ -89,7 +89,7 @@ def test_trainer_loop_a_non_finite_gradient_does_not_poison_importance(tmp_path)
     from test_hf import L as HF_L, TOK, Features, collator, training_args
     from transformers import Trainer, TrainerCallback
 
-    from grass_ft.hf import GrassCallback
+    from grass_ft.frontends.hf import GrassCallback
 
     model = tiny_llama(len(TOK), layers=HF_L)
     clock = [0]
@@ -229,7 +229,7 @@ def test_count_probe_steps_decides_what_max_steps_counts():
 def test_the_cli_loop_honours_count_probe_steps(tmp_path, tiny_model_dir, tiny_data, counted):
     import json
 
-    from grass_ft.train import run_train
+    from grass_ft.run.train import run_train
 
     cfg = TrainConfig(method="grass", model=str(tiny_model_dir), data=str(tiny_data), gamma=2, probe_steps=2,
                       max_steps=4, batch_size=2, eval_samples=0, count_probe_steps=counted, probe_mode="measure",

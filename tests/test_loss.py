@@ -19,9 +19,9 @@ import torch
 
 from grass_ft import data as data_mod
 from grass_ft.config import TrainConfig
-from grass_ft.loss import (IGNORE_INDEX, chunk_positions, enable_supervised_loss, head_path, supervised_loss)
-from grass_ft.methods import prepare
-from grass_ft.step import StepRunner
+from grass_ft.method.loss import (IGNORE_INDEX, chunk_positions, enable_supervised_loss, head_path, supervised_loss)
+from grass_ft.method.methods import prepare
+from grass_ft.method.step import StepRunner
 from tiny import char_tokenizer, tiny_llama
 
 RTOL, ATOL = 1e-5, 1e-6
@@ -143,7 +143,7 @@ def test_frozen_lower_blocks_get_no_backward():
 
 def test_with_activation_checkpointing_and_frozen_lower_blocks():
     """The native loop's gradient_checkpointing (non-reentrant, input-require-grads hook removed) under GRASS."""
-    from grass_ft.models import enable_checkpointing
+    from grass_ft.model import enable_checkpointing
 
     model = tiny_llama()
     enable_checkpointing(model)
@@ -252,7 +252,7 @@ def test_native_loop_trains_the_same_with_either_forward(method):
 def test_trainer_with_enable_supervised_loss(tmp_path, accum, monkeypatch):
     from transformers import Trainer, TrainingArguments
 
-    import grass_ft.loss as loss_mod
+    import grass_ft.method.loss as loss_mod
 
     calls = []
     head_loss = loss_mod.head_loss
@@ -318,7 +318,7 @@ def test_sft_trainer_keeps_its_own_fused_head_with_the_patch(tmp_path):
 
 def test_grass_callback_points_to_enable_supervised_loss():
     from grass_ft.config import ConfigError
-    from grass_ft.hf import GrassCallback
+    from grass_ft.frontends.hf import GrassCallback
 
     with pytest.raises(ConfigError, match=r"`supervised_only_loss` is not a GrassCallback key: set it with "
                                           r"grass_ft\.loss\.enable_supervised_loss\(model\)"):

@@ -92,7 +92,7 @@ def test_probe_hook_allocates_no_full_size_copy():
     bf16 gradient (or of its square), which would lift the probe's peak above the training step's."""
     import torch
 
-    from grass_ft.importance import NORM_CHUNK, GradNormRecorder
+    from grass_ft.method.importance import NORM_CHUNK, GradNormRecorder
 
     p = torch.nn.Parameter(torch.zeros(4 * NORM_CHUNK + 3, dtype=torch.bfloat16))
     rec = GradNormRecorder([[p]], [p.numel()])

@@ -8,10 +8,11 @@ import torch
 from torch import nn
 
 from grass_ft.config import TrainConfig
-from grass_ft.methods import method_names, prepare
-from grass_ft.offload import RING_SLOTS
-from grass_ft.step import StepRunner, optimizer_state_bytes
-from grass_ft.train import _trainable_count, run_train, save_final
+from grass_ft.method.methods import method_names, prepare
+from grass_ft.method.offload import RING_SLOTS
+from grass_ft.method.step import StepRunner, optimizer_state_bytes
+from grass_ft.run.loop import trainable_count as _trainable_count
+from grass_ft.run.train import run_train, save_final
 from test_step import batches
 from tiny import char_tokenizer, tiny_llama
 
@@ -87,7 +88,7 @@ def test_dora_has_more_trainable_parameters_than_lora():
 
 
 def test_bad_target_modules_names_the_linear_modules():
-    from grass_ft.models import ModelError
+    from grass_ft.model import ModelError
 
     with pytest.raises(ModelError, match=r"`lora_target_modules` 'nope_proj' matches no module of "
                                          r"LlamaForCausalLM; its linear modules are down_proj, gate_proj"):
@@ -214,8 +215,8 @@ def test_lisa_device_state_grows_with_drawn_blocks_grass_offload_stays_off_devic
 def test_registry_capabilities_match_what_the_builders_do():
     """grass_ft.registry declares each method's capabilities once; the builders must do what it says (a sampler of
     the declared kind, the declared default offload), and a builder needs a registry row."""
-    from grass_ft.methods import register_method
-    from grass_ft.registry import METHODS, traits
+    from grass_ft.method.methods import register_method
+    from grass_ft.base.registry import METHODS, traits
 
     assert method_names() == list(METHODS)
     for name in method_names():

@@ -27,7 +27,7 @@ import pytest
 import torch
 from torch import nn
 
-from grass_ft.offload import LayerwiseOffloadAdamW, block_key
+from grass_ft.method.offload import LayerwiseOffloadAdamW, block_key
 
 transformers = pytest.importorskip("transformers")
 

@@ -5,8 +5,8 @@ import torch
 from safetensors.torch import load_file
 
 from grass_ft.config import build_config
-from grass_ft.methods import method_names
-from grass_ft.train import run_train
+from grass_ft.method.methods import method_names
+from grass_ft.run.train import run_train
 
 
 def _run(tmp_path, model_dir, data, **kw):
@@ -74,7 +74,7 @@ def test_report_to_tensorboard_writes_readable_event_files(tmp_path, tiny_model_
 
 
 def test_report_to_is_validated(capsys):
-    from grass_ft.cli import main
+    from grass_ft.frontends.cli import main
 
     assert main(["validate", "report_to=tensorbored"]) == 2
     assert "`report_to` must be one or more (comma-separated) of none, tensorboard, wandb" in capsys.readouterr().err
@@ -87,7 +87,7 @@ def test_grass_callback_adds_grass_metrics_to_trainer_logs_and_tensorboard(tmp_p
     from transformers import Trainer
     from transformers.integrations import TensorBoardCallback
 
-    from grass_ft.hf import GrassCallback
+    from grass_ft.frontends.hf import GrassCallback
 
     grass = GrassCallback(method="grass", gamma=2, probe_steps=2, sample_interval=2, update_interval=3,
                           probe_mode="measure")  # the paper's probe: two steps that train nothing

@@ -10,9 +10,9 @@ import pytest
 import torch
 import yaml
 
-from grass_ft import cli
+from grass_ft.frontends import cli
 from grass_ft.config import TrainConfig, build_config
-from grass_ft.methods import method_names, prepare
+from grass_ft.method.methods import method_names, prepare
 from grass_ft.planner import Setting, detect_budgets, predict
 from grass_ft.planner.memory import optimizer_of
 from grass_ft.planner.profile import measure
@@ -69,7 +69,7 @@ def test_the_optimizer_assumed_is_the_one_built(method, dtype, masters, offload,
     on a tiny model."""
     from tiny import tiny_llama
 
-    from grass_ft.step import StepRunner
+    from grass_ft.method.step import StepRunner
 
     model = tiny_llama(layers=4).to(getattr(torch, dtype))
     cfg = TrainConfig(method=method, gamma=1, sample_interval=1, master_weights=masters, offload=offload,
@@ -95,7 +95,7 @@ def test_the_optimizer_assumed_is_the_one_built(method, dtype, masters, offload,
     p = predict(shape, prof, s, active_blocks=list(runner.sampler.active) if runner.sampler else None)
     real_host = opt.memory_report()["host_state_bytes"] if hasattr(opt, "memory_report") else 0
     assert p.host_resident == real_host
-    from grass_ft.step import optimizer_state_bytes
+    from grass_ft.method.step import optimizer_state_bytes
 
     state = optimizer_state_bytes(opt)
     assert p.device_state == state["device"]  # moments and masters on the device once every block has trained
@@ -277,7 +277,7 @@ def test_out_of_memory_lists_the_settings_the_planner_expects_to_fit(tiny_model_
     included), planned for the card's total memory; on a CPU the fixed advice stays."""
     import types
 
-    from grass_ft.train import out_of_memory_message
+    from grass_ft.run.messages import out_of_memory_message
 
     cfg = build_config(None, {"model": str(tiny_model_dir), "method": "fft", "batch_size": "4", "max_seq_len": "64",
                               "host_memory": "8GiB"}, known_methods=method_names())

@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from grass_ft.offload import LayerwiseOffloadAdamW
+from grass_ft.method.offload import LayerwiseOffloadAdamW
 
 transformers = pytest.importorskip("transformers")
 
@@ -103,7 +103,7 @@ def test_lr_1e5_bf16_with_masters_tracks_fp32_while_pure_bf16_drifts():
 
 def test_make_adamw_gives_bf16_methods_masters_unless_turned_off():
     from grass_ft.config import TrainConfig
-    from grass_ft.methods import prepare
+    from grass_ft.method.methods import prepare
 
     for method in ("fft", "lisa", "grass"):
         p = prepare(tiny_llama(torch.bfloat16), TrainConfig(method=method, gamma=1, probe_steps=1))
@@ -124,7 +124,7 @@ def test_torch_adamw_is_fused_on_cuda_and_the_per_tensor_loop_on_the_cpu():
     """Stock torch AdamW (fp32, or master_weights=false) takes transformers' CUDA default, the fused kernel, on
     CUDA; on the CPU torch's own default, as every recorded CPU figure."""
     from grass_ft.config import TrainConfig
-    from grass_ft.methods import prepare
+    from grass_ft.method.methods import prepare
 
     p = prepare(tiny_llama(torch.float32), TrainConfig(method="fft"))
     assert type(p.optimizer) is torch.optim.AdamW and not p.optimizer.defaults["fused"]
@@ -136,7 +136,7 @@ def test_torch_adamw_is_fused_on_cuda_and_the_per_tensor_loop_on_the_cpu():
 
 
 def test_float16_without_master_weights_is_one_line(capsys):
-    from grass_ft.cli import main
+    from grass_ft.frontends.cli import main
 
     assert main(["validate", "dtype=float16", "master_weights=false"]) == 2
     err = capsys.readouterr().err
@@ -148,7 +148,7 @@ def test_float16_without_master_weights_is_one_line(capsys):
 def fp16_arms(loss_factor: float, steps: int = 8, init_scale: float = 2.0 ** 16):
     """fp32 torch AdamW, and fp16 with masters through the loss scaler (and unscaled, ``init_scale=1``), on the
     same batches; the loss multiplied by ``loss_factor`` (Adam's update does not depend on it in exact arithmetic)."""
-    from grass_ft.loss_scale import LossScaler
+    from grass_ft.method.loss_scale import LossScaler
 
     base = tiny_llama(torch.float16)
     models = {"fp32": copy.deepcopy(base).float(), "fp16": copy.deepcopy(base)}
@@ -211,7 +211,7 @@ def test_torch_grad_scaler_drives_our_optimizer_exactly_as_the_loss_scaler():
     """Our optimizer speaks torch's scaling protocol (``_step_supports_amp_scaling``): torch.amp.GradScaler itself
     scales, checks for inf and steps it, and the result is bit-equal to the native loop's scaler (both divide the
     gradients by the same fp32 scale as they up-cast them, then run the same update)."""
-    from grass_ft.loss_scale import LossScaler
+    from grass_ft.method.loss_scale import LossScaler
 
     results = []
     for drive in ("ours", "torch"):
@@ -238,9 +238,9 @@ def test_torch_grad_scaler_drives_our_optimizer_exactly_as_the_loss_scaler():
 
 def test_loss_scale_travels_in_the_runner_state():
     from grass_ft.config import TrainConfig
-    from grass_ft.loss_scale import LossScaler
-    from grass_ft.methods import prepare
-    from grass_ft.step import StepRunner
+    from grass_ft.method.loss_scale import LossScaler
+    from grass_ft.method.methods import prepare
+    from grass_ft.method.step import StepRunner
 
     runner = StepRunner(prepare(tiny_llama(torch.float16), TrainConfig(method="fft")), loss_scaler=LossScaler())
     runner.scaler.update(True)

@@ -17,9 +17,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from grass_ft.config import TrainConfig
-from grass_ft.distributed import Distributed
-from grass_ft.methods import prepare
-from grass_ft.step import StepRunner
+from grass_ft.parallel.distributed import Distributed
+from grass_ft.method.methods import prepare
+from grass_ft.method.step import StepRunner
 
 from tiny import tiny_llama
 
@@ -37,7 +37,7 @@ def _batch(step: int, rank: int, unsupervised: bool = False) -> dict:
 
 
 def _worker(rank: int, init: str, out: str, fsdp: bool, kind: str) -> None:
-    from grass_ft.loss import loss_forward
+    from grass_ft.method.loss import loss_forward
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2,
@@ -45,7 +45,7 @@ def _worker(rank: int, init: str, out: str, fsdp: bool, kind: str) -> None:
     try:
         model = tiny_llama(layers=4)
         if fsdp:
-            from grass_ft.fsdp import shard_model
+            from grass_ft.parallel.fsdp import shard_model
 
             shard_model(model)
         cfg = TrainConfig(method="grass", gamma=2, probe_steps=2, sample_interval=2, update_interval=4,
@@ -78,7 +78,7 @@ def _worker(rank: int, init: str, out: str, fsdp: bool, kind: str) -> None:
                          ids=["allreduce-nan", "fsdp2-nan", "allreduce-unsupervised"])
 def test_one_rank_bad_step_is_one_decision_for_all_ranks(tmp_path, fsdp, kind):
     if fsdp:
-        from grass_ft.fsdp import fsdp_unavailable
+        from grass_ft.parallel.fsdp import fsdp_unavailable
 
         if fsdp_unavailable():
             pytest.skip(fsdp_unavailable())

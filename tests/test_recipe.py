@@ -15,11 +15,11 @@ import torch
 import yaml
 
 from grass_ft import data as data_mod
-from grass_ft.cli import main
+from grass_ft.frontends.cli import main
 from grass_ft.config import TrainConfig, build_config
-from grass_ft.methods import method_names
-from grass_ft.recipe import resolve_warmup, steps_for_epochs, updates_per_epoch
-from grass_ft.train import run_train
+from grass_ft.method.methods import method_names
+from grass_ft.run.resolve import resolve_warmup, steps_for_epochs, updates_per_epoch
+from grass_ft.run.train import run_train
 
 
 def _cfg(model_dir, data, out, **kw):
@@ -100,7 +100,7 @@ def test_pack_features_is_best_fit_decreasing_and_collate_restarts_positions():
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_packed_loss_equals_the_examples_apart(attn):
-    from grass_ft.loss import supervised_loss
+    from grass_ft.method.loss import supervised_loss
     from tiny import tiny_llama
 
     model = tiny_llama(103, layers=2)
@@ -118,7 +118,7 @@ def test_packed_loss_equals_the_examples_apart(attn):
 
 
 def test_packing_refuses_a_model_that_lets_packed_examples_mix():
-    from grass_ft.packing import PackingError, check_packing, mixing
+    from grass_ft.data.packing import PackingError, check_packing, mixing
     from tiny import tiny_llama
 
     model = tiny_llama(103, layers=2)
@@ -235,7 +235,7 @@ def test_early_stopping_ends_the_run_and_final_holds_the_best(tmp_path, tiny_mod
 
 
 def test_wandb_mode_follows_the_environment(tmp_path, monkeypatch):
-    from grass_ft.logging_sinks import wandb_mode
+    from grass_ft.run.logging_sinks import wandb_mode
 
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
     assert wandb_mode({"WANDB_MODE": "online"}) == (None, None)  # the user's word, read by wandb.init
@@ -247,7 +247,7 @@ def test_wandb_mode_follows_the_environment(tmp_path, monkeypatch):
 
 
 def test_wandb_init_gets_project_name_and_mode_as_its_users_set_them(tmp_path, monkeypatch):
-    from grass_ft.logging_sinks import MetricSinks
+    from grass_ft.run.logging_sinks import MetricSinks
 
     calls = []
     fake = types.SimpleNamespace(init=lambda **kw: calls.append(kw) or types.SimpleNamespace(
@@ -267,7 +267,7 @@ def test_wandb_init_gets_project_name_and_mode_as_its_users_set_them(tmp_path, m
 
 def test_real_wandb_reads_its_environment(tmp_path, monkeypatch):
     wandb = pytest.importorskip("wandb")
-    from grass_ft.logging_sinks import MetricSinks
+    from grass_ft.run.logging_sinks import MetricSinks
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_PROJECT", "from-env")
@@ -283,7 +283,7 @@ def test_real_wandb_reads_its_environment(tmp_path, monkeypatch):
 
 
 def test_help_texts_match_what_the_code_does(capsys):
-    from grass_ft.compare import DEFAULT_METHODS
+    from grass_ft.frontends.compare import DEFAULT_METHODS
 
     assert main(["--help"]) == 0
     top = capsys.readouterr().out
@@ -307,7 +307,7 @@ def test_a_run_of_resolved_keys_resumes_and_a_changed_one_is_named(tmp_path, tin
 
     from safetensors.torch import load_file
 
-    from grass_ft.checkpoint import CheckpointError
+    from grass_ft.run.checkpoint import CheckpointError
 
     out = tmp_path / "run"
     keys = dict(num_train_epochs=0.5, warmup_ratio=0.25, save_steps=2, save_total_limit=0, eval_samples=0)

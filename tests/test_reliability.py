@@ -21,11 +21,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from grass_ft.checkpoint import check_same_run, checkpoint_problem, find_checkpoint, list_checkpoints
-from grass_ft.cli import main
+from grass_ft.run.checkpoint import check_same_run, checkpoint_problem, find_checkpoint, list_checkpoints
+from grass_ft.frontends.cli import main
 from grass_ft.config import ConfigError
-from grass_ft.errors import UserError
-from grass_ft.registry import traits
+from grass_ft.base.errors import UserError
+from grass_ft.base.registry import traits
 
 # method=grass (the paper's, with its measuring probe step, which updates nothing): the step numbers the tests below
 # expect count that probe step
@@ -377,7 +377,7 @@ def test_r26_failed_write_is_one_line_and_leaves_no_temporary(tiny_model_dir, ti
                                                                monkeypatch):
     import errno
 
-    import grass_ft.checkpoint as ck
+    import grass_ft.run.checkpoint as ck
 
     def full(model, path):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -470,8 +470,8 @@ def test_r35_huge_lr_stuck_at_uniform_loss_is_stopped(tiny_model_dir, tiny_data,
 def test_r35_stuck_rule_zero_gradient_and_what_is_not_stuck():
     """SmolLM2 at lr=1e6 (issue 13) showed grad_norm 0, the tiny model shows NaN: both are stuck at ln(V).
     A random model starts ~0.5% from ln(V) with a real gradient: not stuck."""
-    from grass_ft.divergence import DivergenceWatch
-    from grass_ft.errors import DivergenceError
+    from grass_ft.run.divergence import DivergenceWatch
+    from grass_ft.base.errors import DivergenceError
 
     v = 49152
     w = DivergenceWatch(max_bad_steps=5, vocab=v, lr=1e6)
@@ -544,7 +544,7 @@ def test_r38b_out_of_device_memory_is_one_line_naming_the_keys_that_fit_and_keep
         tiny_model_dir, tiny_data, tmp_path, capsys, monkeypatch):
     """A device that runs out of memory (the default `fft` keeps all its optimizer state there) is the user's to
     fix by keys: one line, exit 2, the checkpoint already written intact, nothing that looks finished."""
-    from grass_ft.step import StepRunner
+    from grass_ft.method.step import StepRunner
 
     real, calls = StepRunner.train_step, [0]
 
@@ -587,7 +587,7 @@ def test_r38c_a_training_probe_sweep_that_lasts_the_whole_run_is_warned(tiny_mod
 
 
 def test_r39_ctrl_c_in_process_without_checkpoints(tiny_model_dir, tiny_data, tmp_path, capsys, monkeypatch):
-    from grass_ft.step import StepRunner
+    from grass_ft.method.step import StepRunner
 
     def interrupt(self, step, mbs, forward=None):
         raise KeyboardInterrupt
@@ -627,7 +627,7 @@ def test_r40_signal_exits_with_the_checkpoint_intact(tiny_model_dir, tiny_data, 
 
 def test_r42_a_second_run_on_a_directory_in_use_is_refused_and_removes_nothing(tiny_model_dir, tiny_data,
                                                                                  tmp_path, capsys):
-    from grass_ft.train import LOCK_NAME, output_dir_lock
+    from grass_ft.run.outputs import LOCK_NAME, output_dir_lock
 
     out = tmp_path / "run"
     runs(capsys, *train_args(tiny_model_dir, tiny_data, out, save_steps=2))
@@ -647,7 +647,7 @@ def test_r42_a_second_run_on_a_directory_in_use_is_refused_and_removes_nothing(t
 
 
 def test_r41_only_what_a_killed_write_leaves_is_cleaned(tmp_path):
-    from grass_ft.atomic import remove_dir, remove_stale_temporaries
+    from grass_ft.base.atomic import remove_dir, remove_stale_temporaries
 
     debris = [".trash-ab12cd34", ".final-ab12cd34", ".checkpoint-8-ab12cd34", ".summary.json.tmp"]
     for name in debris[:3]:

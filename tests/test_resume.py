@@ -12,12 +12,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from grass_ft.checkpoint import find_checkpoint, list_checkpoints
-from grass_ft.cli import main
+from grass_ft.run.checkpoint import find_checkpoint, list_checkpoints
+from grass_ft.frontends.cli import main
 from grass_ft.config import build_config
-from grass_ft.methods import method_names
-from grass_ft.step import StepRunner
-from grass_ft.train import run_train
+from grass_ft.method.methods import method_names
+from grass_ft.method.step import StepRunner
+from grass_ft.run.train import run_train
 
 
 def cfg_for(model, data, out, **kw):
@@ -81,8 +81,8 @@ def test_stop_and_resume_is_identical(straight, tiny_model_dir, tiny_data, tmp_p
 SLOW_SAVE = """
 import sys, time
 from pathlib import Path
-import grass_ft.checkpoint as ck
-from grass_ft.cli import main
+import grass_ft.run.checkpoint as ck
+from grass_ft.frontends.cli import main
 original = ck.save_model
 def save_model(model, path):
     original(model, path)

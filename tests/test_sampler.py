@@ -8,8 +8,8 @@ and approx's rel 1e-6 are pure headroom; float32 inputs (the ema test) are small
 import pytest
 import torch
 
-from grass_ft.importance import MGNWindow, grad_rms
-from grass_ft.sampler import LayerSampler, draw, ema, log_probs, normalize_mgn, softmax_probs
+from grass_ft.method.importance import MGNWindow, grad_rms
+from grass_ft.method.sampler import LayerSampler, draw, ema, log_probs, normalize_mgn, softmax_probs
 
 
 def test_normalize_is_scale_free():

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from grass_ft.config import TrainConfig
-from grass_ft.methods import prepare
-from grass_ft.step import NonFiniteError, StepRunner
+from grass_ft.method.methods import prepare
+from grass_ft.method.step import NonFiniteError, StepRunner
 from tiny import tiny_llama
 
 L = 4
@@ -184,8 +184,8 @@ def test_offloaded_state_is_off_device_and_flat():
 def test_gradient_checkpointing_with_lowest_block_frozen(monkeypatch, embeddings_and_head):
     """Checkpointed blocks 0-1 frozen: with the embeddings frozen backward stops above them; trained (the default),
     it runs through the frozen checkpointed blocks down to the input embedding, which must then move."""
-    import grass_ft.sampler as sampler_mod
-    from grass_ft.models import enable_checkpointing
+    import grass_ft.method.sampler as sampler_mod
+    from grass_ft.model import enable_checkpointing
 
     monkeypatch.setattr(sampler_mod, "draw", lambda logp, k, g: [2])  # the lowest blocks stay frozen
     model = tiny_llama(layers=L)

@@ -9,8 +9,8 @@ import pytest
 
 from grass_ft import data as data_mod
 from grass_ft.data import DataError
-from grass_ft.evalsets import load_bigbench, load_eval_data, load_eval_file, load_eval_sets
-from grass_ft.tasks import (KNOWN_TASKS, TASK_CHOICES, canonical_task, choice_target, choices_for,
+from grass_ft.evaluation.evalsets import load_bigbench, load_eval_data, load_eval_file, load_eval_sets
+from grass_ft.base.tasks import (KNOWN_TASKS, TASK_CHOICES, canonical_task, choice_target, choices_for,
                             extract_answer, gold_answer, is_correct, parse_gold)
 
 DATA = Path(__file__).parent / "data"

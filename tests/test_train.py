@@ -8,8 +8,8 @@ import pytest
 import yaml
 
 from grass_ft.config import build_config
-from grass_ft.methods import method_names
-from grass_ft.train import run_train
+from grass_ft.method.methods import method_names
+from grass_ft.run.train import run_train
 
 
 def read_jsonl(path):

@@ -11,7 +11,7 @@ import torch
 
 pytest.importorskip("trl")
 
-from grass_ft.hf import GrassTrainer, GrassTrainerMixin, grass_trainer, grass_trainer_unsupported  # noqa: E402
+from grass_ft.frontends.hf import GrassTrainer, GrassTrainerMixin, grass_trainer, grass_trainer_unsupported  # noqa: E402
 from tiny import char_tokenizer, tiny_llama  # noqa: E402
 
 WORKER = str(Path(__file__).parent / "trl_dist_worker.py")

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from datasets import Dataset  # noqa: E402
 from trl import SFTConfig, SFTTrainer  # noqa: E402
 
-from grass_ft.hf import GrassCallback, grass_trainer  # noqa: E402
+from grass_ft.frontends.hf import GrassCallback, grass_trainer  # noqa: E402
 from tiny import char_tokenizer, tiny_llama  # noqa: E402
 
 KEYS = dict(method="grass", gamma=2, probe_steps=2, sample_interval=2, update_interval=2, tau=0.5, seed=5,
