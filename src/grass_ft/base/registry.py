@@ -1,6 +1,6 @@
 """The method registry's table: every method's name and what it can do, in one place.
 
-How a method prepares a model (its builder) is registered in :mod:`grass_ft.methods` under one of these names;
+How a method prepares a model (its builder) is registered in :mod:`grass_ft.method.methods` under one of these names;
 everything that asks what a method *can do* — config validation, the CLI, the HF callback, reports, benchmarks —
 reads it here. This module imports nothing from grass_ft, so the lowest modules (config) can use it; adding a
 method is one row here and one ``@register_method`` builder there (methods.py checks that the two agree).

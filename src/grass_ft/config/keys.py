@@ -182,7 +182,7 @@ class TrainConfig:
         if self.lr is None and self.method != "auto":
             self.lr = traits(self.method).lr
         # `max_steps` unset is 30 steps, unless num_train_epochs is set: then the run resolves it from the data's
-        # size at its start (grass_ft.recipe), as the Trainer's max_steps=-1
+        # size at its start (grass_ft.run.resolve), as the Trainer's max_steps=-1
         if self.max_steps is None and self.num_train_epochs is None:
             self.max_steps = DEFAULT_MAX_STEPS
         if isinstance(self.metric_for_best_model, str) and not self.metric_for_best_model.startswith("eval_"):
@@ -224,11 +224,11 @@ def holds_out(cfg: Any) -> bool:
 
 AUTO_KEYS = ("method", "gamma")  # keys whose value may be `auto`: chosen by the planner at the start of a run
 LR_SCHEDULES = ("constant", "linear", "cosine")
-DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: resolved once at the start (grass_ft.recipe)
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: resolved once at the start (grass_ft.run.resolve)
 SAVE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 ATTN_IMPLEMENTATIONS = ("auto", "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
 BEST_METRICS = {"eval_loss": False, "eval_accuracy": True}  # metric -> greater is better
-DATA_FORMATS = ("auto", "alpaca", "prompt_completion", "messages", "text")  # grass_ft.formats.FORMATS + auto
+DATA_FORMATS = ("auto", "alpaca", "prompt_completion", "messages", "text")  # grass_ft.data.FORMATS + auto
 DATA_FILE_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")
 REPORT_TO = ("none", "tensorboard", "wandb")
 

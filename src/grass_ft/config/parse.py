@@ -162,5 +162,5 @@ def build_config(config_file: str | None = None, overrides: dict[str, Any] | Non
 
 
 def save_config(cfg: TrainConfig | dict[str, Any], path: str | Path) -> None:
-    """config.yaml: a configuration, or the resolved record of a run (grass_ft.recipe.filled)."""
+    """config.yaml: a configuration, or the resolved record of a run (grass_ft.run.resolve.filled)."""
     Path(path).write_text(yaml.safe_dump(cfg if isinstance(cfg, dict) else cfg.to_dict(), sort_keys=False))

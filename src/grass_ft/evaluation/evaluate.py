@@ -56,12 +56,13 @@ def evaluate(model: torch.nn.Module, tokenizer, examples: Sequence[dict[str, Any
     """Held-out eval loss (overall and per task) and accuracy of ``model`` on ``examples``.
 
     Accuracy is over the examples that can be answered (a prompt and a gold ``answer``; see
-    :func:`~grass_ft.scoring.scorable`) and whose task is not in ``loss_only``; the others count in the loss only.
+    :func:`~grass_ft.evaluation.scoring.scorable`) and whose task is not in ``loss_only``; the others count in the
+    loss only.
 
     Args:
         model: a causal LM (transformers or peft).
         tokenizer: its tokenizer.
-        examples: rows in any format of :mod:`grass_ft.formats`.
+        examples: rows in any format of :mod:`grass_ft.data`.
         task: task (answer rule) of examples without a ``task`` key.
         loss_only: tasks scored by eval loss only (comma-separated or a list); each must occur in ``examples``.
         mode: ``generate`` or ``loglik``.
@@ -72,8 +73,8 @@ def evaluate(model: torch.nn.Module, tokenizer, examples: Sequence[dict[str, Any
         progress: show tqdm bars.
 
     Returns:
-        :func:`~grass_ft.scoring.evaluate_examples`'s ``accuracy`` (``None`` when no example is scored), ``n``,
-        ``per_task`` and ``predictions``, plus ``eval_loss`` and ``eval_loss_per_task``.
+        :func:`~grass_ft.evaluation.scoring.evaluate_examples`'s ``accuracy`` (``None`` when no example is scored),
+        ``n``, ``per_task`` and ``predictions``, plus ``eval_loss`` and ``eval_loss_per_task``.
     """
     if not examples:
         return {}
@@ -131,7 +132,7 @@ def load_for_eval(model_path: str | Path):
     """``(model, tokenizer)`` for evaluation, in fp32.
 
     A directory with ``adapter_config.json`` is a peft adapter: its base (``base_model_name_or_path``, which may
-    be a packaged name such as ``smollm2-135m``) is loaded by :func:`grass_ft.models.load_model_and_tokenizer`
+    be a packaged name such as ``smollm2-135m``) is loaded by :func:`grass_ft.model.load_model_and_tokenizer`
     and the adapter applied with ``peft.PeftModel.from_pretrained`` — the two steps of
     ``AutoPeftModelForCausalLM``, which itself cannot resolve packaged names. The tokenizer is the adapter
     directory's when it saved one, else the base's. Anything else goes to ``load_model_and_tokenizer``
@@ -222,7 +223,7 @@ def run_eval(model_path: str | Path, data: str | Path, task: str | None = None, 
     Args:
         model_path: packaged model name, model directory, hub id, or peft adapter directory.
         data: evaluation data: JSON/JSONL file, LLM-Adapters dataset folder, BIG-bench ``task.json`` or a
-            generator name (drawn from held-out seeds); see :func:`grass_ft.evalsets.load_eval_data`.
+            generator name (drawn from held-out seeds); see :func:`grass_ft.evaluation.evalsets.load_eval_data`.
         task: default task (answer rule) for examples without one; for a dataset folder, the one task to load.
         eval_samples: first N examples per task (``None``: all; required for generators).
         output_dir: where to write the files; ``None`` writes nothing.

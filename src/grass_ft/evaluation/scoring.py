@@ -1,6 +1,6 @@
 """Scoring a model on examples: greedy generation or log-likelihood choice scoring under LLM-Adapters' answer
-rules, and the held-out loss. :mod:`grass_ft.evaluate` runs these (its :func:`~grass_ft.evaluate.evaluate` is the
-one entry point) and writes the files.
+rules, and the held-out loss. :mod:`grass_ft.evaluation.evaluate` runs these (its
+:func:`~grass_ft.evaluation.evaluate.evaluate` is the one entry point) and writes the files.
 
 Two modes score the same examples:
 
@@ -151,7 +151,7 @@ def choice_logprobs(model: torch.nn.Module, tokenizer, examples: Sequence[dict[s
     """Sum of token log-probabilities of each option's target after the prompt, per example.
 
     The target for label ``L`` is ``"the correct answer is L"`` followed by EOS (the LLM-Adapters commonsense
-    training output). Options come from :func:`grass_ft.tasks.choices_for`.
+    training output). Options come from :func:`grass_ft.base.tasks.choices_for`.
 
     Returns:
         For each example, ``{label: log-probability}`` in option order.

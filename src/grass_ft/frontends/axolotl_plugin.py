@@ -1,9 +1,10 @@
 """GRASS in axolotl through axolotl's own plugin interface (``plugins:`` in its YAML), the way ``lisa_n_layers``
-turns on LISA there: a few ``grass_*`` keys, ``grass_gamma`` among them, turn on :class:`grass_ft.hf.GrassCallback`.
+turns on LISA there: a few ``grass_*`` keys, ``grass_gamma`` among them, turn on
+:class:`grass_ft.frontends.hf.GrassCallback`.
 
 ```yaml
 plugins:
-  - grass_ft.axolotl_plugin.GrassPlugin
+  - grass_ft.frontends.axolotl_plugin.GrassPlugin
 grass_gamma: 4                 # blocks trained at a time: turns GRASS on
 grass_method: grass-uniform    # or grass, grass-static, lisa
 grass_sample_interval: 25
@@ -12,8 +13,8 @@ grass_sample_interval: 25
 Install with ``pip install "grass-ft[axolotl]"``. axolotl pins its own transformers, TRL and peft releases; where
 those differ from the ones grass-ft runs with, the plugin was tested against axolotl's ``BasePlugin`` as its docs
 define it, not inside an axolotl run (docs/AXOLOTL.md says which). Every key is validated by
-:func:`grass_ft.hf.callback_config` when axolotl registers the plugin, so a bad value fails before any weight loads,
-all errors at once.
+:func:`grass_ft.frontends.hf.callback_config` when axolotl registers the plugin, so a bad value fails before any
+weight loads, all errors at once.
 """
 
 from __future__ import annotations
@@ -74,10 +75,10 @@ class GrassPlugin(BasePlugin):
     - ``register``: validates every ``grass_*`` key at once, and refuses ``lisa_n_layers`` beside ``grass_gamma``
       (two layer samplers would fight over ``requires_grad``);
     - ``get_input_args``: :class:`GrassArgs`, merged into axolotl's config schema;
-    - ``add_callbacks_pre_trainer``: the :class:`~grass_ft.hf.GrassCallback`, passed to the Trainer at
+    - ``add_callbacks_pre_trainer``: the :class:`~grass_ft.frontends.hf.GrassCallback`, passed to the Trainer at
       construction (so it checks ``gamma`` against the model there);
     - ``get_trainer_cls``: under several processes, axolotl's trainer with
-      :class:`~grass_ft.hf.GrassTrainerMixin` (no DDP wrapper; the active blocks' gradients all-reduced).
+      :class:`~grass_ft.frontends.hf.GrassTrainerMixin` (no DDP wrapper; the active blocks' gradients all-reduced).
     """
 
     def register(self, cfg: dict) -> None:

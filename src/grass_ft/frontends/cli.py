@@ -354,7 +354,7 @@ COMMANDS = {"train": cmd_train, "plan": cmd_plan, "eval": cmd_eval, "validate": 
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one command; a :class:`~grass_ft.errors.UserError` is one line on stderr and exit code 2 (with
+    """Run one command; a :class:`~grass_ft.base.errors.UserError` is one line on stderr and exit code 2 (with
     ``--debug`` or ``GRASS_FT_DEBUG=1``: the traceback), Ctrl-C exits 130."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("GRASS_FT_DEBUG", "").lower() in ("1", "true", "yes", "on")

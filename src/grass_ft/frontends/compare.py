@@ -6,7 +6,7 @@ import and load time and a crash belong to it alone. Keys are shared unless pref
 and every error is reported at once. A method that fails is reported with its error; the others still run.
 
 ``output_dir`` receives ``results.json`` (a list with one object per method), ``results.md`` (the same as a
-table with units), the charts of :func:`grass_ft.report.plot_compare` and one run directory per method with
+table with units), the charts of :func:`grass_ft.run.report.plot_compare` and one run directory per method with
 its ``stdout.log`` and ``stderr.log``. docs/COMPARE.md describes every column.
 """
 

@@ -1,7 +1,7 @@
 """``GrassCallback``: GRASS, GRASS* and LISA layer sampling inside ``transformers.Trainer`` and TRL's ``SFTTrainer``.
 
 The Trainer keeps its own forward/backward, clipping, optimizer, LR schedule and checkpoints; the callback drives
-the same :class:`~grass_ft.step.StepRunner` pieces (sampler, probe recorder, ``requires_grad`` switching) as the
+the same :class:`~grass_ft.method.step.StepRunner` pieces (sampler, probe recorder, ``requires_grad`` switching) as the
 native loop, at these events (all present in transformers >= 4.56, the floor; see docs/HF.md):
 
 - ``on_train_begin``: the Trainer's optimizer exists; check it covers every candidate parameter (nothing is
@@ -10,7 +10,7 @@ native loop, at these events (all present in transformers >= 4.56, the floor; se
   write the events to ``layers.jsonl``, move optimizer state of blocks that left the active set to host memory.
 - ``on_substep_end`` and ``on_pre_optimizer_step``: the probe's per-micro-batch observation.
 - ``on_pre_optimizer_step``: the active blocks' gradient RMS (adaptive GRASS, and the training probe), read
-  *before* the Trainer's clipping by the runner's :class:`~grass_ft.importance.GradNormRecorder` in its
+  *before* the Trainer's clipping by the runner's :class:`~grass_ft.method.importance.GradNormRecorder` in its
   ``"last"`` mode (the same recorder and non-finite policy as the native loop).
 - checkpoints: the runner's state travels in ``trainer_state.json`` (``ExportableState``); see :meth:`state`.
 """
@@ -43,7 +43,7 @@ METHOD_KEYS = ("method", "gamma", "tau", "alpha", "probe_steps", "sample_interva
                "probe_mode", "importance", "max_seq_len", "device_memory", "host_memory", "memory_margin")
 logger = hf_logging.get_logger("grass_ft")
 _CALLBACK_GAMMA = 4  # the callback's gamma unless given (gamma=auto: the planner's, at on_train_begin)
-CALLBACK_METHODS = with_sampling()  # the methods that draw blocks (grass_ft.registry)
+CALLBACK_METHODS = with_sampling()  # the methods that draw blocks (grass_ft.base.registry)
 # Run keys of the CLI that the Trainer owns: where to set them instead.
 _TRAINER_OWNS = {
     "model": "Trainer(model=...)", "data": "Trainer(train_dataset=...)", "eval_data": "Trainer(eval_dataset=...)",
@@ -500,7 +500,8 @@ class GrassCallback(TrainerCallback, ExportableState):
 
 
 def _trainer_distributed(args) -> Distributed:
-    """The Trainer's process group (accelerate initialised it) as a :class:`~grass_ft.distributed.Distributed`."""
+    """The Trainer's process group (accelerate initialised it) as a
+    :class:`~grass_ft.parallel.distributed.Distributed`."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() <= 1:
@@ -544,8 +545,8 @@ class GrassTrainerMixin:
     at every step -- exactly what layer sampling breaks -- unless ``find_unused_parameters=True``, which walks the
     autograd graph every step and still all-reduces every bucket, the frozen blocks' zeros included. This mixin
     leaves the model unwrapped and, after the last micro-batch's backward and before clipping, averages the
-    gradients of the parameters that train this step with :mod:`grass_ft.distributed`'s bucketed all-reduce (the
-    probe averages each parameter's gradient as it reads it): every rank then holds the same gradients, draws the
+    gradients of the parameters that train this step with :mod:`grass_ft.parallel.distributed`'s bucketed all-reduce
+    (the probe averages each parameter's gradient as it reads it): every rank then holds the same gradients, draws the
     same blocks (checked at each draw) and takes the same update. ``callbacks`` must hold one GrassCallback.
 
     How DDP is skipped: :meth:`_wrap_model` runs just before the Trainer's ``accelerator.prepare(model, optimizer)``

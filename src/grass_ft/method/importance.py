@@ -142,8 +142,8 @@ def squared_norm(grad: torch.Tensor) -> torch.Tensor:
 
 
 class GradNormRecorder:
-    """The one recorder of block gradient RMS, for the native loop (:mod:`grass_ft.step`) and the
-    ``transformers.Trainer`` callback (:mod:`grass_ft.hf`); every observation it returns has passed
+    """The one recorder of block gradient RMS, for the native loop (:mod:`grass_ft.method.step`) and the
+    ``transformers.Trainer`` callback (:mod:`grass_ft.frontends.hf`); every observation it returns has passed
     :func:`finite_observation`.
 
     Three ways to read, one policy:

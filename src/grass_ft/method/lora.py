@@ -1,7 +1,7 @@
 """LoRA and DoRA baselines through peft (no hand-written adapters): wrap a model, save the merged weights.
 
-The ``lora`` and ``dora`` registrations in :mod:`grass_ft.methods` call :func:`wrap_peft`; the training loop saves
-the adapter with the model's own ``save_pretrained`` (peft writes ``adapter_model.safetensors`` and
+The ``lora`` and ``dora`` registrations in :mod:`grass_ft.method.methods` call :func:`wrap_peft`; the training loop
+saves the adapter with the model's own ``save_pretrained`` (peft writes ``adapter_model.safetensors`` and
 ``adapter_config.json``) and, with ``merge_lora``, calls :func:`save_merged` for a stand-alone model directory.
 
 Defaults (see docs/COMPARE.md): r = 32, alpha = 2r, dropout 0.05 follow the DoRA / LLM-Adapters recipes on the

@@ -15,7 +15,7 @@ of the fp32 reduction differs (chunked partial sums, then one division), so resu
 One rule differs on purpose: a batch with **no** supervised token gives a loss of exactly 0 whose gradients are
 all zero (still connected to the graph, so ``backward()`` works under any front end), where transformers gives
 NaN (0/0). The native loop skips the update of a step that has no supervised token (see
-:meth:`grass_ft.step.StepRunner.train_step`).
+:meth:`grass_ft.method.step.StepRunner.train_step`).
 
 Models: the head path is used for the model types in :data:`HEADS`, whose forwards were read and are
 ``logits = lm_head(h)`` followed by at most a logit scale or a final-logit softcap (implemented here, in the same

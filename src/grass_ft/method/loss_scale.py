@@ -2,7 +2,7 @@
 
 fp16 keeps 5 exponent bits: a gradient below 2^-24 is zero and one above 65504 is inf. The loss is multiplied by
 a scale before backward so that small gradients survive; the scaled fp16 gradients are divided by it again when
-:class:`~grass_ft.offload.LayerwiseOffloadAdamW` up-casts them into fp32, chunk by chunk, so no fp16 gradient is
+:class:`~grass_ft.method.offload.LayerwiseOffloadAdamW` up-casts them into fp32, chunk by chunk, so no fp16 gradient is
 ever unscaled in place (which is why ``torch.amp.GradScaler.unscale_`` refuses fp16 gradients). A step whose
 gradients overflowed is skipped and counted; the scale then halves. After ``growth_interval`` good steps in a row
 it doubles. Those are ``torch.amp.GradScaler``'s semantics and defaults (init 2^16, growth 2, backoff 0.5, interval
@@ -10,7 +10,7 @@ it doubles. Those are ``torch.amp.GradScaler``'s semantics and defaults (init 2^
 
 The optimizer side is torch's own protocol for optimizers that handle scaling (``_step_supports_amp_scaling``):
 ``optimizer.grad_scale`` is what the gradients are divided by and ``optimizer.found_inf`` skips the step; so
-``torch.amp.GradScaler`` itself can drive :class:`~grass_ft.offload.LayerwiseOffloadAdamW` too (tested).
+``torch.amp.GradScaler`` itself can drive :class:`~grass_ft.method.offload.LayerwiseOffloadAdamW` too (tested).
 """
 
 from __future__ import annotations

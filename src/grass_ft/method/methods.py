@@ -1,7 +1,7 @@
 """Method registry: a lowercase name -> a function that prepares the model, optimizer and sampler.
 
 Adding a method is one function and one ``@register_method("name")`` line. Every method returns a
-:class:`Prepared`, which :mod:`grass_ft.step` drives.
+:class:`Prepared`, which :mod:`grass_ft.method.step` drives.
 
 The optimizer always covers every candidate parameter from the start, before anything is frozen, so a block
 drawn later is in it (the LMFlow #726 bug — "sampled layers never update" — cannot happen).
@@ -57,7 +57,7 @@ _REGISTRY: dict[str, MethodFn] = {}
 
 def register_method(name: str) -> Callable[[MethodFn], MethodFn]:
     """Registers the builder of ``name``, a method whose capabilities are declared in
-    :data:`grass_ft.registry.METHODS`."""
+    :data:`grass_ft.base.registry.METHODS`."""
     if name not in METHODS:
         raise ValueError(f"method {name!r} has no row in grass_ft.registry.METHODS (its capabilities)")
 
@@ -97,7 +97,7 @@ def step_budget(cfg: TrainConfig, sampler: LayerSampler | None) -> tuple[int, in
 
 
 def resolved_offload(cfg: TrainConfig) -> bool:
-    """``offload`` left unset takes the method's default (grass_ft.registry): on for the GRASS family, off for
+    """``offload`` left unset takes the method's default (grass_ft.base.registry): on for the GRASS family, off for
     LISA (as shipped), FFT and the adapters."""
     if cfg.offload is not None:
         return cfg.offload
@@ -107,14 +107,14 @@ def resolved_offload(cfg: TrainConfig) -> bool:
 def make_adamw(named: list[tuple[str, nn.Parameter]], cfg: TrainConfig, layout: BlockLayout | None,
                offload: bool, layerwise: bool = False) -> torch.optim.Optimizer:
     """``torch.optim.AdamW`` (state created lazily on the device and never freed, as today's tools do), or our
-    :class:`~grass_ft.offload.LayerwiseOffloadAdamW` (fp32 state keyed by parameter name, grouped by block) when
+    :class:`~grass_ft.method.offload.LayerwiseOffloadAdamW` (fp32 state keyed by parameter name, grouped by block) when
     ``offload`` or ``layerwise``; ``layerwise`` without ``offload`` keeps its state on the device, so the two
     GRASS arms differ only in where the state lives. bf16/fp16 parameters with ``master_weights`` (the default)
     take ours too, without offload unless asked, so that they train against fp32 masters instead of losing every
     update below half a bf16 ulp; ``master_weights=false`` keeps torch's pure-bf16 AdamW (LISA/FFT as shipped).
     With ``fsdp`` it is always ours (each rank's state is that of its shards)."""
     masters = cfg.master_weights and any(p.dtype in (torch.bfloat16, torch.float16) for _, p in named)
-    # fsdp: always ours, whose name-keyed per-shard state grass_ft.fsdp saves through DCP (same numerics)
+    # fsdp: always ours, whose name-keyed per-shard state grass_ft.parallel.fsdp saves through DCP (same numerics)
     if not (offload or layerwise or masters or cfg.fsdp):
         params = [p for _, p in named]
         # on CUDA the fused kernel, as transformers' default optimizer there (adamw_torch_fused): one kernel per

@@ -229,7 +229,7 @@ class LayerwiseOffloadAdamW(torch.optim.Optimizer):
 
     # torch's protocol for optimizers that unscale themselves (torch.amp.GradScaler.step sets ``grad_scale``, what
     # every gradient is divided by, and ``found_inf``, which skips the step): fp16 gradients are unscaled as they are
-    # up-cast into fp32, a chunk at a time, never in place (grass_ft.loss_scale)
+    # up-cast into fp32, a chunk at a time, never in place (grass_ft.method.loss_scale)
     _step_supports_amp_scaling = True
 
     def __init__(self, named_parameters: Iterable[tuple[str, Tensor]], lr: float = 1e-3,

@@ -113,7 +113,7 @@ class StepClock:
 
 
 class StepRunner:
-    """Applies a :class:`~grass_ft.methods.Prepared` method step by step.
+    """Applies a :class:`~grass_ft.method.methods.Prepared` method step by step.
 
     Args:
         prepared: model, optimizer, layout and sampler of the method.
@@ -128,7 +128,7 @@ class StepRunner:
             per-block norms are summed over the shards (:func:`grass_ft.method.importance.sharded_block_rms`).
         timed: which steps' ``seconds`` must include their device work (on CUDA, one synchronisation each: see
             :class:`StepClock`); ``None``: every step. The native loop times the steps it logs.
-        loss_scaler: float16 parameters: the dynamic loss scale (:class:`grass_ft.loss_scale.LossScaler`); the
+        loss_scaler: float16 parameters: the dynamic loss scale (:class:`grass_ft.method.loss_scale.LossScaler`); the
             loss is multiplied by it before backward and the gradients are unscaled into fp32 by the optimizer.
     """
 
@@ -295,7 +295,7 @@ class StepRunner:
         """One optimizer step over ``micro_batches`` (``grad_accum`` of them).
 
         ``forward(model, micro_batch) -> loss`` defaults to ``model(**micro_batch).loss``; the native loop passes
-        :func:`grass_ft.loss.loss_forward` (supervised positions only, unless ``supervised_only_loss=false``).
+        :func:`grass_ft.method.loss.loss_forward` (supervised positions only, unless ``supervised_only_loss=false``).
         A step none of whose micro-batches has a supervised token is skipped like a non-finite one (no update).
         """
         self.clock.start()

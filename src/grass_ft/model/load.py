@@ -26,8 +26,8 @@ PACKAGED_NOTE = {"smollm2-135m": "SmolLM2-135M-Instruct; weights went through 4-
 # Where each supported architecture keeps its decoder-block list (tried in order). Llama, Qwen2, Mistral, Gemma,
 # Phi, GPT-2, GPT-J, Falcon, GPT-NeoX and OPT are each tested as a tiny random model (tests/test_families.py:
 # blocks found, every parameter assigned once, tied and untied heads, GRASS steps, and the supervised-only loss:
-# chunked for the families in grass_ft.loss.HEADS, a full forward with a warning for GPT-2, GPT-J, Falcon and OPT);
-# the Gemma3 multimodal path is not tested.
+# chunked for the families in grass_ft.method.loss.HEADS, a full forward with a warning for GPT-2, GPT-J, Falcon and
+# OPT); the Gemma3 multimodal path is not tested.
 BLOCK_PATHS = (
     "model.layers",            # Llama, Qwen2, Mistral, Gemma, Gemma3 (text), Phi, Phi-3
     "model.language_model.layers",  # Gemma3 multimodal wrapper

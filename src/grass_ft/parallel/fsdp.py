@@ -63,7 +63,7 @@ def shard_model(model: nn.Module, layers_attribute: str | None = None, mesh=None
 
     Returns the counter every unit's reduce-scatter goes through. Needs an initialised process group; ``mesh``
     defaults to FSDP2's (all ranks, on this process's device type). Gradients are reduce-scattered in
-    ``reduce_dtype`` (fp32 by default, as the data-parallel path's all-reduce, :func:`grass_ft.distributed.reduce_dtype`:
+    ``reduce_dtype`` (fp32 by default, as the data-parallel path's all-reduce, :func:`grass_ft.parallel.distributed.reduce_dtype`:
     summing bf16 in bf16 rounds every partial sum to 8 bits) and arrive in the parameters' dtype; ``None`` reduces
     in the gradients' own dtype. Parameters are gathered in their own dtype (no ``param_dtype`` cast).
     """

@@ -49,8 +49,8 @@ def placeholder_scalars():
 
 
 class _RealSampler:
-    """Wraps a :class:`~grass_ft.sampler.LayerSampler` built from real tensors; its methods run with the fake mode
-    suspended, so draws and MGN bookkeeping are real computations on real (tiny) tensors."""
+    """Wraps a :class:`~grass_ft.method.sampler.LayerSampler` built from real tensors; its methods run with the fake
+    mode suspended, so draws and MGN bookkeeping are real computations on real (tiny) tensors."""
 
     def __init__(self, sampler, forced: list[list[int]] | None = None):
         object.__setattr__(self, "_s", sampler)

@@ -1,11 +1,11 @@
 """The peak device memory and the host memory of one training setting, composed phase by phase.
 
-A step of grass-ft's loop (:class:`grass_ft.step.StepRunner`) goes: forward through every block and the loss;
+A step of grass-ft's loop (:class:`grass_ft.method.step.StepRunner`) goes: forward through every block and the loss;
 backward through the loss, then down the blocks (each block's gradient stays, its saved activations go), then
 the embeddings; the optimizer step; the gradients freed. The device holds, besides, the weights and whatever
 optimizer state lives there. Each phase's live bytes are a sum of exact terms (weights, gradients, optimizer
 state and masters follow from the parameter counts and the optimizer grass-ft builds for the setting, as
-:func:`grass_ft.methods.make_adamw` decides) and measured ones (what a block and the loss keep and allocate,
+:func:`grass_ft.method.methods.make_adamw` decides) and measured ones (what a block and the loss keep and allocate,
 from one fake forward/backward of a one-block model: :mod:`grass_ft.planner.profile`); the peak is the largest
 phase. Layer-wise settings are priced at their worst draw: block 0 among the active ones (backward runs all the
 way down) and the others at the top (their gradients held the longest). LISA's device state grows with every
@@ -103,7 +103,7 @@ class _Optimizer:
 
 
 def optimizer_of(s: Setting) -> _Optimizer:
-    """What :func:`grass_ft.methods.make_adamw` builds for ``s``: torch AdamW (state in the parameters' dtype) or
+    """What :func:`grass_ft.method.methods.make_adamw` builds for ``s``: torch AdamW (state in the parameters' dtype) or
     grass-ft's LayerwiseOffloadAdamW (fp32 moments, fp32 masters of bf16/fp16 parameters), on the host or not."""
     low = s.dtype in ("bfloat16", "float16") and not s.adapters  # peft keeps adapters in fp32
     masters = s.master_weights and low

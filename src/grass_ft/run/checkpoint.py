@@ -373,7 +373,7 @@ def save_sharded_checkpoint(out: Path, step: int, model, optimizer, scheduler, e
                             trainer_state: dict[str, Any], save_total_limit: int, is_main: bool) -> Path:
     """Every rank: write ``checkpoint-<step>`` of an FSDP2 model through DCP, atomically (rank 0 renames).
 
-    The optimizer must be :class:`~grass_ft.offload.LayerwiseOffloadAdamW` (``fsdp`` always makes it): its
+    The optimizer must be :class:`~grass_ft.method.offload.LayerwiseOffloadAdamW` (``fsdp`` always makes it): its
     per-rank state is saved as DTensors of the parameters' placement; which names have which state, and the
     param groups (the same on every rank), go into ``grass_state.pt``.
     """

@@ -205,7 +205,7 @@ def _step_record(step: int, res, run: MethodRun, dist: Distributed, device: torc
 def _save_checkpoint(cfg: TrainConfig, dist: Distributed, out: Path, run: MethodRun, stream, tokenizer,
                      totals: Totals, before: dict[str, Any], rng: dict[str, Any], best=None) -> None:
     """checkpoint-<step>: what :func:`_resume` needs to continue bit for bit (``rng``: every rank's random state,
-    :func:`~grass_ft.checkpoint.gather_rng_states`)."""
+    :func:`~grass_ft.run.checkpoint.gather_rng_states`)."""
     extra = {"runner": run.runner.state_dict(), "rng": rng, "watch": run.watch.state_dict(),
              **({"best": best.state_dict()} if best is not None else {})}
     trainer_state = {"data": stream.state_dict(), "totals": totals.state(),

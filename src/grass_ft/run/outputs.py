@@ -57,7 +57,7 @@ def output_dir_lock(out: Path):
 
 def prepare_output_dir(path: str | Path, resuming: bool = False,
                        held: ExitStack | None = None, decide=None) -> Path:
-    """Create ``path`` (after :func:`~grass_ft.preflight.preflight` allowed it) and clear what this run replaces.
+    """Create ``path`` (after :func:`~grass_ft.run.preflight.preflight` allowed it) and clear what this run replaces.
 
     With ``held``, the directory is locked for the run (:func:`output_dir_lock`, released when ``held`` closes)
     before anything in it is removed, and ``decide()`` runs under the lock: the checks made before it (without the

@@ -85,7 +85,7 @@ def resolve_resume(cfg: TrainConfig, world_size: int, warnings: list[str]) -> Pa
     if checkpoint is not None:
         from .resolve import unresolved
 
-        later = unresolved(cfg)  # compared once the run has resolved them (grass_ft.train._run_train)
+        later = unresolved(cfg)  # compared once the run has resolved them (grass_ft.run.train._run_train)
         current = {k: v for k, v in run_keys(cfg.to_dict(), world_size).items() if k not in later}
         if cfg.auto:  # the keys auto sets are compared after the recorded choice is applied (grass_ft.planner.resolve)
             current = {k: v for k, v in current.items() if k not in AUTO_SETS}

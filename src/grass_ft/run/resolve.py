@@ -136,7 +136,7 @@ def machine_budgets(device_type: str) -> tuple[str, str]:
 
 def unresolved(cfg: TrainConfig) -> set[str]:
     """Keys this configuration leaves to be resolved at the start of the run (compared with a checkpoint's record
-    only once resolved: :func:`grass_ft.preflight.resolve_resume`)."""
+    only once resolved: :func:`grass_ft.run.preflight.resolve_resume`)."""
     keys = {k for k, v in cfg.to_dict().items() if v is None}
     if cfg.dtype == "auto":
         keys.add("dtype")

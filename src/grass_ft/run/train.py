@@ -47,7 +47,7 @@ from .preflight import RunError, check_loss_only_tasks, check_token_ids, preflig
 from .state import Inputs, MethodRun, Totals
 
 
-# Names of the old grass_ft.train that callers import from here (the CLI, the tests, the benchmarks).
+# Names of the old grass_ft.run.train that callers import from here (the CLI, the tests, the benchmarks).
 __all__ = ["LOCK_NAME", "RunError", "RunStage", "evaluate_model", "interrupted_state", "out_of_memory_message",
            "output_dir_lock", "prepare_output_dir", "print_summary", "run_train", "save_final", "validate_for_model"]
 
@@ -168,7 +168,7 @@ def _resolve_recipe(cfg: TrainConfig, dist: Distributed, inputs: Inputs) -> Trai
 
 def _resolved_record(cfg: TrainConfig, dist: Distributed, out: Path, inputs: Inputs, run: MethodRun,
                      choice: dict[str, Any] | None) -> dict[str, Any]:
-    """config.yaml: every key as this run used it (grass_ft.recipe.filled)."""
+    """config.yaml: every key as this run used it (grass_ft.run.resolve.filled)."""
     from .resolve import filled, machine_budgets
 
     base = getattr(run.prepared.model, "get_base_model", lambda: run.prepared.model)()
@@ -334,7 +334,7 @@ def _set_up_method(cfg: TrainConfig, model, dist: Distributed) -> MethodRun:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         prepared.optimizer, lambda k: lr_factor(k, warmup, total_updates, cfg.lr_schedule))
     scaler = None
-    if cfg.dtype == "float16":  # dynamic loss scaling into the fp32 masters (grass_ft.loss_scale)
+    if cfg.dtype == "float16":  # dynamic loss scaling into the fp32 masters (grass_ft.method.loss_scale)
         from ..method.loss_scale import LossScaler
 
         scaler = LossScaler()
