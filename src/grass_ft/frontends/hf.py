@@ -34,7 +34,7 @@ from transformers.trainer_callback import ExportableState
 from ..config import ConfigError, TrainConfig, build_config, validate
 from ..parallel.distributed import Distributed
 from ..method.methods import prepare
-from ..model.load import block_layout
+from ..model.blocks import block_layout
 from ..base.registry import DEFAULT_SAMPLING, with_sampling
 from ..method.step import StepRunner
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..config import TrainConfig
-from ..model.load import BlockLayout, block_layout
+from ..model.blocks import BlockLayout, block_layout
 from ..base.registry import METHODS, traits
 from .sampler import LayerSampler
 

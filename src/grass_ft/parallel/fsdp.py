@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..model.load import find_blocks
+from ..model.blocks import find_blocks
 
 try:  # FSDP2 with a pluggable reduce-scatter (set_custom_reduce_scatter): recent torch only
     from torch.distributed.device_mesh import DeviceMesh

@@ -28,7 +28,7 @@ def exact_peak(config, cfg: TrainConfig, setting: Setting, steps: int = 3) -> di
 
     from ..method.loss import loss_forward
     from ..method.methods import prepare
-    from ..model.load import block_layout, enable_checkpointing
+    from ..model.blocks import block_layout, enable_checkpointing
     from ..method.step import StepRunner
 
     # the setting's dtype: the plan resolved dtype=auto (grass_ft.model.load.resolve_dtype) before pricing it

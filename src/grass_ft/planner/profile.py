@@ -184,7 +184,7 @@ def _run(model, base, layout, batch: int, seq: int, *, block: bool, embeddings: 
     if grad_input:
         handles.append(base.get_input_embeddings().register_forward_hook(lambda m, a, out: out.requires_grad_()))
     if checkpointing:
-        from ..model.load import enable_checkpointing
+        from ..model.blocks import enable_checkpointing
 
         enable_checkpointing(base)
     forward = loss_forward(supervised_only)
@@ -296,7 +296,7 @@ def measure(config, batch: int, seq: int, dtype: torch.dtype = torch.bfloat16, s
 
     from transformers import AutoModelForCausalLM
 
-    from ..model.load import block_layout
+    from ..model.blocks import block_layout
 
     cfg1 = one_block_config(config)
     measured: dict[str, RunProfile] = {}

@@ -11,7 +11,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..model.load import PACKAGED, ModelError, block_layout, resolve_model_path
+from ..model.blocks import block_layout
+
+from ..model.load import PACKAGED, ModelError, resolve_model_path
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,8 @@ from ..config import ConfigError, TrainConfig, save_config, validate
 from ..method.loss import enable_supervised_loss, full_loss, loss_forward
 from ..method.methods import Prepared, method_names, prepare, step_budget
 from ..method.step import StepRunner, lr_factor
-from ..model.load import block_layout, enable_checkpointing, load_model, load_tokenizer
+from ..model.blocks import block_layout, enable_checkpointing
+from ..model.load import load_model, load_tokenizer
 from ..parallel.distributed import Distributed, init_distributed
 from ..planner.resolve import choice_line, write_record
 from .checkpoint import load_checkpoint, load_sharded_checkpoint, run_keys, set_rng_state, truncate_jsonl
