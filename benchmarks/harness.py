@@ -12,7 +12,6 @@ queue runs on them now, so they move here, with their import paths kept, once it
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import subprocess
@@ -68,14 +67,12 @@ def cpu_name() -> str:
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    """Every record of a JSONL file (none when it is missing); blank lines and a torn line are skipped."""
-    out = []
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out
+    """Every record of a JSONL file (none when it is missing; a torn line skipped): the package's own reader, the
+    one ``grass-ft plot`` reads runs with."""
+    use_checkout()
+    from grass_ft.run.report import read_jsonl as read
+
+    return read(path)
 
 
 def latest(records: Iterable[dict], key: Callable[[dict], Hashable | None]) -> dict[Hashable, dict]:

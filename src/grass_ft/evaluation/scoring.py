@@ -19,6 +19,7 @@ Two modes score the same examples:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -99,7 +100,7 @@ def generate(model: torch.nn.Module, tokenizer, prompts: Sequence[str | list[int
     # An explicit config replaces the model's own (which may ask for sampling); greedy, no beams.
     gen_config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                                   pad_token_id=pad_id, eos_token_id=_eos_ids(model, tokenizer) or None)
-    saved_side, saved_pad, was_training = tokenizer.padding_side, tokenizer.pad_token, model.training
+    saved_side, saved_pad = tokenizer.padding_side, tokenizer.pad_token
     tokenizer.padding_side = "left"  # decoder-only models must continue right after the last real token
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -108,10 +109,8 @@ def generate(model: torch.nn.Module, tokenizer, prompts: Sequence[str | list[int
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # characters or tokens: either groups
     out: list[str] = [""] * len(prompts)
     try:
-        model.eval()
-        with torch.no_grad():
-            for start in tqdm(range(0, len(prompts), batch_size), desc="generate", unit="batch",
-                              disable=not progress):
+        with _scoring(model):
+            for start in _progress(len(prompts), batch_size, "generate", progress):
                 idx = order[start:start + batch_size]
                 rows = [p if isinstance(p, list) else tokenizer(p)["input_ids"] for p in (prompts[i] for i in idx)]
                 enc = {k: v.to(device) for k, v in _left_pad(rows, pad_id).items()}
@@ -123,8 +122,24 @@ def generate(model: torch.nn.Module, tokenizer, prompts: Sequence[str | list[int
         tokenizer.padding_side = saved_side
         if saved_pad is None:
             tokenizer.pad_token = None
-        model.train(was_training)
     return out
+
+
+@contextmanager
+def _scoring(model: torch.nn.Module):
+    """The model in eval mode under ``torch.no_grad``; its training mode given back however scoring ends."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def _progress(n: int, batch_size: int, desc: str, progress: bool):
+    """The start of each batch of ``n`` items, under a tqdm bar (``progress``)."""
+    return tqdm(range(0, n, batch_size), desc=desc, unit="batch", disable=not progress)
 
 
 def settle(examples: Sequence[dict[str, Any]], task: str | None) -> list[Example]:
@@ -168,28 +183,23 @@ def choice_logprobs(model: torch.nn.Module, tokenizer, examples: Sequence[dict[s
             target = target + ([eos] if eos is not None else [])
             rows.append((i, label, prompt + target, len(target)))
     scores: list[dict[str, float]] = [{} for _ in examples]
-    pad_id, device, was_training = _pad_id(tokenizer), _device(model), model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            for start in tqdm(range(0, len(rows), batch_size), desc="score choices", unit="batch",
-                              disable=not progress):
-                chunk = rows[start:start + batch_size]
-                width = max(len(r[2]) for r in chunk)
-                ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-                mask = torch.zeros((len(chunk), width), dtype=torch.long)
-                for j, (_, _, seq, _) in enumerate(chunk):  # right padding: real tokens keep positions 0..n-1
-                    ids[j, :len(seq)] = torch.tensor(seq)
-                    mask[j, :len(seq)] = 1
-                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-                for j, (i, label, seq, n_target) in enumerate(chunk):
-                    end = len(seq)
-                    # logits at position p predict token p + 1
-                    lp = F.log_softmax(logits[j, end - n_target - 1:end - 1].float(), dim=-1)
-                    target = torch.tensor(seq[end - n_target:], device=lp.device)
-                    scores[i][label] = lp.gather(1, target[:, None]).sum().item()
-    finally:
-        model.train(was_training)
+    pad_id, device = _pad_id(tokenizer), _device(model)
+    with _scoring(model):
+        for start in _progress(len(rows), batch_size, "score choices", progress):
+            chunk = rows[start:start + batch_size]
+            width = max(len(r[2]) for r in chunk)
+            ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for j, (_, _, seq, _) in enumerate(chunk):  # right padding: real tokens keep positions 0..n-1
+                ids[j, :len(seq)] = torch.tensor(seq)
+                mask[j, :len(seq)] = 1
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+            for j, (i, label, seq, n_target) in enumerate(chunk):
+                end = len(seq)
+                # logits at position p predict token p + 1
+                lp = F.log_softmax(logits[j, end - n_target - 1:end - 1].float(), dim=-1)
+                target = torch.tensor(seq[end - n_target:], device=lp.device)
+                scores[i][label] = lp.gather(1, target[:, None]).sum().item()
     return scores
 
 
@@ -298,28 +308,23 @@ def eval_loss_by_task(model: torch.nn.Module, tokenizer, examples: Sequence[dict
     examples = settle(examples, task)
     features = [tokenize_example(tokenizer, ex, max_seq_len) for ex in examples]
     tasks = [ex["_task"] or "default" for ex in examples]
-    pad_id, device, was_training = _pad_id(tokenizer), _device(model), model.training
+    pad_id, device = _pad_id(tokenizer), _device(model)
     sums: dict[str, list[float]] = {}  # task -> [summed loss, tokens]
-    try:
-        model.eval()
-        with torch.no_grad():
-            for start in tqdm(range(0, len(features), batch_size), desc="eval loss", unit="batch",
-                              disable=not progress):
-                batch = collate(features[start:start + batch_size], pad_id)
-                logits = model(input_ids=batch["input_ids"].to(device),
-                               attention_mask=batch["attention_mask"].to(device)).logits
-                labels = batch["labels"][:, 1:].to(logits.device)
-                # summed per example, not averaged, so that examples weigh by their tokens
-                per_tok = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels,
-                                          ignore_index=IGNORE_INDEX, reduction="none")
-                loss_rows = per_tok.sum(dim=1).tolist()
-                count_rows = (labels != IGNORE_INDEX).sum(dim=1).tolist()
-                for t, loss_sum, n in zip(tasks[start:start + batch_size], loss_rows, count_rows):
-                    acc = sums.setdefault(t, [0.0, 0])
-                    acc[0] += loss_sum
-                    acc[1] += int(n)
-    finally:
-        model.train(was_training)
+    with _scoring(model):
+        for start in _progress(len(features), batch_size, "eval loss", progress):
+            batch = collate(features[start:start + batch_size], pad_id)
+            logits = model(input_ids=batch["input_ids"].to(device),
+                           attention_mask=batch["attention_mask"].to(device)).logits
+            labels = batch["labels"][:, 1:].to(logits.device)
+            # summed per example, not averaged, so that examples weigh by their tokens
+            per_tok = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels,
+                                      ignore_index=IGNORE_INDEX, reduction="none")
+            loss_rows = per_tok.sum(dim=1).tolist()
+            count_rows = (labels != IGNORE_INDEX).sum(dim=1).tolist()
+            for t, loss_sum, n in zip(tasks[start:start + batch_size], loss_rows, count_rows):
+                acc = sums.setdefault(t, [0.0, 0])
+                acc[0] += loss_sum
+                acc[1] += int(n)
     count = sum(n for _, n in sums.values())
     if count == 0:
         raise DataError(f"no output tokens to score: every example's prompt fills max_seq_len={max_seq_len}; "
