@@ -6,7 +6,7 @@ once into the canonical example every consumer reads (format, prompt and target 
 answer); ``loading`` is a run's data (training rows and held-out examples); ``tokenize`` (token ids with a label
 mask, the evaluation prompt, chat templates), ``batches`` (padding, the resumable stream) and ``packing``. It imports
 ``base``, ``config`` and ``model``; nothing here knows about methods, runs or front ends. The names below are the
-package's face: ``grass_ft.data``'s since its first release, and those of ``grass_ft.data`` (the old path).
+package's face: ``grass_ft.data``'s since its first release, and those of ``grass_ft.formats`` (the old path).
 """
 
 from .batches import GROUP_BATCHES, BatchStream, collate

@@ -3,7 +3,7 @@ blocks found; its weights made to open with ``from_pretrained``.
 
 ``load`` (the packaged offline model, model sources and their checks, loading), ``blocks`` (which parameters
 belong to which decoder block, activation checkpointing) and ``export`` (the metadata beside saved weights). It
-imports ``base`` only: the method, the data and the planner read the model through it. ``grass_ft.model``, the
+imports ``base`` only: the method, the data and the planner read the model through it. ``grass_ft.models``, the
 old path, is this package.
 """
 

@@ -48,7 +48,7 @@ from .preflight import RunError, check_loss_only_tasks, check_token_ids, preflig
 from .state import Inputs, MethodRun, Totals
 
 
-# Names of the old grass_ft.run.train that callers import from here (the CLI, the tests, the benchmarks).
+# What callers import from here (the CLI, the tests, the benchmarks; grass_ft.train, the old path, is this module).
 __all__ = ["LOCK_NAME", "RunError", "RunStage", "evaluate_model", "interrupted_state", "out_of_memory_message",
            "output_dir_lock", "prepare_output_dir", "print_summary", "run_train", "save_final", "validate_for_model"]
 
