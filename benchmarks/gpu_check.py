@@ -26,8 +26,10 @@ with GRASS's 1 probe step, then measured steps) and compare each peak with ``doc
 Outputs (a few files, so that all of them come back from a lent machine): ``summary.json`` (every arm's status,
 seconds, bound and figures; rewritten after each arm), ``gpu_check.txt`` (the lines printed) and ``logs.tar.gz``
 (each arm's full output and the benchmark's reports). Exit code: 0 when no arm failed (skips allowed), 1 when one
-failed, 2 for bad arguments or, without ``--smoke``, no CUDA device. Test hooks: ``GPU_CHECK_DEADLINE=S`` and
-``GPU_CHECK_BOUNDS=arm=S,...`` replace the deadline and arms' bounds (tests/test_benchmark_smoke.py).
+failed, 2 for bad arguments or, without ``--smoke``, no CUDA device. Test hooks (tests/test_gpu_paths.py):
+``GPU_CHECK_DEADLINE=S`` and ``GPU_CHECK_BOUNDS=arm=S,...`` replace the deadline and arms' bounds;
+``GPU_CHECK_STALL=arm=S,...`` makes those arms start a child process (its pid appended to ``$OUT/stalled.pids``)
+and wait S seconds before their work, so that a bound is passed on any machine, however fast.
 """
 
 from __future__ import annotations
@@ -277,6 +279,21 @@ def _run_arm(name: str, limit: float, smoke: bool, work: Path) -> tuple[str, str
     return fig.pop("status"), fig.pop("note", ""), fig, rc
 
 
+def _per_arm(variable: str) -> dict[str, float]:
+    """A test hook's ``arm=S,...`` value as {arm: seconds}."""
+    return {k: float(v) for k, _, v in (x.partition("=") for x in os.environ.get(variable, "").split(",") if x)}
+
+
+def _stall(arm: str, out: Path) -> None:
+    """The test hook GPU_CHECK_STALL: a child that outlives this arm unless the arm's group is killed, then S s."""
+    seconds = _per_arm("GPU_CHECK_STALL").get(arm, 0.0)
+    if seconds > 0:
+        child = subprocess.Popen(["sleep", f"{seconds + 60:.0f}"])
+        with open(out / "stalled.pids", "a") as f:
+            f.write(f"{child.pid}\n")
+        time.sleep(seconds)
+
+
 def _archive(out: Path, work: Path) -> None:
     with tarfile.open(out / "logs.tar.gz", "w:gz") as tar:
         for f in sorted(work.iterdir()):
@@ -301,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(e.code or 0)
     if args._arm:  # one arm, in its own process: its result as JSON for the orchestrator
         work = Path(args._work)
+        _stall(args._arm, work.parent)
         res = ARM_FUNCTIONS[args._arm](args.smoke, args._limit, work)
         (work / f"{args._arm}.json").write_text(json.dumps(res, indent=1, default=str))
         return 0
@@ -310,8 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     deadline = float(os.environ.get("GPU_CHECK_DEADLINE") or DEADLINE_S)
-    bounds = {k: float(v) for k, _, v in (x.partition("=") for x in os.environ.get("GPU_CHECK_BOUNDS", "").split(",")
-                                          if x)}
+    bounds = _per_arm("GPU_CHECK_BOUNDS")
     t0 = time.monotonic()
     summary = {"check": "gpu_check", "mode": "smoke (CPU)" if args.smoke else "CUDA",
                "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),

@@ -109,8 +109,8 @@ def test_gpu_check_smoke(tmp_path):
     $OUT/summary.json, beside only the printed lines and the logs' archive."""
     script = SCRIPT.parent / "gpu_check.sh"
     out = tmp_path / "out"
-    env = {k: v for k, v in os.environ.items() if k not in ("GPU_MEMORY_FAKE_OOM", "GPU_CHECK_BOUNDS",
-                                                            "GPU_CHECK_DEADLINE")}
+    hooks = ("GPU_MEMORY_FAKE_OOM", "GPU_CHECK_BOUNDS", "GPU_CHECK_STALL", "GPU_CHECK_DEADLINE")
+    env = {k: v for k, v in os.environ.items() if k not in hooks}
     env.update({"OMP_NUM_THREADS": "1", "OUT": str(out), "PYTHON": sys.executable})
     proc = subprocess.run(["bash", str(script), "--smoke"], capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

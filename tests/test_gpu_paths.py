@@ -233,7 +233,8 @@ print("RESULT " + json.dumps(out))
 
 
 def test_every_benchmark_script_imports_from_a_plain_checkout(tmp_path):
-    scripts = sorted(str(p) for p in (ROOT / "benchmarks").glob("*.py"))
+    # the scripts (a __main__ block); helper modules such as frontier_data.py have no command line of their own
+    scripts = sorted(str(p) for p in (ROOT / "benchmarks").glob("*.py") if "__main__" in p.read_text())
     assert len(scripts) >= 9
     roots = os.pathsep.join(str(ROOT / d) for d in ("src", "benchmarks"))
     proc = subprocess.run([sys.executable, "-I", "-c", _HELP_WORKER, roots, *scripts], cwd=tmp_path,
@@ -384,11 +385,23 @@ def _gpu_check(tmp_path, **hooks) -> tuple[subprocess.CompletedProcess, list[str
 ARMS_AFTER_IMPORT = ["gpu_tests", "fused_adamw_resume", "pure_bf16", "pinning_fallback", "memory_tinyllama", "step_7b"]
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/status").is_file() and "zombie" not in Path(f"/proc/{pid}/status").read_text()
+
+
 def test_gpu_check_bounds_each_arm_on_its_own(tmp_path):
-    """Every arm past its bound is killed, with what it started (gpu_memory.py's workers), and fails alone: the
-    next arm still runs (GPU_CHECK_* are the script's test hooks). Each bound is 2 s here, the import's its own."""
-    proc, lines, summary = _gpu_check(tmp_path, GPU_CHECK_BOUNDS=",".join(f"{a}=2" for a in ARMS_AFTER_IMPORT))
+    """Every arm past its bound is killed, with what it started, and fails alone: the next arm still runs
+    (GPU_CHECK_* are the script's test hooks). Each bound is 2 s here, the import's its own; each arm first waits
+    30 s beside a child of its own, so that it passes its bound on any machine."""
+    proc, lines, summary = _gpu_check(tmp_path, GPU_CHECK_BOUNDS=",".join(f"{a}=2" for a in ARMS_AFTER_IMPORT),
+                                      GPU_CHECK_STALL=",".join(f"{a}=30" for a in ARMS_AFTER_IMPORT))
     assert proc.returncode == 1, proc.stdout + proc.stderr
+    pids = [int(x) for x in (tmp_path / "out" / "stalled.pids").read_text().split()]
+    assert len(pids) == len(ARMS_AFTER_IMPORT) and not any(_alive(p) for p in pids)  # each group killed whole
     assert lines[1].startswith("[gpu_check] import: ok (")
     for arm, line in zip(ARMS_AFTER_IMPORT, lines[2:-1], strict=True):
         assert line.startswith(f"[gpu_check] {arm}: fail (") and line.endswith("timed out after 2 s"), line
@@ -398,7 +411,7 @@ def test_gpu_check_bounds_each_arm_on_its_own(tmp_path):
 
 
 def test_gpu_check_skips_what_follows_a_failed_import_and_keeps_the_deadline(tmp_path):
-    proc, lines, summary = _gpu_check(tmp_path / "a", GPU_CHECK_BOUNDS="import=1")
+    proc, lines, summary = _gpu_check(tmp_path / "a", GPU_CHECK_BOUNDS="import=1", GPU_CHECK_STALL="import=30")
     assert proc.returncode == 1 and lines[1].endswith("import: fail (1 s of 1 s): timed out after 1 s")
     assert all(ln.endswith(": the import check failed") and ": skip (" in ln for ln in lines[2:-1])
     assert len(lines) == 9 and summary["fail"] == 1 and summary["skip"] == 6

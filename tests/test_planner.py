@@ -279,8 +279,9 @@ def test_out_of_memory_lists_the_settings_the_planner_expects_to_fit(tiny_model_
 
     from grass_ft.run.messages import out_of_memory_message
 
+    # dtype as a run has resolved it by the time it can run out of memory
     cfg = build_config(None, {"model": str(tiny_model_dir), "method": "fft", "batch_size": "4", "max_seq_len": "64",
-                              "host_memory": "8GiB"}, known_methods=method_names())
+                              "host_memory": "8GiB", "dtype": "float32"}, known_methods=method_names())
     assert "method=grass-uniform trains gamma blocks" in out_of_memory_message(cfg, torch.OutOfMemoryError("x"))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)

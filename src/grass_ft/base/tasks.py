@@ -44,7 +44,8 @@ NUMBER_TOLERANCE = 1e-3
 # canonical task -> rule kind
 _NUMERIC = ("gsm8k", "svamp", "addsub", "multiarith", "singleeq", "mawps",
             # reasoning-gym generators used by data.GENERATORS: integer answers, GSM-style outputs
-            "gsm_symbolic", "basic_arithmetic", "chain_sum")
+            "gsm_symbolic", "basic_arithmetic", "chain_sum",
+            "gsm_symbolic_split")  # gsm_symbolic from a subset of its templates (benchmarks/frontier_data.py)
 
 # canonical task -> option labels, in LLM-Adapters' order. ARC and OBQA questions can have 3-5 options; the
 # per-example list is read from the instruction's "Answer format:" line when present (see choices_for).
