@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -280,3 +281,19 @@ def test_a_claimed_run_is_skipped_by_another_queue_and_a_stale_claim_is_taken_ov
     assert quality.claim("k") is None  # held by a live process (this one)
     mine.write_text("999999999")  # a pid that cannot exist: its queue died
     assert quality.claim("k") is not None
+
+
+def test_equal_cpu_comparison_interpolates_fft_at_each_arms_budget():
+    """An arm that spent 150 CPU-s is set against FFT's curve at 150 s: halfway between its points at 100 s (loss
+    1.0) and 200 s (0.8), so 0.9; the arm's 0.85 and 0.95 on two seeds are 0.05 ahead and 0.05 behind."""
+    def rec(points):
+        return {"figures": {"curve": [{"train_cpu_s": c, "gsm_subset_loss": v} for c, v in points]}}
+
+    fft = {s: rec([(0, 1.2), (100, 1.0), (200, 0.8)]) for s in (1, 2)}
+    arm = {1: rec([(0, 1.2), (150, 0.85)]), 2: rec([(0, 1.2), (150, 0.95)])}
+    lines = quality.fft_at_equal_cpu({"fft": fft, "lisa": arm})
+    row = next(ln for ln in lines if ln.startswith("| LISA"))
+    # mean 0 (to rounding: the sign of -0.0000 is float noise), sd 0.0707, half-width t(0.975, 1) * 0.05 = 0.6353
+    assert re.search(r"\| 1,2 \| [+-]0\.0000 \[-0\.6353, \+0\.6353\] \| 1 of 2 \|$", row), row
+    # an arm whose budget runs past FFT's last point has nothing to compare with: no row
+    assert quality.fft_at_equal_cpu({"fft": fft, "lisa": {s: rec([(0, 1.2), (300, 0.5)]) for s in (1, 2)}}) == []
