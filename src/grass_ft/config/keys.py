@@ -55,7 +55,8 @@ class TrainConfig:
     method: str = _f("auto", "fine-tuning method: auto (the most capable setting that fits the device and the "
                              "host, chosen at start by the planner: docs/PLAN.md), fft (full fine-tuning), "
                              "grass-uniform (GRASS's offloaded layer-wise training with uniform draws, no probe: the "
-                             "layer-wise default), grass (the paper's importance sampling), grass-static, badam "
+                             "layer-wise default), grass (the paper's importance sampling by MGN; it did not beat "
+                             "uniform draws on SmolLM2-135M: docs/RESULTS.md), grass-static, badam "
                              "(BAdam's cyclic order), lisa, lora, dora")
     # data sources and formats (docs/DATA.md), logging sinks (checks: check_data, check_output)
     data_format: str = _f("auto", "format of `data` and `eval_data` rows: auto (from the columns), alpaca, "
