@@ -312,7 +312,7 @@ def write_report(path: Path, records: list[dict], settings: dict, command: str, 
         lines += ["**Incomplete: the run is still going or was interrupted; the rows below are what finished.**", ""]
     lines += [
         f"- command: `{command}`",
-        f"- date: {settings['date']}, commit {settings['commit']}",
+        f"- date: {settings['date'][:10]}, commit {settings['commit']}",
         f"- device: {gpu + f' ({gpu_mem} GiB)' if gpu else ('CPU (smoke mode)' if smoke else 'unknown')}",
         f"- torch {v['torch']} (CUDA {settings['cuda']}), transformers {v['transformers']}, peft {v['peft']}",
         "- model: " + ("tiny Llama config (hidden 64, 4 blocks, vocab 128), random init" if smoke else

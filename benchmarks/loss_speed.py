@@ -114,7 +114,7 @@ def write_markdown(path: Path, rows: list[dict], share: float, args, wall_s: flo
         f"probe); torch {torch.__version__}, {cpu_name()}, {os.cpu_count()} CPUs "
         f"(a shared machine: compare the two arms of a method, which ran back to back). Of the batches' positions "
         f"(padding included), {share:.0%} are scored, which is all the supervised-only loss projects through the "
-        f"LM head. Measured {time.strftime('%Y-%m-%d %H:%M')}.",
+        f"LM head. Measured {time.strftime('%Y-%m-%d')}.",
         "",
         "| method | s/step, full | s/step, supervised-only | ratio | peak RSS, full (GiB) | peak RSS, supervised-only "
         "(GiB) | saved (MiB) |",

@@ -633,8 +633,8 @@ def render(records: list[dict], real_rows: list[dict], meta: dict[str, Any]) -> 
     origin = (f"computed at commit{'s' if len(commits) > 1 else ''} {', '.join(commits) or '–'}"
               + (f" ({untagged} from before records carried their commit)" if untagged else ""))
     lines = [f"_Rendered from the {len(ok)} records of `docs/results/memory_estimate.jsonl`, {origin}, by "
-             f"`{meta['command']}` on {meta['date']} at commit {meta['commit']} (torch {meta['torch']}, transformers "
-             f"{meta['transformers']}, peft {meta['peft']}); every record again: `make memory-estimate` with "
+             f"`{meta['command']}` on {meta['date'][:10]} at commit {meta['commit']} (torch {meta['torch']}, "
+             f"transformers {meta['transformers']}, peft {meta['peft']}); every record again: `make memory-estimate` with "
              f"`--force`. ESTIMATE: fake tensors, no GPU. Bytes as allocated, no allocator rounding; GiB = 2^30 B, "
              f"GB = 10^9 B._", ""]
     lines += [f"### Estimated peak device memory by category (GiB), {main_setting}", "",
