@@ -19,6 +19,8 @@ Commands:
 
     python benchmarks/frontier.py plan       # the queue in order, each item done / to run / waiting, CPU left
     python benchmarks/frontier.py run        # run the queue (one run at a time), skipping recorded runs
+    touch runs/frontier/pause                # hold the run in hand between two steps (rm to go on): before
+                                             # any other heavy work on the machine, which would inflate its CPU-s
     python benchmarks/frontier.py report     # docs/results/frontier.md + plots, from the ledger alone
                                              # (benchmarks/frontier_report.py: the views and the rules' verdicts)
     python benchmarks/frontier.py one --arm badam --seed 1 --lr 3e-4 --smoke   # one run, printed, not recorded
@@ -102,6 +104,9 @@ FRONTIER_GAMMAS = (1, 2, 8)
 FRONTIER_LAYERWISE = ("grass-uniform", "badam", "grass")
 FRONTIER_RANKS = (8, 16, 64, 128)
 TIME_TOLERANCE = 0.10  # a setting within 10 % of the reference's CPU-seconds counts as equal time
+# A run is quiet when the other processes on the machine used at most this many CPUs on average while its training
+# steps ran (docs/RESULTS.md, amendment of 2026-12-07): a run sharing the machine costs more CPU-seconds per update.
+QUIET_LOAD = 0.10
 
 
 @dataclass(frozen=True)
@@ -189,11 +194,31 @@ def best_lr(arm: str, runs: dict[str, dict]) -> float | None:
     return min(grid, key=lambda lr: (found[lr], lr)) if len(found) == len(grid) else None
 
 
+def quiet(r: dict) -> bool | None:
+    """Whether a run's training steps had the machine to themselves (the others' load at most :data:`QUIET_LOAD`);
+    None for a run recorded before the load was measured."""
+    load = r["figures"].get("others_load")
+    return None if load is None else load <= QUIET_LOAD
+
+
+def cost_per_update(s: Setting, runs: dict[str, dict]) -> tuple[float, str] | None:
+    """The setting's training CPU-seconds per update (probe and offload included) and what it rests on: the mean
+    over its 500-update runs, at any rate and seed (the rate changes no arithmetic), that were quiet; without one,
+    over those recorded before the load was measured ("unmeasured"); then over the shared ones ("shared")."""
+    mine = [r for r in runs.values() if setting_of(r) == s.point]
+    for basis, want in (("quiet", True), ("unmeasured", None), ("shared", False)):
+        if xs := [r["figures"]["cpu_s_per_update"] for r in mine if quiet(r) is want]:
+            return statistics.fmean(xs), basis
+    return None
+
+
 def train_cpu(s: Setting, runs: dict[str, dict], seeds: tuple[int, ...]) -> float | None:
-    """Mean training CPU-seconds (probe and offload included) of the setting's 500-update runs over ``seeds``."""
+    """The training CPU-seconds of the setting's 500 updates — :func:`cost_per_update` × 500 — once its runs for
+    ``seeds`` at its rate are recorded (None before)."""
     lr = best_lr(s.arm, runs)
     recs = [runs.get(run_key(s.point, seed, lr)) for seed in seeds] if lr is not None else [None]
-    return statistics.fmean(r["figures"]["train_cpu_s"] for r in recs) if all(recs) else None
+    cost = cost_per_update(s, runs) if all(recs) else None
+    return None if cost is None else cost[0] * UPDATES
 
 
 def seeds_of(s: Setting) -> tuple[int, ...]:
@@ -372,6 +397,30 @@ def load(noise: bool):
     return model, tok, added
 
 
+def busy_cpu_s() -> float | None:
+    """CPU-seconds the whole machine has been busy since boot (Linux /proc/stat: user, nice, system, irq, softirq
+    and steal over every CPU); None where there is no /proc/stat."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    except OSError:
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_while_paused(poll_s: float = 5.0) -> float:
+    """Between two training steps: while ``runs/frontier/pause`` exists, wait (outside every clock); the seconds
+    waited. A session that works on the machine pauses the run this way (docs/RESULTS.md, "To continue")."""
+    pause = WORK / "pause"
+    if not pause.exists():
+        return 0.0
+    t0 = time.perf_counter()
+    print(f"[pause] {pause} exists: waiting between two steps until it is removed", flush=True)
+    while pause.exists():
+        time.sleep(poll_s)
+    return time.perf_counter() - t0
+
+
 def one_run(s: Setting, seed: int, lr: float, smoke: bool = False) -> dict[str, Any]:
     """Train one setting and evaluate it; returns the ledger record's ``config`` and ``figures``."""
     import resource
@@ -399,13 +448,18 @@ def one_run(s: Setting, seed: int, lr: float, smoke: bool = False) -> dict[str, 
     runner = StepRunner(prepared, schedule, grad_accum=cfg.grad_accum, max_grad_norm=cfg.max_grad_norm,
                         max_bad_steps=cfg.max_bad_steps)
     forward = loss_forward(cfg.supervised_only_loss)
-    clock = {"cpu": 0.0, "wall": 0.0, "eval_cpu": 0.0}
+    clock = {"cpu": 0.0, "wall": 0.0, "eval_cpu": 0.0, "paused": 0.0,
+             "others": 0.0 if busy_cpu_s() is not None else None}  # others: the rest of the machine, during steps
     curve, losses, drawn, updates = [], [], set(), 0
     for step in range(1 if smoke else n_steps):
-        c0, w0 = time.process_time(), time.perf_counter()
+        clock["paused"] += wait_while_paused()
+        b0, c0, w0 = busy_cpu_s(), time.process_time(), time.perf_counter()
         res = runner.train_step(step, [stream.next_batch()], forward=forward)
-        clock["cpu"] += time.process_time() - c0
+        own = time.process_time() - c0
+        clock["cpu"] += own
         clock["wall"] += time.perf_counter() - w0
+        if clock["others"] is not None:
+            clock["others"] += busy_cpu_s() - b0 - own
         if res.probe:
             continue
         updates += 1
@@ -425,6 +479,8 @@ def one_run(s: Setting, seed: int, lr: float, smoke: bool = False) -> dict[str, 
     return {"config": cfg.to_dict(), "figures": {
         **final, "curve": curve, "updates": updates, "train_cpu_s": clock["cpu"], "train_wall_s": clock["wall"],
         "eval_cpu_s": clock["eval_cpu"], "cpu_s_per_update": clock["cpu"] / max(1, updates),
+        "others_cpu_s": clock["others"], "paused_s": clock["paused"],
+        "others_load": None if clock["others"] is None else max(0.0, clock["others"]) / max(clock["wall"], 1e-9),
         "skipped_steps": runner.skipped_steps, "distinct_blocks": len(drawn) if prepared.sampler else None,
         "final_train_loss": statistics.fmean(losses[-20:]), "noise": noise,
         "optimizer_state_mib": {k: v / 2**20 for k, v in state.items()},
@@ -520,7 +576,8 @@ def cmd_run(ledger: Path, max_runs: int | None) -> int:
             f = rec["figures"]
             print(f"[done] {key}: test loss {f['test_loss']:.4f}, validation {f['validation_loss']:.4f}, accuracy "
                   f"{100 * f['acc_accuracy']:.1f} %, {f['train_cpu_s']:.0f} CPU-s training, "
-                  f"{time.perf_counter() - t0:.0f} s wall", flush=True)
+                  f"{time.perf_counter() - t0:.0f} s wall, others' load "
+                  f"{'–' if f['others_load'] is None else format(f['others_load'], '.2f')} CPUs", flush=True)
         done += 1
     return 0
 

@@ -16,9 +16,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import frontier_data as fdata  # noqa: E402
-from frontier import (ARMS, COLORS, FRONTIER_LAYERWISE, GRID, LABELS, MAIN, NOISY, REFERENCE, SEEDS,  # noqa: E402
-                      UPDATES, Setting, best_lr, equal_time_setting, plan_lines, protocol_id, queue, run_key,
-                      runnable, runs_of, seed1_grid, seeds_of, setting_of, train_cpu)
+from frontier import (ARMS, COLORS, FRONTIER_LAYERWISE, GRID, LABELS, MAIN, NOISY, QUIET_LOAD,  # noqa: E402
+                      REFERENCE, SEEDS, UPDATES, Setting, best_lr, cost_per_update, equal_time_setting, plan_lines,
+                      protocol_id, queue, quiet, run_key, runnable, runs_of, seed1_grid, seeds_of, setting_of,
+                      train_cpu)
 from quality import fmt_ci, paired_ci, read_ledger, t_quantile  # noqa: E402
 
 
@@ -108,7 +109,8 @@ def difference(a: dict[int, dict], b: dict[int, dict], key: str,
     return d[0], d[0] - half, d[0] + half
 
 
-def preference(eq: dict[Setting, dict[int, dict]], floor, memory: dict[Setting, float | None]) -> list[list[Setting]]:
+def preference(eq: dict[Setting, dict[int, dict]], floor, memory: dict[Setting, float | None],
+               runs: dict[str, dict]) -> list[list[Setting]]:
     """method=auto's order (docs/RESULTS.md, rule 1): settings by mean equal-time test loss, grouped where a
     setting's difference to its group's first is not resolved (the interval includes 0); within a group, lower
     predicted device memory first (then lower CPU-s per update)."""
@@ -122,8 +124,8 @@ def preference(eq: dict[Setting, dict[int, dict]], floor, memory: dict[Setting, 
             groups.append([s])
 
     def lean(s: Setting) -> tuple[float, float]:
-        return (memory.get(s) if memory.get(s) is not None else math.inf,
-                statistics.fmean(figure(eq[s], "cpu_s_per_update")))
+        cost = cost_per_update(s, runs)
+        return (memory.get(s) if memory.get(s) is not None else math.inf, cost[0] if cost else math.inf)
 
     return [sorted(g, key=lean) for g in groups]
 
@@ -158,7 +160,8 @@ def report_md(records: list[dict]) -> str:
     if t_ref is None or not main:
         L += ["Not yet: the reference (grass-uniform γ=4, seeds 1-3) and the main arms are still running.", ""]
     else:
-        L += [f"Equal time = {t_ref:.0f} training CPU-s (grass-uniform γ=4's 500 updates, mean of seeds 1-3); "
+        L += [f"Equal time = {t_ref:.0f} training CPU-s (grass-uniform γ=4's cost per update × 500: its quiet runs, "
+              "docs/RESULTS.md's amendment of 2026-12-07); "
               f"pooled seed sd of the main arms' equal-time test loss "
               + (f"{floor[0]:.4f} ({floor[1]} df)" if floor else "–") + ".", "",
               "**method=auto's order** (rule 1; a group = differences not resolved; within a group the lower "
@@ -168,7 +171,7 @@ def report_md(records: list[dict]) -> str:
             L[-2] = L[-2].replace("**method=auto's order**", "**method=auto's order, provisional** (not every main "
                                   "arm has its three seeds at equal time yet)")
         users = {s: rs for s, rs in eq.items() if s.arm not in NOISY}  # the noised starts are no user's setting
-        for i, group in enumerate(preference(users, floor, memory), 1):
+        for i, group in enumerate(preference(users, floor, memory, runs), 1):
             L.append(f"{i}. " + "; ".join(f"{s.name} ({ms(figure(eq[s], 'test_loss'), 4)}, "
                                           f"{len(eq[s])} seed{'s' if len(eq[s]) > 1 else ''})" for s in group))
         g, u = eq.get(Setting("grass")), ref
@@ -193,8 +196,9 @@ def report_md(records: list[dict]) -> str:
                  f"{ms(figure(rs, 'test_loss'), 4)} | {ms(figure(rs, 'test_number_loss'), 4)} | "
                  f"{ms(figure(rs, 'seen_loss'), 4)} | {ms(figure(rs, 'validation_loss'), 4)} | "
                  f"{ms(figure(rs, 'acc_accuracy'), 1, 100)} | {ms(forget, 4)} | {ms(figure(rs, 'train_cpu_s'), 0)} | "
-                 f"{ms(figure(rs, 'cpu_s_per_update'), 2)} | "
+                 f"{cost_cell(s, runs)} | "
                  f"{'pending (grass_ft.planner)' if mem is None and s.updates == UPDATES else '' if mem is None else f'{mem:.1f}'} |")
+    L += load_md(runs)
     L += views_md(table, eq, floor, ref)
     L += repair_md(table)
     L += grid_md(runs)
@@ -202,6 +206,24 @@ def report_md(records: list[dict]) -> str:
           "![test loss vs updates](frontier_updates.png)", "", "![test loss vs CPU-seconds](frontier_cpu.png)", "",
           "![equal-time test loss vs predicted device memory](frontier_memory.png)", ""]
     return "\n".join(L) + "\n"
+
+
+def cost_cell(s: Setting, runs: dict[str, dict]) -> str:
+    cost = cost_per_update(s, runs)
+    return "–" if cost is None else f"{cost[0]:.2f} ({cost[1]})"
+
+
+def load_md(runs: dict[str, dict]) -> list[str]:
+    """Which runs shared the machine: their own CPU-seconds are in the curves, not in any setting's cost."""
+    shared = sorted(f"{setting_of(r).name} lr {r['lr']:g} seed {r['seed']} ({r['figures']['others_load']:.2f})"
+                    for r in runs.values() if quiet(r) is False)
+    unmeasured = sum(1 for r in runs.values() if quiet(r) is None)
+    return ["", "CPU-s/update is each setting's cost: the mean over its quiet runs (other processes at most "
+            f"{QUIET_LOAD:.2f} CPUs on average during its training steps; any rate and seed), else over runs "
+            "recorded before that load was measured (unmeasured), else over shared ones; train CPU-s is the runs' "
+            "own clocks, as are the curves. "
+            f"Unmeasured runs: {unmeasured}. Runs that shared the machine (others' load): "
+            + ("; ".join(shared) if shared else "none") + "."]
 
 
 def views_md(table, eq, floor, ref) -> list[str]:
@@ -313,7 +335,7 @@ def plots(records: list[dict], docs: Path) -> None:
     pending = all(v is None for v in mem.values())
     for arm in (*FRONTIER_LAYERWISE, "lora", "fft", "lisa", "grass-uniform-reset"):
         pts = sorted((s for s in eq if s.arm == arm), key=lambda s: (s.gamma or 0, s.lora_r or 0))
-        xs = [statistics.fmean(figure(eq[s], "cpu_s_per_update")) if pending else mem[s] for s in pts]
+        xs = [(cost_per_update(s, runs) or (None,))[0] if pending else mem[s] for s in pts]
         ys = [statistics.fmean(figure(eq[s], "test_loss")) for s in pts]
         if pts and all(x is not None for x in xs):
             ax.plot(xs, ys, marker="o", color=COLORS[arm], label=LABELS[arm])

@@ -35,14 +35,14 @@ def test_templates_split_three_ways_without_overlap_and_problems_keep_to_their_p
         fd.template_split((1, 2, 3))
 
 
-def fake(s, seed, lr, test=1.0, val=None, cpu=1000.0, acc=0.5):
+def fake(s, seed, lr, test=1.0, val=None, cpu=1000.0, acc=0.5, load=None):
     curve = [{"update": u, "train_cpu_s": cpu * u / s.updates, "train_wall_s": cpu, "test_subset_loss": test + 1 / u}
              for u in range(100, s.updates + 1, 100)]
     figures = {"test_loss": test, "test_number_loss": test / 2, "test_subset_loss": test, "validation_loss":
                test if val is None else val, "validation_number_loss": 0.1, "seen_loss": test - 0.1, "seen_number_loss":
                0.1, "acc_loss": 0.5, "acc_number_loss": 0.5, "acc_accuracy": acc, "acc_n": 200, "prose_loss": 3.0,
                "curve": curve, "updates": s.updates, "train_cpu_s": cpu, "train_wall_s": cpu, "eval_cpu_s": 600.0,
-               "cpu_s_per_update": cpu / s.updates}
+               "cpu_s_per_update": cpu / s.updates, **({} if load is None else {"others_load": load})}
     return {"record": "run", "key": fr.run_key(s, seed, lr), "arm": s.arm, "gamma": s.gamma, "lora_r": s.lora_r,
             "updates": s.updates, "seed": seed, "lr": lr, "protocol_id": fr.protocol_id(), "git_commit": "0" * 40,
             "figures": figures}
@@ -111,6 +111,56 @@ def test_time_matched_updates_follow_the_recorded_costs():
     assert fr.equal_time_setting(S("lisa"), runs) == S("lisa")
 
 
+def test_a_settings_cost_comes_from_its_quiet_runs_and_the_time_match_follows_it():
+    recs = grids()  # recorded before the load was measured: FFT 1500 CPU-s, the reference 1000
+    recs += [fake(S("grass-uniform"), s, 3e-4, cpu=1000.0) for s in (2, 3)]
+    recs += [fake(S("fft"), s, 1e-4, cpu=1500.0) for s in (2, 3)]
+    runs = ledger(*recs)
+    assert fr.cost_per_update(S("fft"), runs) == (3.0, "unmeasured")
+    assert fr.matched_updates(S("fft"), runs) == 333
+    # a shared run does not move a cost that unmeasured runs give; alone it is the cost, and says so
+    shared = fake(S("fft"), 7, 3e-5, cpu=2500.0, load=0.9)
+    assert fr.cost_per_update(S("fft"), ledger(*recs, shared)) == (3.0, "unmeasured")
+    assert fr.cost_per_update(S("fft"), ledger(shared)) == (5.0, "shared") and fr.quiet(shared) is False
+    # quiet runs, at any rate and seed, set the cost: FFT's quiet 1200 CPU-s -> 500 x 1000 / 1200 updates
+    quiet = [fake(S("fft"), 4, 3e-5, cpu=1200.0, load=0.02), fake(S("fft"), 5, 3e-4, cpu=1200.0, load=0.10)]
+    runs = ledger(*recs, *quiet, fake(S("fft"), 6, 1e-4, cpu=1900.0, load=0.11))
+    assert fr.cost_per_update(S("fft"), runs) == (2.4, "quiet") and fr.quiet(runs[quiet[1]["key"]]) is True
+    assert fr.train_cpu(S("fft"), runs, fr.SEEDS) == 1200.0
+    assert fr.matched_updates(S("fft"), runs) == round(500 * 1000 / 1200) == 417
+    # a time-matched run is no 500-update run: its cost per update is not the setting's
+    assert fr.cost_per_update(S("fft"), ledger(fake(S("fft", updates=333), 1, 1e-4, cpu=10.0, load=0.0))) is None
+    md = rep.report_md([*recs, *quiet])
+    assert "2.40 (quiet)" in md and "Runs that shared the machine (others' load): none" in md
+
+
+def test_the_others_load_counts_another_process_and_this_ones_own_time_is_in_the_machines():
+    import subprocess
+    import time
+
+    if fr.busy_cpu_s() is None:
+        pytest.skip("no /proc/stat here")
+    spin = "import time\nt = time.process_time()\nwhile time.process_time() - t < 1.5: pass"
+    b0, c0 = fr.busy_cpu_s(), time.process_time()
+    subprocess.run([sys.executable, "-c", spin], timeout=120)  # this process sleeps while the child spins
+    assert fr.busy_cpu_s() - b0 - (time.process_time() - c0) >= 1.2  # background load only adds to it
+    b0, c0 = fr.busy_cpu_s(), time.process_time()
+    t = time.process_time()
+    while time.process_time() - t < 1.0:
+        pass
+    assert fr.busy_cpu_s() - b0 >= (time.process_time() - c0) - 0.05  # one tick of 10 ms per CPU, and slack
+
+
+def test_a_pause_file_holds_a_run_between_two_steps(tmp_path, monkeypatch):
+    import threading
+
+    monkeypatch.setattr(fr, "WORK", tmp_path)
+    assert fr.wait_while_paused(poll_s=0.05) == 0.0
+    (tmp_path / "pause").touch()
+    threading.Timer(0.3, (tmp_path / "pause").unlink).start()
+    assert fr.wait_while_paused(poll_s=0.05) >= 0.25 and not (tmp_path / "pause").exists()
+
+
 def test_record_keys_name_every_coordinate_and_the_protocol():
     key = fr.run_key(S("grass-uniform", gamma=8), 2, 3e-4)
     assert key == f"grass-uniform|gamma=8|r=None|updates=500|seed=2|lr=0.0003|protocol={fr.protocol_id()}"
@@ -143,7 +193,7 @@ def test_auto_order_groups_unresolved_differences_and_puts_the_leaner_setting_fi
     eq = {S("fft"): runs(0.60, 0.61, 0.62), S("grass-uniform"): runs(0.605, 0.62, 0.615),
           S("lora"): runs(0.70, 0.71, 0.72)}
     memory = {S("fft"): 100.0, S("grass-uniform"): 20.0, S("lora"): 15.0}
-    order = rep.preference(eq, None, memory)
+    order = rep.preference(eq, None, memory, {})
     # FFT and grass-uniform are not resolved (+0.0033 [-0.0149, +0.0216]): one group, the leaner first; LoRA is
     # behind both by 0.1 with every seed agreeing: a group of its own
     assert order == [[S("grass-uniform"), S("fft")], [S("lora")]]
