@@ -236,6 +236,20 @@ def test_state_of_blocks_out_of_the_active_set_is_off_the_device(tmp_path, reset
     assert log.reports[9]["peak_device_state_bytes"] == block_bytes
 
 
+def test_badam_order_through_the_trainer_restarts_a_blocks_moments_when_it_comes_round_again(tmp_path):
+    grass = GrassCallback(method="badam", gamma=2, sample_interval=2, **FROZEN)
+    model, trainer, log = run(tmp_path, grass, max_steps=8)
+    active = active_by_step(read_trace(tmp_path), 8)
+    assert [active[t] for t in range(0, 8, 2)] == [[0, 1], [2, 3], [0, 1], [2, 3]]  # in order, no probe
+    for t in range(8):
+        assert log.moved[t] == block_names(model, active[t]), t
+    # blocks 2 and 3 came round again at step 6: their Adam moments restarted there, so 2 steps, not 4
+    params = dict(model.named_parameters())
+    steps = {n: int(trainer.optimizer.state[params[n]]["step"]) for n in block_names(model, [2, 3])}
+    assert set(steps.values()) == {2}, steps
+    assert all(not trainer.optimizer.state.get(params[n]) for n in block_names(model, [0, 1]))  # left: dropped
+
+
 def test_with_the_offloading_optimizer_as_the_trainers(tmp_path):
     from grass_ft.method.offload import LayerwiseOffloadAdamW
 

@@ -92,10 +92,11 @@ class TrainConfig:
                                 "tied embeddings the head is the embedding matrix, which is then trained too")
     reset_state_on_switch: bool = _f(False, "restart a block's Adam moments when it is re-drawn (BAdam) instead of resuming them")
     offload: bool | None = _f(None, "keep the optimizer state of blocks on the host, on the device only while they "
-                                    "update (unset: on for grass, grass-static and grass-uniform, off for lisa as "
-                                    "shipped and fft)")
+                                    "update (unset: on for grass, grass-static, grass-uniform and badam, off for lisa "
+                                    "as shipped and fft)")
     fsdp: bool = _f(False, "multi-process: shard weights, gradients and optimizer state with FSDP2 (each decoder "
-                           "block its own fully_shard unit); grass, grass-static, lisa, fft (docs/DISTRIBUTED.md)")
+                           "block its own fully_shard unit); grass, grass-static, grass-uniform, lisa, fft "
+                           "(docs/DISTRIBUTED.md)")
     gradient_checkpointing: bool = _f(False, "recompute activations in backward (non-reentrant, works with frozen "
                                              "lower blocks)")
     layers_attribute: str | None = _f(None, "dotted path of the decoder-block list (e.g. model.layers) for models not auto-detected")

@@ -6,7 +6,7 @@ turns on LISA there: a few ``grass_*`` keys, ``grass_gamma`` among them, turn on
 plugins:
   - grass_ft.frontends.axolotl_plugin.GrassPlugin
 grass_gamma: 4                 # blocks trained at a time: turns GRASS on
-grass_method: grass-uniform    # or grass, grass-static, lisa
+grass_method: grass-uniform    # or grass, grass-static, lisa, badam
 grass_sample_interval: 25
 ```
 

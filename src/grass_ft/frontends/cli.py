@@ -1,4 +1,4 @@
-"""``grass-ft train | eval | validate | prepare-model | compare | plot`` — every key is ``key=value`` or from
+"""``grass-ft train | plan | eval | validate | prepare-model | compare | plot`` — every key is ``key=value`` or from
 ``--config FILE``."""
 
 from __future__ import annotations

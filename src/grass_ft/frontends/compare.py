@@ -26,7 +26,7 @@ from typing import IO, Any
 from ..config import ALIASES, ConfigError, TrainConfig, build_config, resolve_aliases, validate
 from ..base.registry import traits
 
-# the baselines, the paper's two GRASS arms, and the default method (docs/DEFAULTS.md)
+# the baselines, the paper's two GRASS arms, and the layer-wise default (docs/DEFAULTS.md)
 DEFAULT_METHODS = ("fft", "lora", "dora", "lisa", "grass", "grass-static", "grass-uniform")
 COMPARE_KEYS = ("methods", "output_dir")
 # Keys that define "the same data, seed and step budget": a per-method value is allowed but flagged.

@@ -1,4 +1,5 @@
-"""``GrassCallback``: GRASS, GRASS* and LISA layer sampling inside ``transformers.Trainer`` and TRL's ``SFTTrainer``.
+"""``GrassCallback``: GRASS, GRASS*, LISA and BAdam-order layer sampling inside ``transformers.Trainer`` and TRL's
+``SFTTrainer``.
 
 The Trainer keeps its own forward/backward, clipping, optimizer, LR schedule and checkpoints; the callback drives
 the same :class:`~grass_ft.method.step.StepRunner` pieces (sampler, probe recorder, ``requires_grad`` switching) as the
@@ -244,7 +245,7 @@ class _StateMover:
 
 
 class GrassCallback(TrainerCallback, ExportableState):
-    """Layer-wise importance sampling (GRASS, GRASS*, LISA) for ``transformers.Trainer`` and ``trl.SFTTrainer``.
+    """Layer-wise sampling (GRASS, GRASS*, LISA, BAdam's order) for ``transformers.Trainer`` and ``trl.SFTTrainer``.
 
     ``Trainer(model, args, train_dataset=..., callbacks=[GrassCallback(method="grass", gamma=4)])`` is all it
     takes. Every parameter must require grad when the Trainer builds its optimizer (the callback freezes

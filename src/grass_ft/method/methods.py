@@ -204,7 +204,7 @@ def _dora(model: nn.Module, cfg: TrainConfig) -> Prepared:
 
 @register_method("grass-uniform")
 def _grass_uniform(model: nn.Module, cfg: TrainConfig) -> Prepared:
-    # The default method (docs/DEFAULTS.md) and, in the experiment, the control arm: GRASS in every respect
+    # The layer-wise default (docs/DEFAULTS.md) and, in the experiment, the control arm: GRASS in every respect
     # (embeddings/head as train_embeddings/train_head say, layer-wise offloaded state, intervals) but uniform
     # draws and no probe, so a difference to GRASS is the importance signal's alone.
     return _sampling(model, cfg, cfg.train_embeddings, cfg.train_head)
