@@ -592,12 +592,11 @@ PRIOR_EVAL_CPU_S = 600.0  # the 200-update experiment's ~560 CPU-s, plus the val
 
 
 def price(s: Setting, runs: dict[str, dict]) -> float:
-    """Expected CPU-seconds of a run: the recorded cost per update of the same arm, γ and rank (else of the arm,
-    else the prior) times its updates, plus the recorded mean evaluation cost (else the prior)."""
-    def per_update(match) -> list[float]:
-        return [r["figures"]["cpu_s_per_update"] for r in runs.values() if match(setting_of(r))]
-
-    rates = (per_update(lambda x: x.point == s.point) or per_update(lambda x: x.arm == s.arm)
+    """Expected CPU-seconds of a run: the cost per update of the same arm, γ and rank (:func:`cost_per_update`;
+    else the arm's recorded mean, else the prior) times its updates, plus the recorded mean evaluation cost (else
+    the prior)."""
+    own = cost_per_update(s, runs)
+    rates = ([own[0]] if own else [r["figures"]["cpu_s_per_update"] for r in runs.values() if r["arm"] == s.arm]
              or [PRIOR_CPU_PER_UPDATE.get(ARMS[s.arm][0], PRIOR_CPU_PER_UPDATE["layerwise"])])
     evals = [r["figures"]["eval_cpu_s"] for r in runs.values()] or [PRIOR_EVAL_CPU_S]
     return statistics.fmean(rates) * s.updates + statistics.fmean(evals)
