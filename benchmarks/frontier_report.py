@@ -109,6 +109,11 @@ def difference(a: dict[int, dict], b: dict[int, dict], key: str,
     return d[0], d[0] - half, d[0] + half
 
 
+def order_decided(eq: dict[Setting, dict[int, dict]]) -> bool:
+    """Rule 1 applies: every main arm has its three seeds at equal time (time-matched runs included)."""
+    return all(len(eq.get(Setting(a), {})) == len(SEEDS) for a in MAIN)
+
+
 def preference(eq: dict[Setting, dict[int, dict]], floor, memory: dict[Setting, float | None],
                runs: dict[str, dict]) -> list[list[Setting]]:
     """method=auto's order (docs/RESULTS.md, rule 1): settings by mean equal-time test loss, grouped where a
@@ -166,8 +171,7 @@ def report_md(records: list[dict]) -> str:
               + (f"{floor[0]:.4f} ({floor[1]} df)" if floor else "–") + ".", "",
               "**method=auto's order** (rule 1; a group = differences not resolved; within a group the lower "
               "predicted device memory first, then the lower CPU-s per update):", ""]
-        complete = all(len(eq.get(Setting(a), {})) == len(SEEDS) for a in MAIN)
-        if not complete:
+        if not order_decided(eq):
             L[-2] = L[-2].replace("**method=auto's order**", "**method=auto's order, provisional** (not every main "
                                   "arm has its three seeds at equal time yet)")
         users = {s: rs for s, rs in eq.items() if s.arm not in NOISY}  # the noised starts are no user's setting

@@ -161,6 +161,21 @@ def test_a_pause_file_holds_a_run_between_two_steps(tmp_path, monkeypatch):
     assert fr.wait_while_paused(poll_s=0.05) >= 0.25 and not (tmp_path / "pause").exists()
 
 
+def test_method_auto_follows_the_frontier_once_its_ledger_has_decided():
+    from grass_ft.planner import table
+    from quality import read_ledger
+
+    eq = rep.at_equal_time(fr.runs_of(read_ledger(fr.LEDGER)))
+    decided = rep.order_decided(eq)
+    assert table.AUTO_ORDER_FROM_FRONTIER == decided, (
+        "the frontier's rule 1 has decided (docs/results/frontier.md): apply its order to method=auto "
+        "(grass_ft.planner.table) as docs/RESULTS.md's amendment says, then set AUTO_ORDER_FROM_FRONTIER = True"
+        if decided else "AUTO_ORDER_FROM_FRONTIER is True but the committed ledger has not decided")
+    # the decision needs every main arm's three seeds at equal time, not fewer
+    assert not rep.order_decided({S(arm): {1: {}, 2: {}} for arm in fr.MAIN})
+    assert rep.order_decided({S(arm): {1: {}, 2: {}, 3: {}} for arm in fr.MAIN})
+
+
 def test_record_keys_name_every_coordinate_and_the_protocol():
     key = fr.run_key(S("grass-uniform", gamma=8), 2, 3e-4)
     assert key == f"grass-uniform|gamma=8|r=None|updates=500|seed=2|lr=0.0003|protocol={fr.protocol_id()}"
