@@ -20,11 +20,12 @@ Commands:
     python benchmarks/frontier.py plan       # the queue in order, each item done / to run / waiting, CPU left
     python benchmarks/frontier.py run        # run the queue (one run at a time), skipping recorded runs
     touch runs/frontier/pause                # hold the run in hand between two steps (rm to go on): before
-                                             # any other heavy work on the machine, which would inflate its CPU-s
+                                             # any other heavy work on the machine, which may inflate its CPU-s
     python benchmarks/frontier.py report     # docs/results/frontier.md + plots, from the ledger alone
                                              # (benchmarks/frontier_report.py: the views and the rules' verdicts)
     python benchmarks/frontier.py one --arm badam --seed 1 --lr 3e-4 --smoke   # one run, printed, not recorded
     python benchmarks/frontier.py tasks      # base-model accuracy of the accuracy-task candidates
+    python benchmarks/frontier.py cost --arm fft --lr 3e-5   # CPU-s per step of its first 40 updates (no eval)
 """
 
 from __future__ import annotations
@@ -105,7 +106,7 @@ FRONTIER_LAYERWISE = ("grass-uniform", "badam", "grass")
 FRONTIER_RANKS = (8, 16, 64, 128)
 TIME_TOLERANCE = 0.10  # a setting within 10 % of the reference's CPU-seconds counts as equal time
 # A run is quiet when the other processes on the machine used at most this many CPUs on average while its training
-# steps ran (docs/RESULTS.md, amendment of 2026-12-07): a run sharing the machine costs more CPU-seconds per update.
+# steps ran (docs/RESULTS.md, amendment of 2026-12-07): a run sharing the machine may cost more CPU-seconds per update.
 QUIET_LOAD = 0.10
 
 
@@ -421,22 +422,34 @@ def wait_while_paused(poll_s: float = 5.0) -> float:
     return time.perf_counter() - t0
 
 
-def one_run(s: Setting, seed: int, lr: float, smoke: bool = False) -> dict[str, Any]:
-    """Train one setting and evaluate it; returns the ledger record's ``config`` and ``figures``."""
-    import resource
+@dataclass
+class Training:
+    """What a run trains with: its config, tokenizer, the noise added to the weights, the prepared method, the step
+    runner, the batch stream, the loss and the step budget."""
 
+    cfg: Any
+    tok: Any
+    noise: Any
+    prepared: Any
+    runner: Any
+    stream: Any
+    forward: Any
+    n_steps: int
+    n_updates: int
+
+
+def training(s: Setting, seed: int, lr: float) -> Training:
+    """The protocol's model, data, method, schedule and step runner for one run (seeded: the same for every
+    process that asks)."""
     import torch
 
     from grass_ft import data as data_mod
     from grass_ft.loss import loss_forward
     from grass_ft.methods import prepare, step_budget
-    from grass_ft.step import StepRunner, lr_factor, optimizer_state_bytes
+    from grass_ft.step import StepRunner, lr_factor
 
-    torch.set_num_threads(THREADS)
-    fdata.register()
     cfg = arm_config(s, seed, lr)
     torch.manual_seed(cfg.seed)
-    sets = eval_sets(SMOKE_N if smoke else None)
     model, tok, noise = load(s.arm in NOISY)
     examples = data_mod.generate_examples(cfg.data, cfg.train_samples, cfg.seed)
     stream = data_mod.BatchStream([data_mod.tokenize_example(tok, ex, cfg.max_seq_len) for ex in examples],
@@ -447,7 +460,25 @@ def one_run(s: Setting, seed: int, lr: float, smoke: bool = False) -> dict[str, 
         prepared.optimizer, lambda k: lr_factor(k, cfg.warmup_steps, n_updates, cfg.lr_schedule))
     runner = StepRunner(prepared, schedule, grad_accum=cfg.grad_accum, max_grad_norm=cfg.max_grad_norm,
                         max_bad_steps=cfg.max_bad_steps)
-    forward = loss_forward(cfg.supervised_only_loss)
+    return Training(cfg, tok, noise, prepared, runner, stream, loss_forward(cfg.supervised_only_loss), n_steps,
+                    n_updates)
+
+
+def one_run(s: Setting, seed: int, lr: float, smoke: bool = False) -> dict[str, Any]:
+    """Train one setting and evaluate it; returns the ledger record's ``config`` and ``figures``."""
+    import resource
+
+    import torch
+
+    from grass_ft.step import optimizer_state_bytes
+
+    torch.set_num_threads(THREADS)
+    fdata.register()
+    sets = eval_sets(SMOKE_N if smoke else None)  # no torch random numbers: the seeded training is as before
+    t = training(s, seed, lr)
+    cfg, tok, noise, prepared, runner, stream, forward = (t.cfg, t.tok, t.noise, t.prepared, t.runner, t.stream,
+                                                         t.forward)
+    n_steps, n_updates = t.n_steps, t.n_updates
     clock = {"cpu": 0.0, "wall": 0.0, "eval_cpu": 0.0, "paused": 0.0,
              "others": 0.0 if busy_cpu_s() is not None else None}  # others: the rest of the machine, during steps
     curve, losses, drawn, updates = [], [], set(), 0
@@ -628,6 +659,32 @@ def plan_lines(runs: dict[str, dict]) -> list[str]:
     return head + lines
 
 
+# ------------------------------------------------------------------------------------------------ cost check
+
+
+def cmd_cost(arm: str, lr: float, updates: int, flush_denormal: bool) -> None:
+    """The first ``updates`` updates of the protocol's seed-1 run of ``arm`` at ``lr``: CPU-seconds per step (all,
+    the first 10, the last 10) and the optimizer state's denormal values; no evaluation. Run it twice at one rate
+    to see the run-to-run spread, at two rates to see whether the rate moves the cost (docs/RESULTS.md)."""
+    import torch
+
+    torch.set_num_threads(THREADS)
+    torch.set_flush_denormal(flush_denormal)
+    fdata.register()
+    t = training(Setting(arm), 1, lr)
+    cpu = []
+    for step in range(updates):
+        c0 = time.process_time()
+        t.runner.train_step(step, [t.stream.next_batch()], forward=t.forward)
+        cpu.append(time.process_time() - c0)
+    tiny = torch.finfo(torch.float32).tiny
+    denormal = sum(int(((v.abs() < tiny) & (v != 0)).sum()) for st in t.prepared.optimizer.state.values()
+                   for v in (st.values() if isinstance(st, dict) else ()) if torch.is_tensor(v) and v.is_floating_point())
+    print(json.dumps({"arm": arm, "lr": lr, "updates": updates, "flush_denormal": flush_denormal,
+                      "cpu_s_per_step": statistics.fmean(cpu), "first10": statistics.fmean(cpu[:10]),
+                      "last10": statistics.fmean(cpu[-10:]), "denormal_state_values": denormal}), flush=True)
+
+
 # ------------------------------------------------------------------------------------------------ tasks, prose
 
 
@@ -675,6 +732,11 @@ def main() -> int:
     p_base.add_argument("--noise", action="store_true")
     for p in (p_one, p_base):
         p.add_argument("--json-out", type=Path, default=None)
+    p_cost = sub.add_parser("cost", help="CPU-s per step of a run's first updates (no evaluation, not recorded)")
+    p_cost.add_argument("--arm", choices=list(ARMS), required=True)
+    p_cost.add_argument("--lr", type=float, required=True)
+    p_cost.add_argument("--updates", type=int, default=40)
+    p_cost.add_argument("--flush-denormal", action="store_true", help="torch.set_flush_denormal(True)")
     p_tasks = sub.add_parser("tasks", help="base-model accuracy of the accuracy-task candidates")
     p_tasks.add_argument("-n", type=int, default=100)
     p_prose = sub.add_parser("prose", help="extract the forgetting set (and its hash); --write replaces the file")
@@ -695,6 +757,8 @@ def main() -> int:
         cmd_report(args.ledger, args.docs)
     elif args.cmd == "plan":
         print("\n".join(plan_lines(runs_of(read_ledger(args.ledger)))))
+    elif args.cmd == "cost":
+        cmd_cost(args.arm, args.lr, max(10, args.updates), args.flush_denormal)
     elif args.cmd == "tasks":
         cmd_tasks(args.n)
     elif args.cmd == "prose":
