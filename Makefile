@@ -55,7 +55,7 @@ frontier: setup
 	$(BIN)/python benchmarks/frontier.py report
 
 frontier-run: setup
-	nice -n 19 $(BIN)/python benchmarks/frontier.py run
+	nice -n 19 $(BIN)/python benchmarks/frontier.py run --worker $(or $(WORKER),1)
 
 # Step time, offload overhead and optimizer-state growth side by side (docs/cpu_speed.md; about 10 minutes).
 cpu-speed: setup

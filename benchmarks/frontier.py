@@ -18,14 +18,18 @@ wise arms at γ = 4 of 30 blocks, a draw every 10 steps, embeddings and head tra
 Commands:
 
     python benchmarks/frontier.py plan       # the queue in order, each item done / to run / waiting, CPU left
-    python benchmarks/frontier.py run        # run the queue (one run at a time), skipping recorded runs
-    touch runs/frontier/pause                # hold the run in hand between two steps (rm to go on): before
-                                             # any other heavy work on the machine, which may inflate its CPU-s
+    python benchmarks/frontier.py run --worker 1   # run the queue, skipping recorded runs (and --worker 2 beside
+                                             # it: each takes the next item the other has not claimed); every run
+                                             # checkpoints every 50 updates and a killed one resumes
+    python benchmarks/frontier.py costs --rounds 1 --settings main   # the cost benchmark: every setting's CPU-s
+                                             # per update side by side with the reference's (pauses the queues)
+    touch runs/frontier/pause                # hold the runs in hand between two steps (rm to go on): before
+                                             # any other heavy work on the machine
     python benchmarks/frontier.py report     # docs/results/frontier.md + plots, from the ledger alone
                                              # (benchmarks/frontier_report.py: the views and the rules' verdicts)
     python benchmarks/frontier.py one --arm badam --seed 1 --lr 3e-4 --smoke   # one run, printed, not recorded
     python benchmarks/frontier.py tasks      # base-model accuracy of the accuracy-task candidates
-    python benchmarks/frontier.py cost --arm fft --lr 3e-5   # CPU-s per step of its first 40 updates (no eval)
+    python benchmarks/frontier.py cost --arm fft --lr 3e-5   # CPU-s per update of its first 40 updates (no eval)
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import argparse
 import fcntl
 import hashlib
 import json
+import math
 import os
 import platform
 import statistics
@@ -52,6 +57,8 @@ from quality import DOCS, ROOT, append_record, git_commit, read_ledger  # noqa: 
 LEDGER, WORK = DOCS / "frontier_ledger.jsonl", ROOT / "runs" / "frontier"
 SEEDS, THREADS = (1, 2, 3), 1
 UPDATES, WARMUP_SHARE, CURVE_EVERY = 500, 0.05, 100
+CKPT_EVERY = 50  # updates between a run's in-flight checkpoints: a killed run resumes from its newest
+MAX_WORKERS = 2  # queues side by side, one per core (docs/RESULTS.md: what sharing the machine costs a run)
 ALL_BLOCKS = 30  # SmolLM2-135M's decoder blocks: γ = all
 PROTOCOL: dict[str, Any] = {
     "model": "smollm2-135m", "data": fdata.TRAIN_MIX, "train_samples": 2000, "batch_size": 4, "grad_accum": 1,
@@ -105,6 +112,9 @@ FRONTIER_GAMMAS = (1, 2, 8)
 FRONTIER_LAYERWISE = ("grass-uniform", "badam", "grass")
 FRONTIER_RANKS = (8, 16, 64, 128)
 TIME_TOLERANCE = 0.10  # a setting within 10 % of the reference's CPU-seconds counts as equal time
+# The cost benchmark (docs/RESULTS.md, third amendment): untimed updates, timed ones, the rate (it moves no cost),
+# and the rounds a setting's ratio to the reference needs before its time-matched run is sized.
+COST_WARMUP, COST_UPDATES, COST_LR, COST_MIN_ROUNDS = 10, 20, 1e-4, 3
 # A run is quiet when the other processes on the machine used at most this many CPUs on average while its training
 # steps ran (docs/RESULTS.md, amendment of 2026-12-07): a run sharing the machine may cost more CPU-seconds per update.
 QUIET_LOAD = 0.10
@@ -155,10 +165,24 @@ def run_key(s: Setting, seed: int, lr: float) -> str:
             f"|protocol={protocol_id()}")
 
 
-def runs_of(records: list[dict]) -> dict[str, dict]:
-    """This protocol's finished runs by key (the first record of a key wins: later ones are read first)."""
+class Runs(dict):
+    """This protocol's finished runs by key, with its cost benchmark's measurements (``costs``: setting -> round ->
+    CPU-s per update, quiet measurements only)."""
+
+    costs: dict[Setting, dict[int, float]]
+
+
+def runs_of(records: list[dict]) -> Runs:
+    """This protocol's finished runs by key (the first record of a key wins: later ones are read first) and its
+    cost measurements (:func:`cmd_costs`)."""
     pid = protocol_id()
-    return {r["key"]: r for r in reversed(records) if r.get("record") == "run" and r.get("protocol_id") == pid}
+    runs = Runs((r["key"], r) for r in reversed(records) if r.get("record") == "run" and r.get("protocol_id") == pid)
+    runs.costs = {}
+    for r in records:
+        if r.get("record") == "cost" and r.get("protocol_id") == pid and r["others_load"] <= QUIET_LOAD:
+            runs.costs.setdefault(Setting(r["arm"], r.get("gamma"), r.get("lora_r")), {})[r["round"]] = (
+                r["cpu_s_per_update"])
+    return runs
 
 
 def setting_of(rec: dict) -> Setting:
@@ -213,13 +237,28 @@ def cost_per_update(s: Setting, runs: dict[str, dict]) -> tuple[float, str] | No
     return None
 
 
-def train_cpu(s: Setting, runs: dict[str, dict], seeds: tuple[int, ...]) -> float | None:
-    """The training CPU-seconds of the setting's 500 updates — :func:`cost_per_update` × 500 — once its runs for
-    ``seeds`` at its rate are recorded (None before)."""
-    lr = best_lr(s.arm, runs)
-    recs = [runs.get(run_key(s.point, seed, lr)) for seed in seeds] if lr is not None else [None]
-    cost = cost_per_update(s, runs) if all(recs) else None
-    return None if cost is None else cost[0] * UPDATES
+def cost_ratio(s: Setting, runs: dict[str, dict]) -> tuple[float, int] | None:
+    """The setting's training cost per update relative to the reference's (grass-uniform γ=4), side by side: the
+    geometric mean over the cost benchmark's rounds that measured both (:func:`cmd_costs`), and how many rounds;
+    None before one has (docs/RESULTS.md, third amendment)."""
+    costs = getattr(runs, "costs", {})
+    ref, mine = costs.get(REFERENCE.point, {}), costs.get(s.point, {})
+    rounds = sorted(set(ref) & set(mine))
+    if not rounds:
+        return None
+    return math.exp(statistics.fmean(math.log(mine[r] / ref[r]) for r in rounds)), len(rounds)
+
+
+def train_cpu(s: Setting, runs: dict[str, dict]) -> float | None:
+    """The training CPU-seconds of the setting's 500 updates, once the reference's seeds 1-3 are recorded
+    (None before): the reference's own clocks over those runs (the equal-time budget ``T_ref``), × the setting's
+    :func:`cost_ratio`."""
+    lr = best_lr(REFERENCE.arm, runs)
+    recs = [runs.get(run_key(REFERENCE, seed, lr)) for seed in SEEDS] if lr is not None else [None]
+    ratio = cost_ratio(s, runs)
+    if not all(recs) or ratio is None:
+        return None
+    return ratio[0] * statistics.fmean(r["figures"]["train_cpu_s"] for r in recs)
 
 
 def seeds_of(s: Setting) -> tuple[int, ...]:
@@ -230,18 +269,26 @@ def seeds_of(s: Setting) -> tuple[int, ...]:
 
 def matched_updates(s: Setting, runs: dict[str, dict]) -> int | None:
     """Updates of the setting's time-matched run: its schedule compressed so that its training costs the
-    reference's CPU-seconds (``round(500 * T_ref / T_setting)``); 0 when its 500 updates cost at most 10 % more
-    than the reference's (they are the equal-time figure then); None until both costs are recorded."""
-    t_ref, t_s = train_cpu(REFERENCE, runs, SEEDS), train_cpu(s.point, runs, seeds_of(s))
-    if t_ref is None or t_s is None:
+    reference's CPU-seconds (``round(500 / ratio)``, :func:`cost_ratio`); 0 when its 500 updates cost at most 10 %
+    more than the reference's (they are the equal-time figure then); None until :data:`COST_MIN_ROUNDS` rounds of
+    the cost benchmark have measured the ratio."""
+    ratio = cost_ratio(s, runs)
+    if ratio is None or ratio[1] < COST_MIN_ROUNDS:
         return None
-    return 0 if t_s <= (1 + TIME_TOLERANCE) * t_ref else max(1, round(UPDATES * t_ref / t_s))
+    return 0 if ratio[0] <= 1 + TIME_TOLERANCE else max(1, round(UPDATES / ratio[0]))
 
 
 def equal_time_setting(s: Setting, runs: dict[str, dict]) -> Setting | None:
     """The run that stands for ``s`` at equal CPU time: its time-matched twin, or itself; None while unknown."""
     n = matched_updates(s, runs)
     return None if n is None else (s.point if n == 0 else replace(s, updates=n))
+
+
+def frontier_settings() -> list[Setting]:
+    """The memory frontier's points besides the protocol's γ and rank (phase F)."""
+    out = [Setting("grass-uniform", gamma=g) for g in (*FRONTIER_GAMMAS, ALL_BLOCKS)]
+    out += [Setting("lora", lora_r=r) for r in FRONTIER_RANKS]
+    return out + [Setting(a, gamma=g) for a in FRONTIER_LAYERWISE[1:] for g in FRONTIER_GAMMAS]
 
 
 Item = tuple[str, Setting, int, float | None]  # (phase, setting, seed, lr); lr None or updates 0: waits
@@ -267,9 +314,7 @@ def queue(runs: dict[str, dict]) -> list[Item]:
         return out
 
     q += matched("T time-matched (main)", [Setting(a) for a in MAIN if a != REFERENCE.arm], SEEDS)
-    frontier = [Setting("grass-uniform", gamma=g) for g in (*FRONTIER_GAMMAS, ALL_BLOCKS)]
-    frontier += [Setting("lora", lora_r=r) for r in FRONTIER_RANKS]
-    frontier += [Setting(a, gamma=g) for a in FRONTIER_LAYERWISE[1:] for g in FRONTIER_GAMMAS]
+    frontier = frontier_settings()
     q += [("F frontier (seed 1)", s, 1, best_lr(s.arm, runs)) for s in frontier]
     q += matched("F' frontier time-matched (seed 1)", frontier, SEEDS[:1])
     q += [("S GRASS*", Setting("grass-static"), seed, best_lr("grass-static", runs)) for seed in SEEDS]
@@ -424,13 +469,14 @@ def wait_while_paused(poll_s: float = 5.0) -> float:
 
 @dataclass
 class Training:
-    """What a run trains with: its config, tokenizer, the noise added to the weights, the prepared method, the step
-    runner, the batch stream, the loss and the step budget."""
+    """What a run trains with: its config, tokenizer, the noise added to the weights, the prepared method, the rate
+    schedule, the step runner, the batch stream, the loss and the step budget."""
 
     cfg: Any
     tok: Any
     noise: Any
     prepared: Any
+    schedule: Any
     runner: Any
     stream: Any
     forward: Any
@@ -460,12 +506,55 @@ def training(s: Setting, seed: int, lr: float) -> Training:
         prepared.optimizer, lambda k: lr_factor(k, cfg.warmup_steps, n_updates, cfg.lr_schedule))
     runner = StepRunner(prepared, schedule, grad_accum=cfg.grad_accum, max_grad_norm=cfg.max_grad_norm,
                         max_bad_steps=cfg.max_bad_steps)
-    return Training(cfg, tok, noise, prepared, runner, stream, loss_forward(cfg.supervised_only_loss), n_steps,
-                    n_updates)
+    return Training(cfg, tok, noise, prepared, schedule, runner, stream, loss_forward(cfg.supervised_only_loss),
+                    n_steps, n_updates)
 
 
-def one_run(s: Setting, seed: int, lr: float, smoke: bool = False) -> dict[str, Any]:
-    """Train one setting and evaluate it; returns the ledger record's ``config`` and ``figures``."""
+def code_hash() -> str:
+    """sha256 over what a run's trajectory depends on: the library's sources and this script's two modules. A
+    checkpoint resumes only under the same hash (otherwise the run starts over)."""
+    h = hashlib.sha256()
+    here = Path(__file__).resolve().parent
+    for f in sorted((ROOT / "src" / "grass_ft").rglob("*.py")) + [here / "frontier.py", here / "frontier_data.py"]:
+        h.update(f.relative_to(ROOT).as_posix().encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
+def inflight(key: str) -> Path:
+    """Where a run's in-flight checkpoint lives until its record is in the ledger."""
+    return WORK / "inflight" / hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def save_inflight(where: Path, step: int, t: Training, run: dict[str, Any], code: str) -> None:
+    """checkpoint-<step> under ``where`` (the newest only): weights, optimizer, scheduler, sampler, random state,
+    data position and the run's clocks and curve so far, so a killed run goes on bit for bit (the library's resume)."""
+    from grass_ft.run.checkpoint import rng_state, save_checkpoint
+
+    extra = {"runner": t.runner.state_dict(), "rng": rng_state(), "run": json.dumps(run)}
+    save_checkpoint(where, step, t.prepared.model, t.prepared.optimizer, t.schedule, extra,
+                    {"data": t.stream.state_dict(), "code": code}, save_total_limit=1)
+
+
+def resume_inflight(where: Path, t: Training, code: str) -> tuple[int, dict[str, Any]] | None:
+    """The newest complete checkpoint under ``where`` loaded into ``t``: (the next step, the run so far); None
+    when there is none or it was written by other code (the run then starts over)."""
+    from grass_ft.run.checkpoint import list_checkpoints, load_checkpoint, set_rng_state
+
+    found = list_checkpoints(where)
+    if not found or json.loads((found[-1] / "trainer_state.json").read_text()).get("code") != code:
+        return None
+    trainer_state, extra = load_checkpoint(found[-1], t.prepared.model, t.prepared.optimizer, t.schedule)
+    t.runner.load_state_dict(extra["runner"])
+    set_rng_state(extra["rng"])
+    t.stream.load_state_dict(trainer_state["data"])
+    return trainer_state["step"], json.loads(extra["run"])
+
+
+def one_run(s: Setting, seed: int, lr: float, smoke: bool = False, checkpoints: Path | None = None,
+            every: int = CKPT_EVERY) -> dict[str, Any]:
+    """Train one setting and evaluate it; returns the ledger record's ``config`` and ``figures``. With
+    ``checkpoints`` (a directory), a checkpoint every ``every`` updates, outside every clock, and a run killed
+    midway resumes from its newest one (``resumed_at``: the updates it resumed at)."""
     import resource
 
     import torch
@@ -476,13 +565,19 @@ def one_run(s: Setting, seed: int, lr: float, smoke: bool = False) -> dict[str, 
     fdata.register()
     sets = eval_sets(SMOKE_N if smoke else None)  # no torch random numbers: the seeded training is as before
     t = training(s, seed, lr)
-    cfg, tok, noise, prepared, runner, stream, forward = (t.cfg, t.tok, t.noise, t.prepared, t.runner, t.stream,
-                                                         t.forward)
-    n_steps, n_updates = t.n_steps, t.n_updates
-    clock = {"cpu": 0.0, "wall": 0.0, "eval_cpu": 0.0, "paused": 0.0,
-             "others": 0.0 if busy_cpu_s() is not None else None}  # others: the rest of the machine, during steps
-    curve, losses, drawn, updates = [], [], set(), 0
-    for step in range(1 if smoke else n_steps):
+    tok, prepared, runner, stream, forward = t.tok, t.prepared, t.runner, t.stream, t.forward
+    n_steps, n_updates = (1, 1) if smoke else (t.n_steps, t.n_updates)
+    run: dict[str, Any] = {  # others: the rest of the machine's CPU-s during this run's steps
+        "clock": {"cpu": 0.0, "wall": 0.0, "eval_cpu": 0.0, "paused": 0.0,
+                  "others": 0.0 if busy_cpu_s() is not None else None},
+        "curve": [], "losses": [], "drawn": [], "updates": 0, "resumed_at": []}
+    code, first = (code_hash(), 0) if checkpoints is not None else ("", 0)
+    if checkpoints is not None and (back := resume_inflight(checkpoints, t, code)) is not None:
+        first, run = back
+        run["resumed_at"].append(run["updates"])
+        print(f"[resume] {checkpoints}: from update {run['updates']} (step {first})", flush=True)
+    clock, curve, losses, drawn = run["clock"], run["curve"], run["losses"], set(run["drawn"])
+    for step in range(first, n_steps):
         clock["paused"] += wait_while_paused()
         b0, c0, w0 = busy_cpu_s(), time.process_time(), time.perf_counter()
         res = runner.train_step(step, [stream.next_batch()], forward=forward)
@@ -493,7 +588,7 @@ def one_run(s: Setting, seed: int, lr: float, smoke: bool = False) -> dict[str, 
             clock["others"] += busy_cpu_s() - b0 - own
         if res.probe:
             continue
-        updates += 1
+        run["updates"] = updates = run["updates"] + 1
         losses.append(res.loss)
         drawn |= set(res.active)
         if updates % CURVE_EVERY == 0 and updates < n_updates:
@@ -501,19 +596,23 @@ def one_run(s: Setting, seed: int, lr: float, smoke: bool = False) -> dict[str, 
             point = evaluate(prepared.model, tok, sets, full=False)
             clock["eval_cpu"] += time.process_time() - e0
             curve.append({"update": updates, "train_cpu_s": clock["cpu"], "train_wall_s": clock["wall"], **point})
+        if checkpoints is not None and updates % every == 0 and updates < n_updates:
+            run["drawn"] = sorted(drawn)
+            save_inflight(checkpoints, step + 1, t, run, code)
+    updates = run["updates"]
     state = optimizer_state_bytes(prepared.optimizer)
     e0 = time.process_time()
     final = evaluate(prepared.model, tok, sets, full=True)
     clock["eval_cpu"] += time.process_time() - e0
     curve.append({"update": updates, "train_cpu_s": clock["cpu"], "train_wall_s": clock["wall"],
                   "test_subset_loss": final["test_subset_loss"]})
-    return {"config": cfg.to_dict(), "figures": {
+    return {"config": t.cfg.to_dict(), "figures": {
         **final, "curve": curve, "updates": updates, "train_cpu_s": clock["cpu"], "train_wall_s": clock["wall"],
         "eval_cpu_s": clock["eval_cpu"], "cpu_s_per_update": clock["cpu"] / max(1, updates),
         "others_cpu_s": clock["others"], "paused_s": clock["paused"],
         "others_load": None if clock["others"] is None else max(0.0, clock["others"]) / max(clock["wall"], 1e-9),
         "skipped_steps": runner.skipped_steps, "distinct_blocks": len(drawn) if prepared.sampler else None,
-        "final_train_loss": statistics.fmean(losses[-20:]), "noise": noise,
+        "final_train_loss": statistics.fmean(losses[-20:]), "noise": t.noise, "resumed_at": run["resumed_at"],
         "optimizer_state_mib": {k: v / 2**20 for k, v in state.items()},
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}}
 
@@ -540,7 +639,7 @@ def record_common() -> dict[str, Any]:
             "prose_sha256": fdata.PROSE_SHA256, "git_commit": sha, "git_dirty_src": dirty,
             "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "threads": THREADS,
                      "torch": torch.__version__, "python": platform.python_version(),
-                     "note": "shared machine, one run at a time: read CPU-seconds, not wall time"}}
+                     "note": "two queues on two cores: read CPU-seconds, not wall time; costs: the cost benchmark"}}
 
 
 def in_child(argv: list[str], out: Path) -> dict | None:
@@ -562,53 +661,108 @@ def stamp() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-def cmd_run(ledger: Path, max_runs: int | None) -> int:
-    WORK.mkdir(parents=True, exist_ok=True)
-    lock = open(WORK / "queue.lock", "w")
-    try:  # one queue at a time: the machine's two cores are shared, and runs must not share one
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+def try_lock(path: Path):
+    """An exclusive, non-blocking flock on ``path`` (held while the returned file is open), or None when another
+    process holds it. The kernel drops it when the holder dies, so a killed queue leaves no stale claim."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    f = open(path, "w")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        print(f"another frontier queue holds {WORK / 'queue.lock'}; not starting a second", flush=True)
+        f.close()
+        return None
+    return f
+
+
+def claim_path(key: str) -> Path:
+    return WORK / "claims" / (hashlib.sha256(key.encode()).hexdigest()[:16] + ".lock")
+
+
+def others_running() -> bool:
+    """Whether another queue holds a claim on an item (its run may unblock items that wait for it)."""
+    for path in (WORK / "claims").glob("*.lock"):
+        held = try_lock(path)
+        if held is None:
+            return True
+        held.close()
+    return False
+
+
+def next_item(ledger: Path):
+    """The first runnable, unrecorded, not failed item no other queue has claimed, with its claim held; "wait" when
+    the rest wait for a run another queue has in hand; None when the queue has nothing left to run."""
+    runs = runs_of(read_ledger(ledger))
+    failed_file = WORK / "failed.txt"
+    failed = set(failed_file.read_text().splitlines()) if failed_file.exists() else set()
+    for item in queue(runs):
+        if not runnable(item):
+            continue
+        key = run_key(*item[1:])
+        if key in runs or key in failed or (held := try_lock(claim_path(key))) is None:
+            continue
+        if key in runs_of(read_ledger(ledger)):  # another queue recorded it between the two reads
+            held.close()
+            continue
+        return item, held
+    if others_running():
+        return "wait"
+    waiting = sum(1 for t in queue(runs) if not runnable(t))
+    print(f"[idle] nothing runnable; {waiting} item(s) wait for runs they depend on", flush=True)
+    return None
+
+
+def cmd_run(ledger: Path, max_runs: int | None, worker: int = 1) -> int:
+    """Run the queue: each run in a child process, checkpointed every :data:`CKPT_EVERY` updates (a killed run
+    resumes), one record per finished run. Up to :data:`MAX_WORKERS` queues (``--worker 1``, ``--worker 2``) run
+    side by side, each on its own core, never the same item (a claim per item)."""
+    lock = try_lock(WORK / f"queue-{worker}.lock")
+    if lock is None:
+        print(f"queue {worker} is already running ({WORK / f'queue-{worker}.lock'}); not starting it twice", flush=True)
         return 1
     for noise in (False, True):
         key = f"base|noise={noise}|protocol={protocol_id()}"
-        if not any(r.get("key") == key for r in read_ledger(ledger)):
+        if not any(r.get("key") == key for r in read_ledger(ledger)) and (held := try_lock(claim_path(key))):
             print(f"[base] the model as loaded{' + Q4_1-sized noise' if noise else ''}", flush=True)
-            figures = in_child(["base"] + (["--noise"] if noise else []), WORK / "base.json")
+            figures = in_child(["base"] + (["--noise"] if noise else []), WORK / f"base-{worker}.json")
             if figures is not None:
                 append_record({"record": "base", "key": key, "noise": noise, **record_common(),
                                "finished_utc": stamp(), "figures": figures}, ledger)
-    failed_file = WORK / "failed.txt"
+            held.close()
     done = 0
     while max_runs is None or done < max_runs:
         if (WORK / "stop").exists():  # drain: finish the run in hand, then exit (rm the file to go on)
             print(f"[stop] {WORK / 'stop'} exists: not starting another run", flush=True)
             return 0
-        runs = runs_of(read_ledger(ledger))
-        failed = set(failed_file.read_text().splitlines()) if failed_file.exists() else set()
-        todo = [t for t in queue(runs) if runnable(t) and (k := run_key(*t[1:])) not in runs and k not in failed]
-        if not todo:
-            waiting = sum(1 for t in queue(runs) if not runnable(t))
-            print(f"[idle] nothing runnable; {waiting} item(s) wait for runs they depend on", flush=True)
+        got = next_item(ledger)
+        if got is None:
             return 0
-        phase, s, seed, lr = todo[0]
+        if got == "wait":
+            time.sleep(60)
+            continue
+        (phase, s, seed, lr), held = got
         key = run_key(s, seed, lr)
         print(f"[run ] {phase}: {key}", flush=True)
         started, t0 = stamp(), time.perf_counter()
-        rec = in_child(["one", *setting_args(s), "--seed", str(seed), "--lr", repr(lr)], WORK / "one.json")
+        rec = in_child(["one", *setting_args(s), "--seed", str(seed), "--lr", repr(lr), "--checkpoints",
+                        str(inflight(key))], WORK / f"one-{worker}.json")
         if rec is None:
-            with open(failed_file, "a") as f:  # not retried by this queue; delete the line to retry
+            with open(WORK / "failed.txt", "a") as f:  # not retried by this queue; delete the line to retry
                 f.write(key + "\n")
             print(f"[FAIL] {key}", flush=True)
         else:
             append_record({"record": "run", "key": key, "arm": s.arm, "gamma": s.gamma, "lora_r": s.lora_r,
                            "updates": s.updates, "seed": seed, "lr": lr, "phase": phase, "noise": s.arm in NOISY,
                            **record_common(), "started_utc": started, "finished_utc": stamp(), **rec}, ledger)
+            if inflight(key).exists():
+                from grass_ft.base.atomic import remove_dir
+
+                remove_dir(inflight(key))
             f = rec["figures"]
             print(f"[done] {key}: test loss {f['test_loss']:.4f}, validation {f['validation_loss']:.4f}, accuracy "
                   f"{100 * f['acc_accuracy']:.1f} %, {f['train_cpu_s']:.0f} CPU-s training, "
                   f"{time.perf_counter() - t0:.0f} s wall, others' load "
                   f"{'–' if f['others_load'] is None else format(f['others_load'], '.2f')} CPUs", flush=True)
+        held.close()
         done += 1
     return 0
 
@@ -662,27 +816,81 @@ def plan_lines(runs: dict[str, dict]) -> list[str]:
 # ------------------------------------------------------------------------------------------------ cost check
 
 
-def cmd_cost(arm: str, lr: float, updates: int, flush_denormal: bool) -> None:
-    """The first ``updates`` updates of the protocol's seed-1 run of ``arm`` at ``lr``: CPU-seconds per step (all,
-    the first 10, the last 10) and the optimizer state's denormal values; no evaluation. Run it twice at one rate
-    to see the run-to-run spread, at two rates to see whether the rate moves the cost (docs/RESULTS.md)."""
+def cmd_cost(s: Setting, lr: float, updates: int, flush_denormal: bool, warmup: int = 0) -> dict[str, Any]:
+    """After ``warmup`` updates, the next ``updates`` updates of the protocol's seed-1 run of ``s`` at ``lr``: CPU-
+    seconds per update (probe steps in them, as in a run), the first and last 10 steps, the rest of the machine's
+    load meanwhile, and the optimizer state's denormal values; no evaluation. Run it twice at one rate to see the
+    run-to-run spread, at two rates to see whether the rate moves the cost (docs/RESULTS.md)."""
     import torch
 
     torch.set_num_threads(THREADS)
     torch.set_flush_denormal(flush_denormal)
     fdata.register()
-    t = training(Setting(arm), 1, lr)
-    cpu = []
-    for step in range(updates):
-        c0 = time.process_time()
-        t.runner.train_step(step, [t.stream.next_batch()], forward=t.forward)
-        cpu.append(time.process_time() - c0)
+    t = training(s, 1, lr)
+    step, done, cpu, others, wall = 0, 0, [], 0.0, 0.0
+    while done < warmup + updates:
+        b0, c0, w0 = busy_cpu_s(), time.process_time(), time.perf_counter()
+        res = t.runner.train_step(step, [t.stream.next_batch()], forward=t.forward)
+        own = time.process_time() - c0
+        step += 1
+        if done >= warmup:  # the clock runs from the first update after the warm-up, probe steps included
+            cpu.append(own)
+            wall += time.perf_counter() - w0
+            others += (busy_cpu_s() or 0.0) - (b0 or 0.0) - own
+        done += not res.probe
     tiny = torch.finfo(torch.float32).tiny
     denormal = sum(int(((v.abs() < tiny) & (v != 0)).sum()) for st in t.prepared.optimizer.state.values()
                    for v in (st.values() if isinstance(st, dict) else ()) if torch.is_tensor(v) and v.is_floating_point())
-    print(json.dumps({"arm": arm, "lr": lr, "updates": updates, "flush_denormal": flush_denormal,
-                      "cpu_s_per_step": statistics.fmean(cpu), "first10": statistics.fmean(cpu[:10]),
-                      "last10": statistics.fmean(cpu[-10:]), "denormal_state_values": denormal}), flush=True)
+    return {"arm": s.arm, "gamma": s.gamma, "lora_r": s.lora_r, "lr": lr, "warmup": warmup, "updates": updates,
+            "steps": len(cpu), "flush_denormal": flush_denormal, "cpu_s_per_update": sum(cpu) / updates,
+            "cpu_s_per_step": statistics.fmean(cpu), "first10": statistics.fmean(cpu[:10]),
+            "last10": statistics.fmean(cpu[-10:]), "others_load": max(0.0, others) / max(wall, 1e-9),
+            "denormal_state_values": denormal}
+
+
+
+
+def machine_load(seconds: float = 5.0) -> float:
+    """The machine's busy CPUs over the next ``seconds`` (this process idle meanwhile)."""
+    b0 = busy_cpu_s()
+    time.sleep(seconds)
+    return ((busy_cpu_s() or 0.0) - (b0 or 0.0)) / seconds
+
+
+def cmd_costs(ledger: Path, rounds: int, which: str) -> int:
+    """The cost benchmark (docs/RESULTS.md, third amendment): ``rounds`` rounds, each measuring the reference and
+    every setting of ``which`` once, side by side in time (one fresh process after another, the order turned by
+    one place each round), :data:`COST_WARMUP` untimed then :data:`COST_UPDATES` timed updates, on the quiet
+    machine (the queues are paused meanwhile; a measurement waits for the rest of the machine to fall quiet). One
+    ledger record per measurement; :func:`cost_ratio` reads them."""
+    settings = [REFERENCE] + ([Setting(a) for a in MAIN if a != REFERENCE.arm] if which == "main"
+                              else frontier_settings())
+    pause = WORK / "pause"
+    mine = not pause.exists()
+    pause.parent.mkdir(parents=True, exist_ok=True)
+    pause.touch()
+    try:
+        for _ in range(rounds):
+            rnd = 1 + max((r["round"] for r in read_ledger(ledger) if r.get("record") == "cost"), default=0)
+            k = (rnd - 1) % len(settings)
+            for s in settings[k:] + settings[:k]:
+                while (load := machine_load()) > QUIET_LOAD:
+                    print(f"[cost] the machine is busy ({load:.2f} CPUs): waiting for it to fall quiet", flush=True)
+                    time.sleep(25)
+                print(f"[cost] round {rnd}: {s.name}", flush=True)
+                rec = in_child(["cost", *setting_args(s)[:2], *setting_args(s)[4:], "--lr", repr(COST_LR),
+                                "--warmup", str(COST_WARMUP), "--updates", str(COST_UPDATES)], WORK / "cost.json")
+                if rec is None:
+                    print(f"[FAIL] cost of {s.name}", flush=True)
+                    return 1
+                append_record({"record": "cost", "key": f"cost|{run_key(s, 1, COST_LR)}|round={rnd}", "round": rnd,
+                               **record_common(), "finished_utc": stamp(), **rec}, ledger)
+                print(f"[cost] {s.name}: {rec['cpu_s_per_update']:.3f} CPU-s/update "
+                      f"(others' load {rec['others_load']:.2f})", flush=True)
+    finally:
+        if mine:
+            pause.unlink(missing_ok=True)
+    return 0
 
 
 # ------------------------------------------------------------------------------------------------ tasks, prose
@@ -716,8 +924,10 @@ def cmd_prose(write: bool) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
-    p_run = sub.add_parser("run", help="run the queue, one run at a time, skipping runs already in the ledger")
+    p_run = sub.add_parser("run", help="run the queue, skipping runs already in the ledger (checkpointed, resumable)")
     p_run.add_argument("--max-runs", type=int, default=None)
+    p_run.add_argument("--worker", type=int, default=1, choices=range(1, MAX_WORKERS + 1),
+                       help=f"which of the {MAX_WORKERS} queues this is (each takes the next unclaimed item)")
     sub.add_parser("report", help="docs/results/frontier.md and plots from the ledger alone")
     sub.add_parser("plan", help="the queue, what is done and the CPU left")
     p_one = sub.add_parser("one", help="one run; prints its figures (recorded only by `run`)")
@@ -728,20 +938,28 @@ def main() -> int:
     p_one.add_argument("--rank", type=int, default=None)
     p_one.add_argument("--updates", type=int, default=UPDATES)
     p_one.add_argument("--smoke", action="store_true", help="1 update, 4 problems per held-out set")
+    p_one.add_argument("--checkpoints", type=Path, default=None,
+                       help=f"a checkpoint every {CKPT_EVERY} updates here; resume from the newest found")
     p_base = sub.add_parser("base", help="the model as loaded on the held-out sets")
     p_base.add_argument("--noise", action="store_true")
-    for p in (p_one, p_base):
+    for p in (p_one, p_base, p_cost):
         p.add_argument("--json-out", type=Path, default=None)
-    p_cost = sub.add_parser("cost", help="CPU-s per step of a run's first updates (no evaluation, not recorded)")
+    p_cost = sub.add_parser("cost", help="CPU-s per update of a run's first updates (no evaluation, not recorded)")
     p_cost.add_argument("--arm", choices=list(ARMS), required=True)
+    p_cost.add_argument("--gamma", type=int, default=None)
+    p_cost.add_argument("--rank", type=int, default=None)
     p_cost.add_argument("--lr", type=float, required=True)
-    p_cost.add_argument("--updates", type=int, default=40)
+    p_cost.add_argument("--updates", type=int, default=40, help="updates timed")
+    p_cost.add_argument("--warmup", type=int, default=0, help="updates before the clock starts")
     p_cost.add_argument("--flush-denormal", action="store_true", help="torch.set_flush_denormal(True)")
+    p_costs = sub.add_parser("costs", help="the cost benchmark: settings side by side, one record per measurement")
+    p_costs.add_argument("--rounds", type=int, default=1)
+    p_costs.add_argument("--settings", choices=("main", "frontier"), default="main")
     p_tasks = sub.add_parser("tasks", help="base-model accuracy of the accuracy-task candidates")
     p_tasks.add_argument("-n", type=int, default=100)
     p_prose = sub.add_parser("prose", help="extract the forgetting set (and its hash); --write replaces the file")
     p_prose.add_argument("--write", action="store_true")
-    for p in (p_run, sub.choices["plan"], sub.choices["report"]):
+    for p in (p_run, p_costs, sub.choices["plan"], sub.choices["report"]):
         p.add_argument("--ledger", type=Path, default=LEDGER)
     sub.choices["report"].add_argument("--docs", type=Path, default=DOCS)
     args = ap.parse_args()
@@ -750,23 +968,26 @@ def main() -> int:
         print(f"frontier.py one: --updates must be >= 1, --lr > 0 and --gamma in 1..{ALL_BLOCKS}", file=sys.stderr)
         return 2
     if args.cmd == "run":
-        return cmd_run(args.ledger, args.max_runs)
+        return cmd_run(args.ledger, args.max_runs, args.worker)
     if args.cmd == "report":
         from frontier_report import cmd_report
 
         cmd_report(args.ledger, args.docs)
     elif args.cmd == "plan":
         print("\n".join(plan_lines(runs_of(read_ledger(args.ledger)))))
-    elif args.cmd == "cost":
-        cmd_cost(args.arm, args.lr, max(10, args.updates), args.flush_denormal)
+    elif args.cmd == "costs":
+        return cmd_costs(args.ledger, args.rounds, args.settings)
     elif args.cmd == "tasks":
         cmd_tasks(args.n)
     elif args.cmd == "prose":
         cmd_prose(args.write)
     else:
-        if args.cmd == "one":
+        if args.cmd == "cost":
+            res = cmd_cost(Setting(args.arm, args.gamma, args.rank), args.lr, max(10, args.updates),
+                           args.flush_denormal, args.warmup)
+        elif args.cmd == "one":
             s = Setting(args.arm, args.gamma, args.rank, args.updates)
-            res = one_run(s, args.seed, args.lr, smoke=args.smoke)
+            res = one_run(s, args.seed, args.lr, smoke=args.smoke, checkpoints=args.checkpoints)
         else:
             res = base_figures(args.noise)
         text = json.dumps(res)

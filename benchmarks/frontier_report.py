@@ -16,10 +16,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import frontier_data as fdata  # noqa: E402
-from frontier import (ARMS, COLORS, FRONTIER_LAYERWISE, GRID, LABELS, MAIN, NOISY, QUIET_LOAD,  # noqa: E402
-                      REFERENCE, SEEDS, UPDATES, Setting, best_lr, cost_per_update, equal_time_setting, plan_lines,
-                      protocol_id, queue, quiet, run_key, runnable, runs_of, seed1_grid, seeds_of, setting_of,
-                      train_cpu)
+from frontier import (ARMS, COLORS, COST_UPDATES, COST_WARMUP, FRONTIER_LAYERWISE, GRID, LABELS,  # noqa: E402
+                      MAIN, NOISY, QUIET_LOAD, REFERENCE, SEEDS, UPDATES, Setting, best_lr, cost_ratio,
+                      equal_time_setting, plan_lines, protocol_id, queue, quiet, run_key, runnable, runs_of,
+                      seed1_grid, seeds_of, setting_of, train_cpu)
 from quality import fmt_ci, paired_ci, read_ledger, t_quantile  # noqa: E402
 
 
@@ -129,7 +129,7 @@ def preference(eq: dict[Setting, dict[int, dict]], floor, memory: dict[Setting, 
             groups.append([s])
 
     def lean(s: Setting) -> tuple[float, float]:
-        cost = cost_per_update(s, runs)
+        cost = cost_ratio(s, runs)
         return (memory.get(s) if memory.get(s) is not None else math.inf, cost[0] if cost else math.inf)
 
     return [sorted(g, key=lean) for g in groups]
@@ -144,7 +144,7 @@ def report_md(records: list[dict]) -> str:
     main = {s: rs for s, rs in eq.items() if seeds_of(s) == SEEDS and s.arm not in NOISY}
     floor = pooled_sd([figure(rs, "test_loss") for rs in main.values()])
     ref = eq.get(REFERENCE)
-    t_ref = train_cpu(REFERENCE, runs, SEEDS)
+    t_ref = train_cpu(REFERENCE, runs)
     q = queue(runs)
     n_done = sum(1 for t in q if runnable(t) and run_key(*t[1:]) in runs)
     L = ["# The frontier experiment (generated from the ledger by `make frontier`; do not edit)", "",
@@ -165,8 +165,9 @@ def report_md(records: list[dict]) -> str:
     if t_ref is None or not main:
         L += ["Not yet: the reference (grass-uniform γ=4, seeds 1-3) and the main arms are still running.", ""]
     else:
-        L += [f"Equal time = {t_ref:.0f} training CPU-s (grass-uniform γ=4's cost per update × 500: its quiet runs, "
-              "docs/RESULTS.md's amendment of 2026-12-07); "
+        L += [f"Equal time = {t_ref:.0f} training CPU-s (grass-uniform γ=4's mean over seeds 1-3, its runs' own "
+              "clocks; every other setting's cost is its ratio to it from the side-by-side cost benchmark, "
+              "docs/RESULTS.md's third amendment); "
               f"pooled seed sd of the main arms' equal-time test loss "
               + (f"{floor[0]:.4f} ({floor[1]} df)" if floor else "–") + ".", "",
               "**method=auto's order** (rule 1; a group = differences not resolved; within a group the lower "
@@ -188,7 +189,7 @@ def report_md(records: list[dict]) -> str:
         L.append("")
     L += ["## Every setting (each at its rate; mean ± sd over seeds)", "",
           "| setting | lr | seeds | updates | test loss, unseen templates | number tokens | seen templates | "
-          "validation | accuracy, % | forgetting: prose loss − as loaded | train CPU-s | CPU-s/update | "
+          "validation | accuracy, % | forgetting: prose loss − as loaded | train CPU-s (own clocks) | cost × reference | "
           "7B device GiB (predicted) |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     base_prose = {n: b["prose_loss"] for n, b in bases.items()}
     for s in sorted(table, key=lambda s: (list(ARMS).index(s.arm), s.gamma or 0, s.lora_r or 0, -s.updates)):
@@ -213,21 +214,26 @@ def report_md(records: list[dict]) -> str:
 
 
 def cost_cell(s: Setting, runs: dict[str, dict]) -> str:
-    cost = cost_per_update(s, runs)
-    return "–" if cost is None else f"{cost[0]:.2f} ({cost[1]})"
+    ratio = cost_ratio(s, runs)
+    return "–" if ratio is None else f"{ratio[0]:.3f} ({ratio[1]} round{'s' if ratio[1] > 1 else ''})"
 
 
 def load_md(runs: dict[str, dict]) -> list[str]:
-    """Which runs shared the machine: their own CPU-seconds are in the curves, not in any setting's cost."""
+    """What the costs rest on, and which runs shared the machine (their own clocks are in the curves only)."""
     shared = sorted(f"{setting_of(r).name} lr {r['lr']:g} seed {r['seed']} ({r['figures']['others_load']:.2f})"
                     for r in runs.values() if quiet(r) is False)
     unmeasured = sum(1 for r in runs.values() if quiet(r) is None)
-    return ["", "CPU-s/update is each setting's cost: the mean over its quiet runs (other processes at most "
-            f"{QUIET_LOAD:.2f} CPUs on average during its training steps; any rate and seed), else over runs "
-            "recorded before that load was measured (unmeasured), else over shared ones; train CPU-s is the runs' "
-            "own clocks, as are the curves. "
-            f"Unmeasured runs: {unmeasured}. Runs that shared the machine (others' load): "
-            + ("; ".join(shared) if shared else "none") + "."]
+    costs = getattr(runs, "costs", {})
+    rounds = sorted({rnd for by_round in costs.values() for rnd in by_round})
+    return ["", "Cost × reference is each setting's training CPU-s per update over grass-uniform γ=4's, measured "
+            "side by side (`python benchmarks/frontier.py costs`: in each round every setting in turn, "
+            f"{COST_WARMUP} untimed then {COST_UPDATES} timed updates, a fresh process each, the machine "
+            f"otherwise quiet — other processes at most {QUIET_LOAD:.2f} CPUs; the geometric mean over rounds); it "
+            "sets the time-matching and the tie-break. Train CPU-s is the runs' own clocks, as are the curves: this "
+            "virtual machine's speed drifts by tens of per cent over hours, so runs made at different times are not "
+            f"compared by them. Cost rounds recorded: {len(rounds)}. Runs recorded before the load was measured: "
+            f"{unmeasured}; runs that shared the machine (others' load): " + ("; ".join(shared) if shared else "none")
+            + "."]
 
 
 def views_md(table, eq, floor, ref) -> list[str]:
@@ -339,11 +345,11 @@ def plots(records: list[dict], docs: Path) -> None:
     pending = all(v is None for v in mem.values())
     for arm in (*FRONTIER_LAYERWISE, "lora", "fft", "lisa", "grass-uniform-reset"):
         pts = sorted((s for s in eq if s.arm == arm), key=lambda s: (s.gamma or 0, s.lora_r or 0))
-        xs = [(cost_per_update(s, runs) or (None,))[0] if pending else mem[s] for s in pts]
+        xs = [(cost_ratio(s, runs) or (None,))[0] if pending else mem[s] for s in pts]
         ys = [statistics.fmean(figure(eq[s], "test_loss")) for s in pts]
         if pts and all(x is not None for x in xs):
             ax.plot(xs, ys, marker="o", color=COLORS[arm], label=LABELS[arm])
-    ax.set_xlabel("CPU-s per update (device memory: pending grass_ft.planner)" if pending else
+    ax.set_xlabel("cost per update × reference (device memory: pending grass_ft.planner)" if pending else
                   "predicted peak device memory on LLaMA-2-7B, GiB")
     ax.set_ylabel("equal-time test loss (unseen templates)")
     if ax.get_legend_handles_labels()[0]:

@@ -93,45 +93,55 @@ def test_rates_come_from_the_validation_split_and_the_edge_rule_adds_one_rate():
     assert fr.best_lr("lora", runs) == 1e-3
 
 
-def test_time_matched_updates_follow_the_recorded_costs():
+def cost(s, rnd, cpu_per_update, load=0.0):
+    """A cost benchmark's measurement (``frontier.py costs``)."""
+    return {"record": "cost", "key": f"cost|{fr.run_key(s, 1, fr.COST_LR)}|round={rnd}", "round": rnd, "arm": s.arm,
+            "gamma": s.gamma, "lora_r": s.lora_r, "protocol_id": fr.protocol_id(), "cpu_s_per_update": cpu_per_update,
+            "others_load": load}
+
+
+def costs(rounds=(1, 2, 3)):
+    """Rounds of the cost benchmark: every main arm at :data:`CPU`'s cost / 500."""
+    return [cost(S(arm), rnd, CPU[arm] / 500) for rnd in rounds for arm in fr.MAIN]
+
+
+def test_time_matched_updates_follow_the_side_by_side_costs():
     recs = grids()
-    assert fr.matched_updates(S("fft"), ledger(*recs)) is None  # the reference's seeds are not in
-    recs += [fake(S("grass-uniform"), s, 3e-4, cpu=1000.0) for s in (1, 2, 3)]
-    recs += [fake(S("fft"), s, 1e-4, cpu=1500.0) for s in (1, 2, 3)]
-    recs += [fake(S("lisa"), s, 3e-4, cpu=1090.0) for s in (1, 2, 3)]
-    recs += [fake(S("lora"), s, 1e-3, cpu=1300.0) for s in (2, 3)]
+    assert fr.matched_updates(S("fft"), ledger(*recs)) is None  # no cost measured yet: the time-matched runs wait
+    assert fr.matched_updates(S("fft"), ledger(*recs, *costs((1, 2)))) is None  # nor after two rounds
+    recs += costs()  # three rounds: FFT 1.5 x the reference, LISA 1.05 x, LoRA 1.3 x
     runs = ledger(*recs)
-    assert fr.matched_updates(S("fft"), runs) == round(500 * 1000 / 1500) == 333
+    assert fr.matched_updates(S("fft"), runs) == round(500 / 1.5) == 333
     assert fr.matched_updates(S("lisa"), runs) == 0  # within 10 %: its own 500 updates are the equal-time figure
     q = fr.queue(runs)
     tm = [(s, seed) for ph, s, seed, _ in q if ph.startswith("T") and s.updates]
     assert (S("fft", updates=333), 1) in tm and not any(s.arm == "lisa" for s, _ in tm)
-    assert fr.matched_updates(S("lora"), runs) == round(500 * 1000 / 1300) == 385
+    assert fr.matched_updates(S("lora"), runs) == round(500 / 1.3) == 385
     assert fr.equal_time_setting(S("fft"), runs) == S("fft", updates=333)
     assert fr.equal_time_setting(S("lisa"), runs) == S("lisa")
+    # the runs' own clocks never move it: an FFT run that cost 3x the reference's leaves the ratio as measured
+    assert fr.matched_updates(S("fft"), ledger(*recs, fake(S("fft"), 2, 1e-4, cpu=3000.0))) == 333
 
 
-def test_a_settings_cost_comes_from_its_quiet_runs_and_the_time_match_follows_it():
-    recs = grids()  # recorded before the load was measured: FFT 1500 CPU-s, the reference 1000
-    recs += [fake(S("grass-uniform"), s, 3e-4, cpu=1000.0) for s in (2, 3)]
-    recs += [fake(S("fft"), s, 1e-4, cpu=1500.0) for s in (2, 3)]
+def test_a_settings_cost_is_its_ratio_to_the_reference_round_by_round_and_busy_measurements_do_not_count():
+    recs = grids()
+    # round 1: the VM slow (both 2x); round 2: fast. The ratio pairs each with the reference's in its round
+    recs += [cost(S("grass-uniform"), 1, 4.0), cost(S("fft"), 1, 6.0), cost(S("grass-uniform"), 2, 2.0),
+             cost(S("fft"), 2, 3.0 * 1.21)]
     runs = ledger(*recs)
-    assert fr.cost_per_update(S("fft"), runs) == (3.0, "unmeasured")
-    assert fr.matched_updates(S("fft"), runs) == 333
-    # a shared run does not move a cost that unmeasured runs give; alone it is the cost, and says so
-    shared = fake(S("fft"), 7, 3e-5, cpu=2500.0, load=0.9)
-    assert fr.cost_per_update(S("fft"), ledger(*recs, shared)) == (3.0, "unmeasured")
-    assert fr.cost_per_update(S("fft"), ledger(shared)) == (5.0, "shared") and fr.quiet(shared) is False
-    # quiet runs, at any rate and seed, set the cost: FFT's quiet 1200 CPU-s -> 500 x 1000 / 1200 updates
-    quiet = [fake(S("fft"), 4, 3e-5, cpu=1200.0, load=0.02), fake(S("fft"), 5, 3e-4, cpu=1200.0, load=0.10)]
-    runs = ledger(*recs, *quiet, fake(S("fft"), 6, 1e-4, cpu=1900.0, load=0.11))
-    assert fr.cost_per_update(S("fft"), runs) == (2.4, "quiet") and fr.quiet(runs[quiet[1]["key"]]) is True
-    assert fr.train_cpu(S("fft"), runs, fr.SEEDS) == 1200.0
-    assert fr.matched_updates(S("fft"), runs) == round(500 * 1000 / 1200) == 417
-    # a time-matched run is no 500-update run: its cost per update is not the setting's
-    assert fr.cost_per_update(S("fft"), ledger(fake(S("fft", updates=333), 1, 1e-4, cpu=10.0, load=0.0))) is None
-    md = rep.report_md([*recs, *quiet])
-    assert "2.40 (quiet)" in md and "Runs that shared the machine (others' load): none" in md
+    ratio, rounds = fr.cost_ratio(S("fft"), runs)
+    assert rounds == 2 and math.isclose(ratio, math.sqrt(1.5 * 1.5 * 1.21))  # geometric mean of 1.5 and 1.815
+    # a measurement with the machine busy is not read; a round without the reference gives no ratio
+    busy = cost(S("fft"), 3, 99.0, load=0.5)
+    assert fr.cost_ratio(S("fft"), ledger(*recs, busy, cost(S("fft"), 4, 99.0))) == (ratio, 2)
+    assert fr.cost_ratio(S("lora"), runs) is None and fr.matched_updates(S("lora"), runs) is None
+    # the equal-time budget is the reference's own clocks over seeds 1-3 at its rate; a setting's is that x ratio
+    assert fr.train_cpu(S("fft"), runs) is None  # the reference's seeds 2-3 are not in
+    recs += [fake(S("grass-uniform"), s, 3e-4, cpu=1100.0) for s in (2, 3)]  # seed 1's grid run: 1000
+    runs = ledger(*recs)
+    assert math.isclose(fr.train_cpu(S("fft"), runs), ratio * 3200 / 3)
+    md = rep.report_md(recs)
+    assert f"{ratio:.3f} (2 rounds)" in md and "Cost rounds recorded: 2." in md
 
 
 def test_the_others_load_counts_another_process_and_this_ones_own_time_is_in_the_machines():
@@ -250,6 +260,7 @@ def test_report_renders_from_a_ledger_alone(tmp_path):
     for arm in fr.MAIN:
         lr = {"fft": 1e-4, "lora": 1e-3}.get(arm, 3e-4)
         recs += [fake(S(arm), s, lr, test=0.8 + 0.01 * s, cpu=CPU[arm]) for s in (1, 2, 3)]
+    recs += costs()
     recs += [fake(S("fft", updates=333), s, 1e-4, test=0.85, cpu=1000.0) for s in (1, 2, 3)]
     path = tmp_path / "ledger.jsonl"
     for r in recs:
@@ -280,3 +291,123 @@ def test_token_sums_match_the_librarys_eval_loss_and_count_the_number_tokens():
     assert math.isclose(loss, eval_loss(model, tok, examples, 256, 2), rel_tol=1e-5)
     assert rows[:, 3].tolist() == [1.0, 1.0, 2.0]  # the answers' digits: 3, 7, 14 (the prompt's are not scored)
     assert math.isfinite(number_loss) and rows[:, 1].min() > rows[:, 3].max()
+
+
+class Killed(Exception):
+    """Stands for the queue's process being killed midway through a run."""
+
+
+@pytest.mark.parametrize("arm", ["grass", "grass-uniform", "lora", "fft"])
+def test_a_killed_run_resumes_from_its_checkpoint_bit_for_bit(arm, tmp_path, monkeypatch):
+    from grass_ft.model.load import load_tokenizer
+    from tiny import tiny_llama
+
+    tok = load_tokenizer(fr.PROTOCOL["model"])  # the protocol's (a character tokenizer would cut the answers off)
+    monkeypatch.setattr(fr, "WORK", tmp_path)
+    monkeypatch.setattr(fr, "load", lambda noise: (tiny_llama(len(tok), seed=3), tok, None))
+    original_training = fr.training
+
+    def weights(model, tok, sets, full):  # the evaluation replaced by the weights' bytes: equal only if identical
+        digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in model.parameters())).hexdigest()
+        return {"test_subset_loss": digest, **({"test_loss": digest} if full else {})}
+
+    monkeypatch.setattr(fr, "eval_sets", lambda n=None: {})
+    monkeypatch.setattr(fr, "evaluate", weights)
+    monkeypatch.setattr(fr, "CURVE_EVERY", 2)
+    monkeypatch.setitem(fr.PROTOCOL, "sample_interval", 2)  # the sampler draws (and MGN probes) between checkpoints
+    monkeypatch.setitem(fr.PROTOCOL, "update_interval", 2)
+    monkeypatch.setitem(fr.PROTOCOL, "train_samples", 24)  # 7 updates of batch 4 go round them once
+    s = S(arm, gamma=1 if arm in fr.LAYERWISE else None, lora_r=4 if arm == "lora" else None, updates=7)
+    straight = fr.one_run(s, 1, 1e-3)
+
+    def killed_after(calls: int):
+        def build(*args):
+            t = original_training(*args)
+            step, seen = t.runner.train_step, []
+
+            def train_step(*a, **k):
+                seen.append(1)
+                if len(seen) > calls:
+                    raise Killed
+                return step(*a, **k)
+            t.runner.train_step = train_step
+            return t
+        return build
+
+    where = tmp_path / "ckpt"
+    monkeypatch.setattr(fr, "training", killed_after(5))
+    with pytest.raises(Killed):  # checkpoints at updates 2 and 4; killed before the 6th step
+        fr.one_run(s, 1, 1e-3, checkpoints=where, every=2)
+    from grass_ft.run.checkpoint import list_checkpoints
+
+    assert len(list_checkpoints(where)) == 1  # the newest only
+    monkeypatch.setattr(fr, "training", original_training)
+    resumed = fr.one_run(s, 1, 1e-3, checkpoints=where, every=2)
+    assert resumed["figures"]["resumed_at"] == [4] and straight["figures"]["resumed_at"] == []
+    clocks = {"train_cpu_s", "train_wall_s", "eval_cpu_s", "cpu_s_per_update", "others_cpu_s", "others_load",
+              "paused_s", "peak_rss_gib", "resumed_at", "curve"}
+    a, b = straight["figures"], resumed["figures"]
+    assert {k: v for k, v in a.items() if k not in clocks} == {k: v for k, v in b.items() if k not in clocks}
+    assert [(p["update"], p["test_subset_loss"]) for p in a["curve"]] == [
+        (p["update"], p["test_subset_loss"]) for p in b["curve"]]
+    assert b["train_cpu_s"] > 0 and b["updates"] == 7
+    if arm != "fft":
+        return
+    # a checkpoint written by other code is not resumed: the run starts over (and still gives the same figures)
+    monkeypatch.setattr(fr, "training", killed_after(5))
+    with pytest.raises(Killed):
+        fr.one_run(s, 1, 1e-3, checkpoints=tmp_path / "other", every=2)
+    monkeypatch.setattr(fr, "training", original_training)
+    monkeypatch.setattr(fr, "code_hash", lambda: "changed since")
+    again = fr.one_run(s, 1, 1e-3, checkpoints=tmp_path / "other", every=2)
+    assert again["figures"]["resumed_at"] == [] and again["figures"]["test_loss"] == a["test_loss"]
+
+
+def test_two_queues_take_different_items_and_one_waits_while_the_rest_wait_on_the_others_run(tmp_path, monkeypatch):
+    monkeypatch.setattr(fr, "WORK", tmp_path)
+    path = tmp_path / "ledger.jsonl"
+    first, second = fr.next_item(path), fr.next_item(path)  # a claim is a lock: the second queue skips the first's
+    assert first[0][1:] == (S("fft"), 1, 1e-4) and second[0][1:] == (S("grass-uniform"), 1, 3e-4)
+    first[1].close()  # (its queue died: the kernel drops the claim) -> the item is free again
+    again = fr.next_item(path)
+    assert again[0] == first[0]
+    again[1].close()
+    # what is left waits for a run in hand: wait while another queue holds it, stop when none does
+    monkeypatch.setattr(fr, "queue", lambda runs: [("L", S("fft"), 1, 1e-4), ("M", S("grass"), 1, None)])
+    held = fr.next_item(path)
+    assert fr.next_item(path) == "wait"
+    held[1].close()
+    fr.append_record(fake(S("fft"), 1, 1e-4), path)
+    second[1].close()
+    assert fr.next_item(path) is None
+
+
+def test_the_cost_benchmark_times_updates_after_its_warmup_and_records_rounds_side_by_side(tmp_path, monkeypatch):
+    from grass_ft.model.load import load_tokenizer
+    from tiny import tiny_llama
+
+    tok = load_tokenizer(fr.PROTOCOL["model"])
+    monkeypatch.setattr(fr, "load", lambda noise: (tiny_llama(len(tok), seed=3), tok, None))
+    monkeypatch.setitem(fr.PROTOCOL, "train_samples", 16)
+    monkeypatch.setitem(fr.PROTOCOL, "sample_interval", 2)
+    res = fr.cmd_cost(S("grass", gamma=1), 1e-4, updates=4, flush_denormal=False, warmup=2)
+    assert res["updates"] == 4 and res["steps"] >= 4 and res["cpu_s_per_update"] > 0  # probe steps: in the clock
+    assert res["cpu_s_per_update"] * 4 == pytest.approx(res["cpu_s_per_step"] * res["steps"])
+    # the rounds: every main setting once, the order turned by one each round, the queues paused meanwhile
+    monkeypatch.setattr(fr, "WORK", tmp_path)
+    monkeypatch.setattr(fr, "machine_load", lambda seconds=5.0: 0.0)
+    order = []
+
+    def child(argv, out):
+        assert (tmp_path / "pause").exists()
+        arm = argv[argv.index("--arm") + 1]
+        order.append(arm)
+        return {"arm": arm, "gamma": S(arm).gamma, "lora_r": S(arm).lora_r, "cpu_s_per_update": CPU[arm] / 500,
+                "others_load": 0.0}
+    monkeypatch.setattr(fr, "in_child", child)
+    path = tmp_path / "ledger.jsonl"
+    assert fr.cmd_costs(path, 2, "main") == 0 and not (tmp_path / "pause").exists()
+    main = ["grass-uniform"] + [a for a in fr.MAIN if a != "grass-uniform"]  # the reference first in round 1
+    assert order == main + main[1:] + main[:1]
+    runs = fr.runs_of(fr.read_ledger(path))
+    assert fr.cost_ratio(S("fft"), runs) == (pytest.approx(1.5), 2)
