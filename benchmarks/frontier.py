@@ -942,8 +942,6 @@ def main() -> int:
                        help=f"a checkpoint every {CKPT_EVERY} updates here; resume from the newest found")
     p_base = sub.add_parser("base", help="the model as loaded on the held-out sets")
     p_base.add_argument("--noise", action="store_true")
-    for p in (p_one, p_base, p_cost):
-        p.add_argument("--json-out", type=Path, default=None)
     p_cost = sub.add_parser("cost", help="CPU-s per update of a run's first updates (no evaluation, not recorded)")
     p_cost.add_argument("--arm", choices=list(ARMS), required=True)
     p_cost.add_argument("--gamma", type=int, default=None)
@@ -952,6 +950,8 @@ def main() -> int:
     p_cost.add_argument("--updates", type=int, default=40, help="updates timed")
     p_cost.add_argument("--warmup", type=int, default=0, help="updates before the clock starts")
     p_cost.add_argument("--flush-denormal", action="store_true", help="torch.set_flush_denormal(True)")
+    for p in (p_one, p_base, p_cost):
+        p.add_argument("--json-out", type=Path, default=None)
     p_costs = sub.add_parser("costs", help="the cost benchmark: settings side by side, one record per measurement")
     p_costs.add_argument("--rounds", type=int, default=1)
     p_costs.add_argument("--settings", choices=("main", "frontier"), default="main")
