@@ -233,7 +233,21 @@ def load_md(runs: dict[str, dict]) -> list[str]:
             "virtual machine's speed drifts by tens of per cent over hours, so runs made at different times are not "
             f"compared by them. Cost rounds recorded: {len(rounds)}. Runs recorded before the load was measured: "
             f"{unmeasured}; runs that shared the machine (others' load): " + ("; ".join(shared) if shared else "none")
-            + "."]
+            + "."] + cost_table(runs)
+
+
+def cost_table(runs: dict[str, dict]) -> list[str]:
+    """The cost benchmark's measurements: CPU-s per update by round, and each setting's ratio to the reference."""
+    costs = getattr(runs, "costs", {})
+    rounds = sorted({rnd for by_round in costs.values() for rnd in by_round})
+    if not rounds:
+        return []
+    L = ["", "| setting | " + " | ".join(f"round {r}, CPU-s/update" for r in rounds) + " | cost × reference |",
+         "|---|" + "---|" * (len(rounds) + 1)]
+    for s in sorted(costs, key=lambda s: (s != REFERENCE, list(ARMS).index(s.arm), s.gamma or 0, s.lora_r or 0)):
+        cells = [f"{costs[s][r]:.3f}" if r in costs[s] else "–" for r in rounds]
+        L.append(f"| {s.name} | " + " | ".join(cells) + f" | {cost_cell(s, runs)} |")
+    return L
 
 
 def views_md(table, eq, floor, ref) -> list[str]:

@@ -142,6 +142,7 @@ def test_a_settings_cost_is_its_ratio_to_the_reference_round_by_round_and_busy_m
     assert math.isclose(fr.train_cpu(S("fft"), runs), ratio * 3200 / 3)
     md = rep.report_md(recs)
     assert f"{ratio:.3f} (2 rounds)" in md and "Cost rounds recorded: 2." in md
+    assert f"| FFT | 6.000 | 3.630 | {ratio:.3f} (2 rounds) |" in md  # the measurements, round by round
 
 
 def test_the_others_load_counts_another_process_and_this_ones_own_time_is_in_the_machines():
