@@ -511,13 +511,24 @@ def training(s: Setting, seed: int, lr: float) -> Training:
 
 
 def code_hash() -> str:
-    """sha256 over what a run's trajectory depends on: the library's sources and this script's two modules. A
-    checkpoint resumes only under the same hash (otherwise the run starts over)."""
+    """sha256 over what a run's trajectory depends on: the library's sources, frontier_data.py and the source of
+    this script's functions that set up, train and checkpoint a run (the protocol's constants are in the run's key).
+    A checkpoint resumes only under the same hash; a change elsewhere in this script (the queue, the report, the
+    cost benchmark) leaves runs in flight resumable."""
+    import ast
+
     h = hashlib.sha256()
-    here = Path(__file__).resolve().parent
-    for f in sorted((ROOT / "src" / "grass_ft").rglob("*.py")) + [here / "frontier.py", here / "frontier_data.py"]:
+    here = Path(__file__).resolve()
+    for f in sorted((ROOT / "src" / "grass_ft").rglob("*.py")) + [here.parent / "frontier_data.py"]:
         h.update(f.relative_to(ROOT).as_posix().encode() + b"\0" + f.read_bytes())
+    text = here.read_text()
+    for node in ast.parse(text).body:  # as written in the file (a test's stand-in does not change the hash)
+        if isinstance(node, ast.FunctionDef) and node.name in TRAJECTORY:
+            h.update(ast.get_source_segment(text, node).encode())
     return h.hexdigest()
+
+
+TRAJECTORY = ("arm_config", "load", "training", "one_run", "save_inflight", "resume_inflight", "wait_while_paused")
 
 
 def inflight(key: str) -> Path:
@@ -541,7 +552,14 @@ def resume_inflight(where: Path, t: Training, code: str) -> tuple[int, dict[str,
     from grass_ft.run.checkpoint import list_checkpoints, load_checkpoint, set_rng_state
 
     found = list_checkpoints(where)
-    if not found or json.loads((found[-1] / "trainer_state.json").read_text()).get("code") != code:
+    if found and json.loads((found[-1] / "trainer_state.json").read_text()).get("code") != code:
+        from grass_ft.base.atomic import remove_dir
+
+        print(f"[restart] {found[-1]} was written by other code: the run starts over", flush=True)
+        for stale in found:  # else a stale later step would outlive this run's own checkpoints
+            remove_dir(stale)
+        return None
+    if not found:
         return None
     trainer_state, extra = load_checkpoint(found[-1], t.prepared.model, t.prepared.optimizer, t.schedule)
     t.runner.load_state_dict(extra["runner"])

@@ -362,6 +362,9 @@ def test_a_killed_run_resumes_from_its_checkpoint_bit_for_bit(arm, tmp_path, mon
     monkeypatch.setattr(fr, "code_hash", lambda: "changed since")
     again = fr.one_run(s, 1, 1e-3, checkpoints=tmp_path / "other", every=2)
     assert again["figures"]["resumed_at"] == [] and again["figures"]["test_loss"] == a["test_loss"]
+    from grass_ft.run.checkpoint import list_checkpoints
+    assert [p.name for p in list_checkpoints(tmp_path / "other")] == ["checkpoint-6"]  # its own, not the stale one
+    assert all(callable(getattr(fr, name)) for name in fr.TRAJECTORY)  # the hash reads functions that exist
 
 
 def test_two_queues_take_different_items_and_one_waits_while_the_rest_wait_on_the_others_run(tmp_path, monkeypatch):
