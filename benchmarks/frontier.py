@@ -670,9 +670,14 @@ def in_child(argv: list[str], out: Path) -> dict | None:
     return json.loads(out.read_text()) if done.returncode == 0 and out.is_file() else None
 
 
-def setting_args(s: Setting) -> list[str]:
-    return ["--arm", s.arm, "--updates", str(s.updates)] + (["--gamma", str(s.gamma)] if s.gamma else []) + (
+def shape_args(s: Setting) -> list[str]:
+    """The arm, γ and rank of ``s`` as command-line arguments (``one`` and ``cost`` take them alike)."""
+    return ["--arm", s.arm] + (["--gamma", str(s.gamma)] if s.gamma else []) + (
         ["--rank", str(s.lora_r)] if s.lora_r else [])
+
+
+def setting_args(s: Setting) -> list[str]:
+    return shape_args(s) + ["--updates", str(s.updates)]
 
 
 def stamp() -> str:
@@ -898,7 +903,7 @@ def cmd_costs(ledger: Path, rounds: int, which: str) -> int:
                               flush=True)
                         time.sleep(25)
                     print(f"[cost] round {rnd}: {s.name}", flush=True)
-                    rec = in_child(["cost", *setting_args(s)[:2], *setting_args(s)[4:], "--lr", repr(COST_LR),
+                    rec = in_child(["cost", *shape_args(s), "--lr", repr(COST_LR),
                                     "--warmup", str(COST_WARMUP), "--updates", str(COST_UPDATES)],
                                    WORK / "cost.json")
                     if rec is None:

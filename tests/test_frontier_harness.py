@@ -405,6 +405,7 @@ def test_the_cost_benchmark_times_updates_after_its_warmup_and_records_rounds_si
     def child(argv, out):
         assert (tmp_path / "pause").exists()
         arm = argv[argv.index("--arm") + 1]
+        assert argv.count("--updates") == 1 and argv[argv.index("--updates") + 1] == str(fr.COST_UPDATES)
         order.append(arm)
         busy = arm == "fft" and order.count("fft") == 1  # FFT's first measurement disturbed: redone at once
         return {"arm": arm, "gamma": S(arm).gamma, "lora_r": S(arm).lora_r,
