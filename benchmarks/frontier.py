@@ -6,14 +6,16 @@ figure (held-out losses on GSM-style problems of templates never trained on — 
 tokens alone —, the validation split's losses, the accuracy task, the forgetting set's loss, the eval curve over
 updates and process CPU-seconds). ``run`` skips every run already recorded, so the queue can be stopped anywhere
 and continued in another session; ``report`` rebuilds docs/results/frontier.md and its plots from the ledger alone.
-The rules that read these figures were written in docs/RESULTS.md before the first record.
+The rules that read these figures were written in docs/RESULTS.md before the first record. This script loads,
+trains, evaluates and records; the protocol, the settings' keys, the rules and the queue are
+``frontier_protocol.py`` (bookkeeping over records, no model), the views ``frontier_report.py``.
 
-Protocol (the same for every arm; :data:`PROTOCOL`): SmolLM2-135M-Instruct (weights through 4-bit Q4_1
-quantisation), data ``frontier-mix`` (2,000 problems from the run's seed: a quarter GSM-style problems of the 55
-training templates, three quarters the accuracy task), batch 4, max_seq_len 256, **500 optimizer updates with a
-linear warm-up over the first 5 % and cosine decay to 0**, AdamW, clipping at 1.0, fp32, one thread per run. Layer-
-wise arms at γ = 4 of 30 blocks, a draw every 10 steps, embeddings and head trained, GRASS with its training probe
-(the library's defaults, pinned here so a later default change does not change a recorded arm's meaning).
+Protocol (the same for every arm; :data:`frontier_protocol.PROTOCOL`): SmolLM2-135M-Instruct (weights through 4-bit
+Q4_1 quantisation), data ``frontier-mix`` (2,000 problems from the run's seed: a quarter GSM-style problems of the
+55 training templates, three quarters the accuracy task), batch 4, max_seq_len 256, **500 optimizer updates with a
+linear warm-up over the first 5 % and cosine decay to 0**, AdamW, clipping at 1.0, fp32, one thread per run.
+Layer-wise arms at γ = 4 of 30 blocks, a draw every 10 steps, embeddings and head trained, GRASS with its training
+probe (the library's defaults, pinned here so a later default change does not change a recorded arm's meaning).
 
 Commands:
 
@@ -35,303 +37,31 @@ Commands:
 from __future__ import annotations
 
 import argparse
-import fcntl
 import hashlib
 import json
-import math
 import os
 import platform
 import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import frontier_data as fdata  # noqa: E402
-from quality import DOCS, ROOT, append_record, git_commit, read_ledger  # noqa: E402
+from frontier_protocol import (  # noqa: E402
+    ALL_BLOCKS, ARMS, COST_LR, COST_UPDATES, COST_WARMUP, CURVE_EVERY, CURVE_SUBSET, EVAL_SETS, LEDGER, MAIN,
+    MAX_NEW_TOKENS, NOISY, PROTOCOL, QUIET_LOAD, REFERENCE, THREADS, UPDATES, WARMUP_SHARE, Setting,
+    frontier_settings, plan_lines, protocol_id, queue, run_key, runnable, runs_of)
+from harness import DOCS, ROOT, append_record, claim_path, git_commit, read_jsonl, try_lock  # noqa: E402
 
-LEDGER, WORK = DOCS / "frontier_ledger.jsonl", ROOT / "runs" / "frontier"
-SEEDS, THREADS = (1, 2, 3), 1
-UPDATES, WARMUP_SHARE, CURVE_EVERY = 500, 0.05, 100
+WORK = ROOT / "runs" / "frontier"
 CKPT_EVERY = 50  # updates between a run's in-flight checkpoints: a killed run resumes from its newest
 MAX_WORKERS = 2  # queues side by side, one per core (docs/RESULTS.md: what sharing the machine costs a run)
-ALL_BLOCKS = 30  # SmolLM2-135M's decoder blocks: γ = all
-PROTOCOL: dict[str, Any] = {
-    "model": "smollm2-135m", "data": fdata.TRAIN_MIX, "train_samples": 2000, "batch_size": 4, "grad_accum": 1,
-    "max_seq_len": 256, "max_steps": UPDATES, "count_probe_steps": False, "lr_schedule": "cosine",
-    "warmup_steps": round(WARMUP_SHARE * UPDATES), "max_grad_norm": 1.0, "weight_decay": 0.0, "dtype": "float32",
-    "gamma": 4, "tau": 1.0, "alpha": 0.5, "probe_steps": 4, "probe_mode": "train", "importance": "mgn",
-    "sample_interval": 10, "update_interval": 20, "train_embeddings": True, "train_head": True,
-    "reset_state_on_switch": False, "lora_r": 32, "lora_alpha": None, "lora_dropout": 0.05, "master_weights": True,
-    "offload": None, "supervised_only_loss": True, "eval_samples": 0,
-}
-# name -> (template part or task, problems, seed); seeds far from training's (the run's seed and seed + 7919)
-EVAL_SETS: dict[str, tuple[str, int, int]] = {
-    "test": ("test", 256, 2027_0001), "validation": ("validation", 128, 2027_0002), "seen": ("train", 64, 2027_0003),
-    "acc": (fdata.ACC_TASK_NAME, 200, 2027_0004),
-}
-CURVE_SUBSET = 64  # the first 64 test problems: the curve's eval
-MAX_NEW_TOKENS = 16
 SMOKE_N = 4
-
-# arm -> (method, keys besides PROTOCOL). The `-noise` arms start from the weights plus Q4_1-sized noise.
-ARMS: dict[str, tuple[str, dict[str, Any]]] = {
-    "fft": ("fft", {}),
-    "grass-uniform": ("grass-uniform", {}),
-    "lora": ("lora", {}),
-    "grass": ("grass", {}),
-    "lisa": ("lisa", {}),
-    "badam": ("badam", {}),
-    "grass-uniform-reset": ("grass-uniform", {"reset_state_on_switch": True}),
-    "grass-static": ("grass-static", {}),
-    "fft-noise": ("fft", {}),
-    "grass-uniform-noise": ("grass-uniform", {}),
-}
-NOISY = ("fft-noise", "grass-uniform-noise")
-LAYERWISE = ("grass-uniform", "grass", "lisa", "badam", "grass-uniform-reset", "grass-static", "grass-uniform-noise")
-LABELS = {"fft": "FFT", "grass-uniform": "grass-uniform", "lora": "LoRA", "grass": "GRASS (MGN)",
-          "lisa": "LISA (as shipped)", "badam": "BAdam order", "grass-uniform-reset": "grass-uniform, reset",
-          "grass-static": "GRASS*", "fft-noise": "FFT + Q4_1 noise", "grass-uniform-noise": "grass-uniform + noise"}
-COLORS = {"fft": "#444444", "grass-uniform": "#7f7f7f", "lora": "#1f77b4", "grass": "#2ca02c", "lisa": "#ff7f0e",
-          "badam": "#8c564b", "grass-uniform-reset": "#e377c2", "grass-static": "#17becf", "fft-noise": "#000000",
-          "grass-uniform-noise": "#bcbd22"}
-# Rate grids at seed 1, read on the validation templates, for the arms a default rides on (method=auto's three
-# kinds of row: FFT, the layer-wise default, LoRA); the current best first, then one below and one above.
-GRID = {"fft": (1e-4, 3e-5, 3e-4), "grass-uniform": (3e-4, 1e-4, 1e-3), "lora": (1e-3, 3e-4, 3e-3)}
-BEYOND = {"fft": (1e-5, 1e-3), "grass-uniform": (3e-5, 3e-3), "lora": (1e-4, 1e-2)}  # the edge rule's next rates
-# The other arms train the same parameters with the same optimizer as the arm named here, and take its rate.
-SHARES_LR = {"grass": "grass-uniform", "lisa": "grass-uniform", "badam": "grass-uniform",
-             "grass-uniform-reset": "grass-uniform", "grass-static": "grass-uniform",
-             "grass-uniform-noise": "grass-uniform", "fft-noise": "fft"}
-MAIN = ("fft", "grass-uniform", "lora", "grass", "lisa", "badam", "grass-uniform-reset")  # decide method=auto
-FRONTIER_GAMMAS = (1, 2, 8)
-FRONTIER_LAYERWISE = ("grass-uniform", "badam", "grass")
-FRONTIER_RANKS = (8, 16, 64, 128)
-TIME_TOLERANCE = 0.10  # a setting within 10 % of the reference's CPU-seconds counts as equal time
-# The cost benchmark (docs/RESULTS.md, third amendment): untimed updates, timed ones, the rate (it moves no cost),
-# and the rounds a setting's ratio to the reference needs before its time-matched run is sized.
-COST_WARMUP, COST_UPDATES, COST_LR, COST_MIN_ROUNDS = 10, 20, 1e-4, 3
-# A run is quiet when the other processes on the machine used at most this many CPUs on average while its training
-# steps ran (docs/RESULTS.md, amendment of 2026-12-07): a run sharing the machine may cost more CPU-seconds per update.
-QUIET_LOAD = 0.10
-
-
-@dataclass(frozen=True)
-class Setting:
-    """What one run trains: an arm at a γ (layer-wise) or rank (LoRA), for a number of updates."""
-
-    arm: str
-    gamma: int | None = None
-    lora_r: int | None = None
-    updates: int = UPDATES
-
-    def __post_init__(self) -> None:
-        if self.gamma is None and self.arm in LAYERWISE:
-            object.__setattr__(self, "gamma", PROTOCOL["gamma"])
-        if self.lora_r is None and ARMS[self.arm][0] == "lora":
-            object.__setattr__(self, "lora_r", PROTOCOL["lora_r"])
-
-    @property
-    def point(self) -> Setting:
-        """The same setting at the protocol's 500 updates (a time-matched run's full-length twin)."""
-        return replace(self, updates=UPDATES)
-
-    @property
-    def name(self) -> str:
-        extra = (f" γ={'all' if self.gamma == ALL_BLOCKS else self.gamma}" if self.gamma is not None else "") + (
-            f" r={self.lora_r}" if self.lora_r is not None else "")
-        length = {UPDATES: "", 0: ", time-matched (updates once the costs are in)"}.get(self.updates,
-                                                                                         f", {self.updates} updates")
-        return LABELS[self.arm] + extra + length
-
-
-REFERENCE = Setting("grass-uniform")  # the equal-time budget: its mean training CPU-s over seeds 1-3
-
-
-def protocol_id() -> str:
-    """A short hash of everything that makes two runs comparable."""
-    blob = json.dumps({"p": PROTOCOL, "e": EVAL_SETS, "split": fdata.template_split(), "acc": fdata.ACC_TASK,
-                       "prose": fdata.PROSE_SHA256, "noise": fdata.NOISE_SEED,
-                       "c": [CURVE_EVERY, CURVE_SUBSET, MAX_NEW_TOKENS, WARMUP_SHARE]}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:10]
-
-
-def run_key(s: Setting, seed: int, lr: float) -> str:
-    return (f"{s.arm}|gamma={s.gamma}|r={s.lora_r}|updates={s.updates}|seed={seed}|lr={lr:g}"
-            f"|protocol={protocol_id()}")
-
-
-class Runs(dict):
-    """This protocol's finished runs by key, with its cost benchmark's measurements (``costs``: setting -> round ->
-    CPU-s per update, quiet measurements only)."""
-
-    costs: dict[Setting, dict[int, float]]
-
-
-def runs_of(records: list[dict]) -> Runs:
-    """This protocol's finished runs by key (the first record of a key wins: later ones are read first) and its
-    cost measurements (:func:`cmd_costs`)."""
-    pid = protocol_id()
-    runs = Runs((r["key"], r) for r in reversed(records) if r.get("record") == "run" and r.get("protocol_id") == pid)
-    runs.costs = {}
-    for r in records:
-        if r.get("record") == "cost" and r.get("protocol_id") == pid and r["others_load"] <= QUIET_LOAD:
-            runs.costs.setdefault(Setting(r["arm"], r.get("gamma"), r.get("lora_r")), {})[r["round"]] = (
-                r["cpu_s_per_update"])
-    return runs
-
-
-def setting_of(rec: dict) -> Setting:
-    return Setting(rec["arm"], rec.get("gamma"), rec.get("lora_r"), rec["updates"])
-
-
-# ------------------------------------------------------------------------------------------------ rules
-
-
-def _val_loss(arm: str, lr: float, runs: dict[str, dict]) -> float | None:
-    r = runs.get(run_key(Setting(arm), 1, lr))
-    return r["figures"]["validation_loss"] if r else None
-
-
-def seed1_grid(arm: str, runs: dict[str, dict]) -> tuple[float, ...]:
-    """``arm``'s rates at seed 1: its grid, plus the edge rule's next rate past an end where the grid's best (by
-    validation loss) sits at that end (once per end)."""
-    grid = GRID[arm]
-    found = {lr: v for lr in grid if (v := _val_loss(arm, lr, runs)) is not None}
-    if len(found) < len(grid):
-        return grid
-    best = min(grid, key=lambda lr: (found[lr], lr))
-    below, above = BEYOND[arm]
-    extra = below if best == min(grid) else above if best == max(grid) else None
-    return grid if extra is None else (*grid, extra)
-
-
-def best_lr(arm: str, runs: dict[str, dict]) -> float | None:
-    """The rate an arm runs at: the lowest validation loss at seed 1 over its (extended) grid, or the rate of the
-    arm it shares with (:data:`SHARES_LR`); None until that grid is recorded."""
-    source = SHARES_LR.get(arm, arm)
-    grid = seed1_grid(source, runs)
-    found = {lr: v for lr in grid if (v := _val_loss(source, lr, runs)) is not None}
-    return min(grid, key=lambda lr: (found[lr], lr)) if len(found) == len(grid) else None
-
-
-def quiet(r: dict) -> bool | None:
-    """Whether a run's training steps had the machine to themselves (the others' load at most :data:`QUIET_LOAD`);
-    None for a run recorded before the load was measured."""
-    load = r["figures"].get("others_load")
-    return None if load is None else load <= QUIET_LOAD
-
-
-def cost_per_update(s: Setting, runs: dict[str, dict]) -> tuple[float, str] | None:
-    """The setting's training CPU-seconds per update (probe and offload included) and what it rests on: the mean
-    over its 500-update runs, at any rate and seed (the rate changes no arithmetic), that were quiet; without one,
-    over those recorded before the load was measured ("unmeasured"); then over the shared ones ("shared")."""
-    mine = [r for r in runs.values() if setting_of(r) == s.point]
-    for basis, want in (("quiet", True), ("unmeasured", None), ("shared", False)):
-        if xs := [r["figures"]["cpu_s_per_update"] for r in mine if quiet(r) is want]:
-            return statistics.fmean(xs), basis
-    return None
-
-
-def cost_ratio(s: Setting, runs: dict[str, dict]) -> tuple[float, int] | None:
-    """The setting's training cost per update relative to the reference's (grass-uniform γ=4), side by side: the
-    geometric mean over the cost benchmark's rounds that measured both (:func:`cmd_costs`), and how many rounds;
-    None before one has (docs/RESULTS.md, third amendment)."""
-    costs = getattr(runs, "costs", {})
-    ref, mine = costs.get(REFERENCE.point, {}), costs.get(s.point, {})
-    rounds = sorted(set(ref) & set(mine))
-    if not rounds:
-        return None
-    return math.exp(statistics.fmean(math.log(mine[r] / ref[r]) for r in rounds)), len(rounds)
-
-
-def train_cpu(s: Setting, runs: dict[str, dict]) -> float | None:
-    """The training CPU-seconds of the setting's 500 updates, once the reference's seeds 1-3 are recorded
-    (None before): the reference's own clocks over those runs (the equal-time budget ``T_ref``), × the setting's
-    :func:`cost_ratio`."""
-    lr = best_lr(REFERENCE.arm, runs)
-    recs = [runs.get(run_key(REFERENCE, seed, lr)) for seed in SEEDS] if lr is not None else [None]
-    ratio = cost_ratio(s, runs)
-    if not all(recs) or ratio is None:
-        return None
-    return ratio[0] * statistics.fmean(r["figures"]["train_cpu_s"] for r in recs)
-
-
-def seeds_of(s: Setting) -> tuple[int, ...]:
-    """The seeds a setting is planned with: 3 for the arms at the protocol's γ and rank, 1 for frontier points."""
-    main = s.gamma in (None, PROTOCOL["gamma"]) and s.lora_r in (None, PROTOCOL["lora_r"])
-    return SEEDS if main else SEEDS[:1]
-
-
-def matched_updates(s: Setting, runs: dict[str, dict]) -> int | None:
-    """Updates of the setting's time-matched run: its schedule compressed so that its training costs the
-    reference's CPU-seconds (``round(500 / ratio)``, :func:`cost_ratio`); 0 when its 500 updates cost at most 10 %
-    more than the reference's (they are the equal-time figure then); None until :data:`COST_MIN_ROUNDS` rounds of
-    the cost benchmark have measured the ratio."""
-    ratio = cost_ratio(s, runs)
-    if ratio is None or ratio[1] < COST_MIN_ROUNDS:
-        return None
-    return 0 if ratio[0] <= 1 + TIME_TOLERANCE else max(1, round(UPDATES / ratio[0]))
-
-
-def equal_time_setting(s: Setting, runs: dict[str, dict]) -> Setting | None:
-    """The run that stands for ``s`` at equal CPU time: its time-matched twin, or itself; None while unknown."""
-    n = matched_updates(s, runs)
-    return None if n is None else (s.point if n == 0 else replace(s, updates=n))
-
-
-def frontier_settings() -> list[Setting]:
-    """The memory frontier's points besides the protocol's γ and rank (phase F)."""
-    out = [Setting("grass-uniform", gamma=g) for g in (*FRONTIER_GAMMAS, ALL_BLOCKS)]
-    out += [Setting("lora", lora_r=r) for r in FRONTIER_RANKS]
-    return out + [Setting(a, gamma=g) for a in FRONTIER_LAYERWISE[1:] for g in FRONTIER_GAMMAS]
-
-
-Item = tuple[str, Setting, int, float | None]  # (phase, setting, seed, lr); lr None or updates 0: waits
-
-
-def queue(runs: dict[str, dict]) -> list[Item]:
-    """The queue in priority order: what decides method=auto's order first (the rate grids, the main arms' seeds,
-    their time-matched runs, the frontier at one seed), then GRASS*, the repair test, the frontier's seeds 2-3."""
-    q: list[Item] = []
-    grids = {arm: seed1_grid(arm, runs) for arm in GRID}
-    for i in range(max(map(len, grids.values()))):  # L: rates at seed 1, every arm's current best first
-        q += [("L rate grid (seed 1, validation)", Setting(arm), 1, g[i]) for arm, g in grids.items() if i < len(g)]
-    for seed in SEEDS:  # M: the arms that decide method=auto and importance, at their rates (a grid's seed 1 is in L)
-        q += [("M main arms", Setting(arm), seed, best_lr(arm, runs)) for arm in MAIN
-              if not (seed == 1 and arm in GRID)]
-
-    def matched(phase: str, settings: list[Setting], seeds: tuple[int, ...]) -> list[Item]:
-        out: list[Item] = []
-        for s in settings:
-            n = matched_updates(s, runs)
-            if n != 0:  # 0: no time-matched run needed; None: not known yet (updates 0: waits)
-                out += [(phase, replace(s, updates=n or 0), seed, best_lr(s.arm, runs)) for seed in seeds]
-        return out
-
-    q += matched("T time-matched (main)", [Setting(a) for a in MAIN if a != REFERENCE.arm], SEEDS)
-    frontier = frontier_settings()
-    q += [("F frontier (seed 1)", s, 1, best_lr(s.arm, runs)) for s in frontier]
-    q += matched("F' frontier time-matched (seed 1)", frontier, SEEDS[:1])
-    q += [("S GRASS*", Setting("grass-static"), seed, best_lr("grass-static", runs)) for seed in SEEDS]
-    q += [("Q repair test", Setting(arm), seed, best_lr(arm, runs)) for seed in SEEDS for arm in NOISY]
-    q += [("X frontier seeds 2-3", s, seed, best_lr(s.arm, runs)) for seed in SEEDS[1:] for s in frontier]
-    seen, out = set(), []
-    for item in q:  # a rate grid's best is also the main arm's seed-1 run: listed once
-        key = (item[1], item[2], item[3])
-        if runnable(item) and key in seen:
-            continue
-        seen.add(key)
-        out.append(item)
-    return out
-
-
-def runnable(item: Item) -> bool:
-    return item[1].updates > 0 and item[3] is not None
 
 
 # ------------------------------------------------------------------------------------------------ one run
@@ -684,23 +414,6 @@ def stamp() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-def try_lock(path: Path):
-    """An exclusive, non-blocking flock on ``path`` (held while the returned file is open), or None when another
-    process holds it. The kernel drops it when the holder dies, so a killed queue leaves no stale claim."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    f = open(path, "w")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.close()
-        return None
-    return f
-
-
-def claim_path(key: str) -> Path:
-    return WORK / "claims" / (hashlib.sha256(key.encode()).hexdigest()[:16] + ".lock")
-
-
 def others_running() -> bool:
     """Whether another queue holds a claim on an item (its run may unblock items that wait for it)."""
     for path in (WORK / "claims").glob("*.lock"):
@@ -714,16 +427,16 @@ def others_running() -> bool:
 def next_item(ledger: Path):
     """The first runnable, unrecorded, not failed item no other queue has claimed, with its claim held; "wait" when
     the rest wait for a run another queue has in hand; None when the queue has nothing left to run."""
-    runs = runs_of(read_ledger(ledger))
+    runs = runs_of(read_jsonl(ledger))
     failed_file = WORK / "failed.txt"
     failed = set(failed_file.read_text().splitlines()) if failed_file.exists() else set()
     for item in queue(runs):
         if not runnable(item):
             continue
         key = run_key(*item[1:])
-        if key in runs or key in failed or (held := try_lock(claim_path(key))) is None:
+        if key in runs or key in failed or (held := try_lock(claim_path(WORK, key))) is None:
             continue
-        if key in runs_of(read_ledger(ledger)):  # another queue recorded it between the two reads
+        if key in runs_of(read_jsonl(ledger)):  # another queue recorded it between the two reads
             held.close()
             continue
         return item, held
@@ -744,7 +457,7 @@ def cmd_run(ledger: Path, max_runs: int | None, worker: int = 1) -> int:
         return 1
     for noise in (False, True):
         key = f"base|noise={noise}|protocol={protocol_id()}"
-        if not any(r.get("key") == key for r in read_ledger(ledger)) and (held := try_lock(claim_path(key))):
+        if not any(r.get("key") == key for r in read_jsonl(ledger)) and (held := try_lock(claim_path(WORK, key))):
             print(f"[base] the model as loaded{' + Q4_1-sized noise' if noise else ''}", flush=True)
             figures = in_child(["base"] + (["--noise"] if noise else []), WORK / f"base-{worker}.json")
             if figures is not None:
@@ -788,52 +501,6 @@ def cmd_run(ledger: Path, max_runs: int | None, worker: int = 1) -> int:
         held.close()
         done += 1
     return 0
-
-
-# ------------------------------------------------------------------------------------------------ cost
-
-
-# CPU-s per update in the 200-update experiment (docs/results/quality_ledger.jsonl, means over its runs): the
-# price of a method until this ledger has its own; layer-wise arms train the embeddings and head (grass-head's).
-PRIOR_CPU_PER_UPDATE = {"fft": 5.1, "lora": 4.6, "lisa": 3.7, "layerwise": 3.5}
-PRIOR_EVAL_CPU_S = 600.0  # the 200-update experiment's ~560 CPU-s, plus the validation, seen and prose sets
-
-
-def price(s: Setting, runs: dict[str, dict]) -> float:
-    """Expected CPU-seconds of a run: the cost per update of the same arm, γ and rank (:func:`cost_per_update`;
-    else the arm's recorded mean, else the prior) times its updates, plus the recorded mean evaluation cost (else
-    the prior)."""
-    own = cost_per_update(s, runs)
-    rates = ([own[0]] if own else [r["figures"]["cpu_s_per_update"] for r in runs.values() if r["arm"] == s.arm]
-             or [PRIOR_CPU_PER_UPDATE.get(ARMS[s.arm][0], PRIOR_CPU_PER_UPDATE["layerwise"])])
-    evals = [r["figures"]["eval_cpu_s"] for r in runs.values()] or [PRIOR_EVAL_CPU_S]
-    return statistics.fmean(rates) * s.updates + statistics.fmean(evals)
-
-
-def plan_lines(runs: dict[str, dict]) -> list[str]:
-    """The queue as a table, each item done / to run / waiting, priced by :func:`price`; a time-matched item whose
-    updates are not known yet is priced at the reference's cost and counted apart (it runs only for a setting
-    that proves more than 1.1x slower than the reference)."""
-    q = queue(runs)
-    lines, left, conditional = [], 0.0, 0.0
-    for item in q:
-        phase, s, seed, lr = item
-        done = runnable(item) and run_key(s, seed, lr) in runs
-        cost = price(s if s.updates else REFERENCE, runs)
-        if s.updates == 0:
-            conditional += cost
-        elif not done:
-            left += cost
-        what = "done" if done else "to run" if runnable(item) else "waits"
-        lines.append(f"| {phase} | {s.name} | {seed} | {'best' if lr is None else f'{lr:g}'} | {what} | "
-                     f"{'' if done else f'{cost / 3600:.2f}'} |")
-    spent = sum(r["figures"]["train_cpu_s"] + r["figures"]["eval_cpu_s"] for r in runs.values())
-    head = [f"{len(q)} items, {sum(1 for t in q if runnable(t) and run_key(*t[1:]) in runs)} done; spent "
-            f"{spent / 3600:.1f} CPU-hours; left about {left / 3600:.1f}, plus up to {conditional / 3600:.1f} for "
-            f"time-matched runs not known yet (priced from the recorded runs, else from the 200-update "
-            f"experiment's cost per update).", "",
-            "| phase | setting | seed | lr | status | CPU-hours |", "|---|---|---|---|---|---|"]
-    return head + lines
 
 
 # ------------------------------------------------------------------------------------------------ cost check
@@ -894,7 +561,7 @@ def cmd_costs(ledger: Path, rounds: int, which: str) -> int:
     pause.touch()
     try:
         for _ in range(rounds):
-            rnd = 1 + max((r["round"] for r in read_ledger(ledger) if r.get("record") == "cost"), default=0)
+            rnd = 1 + max((r["round"] for r in read_jsonl(ledger) if r.get("record") == "cost"), default=0)
             k = (rnd - 1) % len(settings)
             for s in settings[k:] + settings[:k]:
                 for _attempt in range(3):  # a measurement the rest of the machine disturbed is recorded, then redone
@@ -1002,7 +669,7 @@ def main() -> int:
 
         cmd_report(args.ledger, args.docs)
     elif args.cmd == "plan":
-        print("\n".join(plan_lines(runs_of(read_ledger(args.ledger)))))
+        print("\n".join(plan_lines(runs_of(read_jsonl(args.ledger)))))
     elif args.cmd == "costs":
         return cmd_costs(args.ledger, args.rounds, args.settings)
     elif args.cmd == "tasks":

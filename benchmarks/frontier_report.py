@@ -16,11 +16,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import frontier_data as fdata  # noqa: E402
-from frontier import (ARMS, COLORS, COST_UPDATES, COST_WARMUP, FRONTIER_LAYERWISE, GRID, LABELS,  # noqa: E402
-                      MAIN, NOISY, QUIET_LOAD, REFERENCE, SEEDS, UPDATES, Setting, best_lr, cost_ratio,
-                      equal_time_setting, plan_lines, protocol_id, queue, quiet, run_key, runnable, runs_of,
-                      seed1_grid, seeds_of, setting_of, train_cpu)
-from quality import fmt_ci, paired_ci, read_ledger, t_quantile  # noqa: E402
+from frontier_protocol import (  # noqa: E402
+    ARMS, COLORS, COST_UPDATES, COST_WARMUP, FRONTIER_LAYERWISE, GRID, LABELS, MAIN, NOISY, QUIET_LOAD, REFERENCE,
+    SEEDS, UPDATES, Setting, best_lr, cost_ratio, equal_time_setting, plan_lines, protocol_id, queue, quiet,
+    run_key, runnable, runs_of, seed1_grid, seeds_of, setting_of, train_cpu)
+from harness import fmt_ci, paired_ci, read_jsonl, t_quantile  # noqa: E402
 
 
 _PLANNER: dict = {}  # LLaMA-2-7B's shape and profile, made once per report
@@ -374,7 +374,7 @@ def plots(records: list[dict], docs: Path) -> None:
 
 
 def cmd_report(ledger: Path, docs: Path) -> None:
-    records = read_ledger(ledger)
+    records = read_jsonl(ledger)
     docs.mkdir(parents=True, exist_ok=True)
     (docs / "frontier.md").write_text(report_md(records))
     plots(records, docs)

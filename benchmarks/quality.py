@@ -34,7 +34,6 @@ Commands:
 from __future__ import annotations
 
 import argparse
-import fcntl
 import hashlib
 import json
 import math
@@ -47,15 +46,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-try:
-    import grass_ft  # noqa: F401
-except ImportError:  # a plain checkout, without `pip install -e .`: this tree's package
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
-from grass_ft.config import PAPER_LAYOUT, PAPER_PROBE
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-ROOT = Path(__file__).resolve().parent.parent
-LEDGER = ROOT / "docs" / "results" / "quality_ledger.jsonl"
-DOCS = ROOT / "docs" / "results"
+from harness import (DOCS, ROOT, append_record, claim_path, fmt_ci, git_commit, paired_ci,  # noqa: E402
+                     read_jsonl, try_lock, use_checkout)
+
+use_checkout()
+from grass_ft.config import PAPER_LAYOUT, PAPER_PROBE  # noqa: E402
+
+LEDGER = DOCS / "quality_ledger.jsonl"
 WORK = ROOT / "runs" / "quality"
 
 UPDATES = 200
@@ -142,35 +141,6 @@ def run_key(arm: str, seed: int, lr: float) -> str:
 # ------------------------------------------------------------------------------------------------ ledger
 
 
-def read_ledger(path: Path = LEDGER) -> list[dict]:
-    """Every record of the ledger; a torn last line (a killed append) is skipped."""
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out
-
-
-def append_record(record: dict, path: Path = LEDGER) -> None:
-    """Append one line under an exclusive lock (two queues never interleave a line)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    line = json.dumps(record, sort_keys=True) + "\n"
-    with open(path, "a+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        if f.tell() > 0:  # a torn last line (a killed append) gets its newline, so this record stands alone
-            f.seek(f.tell() - 1)
-            if f.read(1) != "\n":
-                f.write("\n")
-        f.write(line)
-        f.flush()
-        os.fsync(f.fileno())
-        fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def runs_of(records: list[dict]) -> dict[str, dict]:
     """The protocol's finished runs by key (the first record of a key wins)."""
     out: dict[str, dict] = {}
@@ -178,17 +148,6 @@ def runs_of(records: list[dict]) -> dict[str, dict]:
         if r.get("record") == "run" and r.get("protocol_id") == protocol_id():
             out.setdefault(r["key"], r)
     return out
-
-
-def git_commit() -> tuple[str, bool]:
-    try:
-        sha = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no",
-                                     "src"], capture_output=True, text=True).stdout.strip())
-        return sha, dirty
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown", True
 
 
 # ------------------------------------------------------------------------------------------------ queue
@@ -487,45 +446,22 @@ def record_common() -> dict[str, Any]:
                      "note": "shared machine: wall time is contaminated by other jobs; read CPU-seconds"}}
 
 
-def claim(key: str) -> Path | None:
-    """Claim a run for this process, so that several queues (one per free core) never run the same one: a
-    claim file made with O_EXCL, holding the pid; a claim whose process is gone is stale and taken over."""
-    path = WORK / "claims" / (hashlib.sha256(key.encode()).hexdigest()[:16] + ".pid")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for _ in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            try:
-                pid = int(path.read_text() or 0)
-                os.kill(pid, 0)  # signal 0: only asks whether the process exists
-                return None
-            except (ValueError, ProcessLookupError):
-                path.unlink(missing_ok=True)  # stale: its queue died
-                continue
-            except PermissionError:
-                return None
-        os.write(fd, str(os.getpid()).encode())
-        os.close(fd)
-        return path
-    return None
-
-
 def cmd_run(ledger: Path, max_runs: int | None, phases: str | None) -> None:
     WORK.mkdir(parents=True, exist_ok=True)
     base_key = f"base|protocol={protocol_id()}"
-    if not any(r.get("key") == base_key for r in read_ledger(ledger)) and (mine := claim(base_key)):
+    mine = None if any(r.get("key") == base_key for r in read_jsonl(ledger)) else try_lock(claim_path(WORK, base_key))
+    if mine:
         print("[base] the model as loaded", flush=True)
         if child(["base"], WORK / "base.json"):
             append_record({"record": "base", "key": base_key, **record_common(),
                            "figures": json.loads((WORK / "base.json").read_text())}, ledger)
-        mine.unlink(missing_ok=True)
+        mine.close()
     done = 0
     while max_runs is None or done < max_runs:
         if (WORK / "stop").exists():  # drain: every queue finishes its run, then exits (rm the file to go on)
             print(f"[stop] {WORK / 'stop'} exists: not starting another run", flush=True)
             return
-        runs = runs_of(read_ledger(ledger))
+        runs = runs_of(read_jsonl(ledger))
         todo = [(ph, arm, seed, lr) for ph, arm, seed, lr in queue(runs)
                 if lr is not None and run_key(arm, seed, lr) not in runs and (not phases or ph[0] in phases)]
         failed = set((WORK / "failed.txt").read_text().splitlines()) if (WORK / "failed.txt").exists() else set()
@@ -537,7 +473,7 @@ def cmd_run(ledger: Path, max_runs: int | None, phases: str | None) -> None:
         claimed = None
         for phase, arm, seed, lr in todo:
             key = run_key(arm, seed, lr)
-            claimed = claim(key)
+            claimed = try_lock(claim_path(WORK, key))
             if claimed is not None:
                 break
         if claimed is None:
@@ -559,7 +495,7 @@ def cmd_run(ledger: Path, max_runs: int | None, phases: str | None) -> None:
             with open(WORK / "failed.txt", "a") as f:  # not retried by this queue; delete the file to retry
                 f.write(key + "\n")
             print(f"[FAIL] {key}", flush=True)
-        claimed.unlink(missing_ok=True)
+        claimed.close()
         done += 1
 
 
@@ -603,33 +539,6 @@ def cmd_measure(steps: int) -> None:
 # ------------------------------------------------------------------------------------------------ report
 
 
-def t_quantile(p: float, df: int) -> float:
-    """Student's t quantile by bisection on its CDF (Simpson's rule on the density): no scipy needed."""
-    c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
-
-    def cdf(x: float) -> float:  # P(T <= x) for x >= 0
-        n = 2000
-        h = x / n
-        f = [c * (1 + (i * h) ** 2 / df) ** (-(df + 1) / 2) for i in range(n + 1)]
-        return 0.5 + h / 3 * (f[0] + f[-1] + 4 * sum(f[1:-1:2]) + 2 * sum(f[2:-1:2]))
-
-    lo, hi = 0.0, 1000.0
-    for _ in range(100):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if cdf(mid) < p else (lo, mid)
-    return (lo + hi) / 2
-
-
-def paired_ci(diffs: list[float]) -> tuple[float, float, float] | None:
-    """Mean of paired differences and its 95 % t-interval; None below two pairs."""
-    n = len(diffs)
-    if n < 2:
-        return None
-    m, sd = statistics.fmean(diffs), statistics.stdev(diffs)
-    half = t_quantile(0.975, n - 1) * sd / math.sqrt(n)
-    return m, m - half, m + half
-
-
 def chosen_runs(runs: dict[str, dict]) -> dict[str, dict[int, dict]]:
     """Per arm, its runs at the rate the table uses: the best rate once its seed-1 grid is complete, else
     3e-4 (the core comparison's) where recorded, else the rate with most seeds (of those, the lowest seed-1 GSM
@@ -648,14 +557,6 @@ def chosen_runs(runs: dict[str, dict]) -> dict[str, dict[int, dict]]:
             lr = FIRST_LR if FIRST_LR in by_lr else max(by_lr, key=rank)
         out[arm] = by_lr[lr]
     return out
-
-
-def fmt_ci(ci: tuple[float, float, float] | None, digits: int, scale: float = 1.0, mark: bool = True) -> str:
-    if ci is None:
-        return "–"
-    m, lo, hi = (scale * v for v in ci)
-    excl = " **excl. 0**" if mark and (lo > 0 or hi < 0) else ""
-    return f"{m:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]{excl}"
 
 
 def fft_at_equal_cpu(chosen: dict[str, dict[int, dict]]) -> list[str]:
@@ -912,7 +813,7 @@ def plots(records: list[dict], docs: Path) -> None:
 
 
 def cmd_report(ledger: Path, docs: Path) -> None:
-    records = read_ledger(ledger)
+    records = read_jsonl(ledger)
     docs.mkdir(parents=True, exist_ok=True)
     (docs / "quality.md").write_text(report_md(records))
     plots(records, docs)  # also before the first run: the links in RESULTS.md stay valid
@@ -922,7 +823,7 @@ def cmd_report(ledger: Path, docs: Path) -> None:
 def cmd_plan(ledger: Path, s_per_step: dict[str, float]) -> None:
     """The queue, each run priced at its method's mean recorded cost (``s_per_step`` only for a method the
     ledger has no run of yet)."""
-    runs = runs_of(read_ledger(ledger))
+    runs = runs_of(read_jsonl(ledger))
     q = queue(runs)
     price = arm_price(runs)
     total = conditional = 0.0

@@ -12,10 +12,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import frontier as fr  # noqa: E402
+import frontier_protocol as fp  # noqa: E402
 import frontier_report as rep  # noqa: E402
 import frontier_data as fd  # noqa: E402
 
-S = fr.Setting
+S = fp.Setting
 
 
 def test_templates_split_three_ways_without_overlap_and_problems_keep_to_their_part():
@@ -43,13 +44,13 @@ def fake(s, seed, lr, test=1.0, val=None, cpu=1000.0, acc=0.5, load=None):
                0.1, "acc_loss": 0.5, "acc_number_loss": 0.5, "acc_accuracy": acc, "acc_n": 200, "prose_loss": 3.0,
                "curve": curve, "updates": s.updates, "train_cpu_s": cpu, "train_wall_s": cpu, "eval_cpu_s": 600.0,
                "cpu_s_per_update": cpu / s.updates, **({} if load is None else {"others_load": load})}
-    return {"record": "run", "key": fr.run_key(s, seed, lr), "arm": s.arm, "gamma": s.gamma, "lora_r": s.lora_r,
-            "updates": s.updates, "seed": seed, "lr": lr, "protocol_id": fr.protocol_id(), "git_commit": "0" * 40,
+    return {"record": "run", "key": fp.run_key(s, seed, lr), "arm": s.arm, "gamma": s.gamma, "lora_r": s.lora_r,
+            "updates": s.updates, "seed": seed, "lr": lr, "protocol_id": fp.protocol_id(), "git_commit": "0" * 40,
             "figures": figures}
 
 
 def ledger(*recs):
-    return fr.runs_of(list(recs))
+    return fp.runs_of(list(recs))
 
 
 CPU = {"grass-uniform": 1000.0, "fft": 1500.0, "lora": 1300.0, "grass": 1010.0, "lisa": 1050.0, "badam": 1000.0,
@@ -59,7 +60,7 @@ CPU = {"grass-uniform": 1000.0, "fft": 1500.0, "lora": 1300.0, "grass": 1010.0, 
 def grids(val=None):
     """Every grid at seed 1 with its middle rate best (so no edge rate), at the arms' costs :data:`CPU`."""
     out = []
-    for arm, grid in fr.GRID.items():
+    for arm, grid in fp.GRID.items():
         middle = sorted(grid)[1]
         out += [fake(S(arm), 1, lr, val=(val or {}).get((arm, lr), 1.0 if lr == middle else 1.1), cpu=CPU[arm])
                 for lr in grid]
@@ -67,60 +68,60 @@ def grids(val=None):
 
 
 def test_queue_starts_with_the_current_rates_then_waits_for_the_grids():
-    q = fr.queue({})
+    q = fp.queue({})
     first = [(s.arm, lr) for _, s, _, lr in q[:3]]
     assert first == [("fft", 1e-4), ("grass-uniform", 3e-4), ("lora", 1e-3)]
     assert [t[0][0] for t in q[:9]] == ["L"] * 9
     main = [t for t in q if t[0].startswith("M")]
     assert main and all(t[3] is None for t in main)  # every main run waits for its rate
     timed = [t for t in q if t[0].startswith("T")]
-    assert timed and all(t[1].updates == 0 and not fr.runnable(t) for t in timed)  # their length needs the costs
+    assert timed and all(t[1].updates == 0 and not fp.runnable(t) for t in timed)  # their length needs the costs
 
 
 def test_rates_come_from_the_validation_split_and_the_edge_rule_adds_one_rate():
     runs = ledger(*grids())
-    assert fr.best_lr("fft", runs) == 1e-4 and fr.best_lr("grass-uniform", runs) == 3e-4
-    assert fr.best_lr("badam", runs) == fr.best_lr("grass-uniform", runs)  # it shares the layer-wise default's
+    assert fp.best_lr("fft", runs) == 1e-4 and fp.best_lr("grass-uniform", runs) == 3e-4
+    assert fp.best_lr("badam", runs) == fp.best_lr("grass-uniform", runs)  # it shares the layer-wise default's
     # the seed-1 main runs at the chosen rate are the grid's runs: not queued twice
-    q = fr.queue(runs)
+    q = fp.queue(runs)
     assert sum(1 for _, s, seed, _ in q if s == S("fft") and seed == 1) == 3  # its three rates, once each
     # FFT's best at the top of its grid: one more rate past it, and no rate until that one is in
     runs = ledger(*grids({("fft", 3e-4): 0.9}))
-    assert fr.seed1_grid("fft", runs) == (1e-4, 3e-5, 3e-4, 1e-3) and fr.best_lr("fft", runs) is None
+    assert fp.seed1_grid("fft", runs) == (1e-4, 3e-5, 3e-4, 1e-3) and fp.best_lr("fft", runs) is None
     # test loss is never read for the rate: a better test figure at another rate changes nothing
     runs = ledger(*(g if (g["arm"], g["lr"]) != ("lora", 3e-3) else fake(S("lora"), 1, 3e-3, test=0.1, val=1.1)
                     for g in grids()))
-    assert fr.best_lr("lora", runs) == 1e-3
+    assert fp.best_lr("lora", runs) == 1e-3
 
 
 def cost(s, rnd, cpu_per_update, load=0.0):
     """A cost benchmark's measurement (``frontier.py costs``)."""
-    return {"record": "cost", "key": f"cost|{fr.run_key(s, 1, fr.COST_LR)}|round={rnd}", "round": rnd, "arm": s.arm,
-            "gamma": s.gamma, "lora_r": s.lora_r, "protocol_id": fr.protocol_id(), "cpu_s_per_update": cpu_per_update,
+    return {"record": "cost", "key": f"cost|{fp.run_key(s, 1, fp.COST_LR)}|round={rnd}", "round": rnd, "arm": s.arm,
+            "gamma": s.gamma, "lora_r": s.lora_r, "protocol_id": fp.protocol_id(), "cpu_s_per_update": cpu_per_update,
             "others_load": load}
 
 
 def costs(rounds=(1, 2, 3)):
     """Rounds of the cost benchmark: every main arm at :data:`CPU`'s cost / 500."""
-    return [cost(S(arm), rnd, CPU[arm] / 500) for rnd in rounds for arm in fr.MAIN]
+    return [cost(S(arm), rnd, CPU[arm] / 500) for rnd in rounds for arm in fp.MAIN]
 
 
 def test_time_matched_updates_follow_the_side_by_side_costs():
     recs = grids()
-    assert fr.matched_updates(S("fft"), ledger(*recs)) is None  # no cost measured yet: the time-matched runs wait
-    assert fr.matched_updates(S("fft"), ledger(*recs, *costs((1, 2)))) is None  # nor after two rounds
+    assert fp.matched_updates(S("fft"), ledger(*recs)) is None  # no cost measured yet: the time-matched runs wait
+    assert fp.matched_updates(S("fft"), ledger(*recs, *costs((1, 2)))) is None  # nor after two rounds
     recs += costs()  # three rounds: FFT 1.5 x the reference, LISA 1.05 x, LoRA 1.3 x
     runs = ledger(*recs)
-    assert fr.matched_updates(S("fft"), runs) == round(500 / 1.5) == 333
-    assert fr.matched_updates(S("lisa"), runs) == 0  # within 10 %: its own 500 updates are the equal-time figure
-    q = fr.queue(runs)
+    assert fp.matched_updates(S("fft"), runs) == round(500 / 1.5) == 333
+    assert fp.matched_updates(S("lisa"), runs) == 0  # within 10 %: its own 500 updates are the equal-time figure
+    q = fp.queue(runs)
     tm = [(s, seed) for ph, s, seed, _ in q if ph.startswith("T") and s.updates]
     assert (S("fft", updates=333), 1) in tm and not any(s.arm == "lisa" for s, _ in tm)
-    assert fr.matched_updates(S("lora"), runs) == round(500 / 1.3) == 385
-    assert fr.equal_time_setting(S("fft"), runs) == S("fft", updates=333)
-    assert fr.equal_time_setting(S("lisa"), runs) == S("lisa")
+    assert fp.matched_updates(S("lora"), runs) == round(500 / 1.3) == 385
+    assert fp.equal_time_setting(S("fft"), runs) == S("fft", updates=333)
+    assert fp.equal_time_setting(S("lisa"), runs) == S("lisa")
     # the runs' own clocks never move it: an FFT run that cost 3x the reference's leaves the ratio as measured
-    assert fr.matched_updates(S("fft"), ledger(*recs, fake(S("fft"), 2, 1e-4, cpu=3000.0))) == 333
+    assert fp.matched_updates(S("fft"), ledger(*recs, fake(S("fft"), 2, 1e-4, cpu=3000.0))) == 333
 
 
 def test_a_settings_cost_is_its_ratio_to_the_reference_round_by_round_and_busy_measurements_do_not_count():
@@ -129,17 +130,17 @@ def test_a_settings_cost_is_its_ratio_to_the_reference_round_by_round_and_busy_m
     recs += [cost(S("grass-uniform"), 1, 4.0), cost(S("fft"), 1, 6.0), cost(S("grass-uniform"), 2, 2.0),
              cost(S("fft"), 2, 3.0 * 1.21)]
     runs = ledger(*recs)
-    ratio, rounds = fr.cost_ratio(S("fft"), runs)
+    ratio, rounds = fp.cost_ratio(S("fft"), runs)
     assert rounds == 2 and math.isclose(ratio, math.sqrt(1.5 * 1.5 * 1.21))  # geometric mean of 1.5 and 1.815
     # a measurement with the machine busy is not read; a round without the reference gives no ratio
     busy = cost(S("fft"), 3, 99.0, load=0.5)
-    assert fr.cost_ratio(S("fft"), ledger(*recs, busy, cost(S("fft"), 4, 99.0))) == (ratio, 2)
-    assert fr.cost_ratio(S("lora"), runs) is None and fr.matched_updates(S("lora"), runs) is None
+    assert fp.cost_ratio(S("fft"), ledger(*recs, busy, cost(S("fft"), 4, 99.0))) == (ratio, 2)
+    assert fp.cost_ratio(S("lora"), runs) is None and fp.matched_updates(S("lora"), runs) is None
     # the equal-time budget is the reference's own clocks over seeds 1-3 at its rate; a setting's is that x ratio
-    assert fr.train_cpu(S("fft"), runs) is None  # the reference's seeds 2-3 are not in
+    assert fp.train_cpu(S("fft"), runs) is None  # the reference's seeds 2-3 are not in
     recs += [fake(S("grass-uniform"), s, 3e-4, cpu=1100.0) for s in (2, 3)]  # seed 1's grid run: 1000
     runs = ledger(*recs)
-    assert math.isclose(fr.train_cpu(S("fft"), runs), ratio * 3200 / 3)
+    assert math.isclose(fp.train_cpu(S("fft"), runs), ratio * 3200 / 3)
     md = rep.report_md(recs)
     assert f"{ratio:.3f} (2 rounds)" in md and "Cost rounds recorded: 2." in md
     assert f"| FFT | 6.000 | 3.630 | {ratio:.3f} (2 rounds) |" in md  # the measurements, round by round
@@ -174,28 +175,28 @@ def test_a_pause_file_holds_a_run_between_two_steps(tmp_path, monkeypatch):
 
 def test_method_auto_follows_the_frontier_once_its_ledger_has_decided():
     from grass_ft.planner import table
-    from quality import read_ledger
+    from harness import read_jsonl
 
-    eq = rep.at_equal_time(fr.runs_of(read_ledger(fr.LEDGER)))
+    eq = rep.at_equal_time(fp.runs_of(read_jsonl(fp.LEDGER)))
     decided = rep.order_decided(eq)
     assert table.AUTO_ORDER_FROM_FRONTIER == decided, (
         "the frontier's rule 1 has decided (docs/results/frontier.md): apply its order to method=auto "
         "(grass_ft.planner.table) as docs/RESULTS.md's amendment says, then set AUTO_ORDER_FROM_FRONTIER = True"
         if decided else "AUTO_ORDER_FROM_FRONTIER is True but the committed ledger has not decided")
     # the decision needs every main arm's three seeds at equal time, not fewer
-    assert not rep.order_decided({S(arm): {1: {}, 2: {}} for arm in fr.MAIN})
-    assert rep.order_decided({S(arm): {1: {}, 2: {}, 3: {}} for arm in fr.MAIN})
+    assert not rep.order_decided({S(arm): {1: {}, 2: {}} for arm in fp.MAIN})
+    assert rep.order_decided({S(arm): {1: {}, 2: {}, 3: {}} for arm in fp.MAIN})
 
 
 def test_record_keys_name_every_coordinate_and_the_protocol():
-    key = fr.run_key(S("grass-uniform", gamma=8), 2, 3e-4)
-    assert key == f"grass-uniform|gamma=8|r=None|updates=500|seed=2|lr=0.0003|protocol={fr.protocol_id()}"
+    key = fp.run_key(S("grass-uniform", gamma=8), 2, 3e-4)
+    assert key == f"grass-uniform|gamma=8|r=None|updates=500|seed=2|lr=0.0003|protocol={fp.protocol_id()}"
     assert S("grass-uniform").gamma == 4 and S("lora").lora_r == 32 and S("fft").gamma is None
-    assert fr.run_key(S("lora", lora_r=64), 1, 1e-3) != fr.run_key(S("lora"), 1, 1e-3)
-    assert fr.run_key(S("fft", updates=333), 1, 1e-4) != fr.run_key(S("fft"), 1, 1e-4)
+    assert fp.run_key(S("lora", lora_r=64), 1, 1e-3) != fp.run_key(S("lora"), 1, 1e-3)
+    assert fp.run_key(S("fft", updates=333), 1, 1e-4) != fp.run_key(S("fft"), 1, 1e-4)
     rec = fake(S("badam", gamma=2), 1, 3e-4)
-    assert fr.setting_of(rec) == S("badam", gamma=2) and set(fr.runs_of([rec])) == {rec["key"]}
-    assert not fr.runs_of([rec | {"protocol_id": "elsewhere"}])
+    assert fp.setting_of(rec) == S("badam", gamma=2) and set(fp.runs_of([rec])) == {rec["key"]}
+    assert not fp.runs_of([rec | {"protocol_id": "elsewhere"}])
 
 
 def test_single_seed_interval_uses_the_pooled_sd_and_paired_seeds_the_t_interval():
@@ -258,7 +259,7 @@ def test_forgetting_set_is_the_committed_one(tmp_path):
 
 def test_report_renders_from_a_ledger_alone(tmp_path):
     recs = grids()
-    for arm in fr.MAIN:
+    for arm in fp.MAIN:
         lr = {"fft": 1e-4, "lora": 1e-3}.get(arm, 3e-4)
         recs += [fake(S(arm), s, lr, test=0.8 + 0.01 * s, cpu=CPU[arm]) for s in (1, 2, 3)]
     recs += costs()
@@ -303,7 +304,7 @@ def test_a_killed_run_resumes_from_its_checkpoint_bit_for_bit(arm, tmp_path, mon
     from grass_ft.model.load import load_tokenizer
     from tiny import tiny_llama
 
-    tok = load_tokenizer(fr.PROTOCOL["model"])  # the protocol's (a character tokenizer would cut the answers off)
+    tok = load_tokenizer(fp.PROTOCOL["model"])  # the protocol's (a character tokenizer would cut the answers off)
     monkeypatch.setattr(fr, "WORK", tmp_path)
     monkeypatch.setattr(fr, "load", lambda noise: (tiny_llama(len(tok), seed=3), tok, None))
     original_training = fr.training
@@ -315,10 +316,10 @@ def test_a_killed_run_resumes_from_its_checkpoint_bit_for_bit(arm, tmp_path, mon
     monkeypatch.setattr(fr, "eval_sets", lambda n=None: {})
     monkeypatch.setattr(fr, "evaluate", weights)
     monkeypatch.setattr(fr, "CURVE_EVERY", 2)
-    monkeypatch.setitem(fr.PROTOCOL, "sample_interval", 2)  # the sampler draws (and MGN probes) between checkpoints
-    monkeypatch.setitem(fr.PROTOCOL, "update_interval", 2)
-    monkeypatch.setitem(fr.PROTOCOL, "train_samples", 24)  # 7 updates of batch 4 go round them once
-    s = S(arm, gamma=1 if arm in fr.LAYERWISE else None, lora_r=4 if arm == "lora" else None, updates=7)
+    monkeypatch.setitem(fp.PROTOCOL, "sample_interval", 2)  # the sampler draws (and MGN probes) between checkpoints
+    monkeypatch.setitem(fp.PROTOCOL, "update_interval", 2)
+    monkeypatch.setitem(fp.PROTOCOL, "train_samples", 24)  # 7 updates of batch 4 go round them once
+    s = S(arm, gamma=1 if arm in fp.LAYERWISE else None, lora_r=4 if arm == "lora" else None, updates=7)
     straight = fr.one_run(s, 1, 1e-3)
 
     def killed_after(calls: int):
@@ -390,10 +391,10 @@ def test_the_cost_benchmark_times_updates_after_its_warmup_and_records_rounds_si
     from grass_ft.model.load import load_tokenizer
     from tiny import tiny_llama
 
-    tok = load_tokenizer(fr.PROTOCOL["model"])
+    tok = load_tokenizer(fp.PROTOCOL["model"])
     monkeypatch.setattr(fr, "load", lambda noise: (tiny_llama(len(tok), seed=3), tok, None))
-    monkeypatch.setitem(fr.PROTOCOL, "train_samples", 16)
-    monkeypatch.setitem(fr.PROTOCOL, "sample_interval", 2)
+    monkeypatch.setitem(fp.PROTOCOL, "train_samples", 16)
+    monkeypatch.setitem(fp.PROTOCOL, "sample_interval", 2)
     res = fr.cmd_cost(S("grass", gamma=1), 1e-4, updates=4, flush_denormal=False, warmup=2)
     assert res["updates"] == 4 and res["steps"] >= 4 and res["cpu_s_per_update"] > 0  # probe steps: in the clock
     assert res["cpu_s_per_update"] * 4 == pytest.approx(res["cpu_s_per_step"] * res["steps"])
@@ -405,7 +406,7 @@ def test_the_cost_benchmark_times_updates_after_its_warmup_and_records_rounds_si
     def child(argv, out):
         assert (tmp_path / "pause").exists()
         arm = argv[argv.index("--arm") + 1]
-        assert argv.count("--updates") == 1 and argv[argv.index("--updates") + 1] == str(fr.COST_UPDATES)
+        assert argv.count("--updates") == 1 and argv[argv.index("--updates") + 1] == str(fp.COST_UPDATES)
         order.append(arm)
         busy = arm == "fft" and order.count("fft") == 1  # FFT's first measurement disturbed: redone at once
         return {"arm": arm, "gamma": S(arm).gamma, "lora_r": S(arm).lora_r,
@@ -413,7 +414,7 @@ def test_the_cost_benchmark_times_updates_after_its_warmup_and_records_rounds_si
     monkeypatch.setattr(fr, "in_child", child)
     path = tmp_path / "ledger.jsonl"
     assert fr.cmd_costs(path, 2, "main") == 0 and not (tmp_path / "pause").exists()
-    main = ["grass-uniform"] + [a for a in fr.MAIN if a != "grass-uniform"]  # the reference first in round 1
+    main = ["grass-uniform"] + [a for a in fp.MAIN if a != "grass-uniform"]  # the reference first in round 1
     assert order == main[:2] + main[1:] + main[1:] + main[:1]
-    runs = fr.runs_of(fr.read_ledger(path))
-    assert fr.cost_ratio(S("fft"), runs) == (pytest.approx(1.5), 2)
+    runs = fp.runs_of(fr.read_jsonl(path))
+    assert fp.cost_ratio(S("fft"), runs) == (pytest.approx(1.5), 2)

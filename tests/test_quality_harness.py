@@ -1,15 +1,19 @@
-"""benchmarks/quality.py: the ledger, the queue, the statistics and one run end to end on a tiny model."""
+"""benchmarks/quality.py: the queue and one run end to end on a tiny model; benchmarks/harness.py: the ledger, the
+claims and the statistics every experiment shares."""
 
 import json
 import math
 import re
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
 
+import harness  # noqa: E402
 import quality  # noqa: E402
 from tiny import save_tiny_model  # noqa: E402
 
@@ -17,20 +21,20 @@ from tiny import save_tiny_model  # noqa: E402
 @pytest.mark.parametrize("df,want", [(1, 12.7062), (2, 4.3027), (4, 2.7764), (9, 2.2622), (30, 2.0423)])
 def test_t_quantile_matches_the_printed_tables(df, want):
     # the tables print 4 decimals; Simpson's rule on 2000 panels is far more accurate than that
-    assert abs(quality.t_quantile(0.975, df) - want) < 6e-4
+    assert abs(harness.t_quantile(0.975, df) - want) < 6e-4
 
 
 def test_paired_interval_by_hand():
     diffs = [0.01, 0.03, 0.02]  # mean 0.02, sd 0.01, n 3: half-width 4.3027 * 0.01 / sqrt(3)
-    m, lo, hi = quality.paired_ci(diffs)
+    m, lo, hi = harness.paired_ci(diffs)
     half = 4.302653 * 0.01 / math.sqrt(3)  # t(0.975, 2) to 7 digits: the interval's half-width to ~1e-6 relative
     # the mean of 3 float64 values is exact to an ulp (isclose's default rel_tol 1e-9); the half-width uses
     # t_quantile (Simpson's rule, 4 decimals checked above: ~1e-4 relative), hence rel_tol 1e-3
     assert math.isclose(m, 0.02) and math.isclose(hi - m, half, rel_tol=1e-3) and math.isclose(m - lo, half,
                                                                                                   rel_tol=1e-3)
-    assert quality.paired_ci([0.1]) is None
-    assert "excl. 0" not in quality.fmt_ci((m, lo, hi), 4)  # [-0.0048, +0.0448]: three seeds are few
-    assert "excl. 0" in quality.fmt_ci((0.02, 0.01, 0.03), 4)
+    assert harness.paired_ci([0.1]) is None
+    assert "excl. 0" not in harness.fmt_ci((m, lo, hi), 4)  # [-0.0048, +0.0448]: three seeds are few
+    assert "excl. 0" in harness.fmt_ci((0.02, 0.01, 0.03), 4)
 
 
 def fake_run(arm, seed, lr, loss, acc=0.5):
@@ -45,11 +49,11 @@ def fake_run(arm, seed, lr, loss, acc=0.5):
 
 def test_ledger_is_append_only_skips_a_torn_line_and_the_queue_skips_recorded_runs(tmp_path):
     ledger = tmp_path / "ledger.jsonl"
-    quality.append_record(fake_run("grass", 1, 3e-4, 1.0), ledger)
+    harness.append_record(fake_run("grass", 1, 3e-4, 1.0), ledger)
     with open(ledger, "a") as f:
         f.write('{"record": "run", "key": "torn')  # a killed append
-    quality.append_record(fake_run("grass-uniform", 1, 3e-4, 0.9), ledger)
-    runs = quality.runs_of(quality.read_ledger(ledger))
+    harness.append_record(fake_run("grass-uniform", 1, 3e-4, 0.9), ledger)
+    runs = quality.runs_of(harness.read_jsonl(ledger))
     assert set(runs) == {quality.run_key("grass", 1, 3e-4), quality.run_key("grass-uniform", 1, 3e-4)}
     q = quality.queue(runs)
     first = [(arm, seed, lr) for _, arm, seed, lr in q[:4]]
@@ -58,8 +62,8 @@ def test_ledger_is_append_only_skips_a_torn_line_and_the_queue_skips_recorded_ru
     assert todo[0][1:] == ("grass-static", 1, 3e-4)
     # a record of another protocol does not count
     other = fake_run("grass-static", 1, 3e-4, 1.0) | {"protocol_id": "elsewhere"}
-    quality.append_record(other, ledger)
-    assert quality.run_key("grass-static", 1, 3e-4) not in quality.runs_of(quality.read_ledger(ledger))
+    harness.append_record(other, ledger)
+    assert quality.run_key("grass-static", 1, 3e-4) not in quality.runs_of(harness.read_jsonl(ledger))
 
 
 def test_arms_of_the_papers_layout_stay_frozen_whatever_the_default():
@@ -225,7 +229,7 @@ def test_an_incomplete_grid_shows_the_arm_at_its_best_rate_so_far():
 def test_a_stop_file_drains_the_queue_before_its_next_run(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(quality, "WORK", tmp_path)
     ledger = tmp_path / "ledger.jsonl"
-    quality.append_record({"record": "base", "key": f"base|protocol={quality.protocol_id()}"}, ledger)
+    harness.append_record({"record": "base", "key": f"base|protocol={quality.protocol_id()}"}, ledger)
     (tmp_path / "stop").touch()
     monkeypatch.setattr(quality, "child", lambda *a: pytest.fail("a run started despite the stop file"))
     quality.cmd_run(ledger, None, None)
@@ -235,9 +239,9 @@ def test_a_stop_file_drains_the_queue_before_its_next_run(tmp_path, monkeypatch,
 def test_report_from_the_ledger_alone(tmp_path):
     ledger = tmp_path / "ledger.jsonl"
     for seed, (g, u) in enumerate([(1.00, 0.98), (1.02, 0.99), (0.99, 0.97)], start=1):
-        quality.append_record(fake_run("grass", seed, 3e-4, g), ledger)
-        quality.append_record(fake_run("grass-uniform", seed, 3e-4, u), ledger)
-        quality.append_record(fake_run("lisa", seed, 3e-4, u + 0.1), ledger)
+        harness.append_record(fake_run("grass", seed, 3e-4, g), ledger)
+        harness.append_record(fake_run("grass-uniform", seed, 3e-4, u), ledger)
+        harness.append_record(fake_run("lisa", seed, 3e-4, u + 0.1), ledger)
     quality.cmd_report(ledger, tmp_path / "docs")
     md = (tmp_path / "docs" / "quality.md").read_text()
     assert "**Partial until every planned run is in.**" in md and "Complete" not in md  # a few runs of the plan
@@ -274,13 +278,24 @@ def test_one_run_end_to_end_on_a_tiny_model(tmp_path, monkeypatch):
     json.dumps(rec)  # a ledger line
 
 
-def test_a_claimed_run_is_skipped_by_another_queue_and_a_stale_claim_is_taken_over(tmp_path, monkeypatch):
-    monkeypatch.setattr(quality, "WORK", tmp_path)
-    mine = quality.claim("k")
-    assert mine is not None and mine.read_text() == str(__import__("os").getpid())
-    assert quality.claim("k") is None  # held by a live process (this one)
-    mine.write_text("999999999")  # a pid that cannot exist: its queue died
-    assert quality.claim("k") is not None
+def test_a_claimed_run_is_skipped_by_another_queue_and_a_dead_queues_claim_is_free(tmp_path):
+    """A claim is a flock (harness.try_lock): another queue cannot take it while its holder lives, and the kernel
+    drops it when the holder dies (a killed queue leaves no stale claim)."""
+    path = harness.claim_path(tmp_path, "k")
+    held = subprocess.Popen([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); import harness; "
+                             "f = harness.try_lock(harness.claim_path(__import__('pathlib').Path(sys.argv[2]), 'k')); "
+                             "print(f is not None, flush=True); sys.stdin.read()",
+                             str(BENCH), str(tmp_path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert held.stdout.readline().strip() == "True"  # the other queue holds it
+        assert harness.try_lock(path) is None
+    finally:
+        held.kill()
+        held.wait()
+    mine = harness.try_lock(path)  # its queue died: the claim is free
+    assert mine is not None and harness.try_lock(path) is None  # and now held here: a second queue skips it
+    mine.close()
+    assert harness.try_lock(path) is not None
 
 
 def test_equal_cpu_comparison_interpolates_fft_at_each_arms_budget():
