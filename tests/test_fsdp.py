@@ -3,7 +3,11 @@ process with the same global batch, identical traces, only the active blocks' gr
 resume from a DCP checkpoint."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -127,8 +131,11 @@ def test_fsdp_fft_shards_the_root_unevenly_and_matches_one_process(tiny_model_di
     # checkpointing (recomputation inside FSDP2's units); the global batch is 4 in both runs. Each micro-batch's
     # gradient is reduce-scattered and accumulated in the shard, a sum of the same terms as one process's
     # accumulation: the first update's norm end to end, and every step in lockstep (the bound above).
+    # Both runs hold out the same 8 examples: the sharded model is evaluated before and after training by both ranks
+    # together (rank 0 keeps the figures), which must be what one process computes with the same weights.
     data = equal_length_data(tmp_path / "eq.jsonl")
-    base = {"method": "fft", "max_steps": 4, "grad_accum": 2, "gradient_checkpointing": "true"}
+    base = {"method": "fft", "max_steps": 4, "grad_accum": 2, "gradient_checkpointing": "true", "eval_samples": 8,
+            "max_new_tokens": 4}
     one, two = tmp_path / "one", tmp_path / "two"
     run_train(build_config(None, keys(tiny_model_dir, data, one, batch_size=2, **base), known_methods=method_names()),
               progress=False)
@@ -141,6 +148,60 @@ def test_fsdp_fft_shards_the_root_unevenly_and_matches_one_process(tiny_model_di
     everything = padded_bytes(list(AutoModelForCausalLM.from_pretrained(tiny_model_dir).parameters()))
     # every parameter's gradient, once per micro-batch
     assert [m["reduce_scatter_bytes"] for m in jsonl(two / "metrics.jsonl")] == [2 * everything] * 4
+    # The evaluations: the same weights in one process and sharded over two give the same eval loss up to the order
+    # of fp32 sums (the all-gathered weights are exact copies; a mean over ~100 tokens of NLLs from logits reduced
+    # over K <= 64, first order 64 u ~ 4e-6 relative): rtol 1e-5. Before: the model as loaded, in both runs. After:
+    # the sharded model against its gathered final/ in one process; after 4 fft updates at lr 1e-2 the loss has
+    # moved by far more than that, so an evaluation of the wrong weights fails.
+    from grass_ft.run.held_out import evaluate_run_model
+
+    s1, s2 = json.loads((one / "summary.json").read_text()), json.loads((two / "summary.json").read_text())
+    assert s2["eval_n"] == s1["eval_n"] == 8
+    assert s2["eval_loss_before"] == pytest.approx(s1["eval_loss_before"], rel=1e-5)
+    again = evaluate_run_model(two / "final", tmp_path / "again", progress=False)
+    assert s2["eval_loss"] == pytest.approx(again["eval_loss"], rel=1e-5)
+    assert abs(s2["eval_loss"] - s2["eval_loss_before"]) > 1e-3
+
+
+def test_fsdp_loads_the_weights_on_rank_0_only_and_each_rank_keeps_its_shard(tiny_model_dir, tmp_path):
+    """With fsdp=true rank 0 alone reads the weights; every rank builds the model on the meta device, shards it and
+    receives its rows from rank 0, so no rank holds the whole model on its device (a 70B model would not fit one
+    GPU). Gathered back, the weights and buffers are the files' exactly (copies, no arithmetic). A broken model
+    stops both ranks with rank 0's line."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    def load_on_two_ranks(model_dir: Path, out: Path) -> list[dict]:
+        out.mkdir()
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        worker = Path(__file__).parent / "fsdp_load_worker.py"
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(worker),
+                            str(model_dir), str(out)], env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-4000:]
+        return [json.loads((out / f"rank{i}.json").read_text()) for i in (0, 1)]
+
+    r0, r1 = load_on_two_ranks(tiny_model_dir, tmp_path / "sound")
+    assert "error" not in r0 and "error" not in r1, (r0, r1)
+    assert r0["reads"] == [str(tiny_model_dir)] and r1["reads"] == []
+    ref = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    full = torch.load(tmp_path / "sound" / "full.pt")
+    assert sorted(full) == sorted(ref.state_dict())
+    for k, v in ref.state_dict().items():
+        assert torch.equal(full[k], v), k
+    total = sum(p.numel() for p in ref.parameters())
+    assert r0["local_numel"] + r1["local_numel"] == total and max(r0["local_numel"], r1["local_numel"]) < 0.51 * total
+    for name, buffer in ref.named_buffers():  # the rotary frequencies: not in a state dict, rank 0's on both
+        assert r0["buffers"][name] == r1["buffers"][name] == buffer.tolist(), name
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    tensors = load_file(str(broken / "model.safetensors"))
+    tensors["model.layers.1.mlp.up_proj.weight"][0, 0] = float("nan")
+    save_file(tensors, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    r0, r1 = load_on_two_ranks(broken, tmp_path / "refused")
+    assert r0["error"] == r1["error"] and r0["error"].startswith(f"ModelError: model '{broken}' holds weights that "
+                                                                 "are not finite (model.layers.1.mlp.up_proj.weight")
+    assert r1["reads"] == []
 
 
 def test_fsdp_damaged_dcp_checkpoint_is_detected(runs, tmp_path):

@@ -312,11 +312,14 @@ def test_fsdp_final_model_stays_on_the_host(one_rank_group, tiny_model_dir):
 
     model = load_model(str(tiny_model_dir), "float32")
     shard_model(model, mesh=_cpu_mesh())
-    cfg = SimpleNamespace(fsdp=True, model=str(tiny_model_dir), dtype="float32")
+    cfg = SimpleNamespace(fsdp=True, model=str(tiny_model_dir), dtype="float32", attn_implementation="auto")
     full = _gathered_model(cfg, Distributed(), model, torch.device("meta"))  # meta: the GPU's stand-in
     assert all(p.device.type == "cpu" for p in full.parameters())  # before: moved onto the device, whole
-    reference = load_model(str(tiny_model_dir), "float32").state_dict()
+    loaded = load_model(str(tiny_model_dir), "float32")
+    reference = loaded.state_dict()
     assert all(torch.equal(v, reference[k]) for k, v in full.state_dict().items())
+    buffers = dict(full.named_buffers())  # the copy is built on meta: the rotary frequencies come from the shards'
+    assert all(buffers[n].device.type == "cpu" and torch.equal(buffers[n], b) for n, b in loaded.named_buffers())
 
 
 # ---------------------------------- 9. a CPU model with offload pins nothing and creates no CUDA context

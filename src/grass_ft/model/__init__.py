@@ -8,11 +8,11 @@ old path, is this package.
 """
 
 from .blocks import BLOCK_PATHS, BlockLayout, block_layout, enable_checkpointing, find_blocks
-from .load import (PACKAGED, PACKAGED_NOTE, ModelError, cache_dir, check_model_source, load_model,
+from .load import (PACKAGED, PACKAGED_NOTE, ModelError, cache_dir, check_model_source, empty_model, load_model,
                    load_model_and_tokenizer, load_tokenizer, num_blocks_hint, packaged_model_dir, resolve_dtype,
                    resolve_model_path, vocab_size_hint)
 
 __all__ = ["BLOCK_PATHS", "PACKAGED", "PACKAGED_NOTE", "BlockLayout", "ModelError", "block_layout", "cache_dir",
-           "check_model_source", "enable_checkpointing", "find_blocks", "load_model", "load_model_and_tokenizer",
-           "load_tokenizer", "num_blocks_hint", "packaged_model_dir", "resolve_dtype", "resolve_model_path",
-           "vocab_size_hint"]
+           "check_model_source", "empty_model", "enable_checkpointing", "find_blocks", "load_model",
+           "load_model_and_tokenizer", "load_tokenizer", "num_blocks_hint", "packaged_model_dir", "resolve_dtype",
+           "resolve_model_path", "vocab_size_hint"]

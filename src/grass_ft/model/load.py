@@ -209,6 +209,33 @@ def load_model(spec: str, dtype: str | torch.dtype = "float32", attn_implementat
         raise ModelError(f"cannot load model {spec!r}: {_first_line(e)}{hub}") from None
 
 
+def empty_model(spec: str, dtype: str | torch.dtype = "float32", attn_implementation: str = "auto"):
+    """The causal LM of ``spec`` built from its config on the ``meta`` device: the names, shapes and dtypes of
+    :func:`load_model`'s, no weight read and no memory taken (an FSDP rank's model before it receives its shards).
+    Its mode and generation config are those ``from_pretrained`` leaves.
+
+    Raises:
+        ModelError: as :func:`load_model`.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    path = _resolve(spec)
+    torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    attn = {} if attn_implementation == "auto" else {"attn_implementation": attn_implementation}
+    try:
+        config = AutoConfig.from_pretrained(path)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, **attn)
+    except Exception as e:  # noqa: BLE001 - as load_model
+        hub = "" if Path(path).exists() else " (the model hub may be unreachable from this machine)"
+        raise ModelError(f"cannot load model {spec!r}: {_first_line(e)}{hub}") from None
+    try:  # from_pretrained reads generation_config.json where there is one (eos ids, sampling defaults)
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    except (OSError, ValueError):
+        pass  # none: the one from_config made from config.json, as from_pretrained keeps it
+    return model.eval()
+
+
 def _resolve(spec: str) -> str:
     path = resolve_model_path(spec)
     if _looks_like_path(path) and not Path(path).expanduser().is_dir():

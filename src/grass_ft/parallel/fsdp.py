@@ -79,6 +79,44 @@ def shard_model(model: nn.Module, layers_attribute: str | None = None, mesh=None
     return counter
 
 
+def shard_from_rank0(model: nn.Module, source: nn.Module | None, device: torch.device,
+                     layers_attribute: str | None = None) -> CountingReduceScatter:
+    """Shard ``model``, built on the ``meta`` device on every rank (:func:`grass_ft.model.empty_model`), and give
+    each rank its rows of ``source``: the model as loaded on rank 0's host (None on the other ranks).
+
+    Each block is sharded (:func:`shard_model`), every rank allocates only its shards on ``device``, and rank 0
+    broadcasts the weights one tensor at a time, each rank keeping its rows (``set_model_state_dict`` with
+    ``broadcast_from_rank0``, torch's own path for this). So the weights are read once, by rank 0, and no device
+    ever holds the whole model. The buffers a state dict leaves out (the rotary frequencies) are rank 0's too.
+    Returns :func:`shard_model`'s counter.
+    """
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    counter = shard_model(model, layers_attribute)
+    model.to_empty(device=device)
+    full = source.state_dict() if source is not None else {}
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    kept = set(model.state_dict())
+    theirs = dict(source.named_buffers()) if source is not None else {}
+    for name, buffer in model.named_buffers():
+        if name not in kept:
+            if source is not None:
+                buffer.copy_(theirs[name])
+            dist.broadcast(buffer, src=0)
+    return counter
+
+
+def reshard(model: nn.Module) -> None:
+    """Every unit back to its shards. A forward with no backward after it (an evaluation) can leave units'
+    parameters gathered (FSDP2 expects a backward), and the module then holds the gathered tensors, not the
+    sharded parameters the optimizer is built on and updates: the first steps after an evaluation before training
+    had other gradients without this (tests/test_fsdp.py compares them with one process's)."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 def is_sharded(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 

@@ -88,11 +88,13 @@ class Prediction:
     transfer_bytes: int = 0  # host <-> device bytes per step (the offloaded optimizer's records, both ways)
     device_state: int = 0  # optimizer moments and masters on the device after the step
     phases: dict[str, int] = field(default_factory=dict)
+    host_finish: int = 0  # held beside the optimizer's host state at the end (fsdp: rank 0's gathered weights)
 
     @property
     def host(self) -> int:
-        """The host's peak: the optimizer's host state, or the weights while they load if more."""
-        return max(self.host_resident, self.host_load)
+        """The host's peak: the optimizer's host state (with what the finish gathers beside it), or the weights
+        while they load if more."""
+        return max(self.host_resident + self.host_finish, self.host_load)
 
 
 @dataclass(frozen=True)
@@ -155,9 +157,12 @@ def predict(shape: ModelShape, profile: Profile, s: Setting, drawn_blocks: int |
     phases = _phases(shape, profile, s, t, drawn_blocks, chunk_size)
     name, (peak, parts) = max(phases.items(), key=lambda kv: kv[1][0])
     host_resident, transfer = _host_state(s, t)
-    host_load = shape.numel * t.w * (t.n if s.fsdp else 1)  # from_pretrained on the CPU, then moved to the device
+    # from_pretrained on the CPU, then moved to the device; with fsdp rank 0 alone reads the weights and hands each
+    # rank its shards (grass_ft.parallel.fsdp.shard_from_rank0), and at the end gathers them again to save final/
+    host_load = shape.numel * t.w
+    host_finish = shape.numel * t.w if s.fsdp else 0
     return Prediction(setting=s, device=peak, parts=parts, phase=name, host_resident=host_resident * t.n,
-                      host_load=host_load, trained_numel=t.stepped, transfer_bytes=transfer,
+                      host_load=host_load, host_finish=host_finish, trained_numel=t.stepped, transfer_bytes=transfer,
                       device_state=sum(_device_state(s, t, drawn_blocks, before=False)),
                       phases={k: v[0] for k, v in phases.items()})
 

@@ -58,6 +58,7 @@ class Row:
                 "lisa_long_run": self.lisa_long_run,
                 "device_gib": round(p.device / GiB, 3), "host_gib": round(p.host / GiB, 3),
                 "host_resident_gib": round(p.host_resident / GiB, 3), "host_load_gib": round(p.host_load / GiB, 3),
+                "host_finish_gib": round(p.host_finish / GiB, 3),
                 "device_parts_gib": {k: round(v / GiB, 3) for k, v in p.parts.items()}, "peak_phase": p.phase,
                 "step_cost_vs_fft": round(self.cost, 3), "transfer_gib_per_step": round(p.transfer_bytes / GiB, 3),
                 "trained_params": p.trained_numel, "fits": self.fits,

@@ -16,7 +16,7 @@ from ..base.atomic import atomic_dir, remove_dir, write_json_atomic
 from ..config import TrainConfig
 from ..method.step import optimizer_state_bytes
 from ..model.export import write_loadable
-from ..model.load import PACKAGED_NOTE, load_model
+from ..model.load import PACKAGED_NOTE, empty_model
 from ..parallel.distributed import Distributed
 from .early_stopping import BestTracker, metric_value
 from .messages import warn
@@ -27,7 +27,8 @@ from .state import Inputs, LoopResult, MethodRun, Totals
 def gathered_model(cfg: TrainConfig, dist: Distributed, model, device: torch.device):
     """The trained model, every parameter requiring grad again (as saved). A sharded model is gathered, on the
     CPU of rank 0, into a plain copy of the model that stays there (every rank takes part in the gather): final/
-    is saved from the host, and no full copy lands beside the shards on rank 0's GPU (issue 29)."""
+    is saved from the host, and no full copy lands beside the shards on rank 0's GPU (issue 29); the evaluation
+    after training runs on the sharded model."""
     for p in model.parameters():
         p.requires_grad_(True)
     if not cfg.fsdp:
@@ -35,9 +36,15 @@ def gathered_model(cfg: TrainConfig, dist: Distributed, model, device: torch.dev
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if dist.is_main:
-        model = load_model(cfg.model, cfg.dtype)
-        model.load_state_dict(full)
+    if dist.is_main:  # the gathered tensors become the copy's weights (assign): one copy of the model on the host
+        gathered = empty_model(cfg.model, cfg.dtype, cfg.attn_implementation)
+        gathered.load_state_dict(full, assign=True)
+        for name, buffer in model.named_buffers():  # what a state dict leaves out (the rotary frequencies)
+            if name not in full:
+                owner, _, leaf = name.rpartition(".")
+                gathered.get_submodule(owner).register_buffer(leaf, buffer.detach().cpu(), persistent=False)
+        gathered.tie_weights()  # a tied head is the embedding again, as from_pretrained leaves it
+        model = gathered
     return model
 
 
@@ -49,7 +56,11 @@ def finish(cfg: TrainConfig, dist: Distributed, out: Path, run: MethodRun, input
     at the final barrier)."""
     model = gathered_model(cfg, dist, run.model, device)
     if not dist.is_main:
-        dist.barrier()  # rank 0 saves and evaluates
+        if cfg.fsdp:
+            dist.barrier()  # rank 0 saves final/ from its gathered copy
+            if inputs.held_ex:
+                evaluate(run.model, "after")  # the sharded model: every rank runs rank 0's evaluation with it
+        dist.barrier()  # rank 0 writes the rest
         return {"rank": dist.rank, "world_size": dist.world_size}
     after, from_best = None, False
     if best is not None and best.keep and best.step is not None and inputs.held_ex:
@@ -64,8 +75,9 @@ def finish(cfg: TrainConfig, dist: Distributed, out: Path, run: MethodRun, input
                        f"{best.value:.4f}), not the last step's", file=sys.stderr)
     with writing(out / "final"):
         final = save_final(model, inputs.tokenizer, out, cfg.save_dtype)
-    if cfg.fsdp and inputs.held_ex:
-        model.to(device)  # final/ is saved from the host copy; only the evaluation needs the weights on the device
+    if cfg.fsdp:  # final/ is saved from the host copy; the sharded model is evaluated, by every rank together
+        dist.barrier()
+        model = run.model
     if after is None:
         after = evaluate(model, "after") if inputs.held_ex else {}
     if after:

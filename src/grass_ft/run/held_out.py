@@ -28,10 +28,18 @@ def evaluate_model(model, tokenizer, examples: list[dict], cfg: TrainConfig, des
     the entry point ``grass-ft eval`` uses too; tasks in ``eval_loss_only_tasks`` get an eval loss only."""
     from transformers.utils import logging as hf_logging
 
+    # a bar unless --quiet (as transformers' own bars), on rank 0 only (with fsdp every rank runs the evaluation)
+    progress = hf_logging.is_progress_bar_enabled() and _rank() == 0
     res = evaluate(model, tokenizer, examples, task=cfg.task, loss_only=cfg.eval_loss_only_tasks,
                    max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size, max_seq_len=cfg.max_seq_len,
-                   progress=hf_logging.is_progress_bar_enabled())  # off under --quiet, as transformers' own bars
+                   progress=progress)
     return {**res, "label": desc} if res else {}
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def evaluate_during(dist: Distributed, out: Path, run: MethodRun, best, step: int, metrics_f, sinks: MetricSinks,

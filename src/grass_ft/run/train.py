@@ -33,7 +33,7 @@ from ..method.loss import enable_supervised_loss, full_loss, loss_forward
 from ..method.methods import Prepared, method_names, prepare, step_budget
 from ..method.step import StepRunner, lr_factor
 from ..model.blocks import block_layout, enable_checkpointing
-from ..model.load import load_model, load_tokenizer
+from ..model.load import ModelError, empty_model, load_model, load_tokenizer
 from ..parallel.distributed import Distributed, init_distributed
 from ..planner.resolve import choice_line, write_record
 from .checkpoint import load_checkpoint, load_sharded_checkpoint, run_keys, set_rng_state, truncate_jsonl
@@ -65,7 +65,8 @@ def validate_for_model(cfg: TrainConfig, model) -> None:
 def run_train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     """Fine-tune ``cfg.model`` with ``cfg.method`` and write the output directory; returns the summary.
 
-    Under torchrun / accelerate launch every rank runs this; rank 0 alone writes files and evaluates.
+    Under torchrun / accelerate launch every rank runs this; rank 0 alone writes files and keeps the evaluations'
+    figures (with fsdp every rank runs them with it, on the sharded model).
     """
     dist = init_distributed()
     stage = RunStage()
@@ -98,14 +99,14 @@ def _run_train(cfg: TrainConfig, progress: bool, dist: Distributed, held: ExitSt
     if choice is not None and dist.is_main:
         write_record(out, choice)
     # the model, evaluated as loaded, before the method touches it (a resumed run reuses its checkpoint's figure)
-    model, device = _load_model(cfg, dist)
+    model, device, reduce_scatter = _load_model(cfg, dist)
     # batch_size is per process: each step takes batch_size x world_size examples (packed rows), each rank its share
     stream = data_mod.BatchStream(inputs.features, cfg.batch_size * dist.world_size, inputs.tokenizer.pad_token_id,
                                   seed=cfg.seed, rank=dist.rank, world_size=dist.world_size)
     evaluate = _evaluator(cfg, inputs)
     before = _evaluate_before(cfg, dist, inputs, model, evaluate)
     # the method, and config.yaml: every key as the run uses it
-    run = _set_up_method(cfg, model, dist)
+    run = _set_up_method(cfg, model, dist, reduce_scatter)
     cfg = dataclasses.replace(cfg, warmup_steps=run.warmup_steps)  # warmup_ratio resolved against the updates
     run.record = _resolved_record(cfg, dist, out, inputs, run, choice)
     _record_run(dist, out, inputs.checkpoint, run.record, choice)
@@ -125,11 +126,17 @@ def _evaluator(cfg: TrainConfig, inputs: Inputs):
 
 
 def _evaluate_before(cfg: TrainConfig, dist: Distributed, inputs: Inputs, model, evaluate) -> dict[str, Any]:
-    """The model as loaded on the held-out examples (rank 0; every rank waits), unless the run resumes."""
+    """The model as loaded on the held-out examples (rank 0, every rank waiting; a sharded model: every rank runs
+    the evaluation with rank 0, which keeps the figures), unless the run resumes."""
     before: dict[str, Any] = {}
     if inputs.checkpoint is None:
-        if inputs.held_ex and dist.is_main and cfg.eval_before:
-            before = evaluate(model, "before")
+        if inputs.held_ex and cfg.eval_before and (dist.is_main or cfg.fsdp):  # sharded: every rank, in lockstep
+            result = evaluate(model, "before")
+            before = result if dist.is_main else {}
+            if cfg.fsdp:
+                from ..parallel.fsdp import reshard
+
+                reshard(model)  # the sharded parameters on the model again, before the optimizer is built on them
         dist.barrier()
     return before
 
@@ -272,7 +279,6 @@ def refuse_broken_weights(model, what: str, fix: str, error=None) -> None:
     """Weights that hold an inf or NaN before training are broken where they came from; training them would
     only be reported, wrongly, as a divergence ("lower lr")."""
     from .divergence import nonfinite_tensors
-    from ..model.load import ModelError
 
     bad = nonfinite_tensors(model.named_parameters())
     if bad:
@@ -293,32 +299,44 @@ def _decide_under_lock(cfg: TrainConfig, world_size: int, checkpoint: Path | Non
 
 
 def _load_model(cfg: TrainConfig, dist: Distributed):
-    """The model, checked against the config (γ against its blocks), on this rank's device."""
+    """The model, checked against the config (γ against its blocks), on this rank's device, and with fsdp sharded
+    as it loads: rank 0 alone reads the weights, every rank holds only its shards on its device
+    (:func:`grass_ft.parallel.fsdp.shard_from_rank0`). Returns the model, the device and the sharded model's
+    reduce-scatter counter (None without fsdp)."""
     torch.manual_seed(cfg.seed)
-    model = load_model(cfg.model, cfg.dtype, cfg.attn_implementation)
+    device, loaded, refused = dist.device(), None, None
+    if not cfg.fsdp or dist.is_main:
+        try:
+            loaded = load_model(cfg.model, cfg.dtype, cfg.attn_implementation)
+            refuse_broken_weights(loaded, f"model {cfg.model!r}", "the model files are damaged or were saved from a "
+                                                                   "diverged run (training would report it, wrongly, "
+                                                                   "as a divergence); use a sound copy")
+        except UserError as e:
+            refused = e
+    message = dist.from_main(str(refused) if refused else None) if cfg.fsdp else None  # rank 0's verdict, for all
+    if refused:
+        raise refused
+    if message:
+        raise ModelError(message)
+    model = empty_model(cfg.model, cfg.dtype, cfg.attn_implementation) if cfg.fsdp else loaded
     validate_for_model(cfg, model)
-    refuse_broken_weights(model, f"model {cfg.model!r}", "the model files are damaged or were saved from a "
-                                                          "diverged run (training would report it, wrongly, as a "
-                                                          "divergence); use a sound copy")
-    device = dist.device()
-    model.to(device)
     if cfg.packing:
         from ..data.packing import check_packing
 
         check_packing(model, cfg)  # one line, before any step, if the attention lets packed examples mix
     if cfg.gradient_checkpointing:
         enable_checkpointing(model)
-    return model, device
+    if not cfg.fsdp:
+        return model.to(device), device, None
+    from ..parallel.fsdp import shard_from_rank0
+
+    return model, device, shard_from_rank0(model, loaded, device, cfg.layers_attribute)
 
 
-def _set_up_method(cfg: TrainConfig, model, dist: Distributed) -> MethodRun:
-    """Optimizer over every candidate parameter, sampler, scheduler. With fsdp the model is sharded first (each
-    block a unit), so that the optimizer holds, and offloads, this rank's shards only."""
-    reduce_scatter = None
-    if cfg.fsdp:
-        from ..parallel.fsdp import shard_model
-
-        reduce_scatter = shard_model(model, cfg.layers_attribute)
+def _set_up_method(cfg: TrainConfig, model, dist: Distributed, reduce_scatter=None) -> MethodRun:
+    """Optimizer over every candidate parameter, sampler, scheduler. With fsdp the model is sharded already (each
+    block a unit, ``reduce_scatter`` its units' counter), so the optimizer holds, and offloads, this rank's shards
+    only."""
     forward = loss_forward(cfg.supervised_only_loss)
     if cfg.fsdp and cfg.supervised_only_loss:
         # FSDP2 gathers the root's parameters (embeddings, head) in hooks around model(...), which the supervised
