@@ -171,20 +171,23 @@ def test_fsdp_loads_the_weights_on_rank_0_only_and_each_rank_keeps_its_shard(tin
     from safetensors.torch import load_file, save_file
     from transformers import AutoModelForCausalLM
 
-    def load_on_two_ranks(model_dir: Path, out: Path) -> list[dict]:
-        out.mkdir()
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        worker = Path(__file__).parent / "fsdp_load_worker.py"
-        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(worker),
-                            str(model_dir), str(out)], env=env, capture_output=True, text=True, timeout=300)
-        assert r.returncode == 0, r.stderr[-4000:]
-        return [json.loads((out / f"rank{i}.json").read_text()) for i in (0, 1)]
+    broken = tmp_path / "broken"  # a non-finite weight: refused by rank 0, and so by every rank
+    shutil.copytree(tiny_model_dir, broken)
+    tensors = load_file(str(broken / "model.safetensors"))
+    tensors["model.layers.1.mlp.up_proj.weight"][0, 0] = float("nan")
+    save_file(tensors, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    worker = Path(__file__).parent / "fsdp_load_worker.py"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(worker),
+                        str(tmp_path), str(tiny_model_dir), str(broken)], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-4000:]
+    (r0, b0), (r1, b1) = (json.loads((tmp_path / f"rank{i}.json").read_text()) for i in (0, 1))
 
-    r0, r1 = load_on_two_ranks(tiny_model_dir, tmp_path / "sound")
     assert "error" not in r0 and "error" not in r1, (r0, r1)
     assert r0["reads"] == [str(tiny_model_dir)] and r1["reads"] == []
     ref = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    full = torch.load(tmp_path / "sound" / "full.pt")
+    full = torch.load(tmp_path / "full0.pt")
     assert sorted(full) == sorted(ref.state_dict())
     for k, v in ref.state_dict().items():
         assert torch.equal(full[k], v), k
@@ -193,15 +196,9 @@ def test_fsdp_loads_the_weights_on_rank_0_only_and_each_rank_keeps_its_shard(tin
     for name, buffer in ref.named_buffers():  # the rotary frequencies: not in a state dict, rank 0's on both
         assert r0["buffers"][name] == r1["buffers"][name] == buffer.tolist(), name
 
-    broken = tmp_path / "broken"
-    shutil.copytree(tiny_model_dir, broken)
-    tensors = load_file(str(broken / "model.safetensors"))
-    tensors["model.layers.1.mlp.up_proj.weight"][0, 0] = float("nan")
-    save_file(tensors, str(broken / "model.safetensors"), metadata={"format": "pt"})
-    r0, r1 = load_on_two_ranks(broken, tmp_path / "refused")
-    assert r0["error"] == r1["error"] and r0["error"].startswith(f"ModelError: model '{broken}' holds weights that "
+    assert b0["error"] == b1["error"] and b0["error"].startswith(f"ModelError: model '{broken}' holds weights that "
                                                                  "are not finite (model.layers.1.mlp.up_proj.weight")
-    assert r1["reads"] == []
+    assert b0["reads"] == [str(broken)] and b1["reads"] == []
 
 
 def test_fsdp_damaged_dcp_checkpoint_is_detected(runs, tmp_path):
