@@ -199,14 +199,11 @@ def load_model(spec: str, dtype: str | torch.dtype = "float32", attn_implementat
     """
     from transformers import AutoModelForCausalLM
 
-    path = _resolve(spec)
-    torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    attn = {} if attn_implementation == "auto" else {"attn_implementation": attn_implementation}
+    path, kwargs = _model_kwargs(spec, dtype, attn_implementation)
     try:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **attn)
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except Exception as e:  # noqa: BLE001 - a truncated or foreign weights file raises many types
-        hub = "" if Path(path).exists() else " (the model hub may be unreachable from this machine)"
-        raise ModelError(f"cannot load model {spec!r}: {_first_line(e)}{hub}") from None
+        raise _load_error(spec, path, e) from None
 
 
 def empty_model(spec: str, dtype: str | torch.dtype = "float32", attn_implementation: str = "auto"):
@@ -219,21 +216,31 @@ def empty_model(spec: str, dtype: str | torch.dtype = "float32", attn_implementa
     """
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
-    path = _resolve(spec)
-    torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    attn = {} if attn_implementation == "auto" else {"attn_implementation": attn_implementation}
+    path, kwargs = _model_kwargs(spec, dtype, attn_implementation)
     try:
         config = AutoConfig.from_pretrained(path)
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, **attn)
+            model = AutoModelForCausalLM.from_config(config, **kwargs)
     except Exception as e:  # noqa: BLE001 - as load_model
-        hub = "" if Path(path).exists() else " (the model hub may be unreachable from this machine)"
-        raise ModelError(f"cannot load model {spec!r}: {_first_line(e)}{hub}") from None
+        raise _load_error(spec, path, e) from None
     try:  # from_pretrained reads generation_config.json where there is one (eos ids, sampling defaults)
         model.generation_config = GenerationConfig.from_pretrained(path)
     except (OSError, ValueError):
         pass  # none: the one from_config made from config.json, as from_pretrained keeps it
     return model.eval()
+
+
+def _model_kwargs(spec: str, dtype: str | torch.dtype, attn_implementation: str) -> tuple[str, dict]:
+    """The resolved source of ``spec`` and the keyword arguments both ways of building its model take."""
+    kwargs = {"dtype": getattr(torch, dtype) if isinstance(dtype, str) else dtype}
+    if attn_implementation != "auto":
+        kwargs["attn_implementation"] = attn_implementation
+    return _resolve(spec), kwargs
+
+
+def _load_error(spec: str, path: str, e: BaseException) -> ModelError:
+    hub = "" if Path(path).exists() else " (the model hub may be unreachable from this machine)"
+    return ModelError(f"cannot load model {spec!r}: {_first_line(e)}{hub}")
 
 
 def _resolve(spec: str) -> str:

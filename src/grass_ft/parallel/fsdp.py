@@ -97,14 +97,20 @@ def shard_from_rank0(model: nn.Module, source: nn.Module | None, device: torch.d
     model.to_empty(device=device)
     full = source.state_dict() if source is not None else {}
     set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    kept = set(model.state_dict())
-    theirs = dict(source.named_buffers()) if source is not None else {}
-    for name, buffer in model.named_buffers():
-        if name not in kept:
-            if source is not None:
-                buffer.copy_(theirs[name])
-            dist.broadcast(buffer, src=0)
+    theirs = unsaved_buffers(source) if source is not None else {}
+    for name, buffer in unsaved_buffers(model).items():
+        if source is not None:
+            buffer.copy_(theirs[name])
+        dist.broadcast(buffer, src=0)
     return counter
+
+
+def unsaved_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The buffers a state dict leaves out (``persistent=False``: the rotary frequencies), by name: what a model
+    built on the ``meta`` device must be given besides its state dict."""
+    return {f"{prefix}.{name}" if prefix else name: buffer
+            for prefix, module in model.named_modules() for name, buffer in module.named_buffers(recurse=False)
+            if name in module._non_persistent_buffers_set}
 
 
 def reshard(model: nn.Module) -> None:

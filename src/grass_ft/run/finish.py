@@ -35,14 +35,15 @@ def gathered_model(cfg: TrainConfig, dist: Distributed, model, device: torch.dev
         return model
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+    from ..parallel.fsdp import unsaved_buffers
+
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.is_main:  # the gathered tensors become the copy's weights (assign): one copy of the model on the host
         gathered = empty_model(cfg.model, cfg.dtype, cfg.attn_implementation)
         gathered.load_state_dict(full, assign=True)
-        for name, buffer in model.named_buffers():  # what a state dict leaves out (the rotary frequencies)
-            if name not in full:
-                owner, _, leaf = name.rpartition(".")
-                gathered.get_submodule(owner).register_buffer(leaf, buffer.detach().cpu(), persistent=False)
+        for name, buffer in unsaved_buffers(model).items():  # what a state dict leaves out (rotary frequencies)
+            owner, _, leaf = name.rpartition(".")
+            gathered.get_submodule(owner).register_buffer(leaf, buffer.detach().cpu(), persistent=False)
         gathered.tie_weights()  # a tied head is the embedding again, as from_pretrained leaves it
         model = gathered
     return model
