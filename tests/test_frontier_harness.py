@@ -88,6 +88,16 @@ def test_rates_come_from_the_validation_split_and_the_edge_rule_adds_one_rate():
     # FFT's best at the top of its grid: one more rate past it, and no rate until that one is in
     runs = ledger(*grids({("fft", 3e-4): 0.9}))
     assert fp.seed1_grid("fft", runs) == (1e-4, 3e-5, 3e-4, 1e-3) and fp.best_lr("fft", runs) is None
+    # fourth amendment: a best at the end of the extended grid gets the next rate past it, up to three past an end
+    low = {("fft", 3e-5): 0.9}
+    runs = ledger(*grids(low), fake(S("fft"), 1, 1e-5, val=0.8))
+    assert fp.seed1_grid("fft", runs) == (1e-4, 3e-5, 3e-4, 1e-5, 3e-6) and fp.best_lr("fft", runs) is None
+    runs = ledger(*grids(low), fake(S("fft"), 1, 1e-5, val=0.8), fake(S("fft"), 1, 3e-6, val=0.85))
+    assert fp.best_lr("fft", runs) == 1e-5  # interior now: no further rate
+    q = fp.queue(runs)
+    assert not any(s == S("fft") and lr == 1e-6 for _, s, _, lr in q)
+    runs = ledger(*grids(low), *(fake(S("fft"), 1, lr, val=v) for lr, v in ((1e-5, 0.8), (3e-6, 0.7), (1e-6, 0.6))))
+    assert fp.seed1_grid("fft", runs)[-3:] == (1e-5, 3e-6, 1e-6) and fp.best_lr("fft", runs) == 1e-6  # the cap
     # test loss is never read for the rate: a better test figure at another rate changes nothing
     runs = ledger(*(g if (g["arm"], g["lr"]) != ("lora", 3e-3) else fake(S("lora"), 1, 3e-3, test=0.1, val=1.1)
                     for g in grids()))
