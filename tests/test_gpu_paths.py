@@ -313,7 +313,7 @@ def test_fsdp_final_model_stays_on_the_host(one_rank_group, tiny_model_dir):
     model = load_model(str(tiny_model_dir), "float32")
     shard_model(model, mesh=_cpu_mesh())
     cfg = SimpleNamespace(fsdp=True, model=str(tiny_model_dir), dtype="float32", attn_implementation="auto")
-    full = _gathered_model(cfg, Distributed(), model, torch.device("meta"))  # meta: the GPU's stand-in
+    full = _gathered_model(cfg, Distributed(), model)
     assert all(p.device.type == "cpu" for p in full.parameters())  # before: moved onto the device, whole
     loaded = load_model(str(tiny_model_dir), "float32")
     reference = loaded.state_dict()
@@ -565,8 +565,8 @@ def test_cuda_fsdp_final_model_stays_on_the_host_and_gradients_reduce_in_fp32(on
     assert all(s._mp_policy.reduce_dtype == torch.float32 for s in
                (m._get_fsdp_state() for m in model.modules() if hasattr(m, "_get_fsdp_state")))
     before = torch.cuda.memory_allocated()
-    cfg = SimpleNamespace(fsdp=True, model=str(tiny_model_dir), dtype="bfloat16")
-    full = _gathered_model(cfg, Distributed(), model, torch.device("cuda", 0))
+    cfg = SimpleNamespace(fsdp=True, model=str(tiny_model_dir), dtype="bfloat16", attn_implementation="auto")
+    full = _gathered_model(cfg, Distributed(), model)
     assert all(p.device.type == "cpu" for p in full.parameters())
     full_bytes = sum(p.nbytes for p in full.parameters())
     assert torch.cuda.memory_allocated() - before < full_bytes / 2  # before the fix: the whole copy, full_bytes

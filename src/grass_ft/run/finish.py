@@ -24,7 +24,7 @@ from .outputs import writing
 from .state import Inputs, LoopResult, MethodRun, Totals
 
 
-def gathered_model(cfg: TrainConfig, dist: Distributed, model, device: torch.device):
+def gathered_model(cfg: TrainConfig, dist: Distributed, model):
     """The trained model, every parameter requiring grad again (as saved). A sharded model is gathered, on the
     CPU of rank 0, into a plain copy of the model that stays there (every rank takes part in the gather): final/
     is saved from the host, and no full copy lands beside the shards on rank 0's GPU (issue 29); the evaluation
@@ -50,12 +50,12 @@ def gathered_model(cfg: TrainConfig, dist: Distributed, model, device: torch.dev
 
 
 def finish(cfg: TrainConfig, dist: Distributed, out: Path, run: MethodRun, inputs: Inputs, before: dict[str, Any],
-            totals: Totals, loop: LoopResult, device: torch.device, evaluate,
-            choice: dict[str, Any] | None = None, best: BestTracker | None = None) -> dict[str, Any]:
+            totals: Totals, loop: LoopResult, evaluate, choice: dict[str, Any] | None = None,
+            best: BestTracker | None = None) -> dict[str, Any]:
     """Save the trained model (the best evaluation's weights with load_best_model_at_end), evaluate it, merge a
     LoRA adapter if asked, write the model card and the plots, and summary.json last (rank 0; the other ranks wait
     at the final barrier)."""
-    model = gathered_model(cfg, dist, run.model, device)
+    model = gathered_model(cfg, dist, run.model)
     if not dist.is_main:
         if cfg.fsdp:
             dist.barrier()  # rank 0 saves final/ from its gathered copy

@@ -116,7 +116,7 @@ def _run_train(cfg: TrainConfig, progress: bool, dist: Distributed, held: ExitSt
         totals, before = _resume(cfg, inputs.checkpoint, run, stream, out, dist.is_main, best)
     loop = train_loop(cfg, dist, out, run, stream, inputs, totals, before, device, progress, evaluate,
                       appending=inputs.checkpoint is not None, choice=choice, best=best)
-    return finish(cfg, dist, out, run, inputs, before, totals, loop, device, evaluate, choice, best)
+    return finish(cfg, dist, out, run, inputs, before, totals, loop, evaluate, choice, best)
 
 
 def _evaluator(cfg: TrainConfig, inputs: Inputs):
