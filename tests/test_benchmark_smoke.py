@@ -129,8 +129,7 @@ def test_gpu_check_smoke(tmp_path):
     assert arms["import"]["grass_ft"] == str(SCRIPT.parent.parent / "src" / "grass_ft")
     assert arms["gpu_tests"]["skipped"] >= 10 and arms["fused_adamw_resume"]["skipped"] == 2  # collected, skipped
     rows = {r["method"]: r for r in arms["memory_tinyllama"]["rows"]}
-    assert list(rows) == ["fft", "lisa", "grass"] and all(r["status"] == "ok" and r["peak_gib"] > 0
-                                                          for r in rows.values())
+    assert list(rows) == ["grass"] and rows["grass"]["status"] == "ok" and rows["grass"]["peak_gib"] > 0
     assert arms["step_7b"]["need_host_gib"] > 70 and arms["step_7b"]["rows"][0]["method"] == "grass"
     bad = subprocess.run(["bash", str(script), "--bogus"], capture_output=True, text=True, env=env, timeout=60)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "--bogus" in bad.stderr

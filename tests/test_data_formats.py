@@ -221,8 +221,16 @@ def test_validate_checks_parquet_rows_and_reports_ok(tmp_path, capsys):
 
 
 def test_missing_hub_data_set_is_one_line(monkeypatch, capsys):
+    import datasets.config
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    # the libraries read these at import, which an earlier test of the session did: offline for them too, or
+    # load_dataset tries the (unreachable) hub and its retries take ~20 s
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     assert main(["validate", "data=nobody/no-such-data-set"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "hub data set 'nobody/no-such-data-set'" in err, err

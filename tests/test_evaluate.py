@@ -339,7 +339,7 @@ def test_run_eval_real_smollm2(tmp_path, capsys):
     gsm_file = tmp_path / "gsm_heldout.jsonl"
     gsm_file.write_text("".join(json.dumps(ex) + "\n" for ex in generate_examples("gsm_symbolic", 8, EVAL_SEED_OFFSET)))
     assert main(["eval", "model=smollm2-135m", f"data={gsm_file}", "task=gsm8k", "eval_samples=8",
-                 f"output_dir={tmp_path / 'gsm'}", "max_new_tokens=64", "batch_size=8"]) == 0
+                 f"output_dir={tmp_path / 'gsm'}", "max_new_tokens=16", "batch_size=8"]) == 0
     assert "accuracy" in capsys.readouterr().out
     gsm = json.loads((tmp_path / "gsm" / "eval.json").read_text())
     assert gsm["n"] == 8
