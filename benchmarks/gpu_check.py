@@ -194,8 +194,8 @@ def _memory_status(rows: list[dict], what: str) -> dict:
 
 
 def arm_memory_tinyllama(smoke: bool, limit: float, work: Path) -> dict:
-    methods = "grass" if smoke else TINY_METHODS  # the smoke rehearses the arm; every method's CPU form is in
-    # tests/test_benchmark_smoke.py
+    # the smoke rehearses the arm with one method; every method's CPU form is in tests/test_benchmark_smoke.py
+    methods = "grass" if smoke else TINY_METHODS
     records = _gpu_memory("tinyllama", methods, smoke, limit - 10, 35, work / "gpu_memory_tinyllama.md")
     model = "smoke-tiny" if smoke else "tinyllama"
     return _memory_status(_against_estimates(records, model), "smoke model (no estimate)" if smoke else

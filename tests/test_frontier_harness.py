@@ -78,7 +78,7 @@ def test_queue_starts_with_the_current_rates_then_waits_for_the_grids():
     assert timed and all(t[1].updates == 0 and not fp.runnable(t) for t in timed)  # their length needs the costs
 
 
-def test_rates_come_from_the_validation_split_and_the_edge_rule_adds_one_rate():
+def test_rates_come_from_the_validation_split_and_the_edge_rule_extends_the_grid_while_its_end_wins():
     runs = ledger(*grids())
     assert fp.best_lr("fft", runs) == 1e-4 and fp.best_lr("grass-uniform", runs) == 3e-4
     assert fp.best_lr("badam", runs) == fp.best_lr("grass-uniform", runs)  # it shares the layer-wise default's
