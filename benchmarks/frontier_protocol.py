@@ -210,13 +210,13 @@ def cost_per_update(s: Setting, runs: dict[str, dict]) -> tuple[float, str] | No
     return None
 
 
-def cost_ratio(s: Setting, runs: dict[str, dict]) -> tuple[float, int] | None:
+def cost_ratio(s: Setting, runs: dict[str, dict], first: int | None = None) -> tuple[float, int] | None:
     """The setting's training cost per update relative to the reference's (grass-uniform γ=4), side by side: the
-    geometric mean over the cost benchmark's rounds that measured both (:func:`cmd_costs`), and how many rounds;
-    None before one has (docs/RESULTS.md, third amendment)."""
+    geometric mean over the cost benchmark's rounds that measured both (:func:`cmd_costs`; only the ``first`` of
+    them where given), and how many rounds; None before one has (docs/RESULTS.md, third amendment)."""
     costs = getattr(runs, "costs", {})
     ref, mine = costs.get(REFERENCE.point, {}), costs.get(s.point, {})
-    rounds = sorted(set(ref) & set(mine))
+    rounds = sorted(set(ref) & set(mine))[:first]
     if not rounds:
         return None
     return math.exp(statistics.fmean(math.log(mine[r] / ref[r]) for r in rounds)), len(rounds)
@@ -244,8 +244,9 @@ def matched_updates(s: Setting, runs: dict[str, dict]) -> int | None:
     """Updates of the setting's time-matched run: its schedule compressed so that its training costs the
     reference's CPU-seconds (``round(500 / ratio)``, :func:`cost_ratio`); 0 when its 500 updates cost at most 10 %
     more than the reference's (they are the equal-time figure then); None until :data:`COST_MIN_ROUNDS` rounds of
-    the cost benchmark have measured the ratio."""
-    ratio = cost_ratio(s, runs)
+    the cost benchmark have measured the ratio. Sized once: from those first rounds only, so a later round cannot
+    resize a setting whose matched runs are recorded (the third amendment's "sized once 3 rounds have measured it")."""
+    ratio = cost_ratio(s, runs, first=COST_MIN_ROUNDS)
     if ratio is None or ratio[1] < COST_MIN_ROUNDS:
         return None
     return 0 if ratio[0] <= 1 + TIME_TOLERANCE else max(1, round(UPDATES / ratio[0]))

@@ -17,18 +17,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import frontier_data as fdata  # noqa: E402
 from frontier_protocol import (  # noqa: E402
-    ARMS, COLORS, COST_UPDATES, COST_WARMUP, FRONTIER_LAYERWISE, GRID, LABELS, MAIN, NOISY, QUIET_LOAD, REFERENCE,
-    SEEDS, UPDATES, Setting, best_lr, cost_ratio, equal_time_setting, plan_lines, protocol_id, queue, quiet,
-    run_key, runnable, runs_of, seed1_grid, seeds_of, setting_of, train_cpu)
+    ALL_BLOCKS, ARMS, BEYOND, COLORS, COST_UPDATES, COST_WARMUP, FRONTIER_LAYERWISE, GRID, LABELS, MAIN, NOISY,
+    QUIET_LOAD, REFERENCE, SEEDS, UPDATES, Setting, best_lr, frontier_settings, cost_ratio, equal_time_setting, plan_lines, protocol_id, queue, quiet,
+    run_key, runnable, runs_of, seed1_grid, setting_of, train_cpu)
 from harness import fmt_ci, paired_ci, read_jsonl, t_quantile  # noqa: E402
 
 
 _PLANNER: dict = {}  # LLaMA-2-7B's shape and profile, made once per report
 
 
+def gamma_on(gamma: int, blocks: int) -> int:
+    """γ of a SmolLM2-135M setting read on a model of ``blocks`` decoder blocks (docs/RESULTS.md, second
+    amendment): max(1, round(γ · L / 30)); γ = all → L."""
+    return blocks if gamma == ALL_BLOCKS else max(1, round(gamma * blocks / ALL_BLOCKS))
+
+
 def predicted_device_gib(s: Setting) -> float | None:
     """Predicted peak device memory of the setting on LLaMA-2-7B (bf16, batch 4, sequence 1024, gradient
-    checkpointing) from the memory planner (grass_ft.planner, docs/PLAN.md), at its worst draw."""
+    checkpointing) from the memory planner (grass_ft.planner, docs/PLAN.md), at its worst draw; a layer-wise
+    setting's γ read on the 7B's 32 blocks as method=auto reads it (:func:`gamma_on`)."""
     import dataclasses
 
     from memory_estimate import build_config
@@ -38,12 +45,15 @@ def predicted_device_gib(s: Setting) -> float | None:
     from grass_ft.planner import Setting as Row, model_shape, predict
     from grass_ft.planner.table import profile_for
 
+    if "config" not in _PLANNER:
+        _PLANNER["config"] = build_config("llama2-7b")
+    config = _PLANNER["config"]
     method, extra = ARMS[s.arm]
-    cfg = TrainConfig(method=method, gamma=s.gamma or 1, lora_r=s.lora_r or 32, batch_size=4, max_seq_len=1024,
+    gamma = gamma_on(s.gamma, config.num_hidden_layers) if s.gamma else 1
+    cfg = TrainConfig(method=method, gamma=gamma, lora_r=s.lora_r or 32, batch_size=4, max_seq_len=1024,
                       dtype="bfloat16", gradient_checkpointing=True,
                       **{k: v for k, v in extra.items() if k in {f.name for f in dataclasses.fields(TrainConfig)}})
-    if not _PLANNER:
-        config = build_config("llama2-7b")
+    if "shape" not in _PLANNER:
         _PLANNER.update(shape=model_shape(config), profile=profile_for(config, cfg, True, adapters=True))
     keys = {f.name for f in dataclasses.fields(Row)}
     row = Row(**{k: getattr(cfg, k) for k in keys if hasattr(cfg, k) and k not in ("offload", "world_size")},
@@ -82,6 +92,15 @@ def ms(xs: list[float], d: int, scale: float = 1.0) -> str:
     return f"{statistics.fmean(xs):.{d}f}" + (f" ± {statistics.stdev(xs):.{d}f}" if len(xs) > 1 else "")
 
 
+def mean_ci(xs: list[float], d: int, scale: float = 1.0) -> str:
+    """The mean over seeds with its 95 % t-interval (n − 1 df); the value alone for one seed."""
+    xs = [scale * x for x in xs if x is not None and not math.isnan(x)]
+    if len(xs) < 2:
+        return f"{xs[0]:.{d}f}" if xs else "–"
+    m, half = statistics.fmean(xs), t_quantile(0.975, len(xs) - 1) * statistics.stdev(xs) / math.sqrt(len(xs))
+    return f"{m:.{d}f} [{m - half:.{d}f}, {m + half:.{d}f}]"
+
+
 def paired(a: dict[int, dict], b: dict[int, dict], key: str) -> tuple[list[int], list[float]]:
     seeds = sorted(set(a) & set(b))
     return seeds, [a[s]["figures"][key] - b[s]["figures"][key] for s in seeds]
@@ -109,6 +128,22 @@ def difference(a: dict[int, dict], b: dict[int, dict], key: str,
     return d[0], d[0] - half, d[0] + half
 
 
+def main_arms(tab: dict[Setting, dict[int, dict]]) -> dict[Setting, dict[int, dict]]:
+    """The main arms (γ = 4, r = 32) that have their three seeds in ``tab``: the pool of rule 1's seed sd."""
+    return {Setting(a): tab[Setting(a)] for a in MAIN if len(tab.get(Setting(a), {})) == len(SEEDS)}
+
+
+def pooled(tab: dict[Setting, dict[int, dict]], key: str) -> tuple[float, int] | None:
+    """Rule 1's pooled seed sd of one figure over the 3-seed main arms of ``tab`` (a one-seed difference's floor)."""
+    return pooled_sd([figure(rs, key) for rs in main_arms(tab).values()])
+
+
+def ranked_for_auto(eq: dict[Setting, dict[int, dict]]) -> dict[Setting, dict[int, dict]]:
+    """The settings rule 1 ranks: the main arms and the frontier points (not GRASS* nor the repair test's noised
+    starts, which decide no default)."""
+    return {s: rs for s, rs in eq.items() if s.arm in MAIN}
+
+
 def order_decided(eq: dict[Setting, dict[int, dict]]) -> bool:
     """Rule 1 applies: every main arm has its three seeds at equal time (time-matched runs included)."""
     return all(len(eq.get(Setting(a), {})) == len(SEEDS) for a in MAIN)
@@ -118,12 +153,16 @@ def preference(eq: dict[Setting, dict[int, dict]], floor, memory: dict[Setting, 
                runs: dict[str, dict]) -> list[list[Setting]]:
     """method=auto's order (docs/RESULTS.md, rule 1): settings by mean equal-time test loss, grouped where a
     setting's difference to its group's first is not resolved (the interval includes 0); within a group, lower
-    predicted device memory first (then lower CPU-s per update)."""
+    predicted device memory first (then lower CPU-s per update), and GRASS never before grass-uniform at its γ
+    (rule 2: it does not fit in less memory). A difference with no interval (no seed sd yet) is not resolved."""
     ranked = sorted(eq, key=lambda s: statistics.fmean(figure(eq[s], "test_loss")))
     groups: list[list[Setting]] = []
     for s in ranked:
-        ci = difference(eq[s], eq[groups[-1][0]], "test_loss", floor) if groups else None
-        if ci is not None and ci[1] <= 0 <= ci[2]:
+        if not groups:
+            groups.append([s])
+            continue
+        ci = difference(eq[s], eq[groups[-1][0]], "test_loss", floor)
+        if ci is None or ci[1] <= 0 <= ci[2]:
             groups[-1].append(s)
         else:
             groups.append([s])
@@ -132,7 +171,25 @@ def preference(eq: dict[Setting, dict[int, dict]], floor, memory: dict[Setting, 
         cost = cost_ratio(s, runs)
         return (memory.get(s) if memory.get(s) is not None else math.inf, cost[0] if cost else math.inf)
 
-    return [sorted(g, key=lean) for g in groups]
+    out = []
+    for g in groups:
+        g = sorted(g, key=lean)
+        for s in [s for s in g if s.arm == "grass"]:
+            twin = Setting("grass-uniform", gamma=s.gamma)
+            if twin in g and g.index(s) < g.index(twin):
+                g.remove(s)
+                g.insert(g.index(twin) + 1, s)
+        out.append(g)
+    return out
+
+
+def importance_verdict(grass: dict[int, dict], uniform: dict[int, dict]) -> str:
+    """Rule 2: mgn stays only if GRASS − grass-uniform at equal time, paired over seeds 1-3, lies below 0."""
+    if len(paired(grass, uniform, "test_loss")[0]) < len(SEEDS):
+        return "not yet (seeds 1-3)"
+    ci = difference(grass, uniform, "test_loss", None)
+    return ("**mgn stays** (the interval lies below 0)" if ci[2] < 0 else
+            "**the importance signal did not pay at this scale** (the interval does not lie below 0)")
 
 
 def report_md(records: list[dict]) -> str:
@@ -141,8 +198,8 @@ def report_md(records: list[dict]) -> str:
     bases = {r["noise"]: r["figures"] for r in records if r.get("record") == "base"
              and r.get("protocol_id") == protocol_id()}
     memory = {s: predicted_device_gib(s) for s in table if s.updates == UPDATES}
-    main = {s: rs for s, rs in eq.items() if seeds_of(s) == SEEDS and s.arm not in NOISY}
-    floor = pooled_sd([figure(rs, "test_loss") for rs in main.values()])
+    main = main_arms(eq)
+    floor = pooled(eq, "test_loss")
     ref = eq.get(REFERENCE)
     t_ref = train_cpu(REFERENCE, runs)
     q = queue(runs)
@@ -172,22 +229,23 @@ def report_md(records: list[dict]) -> str:
               + (f"{floor[0]:.4f} ({floor[1]} df)" if floor else "–") + ".", "",
               "**method=auto's order** (rule 1; a group = differences not resolved; within a group the lower "
               "predicted device memory first, then the lower CPU-s per update):", ""]
+        points = sum(1 for s in frontier_settings() if s in eq)
         if not order_decided(eq):
             L[-2] = L[-2].replace("**method=auto's order**", "**method=auto's order, provisional** (not every main "
                                   "arm has its three seeds at equal time yet)")
-        users = {s: rs for s, rs in eq.items() if s.arm not in NOISY}  # the noised starts are no user's setting
-        for i, group in enumerate(preference(users, floor, memory, runs), 1):
-            L.append(f"{i}. " + "; ".join(f"{s.name} ({ms(figure(eq[s], 'test_loss'), 4)}, "
+        L[-2] += f" Frontier points at equal time so far: {points} of {len(frontier_settings())}."
+        order = preference(ranked_for_auto(eq), floor, memory, runs)
+        for i, group in enumerate(order, 1):
+            L.append(f"{i}. " + "; ".join(f"{s.name} ({mean_ci(figure(eq[s], 'test_loss'), 4)}, "
                                           f"{len(eq[s])} seed{'s' if len(eq[s]) > 1 else ''})" for s in group))
+        L += forgetting_check(order, eq)
         g, u = eq.get(Setting("grass")), ref
         if g and u:
             ci = difference(g, u, "test_loss", None)
-            verdict = ("**mgn stays** (the interval lies below 0)" if ci and ci[2] < 0 else
-                       "**the importance signal did not pay at this scale** (the interval does not lie below 0)"
-                       if ci and len(paired(g, u, "test_loss")[0]) == len(SEEDS) else "not yet (seeds 1-3)")
-            L += ["", f"**importance** (rule 2): GRASS − grass-uniform at equal time {fmt_ci(ci, 4)}: {verdict}."]
+            L += ["", f"**importance** (rule 2): GRASS − grass-uniform at equal time {fmt_ci(ci, 4)}: "
+                  f"{importance_verdict(g, u)}."]
         L.append("")
-    L += ["## Every setting (each at its rate; mean ± sd over seeds)", "",
+    L += ["## Every setting (each at its rate; mean over seeds [95 % t-interval of the mean])", "",
           "| setting | lr | seeds | updates | test loss, unseen templates | number tokens | seen templates | "
           "validation | accuracy, % | forgetting: prose loss − as loaded | train CPU-s (own clocks) | cost × reference | "
           "7B device GiB (predicted) |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -198,13 +256,14 @@ def report_md(records: list[dict]) -> str:
         forget = [x - base_prose.get(s.arm in NOISY, math.nan) for x in figure(rs, "prose_loss")]
         mem = memory.get(s)
         L.append(f"| {s.name} | {lr:g} | {','.join(map(str, sorted(rs)))} | {s.updates} | "
-                 f"{ms(figure(rs, 'test_loss'), 4)} | {ms(figure(rs, 'test_number_loss'), 4)} | "
-                 f"{ms(figure(rs, 'seen_loss'), 4)} | {ms(figure(rs, 'validation_loss'), 4)} | "
-                 f"{ms(figure(rs, 'acc_accuracy'), 1, 100)} | {ms(forget, 4)} | {ms(figure(rs, 'train_cpu_s'), 0)} | "
+                 f"{mean_ci(figure(rs, 'test_loss'), 4)} | {mean_ci(figure(rs, 'test_number_loss'), 4)} | "
+                 f"{mean_ci(figure(rs, 'seen_loss'), 4)} | {mean_ci(figure(rs, 'validation_loss'), 4)} | "
+                 f"{mean_ci(figure(rs, 'acc_accuracy'), 1, 100)} | {mean_ci(forget, 4)} | "
+                 f"{ms(figure(rs, 'train_cpu_s'), 0)} | "
                  f"{cost_cell(s, runs)} | "
                  f"{'pending (grass_ft.planner)' if mem is None and s.updates == UPDATES else '' if mem is None else f'{mem:.1f}'} |")
     L += load_md(runs)
-    L += views_md(table, eq, floor, ref)
+    L += views_md(table, eq, ref)
     L += repair_md(table)
     L += grid_md(runs)
     L += ["", "## Queue and cost", "", *plan_lines(runs), "",
@@ -250,11 +309,13 @@ def cost_table(runs: dict[str, dict]) -> list[str]:
     return L
 
 
-def views_md(table, eq, floor, ref) -> list[str]:
-    """The equal-updates and equal-time views: every main arm against grass-uniform and against FFT."""
+def views_md(table, eq, ref) -> list[str]:
+    """The equal-updates and equal-time views: every main arm against grass-uniform and against FFT. A one-seed
+    difference's interval uses the pooled seed sd of the same figure (:func:`pooled`)."""
     L = ["", "## Equal updates (500 each; reported, not decisive) and equal time (decisive)", "",
          "| row − column | seeds | test loss, equal updates | test loss, equal time | number tokens, equal time | "
-         "accuracy, points, equal updates | forgetting (prose loss), equal updates |", "|---|---|---|---|---|---|---|"]
+         "seen templates, equal updates | accuracy, points, equal updates | forgetting (prose loss), equal updates |",
+         "|---|---|---|---|---|---|---|---|"]
     for other in ("grass-uniform", "fft"):
         b_upd, b_eq = table.get(Setting(other)), eq.get(Setting(other))
         for arm in MAIN:
@@ -262,11 +323,14 @@ def views_md(table, eq, floor, ref) -> list[str]:
             if arm == other or not table.get(a) or not b_upd:
                 continue
             seeds, _ = paired(table[a], b_upd, "test_loss")
-            cells = [fmt_ci(difference(table[a], b_upd, "test_loss", floor), 4),
-                     fmt_ci(difference(eq[a], b_eq, "test_loss", floor), 4) if a in eq and b_eq else "–",
-                     fmt_ci(difference(eq[a], b_eq, "test_number_loss", floor), 4) if a in eq and b_eq else "–",
-                     fmt_ci(difference(table[a], b_upd, "acc_accuracy", floor), 1, 100),
-                     fmt_ci(difference(table[a], b_upd, "prose_loss", floor), 4)]
+            cells = [fmt_ci(difference(table[a], b_upd, "test_loss", pooled(table, "test_loss")), 4),
+                     fmt_ci(difference(eq[a], b_eq, "test_loss", pooled(eq, "test_loss")), 4)
+                     if a in eq and b_eq else "–",
+                     fmt_ci(difference(eq[a], b_eq, "test_number_loss", pooled(eq, "test_number_loss")), 4)
+                     if a in eq and b_eq else "–",
+                     fmt_ci(difference(table[a], b_upd, "seen_loss", pooled(table, "seen_loss")), 4),
+                     fmt_ci(difference(table[a], b_upd, "acc_accuracy", pooled(table, "acc_accuracy")), 1, 100),
+                     fmt_ci(difference(table[a], b_upd, "prose_loss", pooled(table, "prose_loss")), 4)]
             L.append(f"| {a.name} − {LABELS[other]} | {','.join(map(str, seeds))} | " + " | ".join(cells) + " |")
     L += ["", "Equal time: a setting whose 500 updates cost more than 1.1× the reference's training CPU-seconds is "
           "read from its time-matched run (its whole schedule in the updates that cost the reference's time); "
@@ -277,7 +341,7 @@ def views_md(table, eq, floor, ref) -> list[str]:
     for s in sorted((s for s in eq if s.arm in (*FRONTIER_LAYERWISE, "lora")),
                     key=lambda s: (s.arm, s.gamma or 0, s.lora_r or 0)):
         mem = predicted_device_gib(s)
-        diff = fmt_ci(difference(eq[s], ref, "test_loss", floor), 4) if ref and s != REFERENCE else "–"
+        diff = fmt_ci(difference(eq[s], ref, "test_loss", pooled(eq, "test_loss")), 4) if ref and s != REFERENCE else "–"
         L.append(f"| {s.name} | {len(eq[s])} | {ms(figure(eq[s], 'test_loss'), 4)} | {diff} | "
                  f"{'pending' if mem is None else f'{mem:.1f}'} |")
     return L
@@ -300,8 +364,33 @@ def repair_md(table) -> list[str]:
           f"| + Q4_1-sized noise | {','.join(map(str, seeds))} | {fmt_ci(paired_ci(lead_noisy), 4)} |",
           f"| growth with one more dose of noise | {','.join(map(str, seeds))} | {fmt_ci(ci, 4)} |", "",
           "If the lead grows (interval above 0), one dose of Q4_1 error buys FFT that much; the weights as loaded "
-          "carry one dose, so about that much of the lead as loaded is repair (a linear reading)."]
+          "carry one dose, so about that much of the lead as loaded is repair (a linear reading).", "",
+          "**Verdict**: " + repair_verdict(ci, len(seeds))]
     return L
+
+
+def repair_verdict(ci: tuple[float, float, float] | None, seeds: int) -> str:
+    """Rule 4's reading of the growth's interval."""
+    if ci is None or seeds < len(SEEDS):
+        return "not yet (seeds 1-3 of all four)."
+    if ci[1] > 0:
+        return (f"repair detected: one more dose of Q4_1-sized error grows FFT's lead by {ci[0]:.4f} nats, so about "
+                f"{ci[0]:.4f} of its lead as loaded is read as repair (a linear reading).")
+    return "no repair detected (the growth's interval includes 0" + (" or lies below it)." if ci[2] < 0 else ").")
+
+
+def forgetting_check(order: list[list[Setting]], eq: dict[Setting, dict[int, dict]]) -> list[str]:
+    """Rule 3's check: the forgetting (prose loss) of the setting the order puts first against the next one's, at
+    the runs the order reads; flagged when the interval lies wholly on the worse side."""
+    flat = [s for g in order for s in g]
+    if len(flat) < 2:
+        return []
+    first, second = flat[:2]
+    ci = difference(eq[first], eq[second], "prose_loss", pooled(eq, "prose_loss"))
+    worse = ci is not None and ci[1] > 0
+    return ["", f"**forgetting** (rule 3): {first.name} − {second.name}, prose loss at equal time {fmt_ci(ci, 4)}: "
+            + ("**the first setting forgets more** (the interval lies above 0): the README says so beside the "
+               "recommendation." if worse else "not wholly worse.")]
 
 
 def grid_md(runs: dict[str, dict]) -> list[str]:
@@ -313,7 +402,13 @@ def grid_md(runs: dict[str, dict]) -> list[str]:
             cells.append(f"{lr:g}: " + (f"{r['figures']['validation_loss']:.4f} / {r['figures']['test_loss']:.4f}"
                                         if r else "not yet"))
         best = best_lr(arm, runs)
-        L.append(f"| {LABELS[arm]} | {' · '.join(cells)} | {'grid incomplete' if best is None else f'{best:g}'} |")
+        grid = seed1_grid(arm, runs)
+        below, above = BEYOND[arm]
+        edge = best is not None and ((best == min(grid) and set(below) <= set(grid))
+                                     or (best == max(grid) and set(above) <= set(grid)))
+        chosen = "grid incomplete" if best is None else f"{best:g}" + (" (at the edge: the fourth amendment's "
+                                                                           "three steps are spent)" if edge else "")
+        L.append(f"| {LABELS[arm]} | {' · '.join(cells)} | {chosen} |")
     return L
 
 

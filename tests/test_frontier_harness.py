@@ -98,6 +98,9 @@ def test_rates_come_from_the_validation_split_and_the_edge_rule_extends_the_grid
     assert not any(s == S("fft") and lr == 1e-6 for _, s, _, lr in q)
     runs = ledger(*grids(low), *(fake(S("fft"), 1, lr, val=v) for lr, v in ((1e-5, 0.8), (3e-6, 0.7), (1e-6, 0.6))))
     assert fp.seed1_grid("fft", runs)[-3:] == (1e-5, 3e-6, 1e-6) and fp.best_lr("fft", runs) == 1e-6  # the cap
+    assert "| FFT | " in (md := "\n".join(rep.grid_md(runs))) and "1e-06 (at the edge" in md  # reported as such
+    inside = ledger(*grids(low), fake(S("fft"), 1, 1e-5, val=0.8), fake(S("fft"), 1, 3e-6, val=0.85))
+    assert "(at the edge" not in "\n".join(rep.grid_md(inside))
     # test loss is never read for the rate: a better test figure at another rate changes nothing
     runs = ledger(*(g if (g["arm"], g["lr"]) != ("lora", 3e-3) else fake(S("lora"), 1, 3e-3, test=0.1, val=1.1)
                     for g in grids()))
@@ -132,6 +135,10 @@ def test_time_matched_updates_follow_the_side_by_side_costs():
     assert fp.equal_time_setting(S("lisa"), runs) == S("lisa")
     # the runs' own clocks never move it: an FFT run that cost 3x the reference's leaves the ratio as measured
     assert fp.matched_updates(S("fft"), ledger(*recs, fake(S("fft"), 2, 1e-4, cpu=3000.0))) == 333
+    # sized once: a fourth round that would move the ratio (FFT 2x) resizes nothing the first three sized
+    later = ledger(*recs, cost(S("grass-uniform"), 4, 2.0), cost(S("fft"), 4, 4.0))
+    assert fp.cost_ratio(S("fft"), later)[1] == 4 and fp.cost_ratio(S("fft"), later)[0] > 1.5
+    assert fp.matched_updates(S("fft"), later) == 333
 
 
 def test_a_settings_cost_is_its_ratio_to_the_reference_round_by_round_and_busy_measurements_do_not_count():
@@ -234,6 +241,56 @@ def test_auto_order_groups_unresolved_differences_and_puts_the_leaner_setting_fi
     # FFT and grass-uniform are not resolved (+0.0033 [-0.0149, +0.0216]): one group, the leaner first; LoRA is
     # behind both by 0.1 with every seed agreeing: a group of its own
     assert order == [[S("grass-uniform"), S("fft")], [S("lora")]]
+
+
+def seeds3(*losses, prose=3.0):
+    return {s: {"figures": {"test_loss": v, "prose_loss": prose + (v - losses[0]), "cpu_s_per_update": 3.0}}
+            for s, v in zip((1, 2, 3), losses)}
+
+
+def test_auto_order_ranks_only_user_settings_pools_only_3_seed_main_arms_and_keeps_grass_behind_uniform():
+    eq = {S("grass"): seeds3(0.600, 0.610, 0.620), S("grass-uniform"): seeds3(0.602, 0.611, 0.623),
+          S("lora"): seeds3(0.70, 0.71, 0.72), S("grass-static"): seeds3(0.40, 0.41, 0.42),
+          S("fft-noise"): seeds3(0.30, 0.31, 0.32), S("fft"): {1: seeds3(0.5)[1], 2: seeds3(0.9)[1]}}
+    ranked = rep.ranked_for_auto(eq)
+    assert set(ranked) == {S("grass"), S("grass-uniform"), S("lora"), S("fft")}  # not GRASS*, not the noised starts
+    # rule 1's pool: the 3-seed main arms only (GRASS* has 3 seeds but is no main arm; FFT has 2)
+    assert set(rep.main_arms(eq)) == {S("grass"), S("grass-uniform"), S("lora")}
+    sd, df = rep.pooled(eq, "test_loss")
+    assert df == 6 and math.isclose(sd, rep.pooled_sd([[0.600, 0.610, 0.620], [0.602, 0.611, 0.623],
+                                                       [0.70, 0.71, 0.72]])[0])
+    memory = {S("grass"): 14.0, S("grass-uniform"): 14.0 + 1e-9, S("lora"): 15.0, S("fft"): 100.0}
+    order = rep.preference({s: eq[s] for s in (S("grass"), S("grass-uniform"), S("lora"))}, (sd, df), memory, {})
+    # GRASS ahead by a hair, unresolved, and predicted a hair leaner: still behind grass-uniform (rule 2)
+    assert order == [[S("grass-uniform"), S("grass")], [S("lora")]]
+    # a difference with no interval (one seed, no pooled sd yet) is not resolved: it joins the group above
+    one = {S("grass-uniform"): {1: seeds3(0.6)[1]}, S("lora"): {1: seeds3(0.9)[1]}}
+    assert rep.preference(one, None, memory, {}) == [[S("grass-uniform"), S("lora")]]
+    # with the pooled sd the same one-seed gap of 0.3 is resolved
+    assert rep.preference(one, (sd, df), memory, {}) == [[S("grass-uniform")], [S("lora")]]
+
+
+def test_importance_forgetting_and_repair_verdicts_follow_rules_2_3_and_4():
+    gu = seeds3(0.610, 0.620, 0.630)
+    # GRASS lower in every seed: mgn stays, but only with seeds 1-3 paired
+    better = seeds3(0.600, 0.611, 0.620)
+    assert rep.importance_verdict({s: better[s] for s in (1, 2)}, gu) == "not yet (seeds 1-3)"
+    assert "mgn stays" in rep.importance_verdict(better, gu)
+    assert "did not pay" in rep.importance_verdict(seeds3(0.600, 0.625, 0.628), gu)  # mixed: interval across 0
+    # rule 3: the first setting's prose loss against the next one's, flagged only when wholly worse
+    eq = {S("grass-uniform"): seeds3(0.60, 0.61, 0.62, prose=3.0), S("fft"): seeds3(0.60, 0.61, 0.62, prose=3.5)}
+    eq[S("fft")] = {s: {"figures": {**r["figures"], "prose_loss": 3.5 + 0.01 * s}} for s, r in eq[S("fft")].items()}
+    assert "forgets more" in " ".join(rep.forgetting_check([[S("fft")], [S("grass-uniform")]], eq))
+    assert "not wholly worse" in " ".join(rep.forgetting_check([[S("grass-uniform")], [S("fft")]], eq))
+    # rule 4: repair only when the growth's interval lies above 0
+    assert rep.repair_verdict((0.05, 0.02, 0.08), 3).startswith("repair detected")
+    assert rep.repair_verdict((0.05, -0.02, 0.12), 3).startswith("no repair detected")
+    assert rep.repair_verdict((0.05, 0.02, 0.08), 2).startswith("not yet")
+
+
+def test_the_memory_axis_reads_gamma_on_7b_as_method_auto_does():
+    assert [rep.gamma_on(g, 32) for g in (1, 2, 4, 8, fp.ALL_BLOCKS)] == [1, 2, 4, 9, 32]
+    assert rep.gamma_on(1, 16) == 1  # never below one block
 
 
 def test_q4_1_step_is_read_from_the_grid_and_the_noise_has_its_size():
