@@ -144,6 +144,24 @@ def ranked_for_auto(eq: dict[Setting, dict[int, dict]]) -> dict[Setting, dict[in
     return {s: rs for s, rs in eq.items() if s.arm in MAIN}
 
 
+def planner_entry(s: Setting) -> str:
+    """A setting as ``grass_ft.planner.table.FRONTIER_ORDER`` names it: "fft", "<arm> gamma=<γ or all>", "lora r=<r>"."""
+    if s.lora_r is not None:
+        return f"lora r={s.lora_r}"
+    if s.gamma is not None:
+        return f"{s.arm} gamma={'all' if s.gamma == ALL_BLOCKS else s.gamma}"
+    return s.arm
+
+
+def auto_order(records: list[dict]) -> tuple[str, ...]:
+    """Rule 1's order, flattened, as the planner reads it (:func:`planner_entry`)."""
+    runs = runs_of(records)
+    eq = at_equal_time(runs)
+    memory = {s: predicted_device_gib(s) for s in eq}
+    order = preference(ranked_for_auto(eq), pooled(eq, "test_loss"), memory, runs)
+    return tuple(planner_entry(s) for g in order for s in g)
+
+
 def order_decided(eq: dict[Setting, dict[int, dict]]) -> bool:
     """Rule 1 applies: every main arm has its three seeds at equal time (time-matched runs included)."""
     return all(len(eq.get(Setting(a), {})) == len(SEEDS) for a in MAIN)
@@ -238,6 +256,10 @@ def report_md(records: list[dict]) -> str:
         for i, group in enumerate(order, 1):
             L.append(f"{i}. " + "; ".join(f"{s.name} ({mean_ci(figure(eq[s], 'test_loss'), 4)}, "
                                           f"{len(eq[s])} seed{'s' if len(eq[s]) > 1 else ''})" for s in group))
+        L += ["", "As `grass_ft.planner.table.FRONTIER_ORDER` reads it (" + ("copied there, with "
+              "`AUTO_ORDER_FROM_FRONTIER = True`, by the change that brings the deciding records):" if
+              order_decided(eq) else "not applied while provisional):"), "",
+              "`" + repr(tuple(planner_entry(s) for g in order for s in g)) + "`"]
         L += forgetting_check(order, eq)
         g, u = eq.get(Setting("grass")), ref
         if g and u:

@@ -194,12 +194,15 @@ def test_method_auto_follows_the_frontier_once_its_ledger_has_decided():
     from grass_ft.planner import table
     from harness import read_jsonl
 
-    eq = rep.at_equal_time(fp.runs_of(read_jsonl(fp.LEDGER)))
+    records = read_jsonl(fp.LEDGER)
+    eq = rep.at_equal_time(fp.runs_of(records))
     decided = rep.order_decided(eq)
     assert table.AUTO_ORDER_FROM_FRONTIER == decided, (
-        "the frontier's rule 1 has decided (docs/results/frontier.md): apply its order to method=auto "
+        "the frontier's rule 1 has decided (docs/results/frontier.md): copy its order into FRONTIER_ORDER "
         "(grass_ft.planner.table) as docs/RESULTS.md's amendment says, then set AUTO_ORDER_FROM_FRONTIER = True"
         if decided else "AUTO_ORDER_FROM_FRONTIER is True but the committed ledger has not decided")
+    if decided:  # the planner walks exactly the ledger's order
+        assert table.FRONTIER_ORDER == rep.auto_order(records)
     # the decision needs every main arm's three seeds at equal time, not fewer
     assert not rep.order_decided({S(arm): {1: {}, 2: {}} for arm in fp.MAIN})
     assert rep.order_decided({S(arm): {1: {}, 2: {}, 3: {}} for arm in fp.MAIN})
@@ -341,6 +344,15 @@ def test_report_renders_from_a_ledger_alone(tmp_path):
     rep.cmd_report(path, tmp_path)
     text = (tmp_path / "frontier.md").read_text()
     assert "**method=auto's order**" in text and "FFT, 333 updates" in text and "GRASS (MGN) γ=4 − grass-uniform" in text
+    # the order as the planner reads it: every main arm once, each entry one the planner can place on any model
+    from grass_ft.planner import table
+    from harness import read_jsonl
+
+    order = rep.auto_order(read_jsonl(path))
+    assert sorted(order) == sorted(["fft", "lora r=32", *(f"{a} gamma=4" for a in fp.MAIN if a not in
+                                                          ("fft", "lora"))])
+    assert all(e == "fft" or e.startswith("lora r=") or table.frontier_layerwise(e, 32) for e in order)
+    assert repr(order) in text
     assert (tmp_path / "frontier_memory.png").is_file()
 
 

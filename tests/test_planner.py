@@ -145,6 +145,38 @@ def test_plan_for_7b_on_24_and_80_gib(llama7b_dir, capsys):
         big["recommended"].get("gamma", 0) > rec["gamma"]
 
 
+def test_method_auto_walks_the_frontiers_order_once_it_has_decided(llama7b_dir, capsys, monkeypatch):
+    from grass_ft.planner import table
+
+    keys = [f"model={llama7b_dir}", "batch_size=4", "max_seq_len=1024", "gradient_checkpointing=true",
+            "dtype=bfloat16", "host_memory=256GiB"]
+    # an order as benchmarks/frontier_report.auto_order writes it, from SmolLM2-135M's 30 blocks
+    monkeypatch.setattr(table, "FRONTIER_ORDER", ("fft", "badam gamma=8", "lora r=64", "grass-uniform gamma=all"))
+    interim = _plan_json(capsys, *keys, "device_memory=24GiB")["recommended"]
+    assert interim["method"] == "grass-uniform"  # the flag off: the interim order
+    monkeypatch.setattr(table, "AUTO_ORDER_FROM_FRONTIER", True)
+    small = _plan_json(capsys, *keys, "device_memory=24GiB")
+    # fft and fft offload=true need more than 24 GiB; BAdam's order at γ=8 of 30 is γ=9 of LLaMA-2-7B's 32 blocks
+    assert small["recommended"] == {"method": "badam", "gamma": 9, "train_embeddings": True, "train_head": True,
+                                    "offload": True, "gradient_checkpointing": True}
+    row = next(r for r in small["rows"] if r["overrides"] == small["recommended"])
+    assert row["fits"] and not any(r["fits"] for r in small["rows"] if r["method"] == "fft")
+    big = _plan_json(capsys, *keys, "device_memory=80GiB")["recommended"]
+    assert big["method"] == "fft" and big["offload"]  # fft does not fit 80 GiB; its host-optimizer reading does
+    monkeypatch.setattr(table, "FRONTIER_ORDER", ("grass-uniform gamma=all", "grass-uniform-reset gamma=4"))
+    lean = _plan_json(capsys, *keys, "device_memory=24GiB")
+    every = next(r for r in lean["rows"] if r["label"].startswith("grass-uniform gamma=32 (frontier"))
+    assert not every["fits"]  # every block's gradients at once: more than 24 GiB, so the next entry is taken
+    assert lean["recommended"] == {"method": "grass-uniform", "gamma": 4, "train_embeddings": True,
+                                   "train_head": True, "offload": True, "gradient_checkpointing": True,
+                                   "reset_state_on_switch": True}
+    monkeypatch.setattr(table, "FRONTIER_ORDER", ("fft",))
+    assert cli.main(["plan", *keys, "device_memory=24GiB", "format=json"]) == 0
+    assert json.loads(capsys.readouterr().out)["recommended"] is None  # nothing of the order fits: said, not guessed
+    assert table.frontier_layerwise("grass gamma=1", 80) == ("grass", 3, False)
+    assert table.frontier_layerwise("lora r=8", 32) is None and table.frontier_layerwise("fft", 32) is None
+
+
 def test_plan_table_ends_with_the_command_line(llama7b_dir, capsys):
     assert cli.main(["plan", f"model={llama7b_dir}", "device_memory=24GiB", "host_memory=256GiB",
                      "gradient_checkpointing=true", "dtype=bfloat16", "batch_size=4", "max_seq_len=1024"]) == 0

@@ -5,8 +5,9 @@ The order of preference among settings that fit (``method=auto``) is, until the 
 the layer-wise default (``grass-uniform``, the embeddings and head trained) at the largest γ; the same with the
 host-lean layout (``reset_state_on_switch=true``: the host keeps no Adam moments for undrawn blocks); the paper's
 layout (embeddings and head frozen, the lowest peak) at the largest γ; LoRA at the largest rank. Within each,
-without gradient checkpointing before with it (it costs a recomputed forward). ``gamma=auto`` alone (the method
-given) takes the largest γ of that method that fits.
+without gradient checkpointing before with it (it costs a recomputed forward). Once the experiment has decided
+(:data:`AUTO_ORDER_FROM_FRONTIER`), ``method=auto`` walks its order (:data:`FRONTIER_ORDER`) instead. ``gamma=auto``
+alone (the method given) takes the largest γ of that method that fits.
 """
 
 from __future__ import annotations
@@ -170,6 +171,16 @@ def _settings(cfg: TrainConfig, shape: ModelShape, ckpts: tuple[bool, ...],
             for r in LORA_RANKS:
                 out.append((kind, Setting(method=kind, lora_r=r, gradient_checkpointing=ck,
                                           label=f"{kind} r={r}{tag}", **common), False))
+        if cfg.method == "auto" and AUTO_ORDER_FROM_FRONTIER:
+            for entry in FRONTIER_ORDER:
+                if (layer_row := frontier_layerwise(entry, L)) is not None:
+                    method, gamma, lean = layer_row
+                    if cfg.fsdp and not traits(method).fsdp:
+                        continue
+                    out.append((entry, Setting(method=method, gamma=gamma, offload=traits(method).offload,
+                                               reset_state_on_switch=lean, gradient_checkpointing=ck,
+                                               label=f"{method} gamma={gamma}{', host-lean' if lean else ''} "
+                                                     f"(frontier: {entry}){tag}", **common), method == "lisa"))
     return out
 
 
@@ -212,8 +223,35 @@ def build_plan(cfg: TrainConfig, budgets: Budgets, world_size: int = 1, margin: 
 # The frontier experiment (docs/RESULTS.md, rule 1 and the amendments of 2026-12-07) decides method=auto's order; until
 # every main arm has its three seeds at equal time, the interim order below holds. tests/test_frontier_harness.py
 # fails once the committed ledger has decided while this is still False: the change that brings the deciding
-# records applies the order here and sets it True.
+# records copies the order `make frontier` prints (docs/results/frontier.md) into FRONTIER_ORDER and sets it True.
 AUTO_ORDER_FROM_FRONTIER = False
+# Rule 1's order of SmolLM2-135M settings, best first: "fft", "<arm> gamma=<γ or all>", "lora r=<r>"; arms as in
+# benchmarks/frontier_protocol.py (grass-uniform-reset: grass-uniform with reset_state_on_switch=true).
+FRONTIER_ORDER: tuple[str, ...] = ()
+FRONTIER_BLOCKS = 30  # SmolLM2-135M's decoder blocks, on which the order's γ were measured
+_FRONTIER_ARMS = {"grass-uniform": ("grass-uniform", False), "grass": ("grass", False), "badam": ("badam", False),
+                  "lisa": ("lisa", False), "grass-uniform-reset": ("grass-uniform", True)}
+
+
+def frontier_layerwise(entry: str, num_blocks: int) -> tuple[str, int, bool] | None:
+    """A layer-wise entry of :data:`FRONTIER_ORDER` read on a model of ``num_blocks`` blocks (docs/RESULTS.md,
+    second amendment): (method, γ′ = max(1, round(γ · L / 30)), γ = all → L, host-lean); None for fft and LoRA."""
+    arm, _, rest = entry.partition(" gamma=")
+    if arm not in _FRONTIER_ARMS:
+        return None
+    method, lean = _FRONTIER_ARMS[arm]
+    gamma = num_blocks if rest == "all" else max(1, min(num_blocks, round(int(rest) * num_blocks / FRONTIER_BLOCKS)))
+    return method, gamma, lean
+
+
+def _frontier_rows(plan: Plan, entry: str) -> list[list[Row]]:
+    """The rows that stand for one entry of the order, in the order they are tried: fft → fft, then fft with its
+    optimizer on the host; LoRA at rank r; a layer-wise setting → its own rows (:func:`_settings`)."""
+    if entry == "fft":
+        return [[r for r in plan.rows if r.family == fam] for fam in ("fft", "fft-offload")]
+    if entry.startswith("lora r="):
+        return [[r for r in plan.rows if r.family == "lora" and r.setting.lora_r == int(entry[len("lora r="):])]]
+    return [[r for r in plan.rows if r.family == entry]]
 
 
 def _preference(cfg: TrainConfig) -> list[str]:
@@ -227,7 +265,15 @@ def _preference(cfg: TrainConfig) -> list[str]:
 
 def recommend(plan: Plan, cfg: TrainConfig) -> Row | None:
     """The first family in the order of preference with a row that fits: its largest γ (or rank), without
-    gradient checkpointing if that fits (with ``method=auto`` it may be turned on; otherwise the run's own)."""
+    gradient checkpointing if that fits (with ``method=auto`` it may be turned on; otherwise the run's own).
+    Once the frontier has decided (:data:`AUTO_ORDER_FROM_FRONTIER`), ``method=auto`` walks its order instead and
+    takes the first setting that fits, without gradient checkpointing where that fits."""
+    if cfg.method == "auto" and AUTO_ORDER_FROM_FRONTIER:
+        for entry in FRONTIER_ORDER:
+            for rows in _frontier_rows(plan, entry):
+                if fitting := [r for r in rows if r.fits]:
+                    return min(fitting, key=lambda r: r.setting.gradient_checkpointing)
+        return None
     for family in _preference(cfg):
         fitting = [r for r in plan.rows if r.family == family and r.fits and not r.lisa_long_run
                    and (cfg.method == "auto" or r.setting.gradient_checkpointing == cfg.gradient_checkpointing)]
