@@ -52,6 +52,8 @@ PROTOCOL = {
     "train_embeddings": "false", "train_head": "false",
     # and the paper's measuring probe (the default then; now probe_mode=train); only grass and grass-static read it
     "probe_mode": "measure",
+    # and a constant rate without warm-up (the defaults then; since 2026-12-08 cosine after 5 % warm-up)
+    "lr_schedule": "constant", "warmup_ratio": 0,
 }
 GSM, ARITH = "gsm_symbolic", "basic_arithmetic"
 # GRASS variants of the sweep: (name, overrides); each is compared with GRASS at its defaults.

@@ -267,7 +267,7 @@ def test_the_default_run_records_what_auto_chose(tiny_model_dir, tiny_data, tmp_
     chosen = json.loads((out / "plan.json").read_text())
     assert chosen["asked"] == {"method": "auto", "gamma": "auto"} and chosen["resolved"]["method"] == "fft"
     cfg = yaml.safe_load((out / "config.yaml").read_text())
-    assert cfg["method"] == "fft" and cfg["lr"] == 1e-4 and cfg["device_memory"] and cfg["host_memory"] == "8.00GiB"
+    assert cfg["method"] == "fft" and cfg["lr"] == 1e-5 and cfg["device_memory"] and cfg["host_memory"] == "8.00GiB"
     assert json.loads((out / "summary.json").read_text())["auto"]["resolved"]["method"] == "fft"
 
 

@@ -46,20 +46,20 @@ class MethodTraits:
 
 
 # The order is the order error messages and help lines list the methods in.
-# Rates: each arm's best of its seed-1 grid at 200 updates (GRASS*'s is GRASS's; DoRA, not in that experiment,
-# takes LoRA's).
+# Rates: the frontier experiment's seed-1 validation grids (docs/RESULTS.md; 500 updates, 5 % warm-up then cosine,
+# the default schedule): FFT's, grass-uniform's for every layer-wise method, LoRA's (DoRA, not measured, takes it).
 METHODS: dict[str, MethodTraits] = {
-    "grass": MethodTraits("adaptive", fsdp=True, offload=True, lr=3e-4),
-    "grass-static": MethodTraits("static", fsdp=True, offload=True, lr=3e-4),
-    "lisa": MethodTraits("uniform", fsdp=True, lr=3e-4),  # as shipped: torch AdamW, state on the device
-    "fft": MethodTraits(fsdp=True, lr=1e-4),
-    "lora": MethodTraits(lr=1e-3),  # peft adapters: not sharded yet
-    "dora": MethodTraits(lr=1e-3),
-    "grass-uniform": MethodTraits("uniform", fsdp=True, offload=True, lr=3e-4),
+    "grass": MethodTraits("adaptive", fsdp=True, offload=True, lr=3e-5),
+    "grass-static": MethodTraits("static", fsdp=True, offload=True, lr=3e-5),
+    "lisa": MethodTraits("uniform", fsdp=True, lr=3e-5),  # as shipped: torch AdamW, state on the device
+    "fft": MethodTraits(fsdp=True, lr=1e-5),
+    "lora": MethodTraits(lr=1e-4),  # peft adapters: not sharded yet
+    "dora": MethodTraits(lr=1e-4),
+    "grass-uniform": MethodTraits("uniform", fsdp=True, offload=True, lr=3e-5),
     # BAdam's block order (Luo et al., 2024), a peer users run: blocks in order, moments restarted at each switch;
     # not in the 200-update experiment, so grass-uniform's rate (same parameters, same optimizer); FSDP2 not
     # claimed until a two-process test runs it
-    "badam": MethodTraits("cyclic", offload=True, lr=3e-4),
+    "badam": MethodTraits("cyclic", offload=True, lr=3e-5),
 }
 # GrassCallback's default `method` (it only samples): the best sampling arm of the 200-update experiment.
 DEFAULT_SAMPLING = "grass-uniform"

@@ -114,15 +114,15 @@ class TrainConfig:
                                                "all-linear = every linear layer but the LM head)")
     merge_lora: bool = _f(False, "LoRA/DoRA: also save the adapter merged into the base weights, as final/merged/")
     # optimisation (checks: check_optimisation)
-    lr: float | None = _f(None, "peak learning rate (AdamW); unset: the method's best rate at 200 updates "
-                                "(docs/DEFAULTS.md): " + ", ".join(f"{m} {t.lr:.0e}".replace("e-0", "e-")
+    lr: float | None = _f(None, "peak learning rate (AdamW); unset: the method's rate from the frontier "
+                                "experiment's validation grids (docs/DEFAULTS.md): " + ", ".join(f"{m} {t.lr:.0e}".replace("e-0", "e-")
                                                                    for m, t in METHODS.items()))
     weight_decay: float = _f(0.0, "AdamW decoupled weight decay")
     warmup_steps: int = _f(0, "linear warm-up steps after the probe (given > 0, it wins over warmup_ratio, as in "
                               "the Trainer)")
-    warmup_ratio: float = _f(0.0, "share of the optimizer updates spent on linear warm-up, in [0, 1) (rounded up to "
+    warmup_ratio: float = _f(0.05, "share of the optimizer updates spent on linear warm-up, in [0, 1) (rounded up to "
                                   "whole steps, as the Trainer)")
-    lr_schedule: str = _f("constant", "learning-rate shape after warm-up: constant, linear, cosine")
+    lr_schedule: str = _f("cosine", "learning-rate shape after warm-up: constant, linear, cosine")
     max_grad_norm: float = _f(1.0, "global gradient-norm clipping (0 turns it off)")
     batch_size: int = _f(8, "examples per micro-batch (global batch = batch_size x grad_accum)")
     grad_accum: int = _f(1, "micro-batches accumulated per optimizer step")
