@@ -18,24 +18,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import frontier_data as fdata  # noqa: E402
 from frontier_protocol import (  # noqa: E402
     ALL_BLOCKS, ARMS, BEYOND, COLORS, COST_UPDATES, COST_WARMUP, FRONTIER_LAYERWISE, GRID, LABELS, MAIN, NOISY,
-    QUIET_LOAD, REFERENCE, SEEDS, UPDATES, Setting, best_lr, frontier_settings, cost_ratio, equal_time_setting, plan_lines, protocol_id, queue, quiet,
-    run_key, runnable, runs_of, seed1_grid, setting_of, train_cpu)
+    QUIET_LOAD, REFERENCE, SEEDS, UPDATES, Setting, best_lr, cost_ratio, equal_time_setting, frontier_settings,
+    plan_lines, protocol_id, queue, quiet, run_key, runnable, runs_of, seed1_grid, setting_of, train_cpu)
 from harness import fmt_ci, paired_ci, read_jsonl, t_quantile  # noqa: E402
 
 
 _PLANNER: dict = {}  # LLaMA-2-7B's shape and profile, made once per report
 
 
-def gamma_on(gamma: int, blocks: int) -> int:
-    """γ of a SmolLM2-135M setting read on a model of ``blocks`` decoder blocks (docs/RESULTS.md, second
-    amendment): max(1, round(γ · L / 30)); γ = all → L."""
-    return blocks if gamma == ALL_BLOCKS else max(1, round(gamma * blocks / ALL_BLOCKS))
-
-
 def predicted_device_gib(s: Setting) -> float | None:
     """Predicted peak device memory of the setting on LLaMA-2-7B (bf16, batch 4, sequence 1024, gradient
     checkpointing) from the memory planner (grass_ft.planner, docs/PLAN.md), at its worst draw; a layer-wise
-    setting's γ read on the 7B's 32 blocks as method=auto reads it (:func:`gamma_on`)."""
+    setting's γ read on the 7B's 32 blocks as method=auto reads it (``grass_ft.planner.table.frontier_gamma``)."""
     import dataclasses
 
     from memory_estimate import build_config
@@ -43,13 +37,13 @@ def predicted_device_gib(s: Setting) -> float | None:
     from grass_ft.config import TrainConfig
     from grass_ft.methods import resolved_offload
     from grass_ft.planner import Setting as Row, model_shape, predict
-    from grass_ft.planner.table import profile_for
+    from grass_ft.planner.table import frontier_gamma, profile_for
 
     if "config" not in _PLANNER:
         _PLANNER["config"] = build_config("llama2-7b")
     config = _PLANNER["config"]
     method, extra = ARMS[s.arm]
-    gamma = gamma_on(s.gamma, config.num_hidden_layers) if s.gamma else 1
+    gamma = frontier_gamma(s.gamma, config.num_hidden_layers) if s.gamma else 1
     cfg = TrainConfig(method=method, gamma=gamma, lora_r=s.lora_r or 32, batch_size=4, max_seq_len=1024,
                       dtype="bfloat16", gradient_checkpointing=True,
                       **{k: v for k, v in extra.items() if k in {f.name for f in dataclasses.fields(TrainConfig)}})
@@ -158,7 +152,10 @@ def auto_order(records: list[dict]) -> tuple[str, ...]:
     runs = runs_of(records)
     eq = at_equal_time(runs)
     memory = {s: predicted_device_gib(s) for s in eq}
-    order = preference(ranked_for_auto(eq), pooled(eq, "test_loss"), memory, runs)
+    return planner_order(preference(ranked_for_auto(eq), pooled(eq, "test_loss"), memory, runs))
+
+
+def planner_order(order: list[list[Setting]]) -> tuple[str, ...]:
     return tuple(planner_entry(s) for g in order for s in g)
 
 
@@ -259,7 +256,7 @@ def report_md(records: list[dict]) -> str:
         L += ["", "As `grass_ft.planner.table.FRONTIER_ORDER` reads it (" + ("copied there, with "
               "`AUTO_ORDER_FROM_FRONTIER = True`, by the change that brings the deciding records):" if
               order_decided(eq) else "not applied while provisional):"), "",
-              "`" + repr(tuple(planner_entry(s) for g in order for s in g)) + "`"]
+              "`" + repr(planner_order(order)) + "`"]
         L += forgetting_check(order, eq)
         g, u = eq.get(Setting("grass")), ref
         if g and u:
@@ -340,19 +337,20 @@ def views_md(table, eq, ref) -> list[str]:
          "|---|---|---|---|---|---|---|---|"]
     for other in ("grass-uniform", "fft"):
         b_upd, b_eq = table.get(Setting(other)), eq.get(Setting(other))
+        upd_sd = {k: pooled(table, k) for k in ("test_loss", "seen_loss", "acc_accuracy", "prose_loss")}
+        eq_sd = {k: pooled(eq, k) for k in ("test_loss", "test_number_loss")}
         for arm in MAIN:
             a = Setting(arm)
             if arm == other or not table.get(a) or not b_upd:
                 continue
             seeds, _ = paired(table[a], b_upd, "test_loss")
-            cells = [fmt_ci(difference(table[a], b_upd, "test_loss", pooled(table, "test_loss")), 4),
-                     fmt_ci(difference(eq[a], b_eq, "test_loss", pooled(eq, "test_loss")), 4)
+            cells = [fmt_ci(difference(table[a], b_upd, "test_loss", upd_sd["test_loss"]), 4),
+                     fmt_ci(difference(eq[a], b_eq, "test_loss", eq_sd["test_loss"]), 4) if a in eq and b_eq else "–",
+                     fmt_ci(difference(eq[a], b_eq, "test_number_loss", eq_sd["test_number_loss"]), 4)
                      if a in eq and b_eq else "–",
-                     fmt_ci(difference(eq[a], b_eq, "test_number_loss", pooled(eq, "test_number_loss")), 4)
-                     if a in eq and b_eq else "–",
-                     fmt_ci(difference(table[a], b_upd, "seen_loss", pooled(table, "seen_loss")), 4),
-                     fmt_ci(difference(table[a], b_upd, "acc_accuracy", pooled(table, "acc_accuracy")), 1, 100),
-                     fmt_ci(difference(table[a], b_upd, "prose_loss", pooled(table, "prose_loss")), 4)]
+                     fmt_ci(difference(table[a], b_upd, "seen_loss", upd_sd["seen_loss"]), 4),
+                     fmt_ci(difference(table[a], b_upd, "acc_accuracy", upd_sd["acc_accuracy"]), 1, 100),
+                     fmt_ci(difference(table[a], b_upd, "prose_loss", upd_sd["prose_loss"]), 4)]
             L.append(f"| {a.name} − {LABELS[other]} | {','.join(map(str, seeds))} | " + " | ".join(cells) + " |")
     L += ["", "Equal time: a setting whose 500 updates cost more than 1.1× the reference's training CPU-seconds is "
           "read from its time-matched run (its whole schedule in the updates that cost the reference's time); "
@@ -360,10 +358,11 @@ def views_md(table, eq, ref) -> list[str]:
           "against it). CPU-seconds are the training process's user + sys on this CPU; GPU timings will differ.",
           "", "## The memory frontier (equal-time test loss against predicted peak device memory on LLaMA-2-7B)", "",
           "| setting | seeds | equal-time test loss | − grass-uniform γ=4 | 7B device GiB |", "|---|---|---|---|---|"]
+    floor = pooled(eq, "test_loss")
     for s in sorted((s for s in eq if s.arm in (*FRONTIER_LAYERWISE, "lora")),
                     key=lambda s: (s.arm, s.gamma or 0, s.lora_r or 0)):
         mem = predicted_device_gib(s)
-        diff = fmt_ci(difference(eq[s], ref, "test_loss", pooled(eq, "test_loss")), 4) if ref and s != REFERENCE else "–"
+        diff = fmt_ci(difference(eq[s], ref, "test_loss", floor), 4) if ref and s != REFERENCE else "–"
         L.append(f"| {s.name} | {len(eq[s])} | {ms(figure(eq[s], 'test_loss'), 4)} | {diff} | "
                  f"{'pending' if mem is None else f'{mem:.1f}'} |")
     return L

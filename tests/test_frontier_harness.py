@@ -292,8 +292,10 @@ def test_importance_forgetting_and_repair_verdicts_follow_rules_2_3_and_4():
 
 
 def test_the_memory_axis_reads_gamma_on_7b_as_method_auto_does():
-    assert [rep.gamma_on(g, 32) for g in (1, 2, 4, 8, fp.ALL_BLOCKS)] == [1, 2, 4, 9, 32]
-    assert rep.gamma_on(1, 16) == 1  # never below one block
+    from grass_ft.planner.table import frontier_gamma
+
+    assert [frontier_gamma(g, 32) for g in (1, 2, 4, 8, fp.ALL_BLOCKS)] == [1, 2, 4, 9, 32]
+    assert frontier_gamma(1, 16) == 1 and frontier_gamma(29, 8) == 8  # at least one block, at most L
 
 
 def test_q4_1_step_is_read_from_the_grid_and_the_noise_has_its_size():

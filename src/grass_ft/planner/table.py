@@ -233,15 +233,22 @@ _FRONTIER_ARMS = {"grass-uniform": ("grass-uniform", False), "grass": ("grass", 
                   "lisa": ("lisa", False), "grass-uniform-reset": ("grass-uniform", True)}
 
 
+def frontier_gamma(gamma: int, num_blocks: int) -> int:
+    """γ of a SmolLM2-135M setting read on a model of ``num_blocks`` blocks (docs/RESULTS.md, second amendment):
+    max(1, round(γ · L / 30)), at most L; γ = all (30) → L."""
+    if gamma == FRONTIER_BLOCKS:
+        return num_blocks
+    return max(1, min(num_blocks, round(gamma * num_blocks / FRONTIER_BLOCKS)))
+
+
 def frontier_layerwise(entry: str, num_blocks: int) -> tuple[str, int, bool] | None:
-    """A layer-wise entry of :data:`FRONTIER_ORDER` read on a model of ``num_blocks`` blocks (docs/RESULTS.md,
-    second amendment): (method, γ′ = max(1, round(γ · L / 30)), γ = all → L, host-lean); None for fft and LoRA."""
+    """A layer-wise entry of :data:`FRONTIER_ORDER` read on a model of ``num_blocks`` blocks: (method,
+    :func:`frontier_gamma`, host-lean); None for fft and LoRA."""
     arm, _, rest = entry.partition(" gamma=")
     if arm not in _FRONTIER_ARMS:
         return None
     method, lean = _FRONTIER_ARMS[arm]
-    gamma = num_blocks if rest == "all" else max(1, min(num_blocks, round(int(rest) * num_blocks / FRONTIER_BLOCKS)))
-    return method, gamma, lean
+    return method, frontier_gamma(FRONTIER_BLOCKS if rest == "all" else int(rest), num_blocks), lean
 
 
 def _frontier_rows(plan: Plan, entry: str) -> list[list[Row]]:
